@@ -1,0 +1,556 @@
+"""Response cache: the stored entry, the memory and Redis backends, and the
+coalescer that sends identical in-flight misses upstream once.
+
+Both backends share one async API (``get(key)`` / ``set(key, entry)``);
+keys are the 32-byte digests from ``relay._fast.cache_key``. The memory
+backend never awaits and also offers ``get_nowait`` for the hot path. The
+Redis backend degrades to a memory fallback whenever the connection is down
+or a call fails (see ``relay.redisconn``), so a cache can never fail a
+request: at worst it misses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from relay.redisconn import RedisConnection, RedisUnavailable
+
+__all__ = [
+    "CacheEntry",
+    "Coalescer",
+    "FlightAborted",
+    "Follower",
+    "Leader",
+    "MemoryCache",
+    "RedisCache",
+    "replay_headers",
+]
+
+Headers = tuple[tuple[bytes, bytes], ...]
+
+# Never replayed from the cache: hop-by-hop headers (RFC 9110 7.6.1), the
+# framing the server recomputes for the replay, cookies (one client's cookie
+# must not reach another) and relay's own marker, which the server sets.
+_DROPPED_HEADERS = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+        b"set-cookie",
+        b"x-relay-cache",
+    }
+)
+
+
+def replay_headers(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
+    """The subset of upstream response headers worth storing in a CacheEntry.
+
+    Drops hop-by-hop headers (also those a ``Connection`` header names),
+    Content-Length / Transfer-Encoding, Set-Cookie and X-Relay-Cache.
+    """
+    headers = tuple(headers)
+    dropped = _DROPPED_HEADERS
+    for name, value in headers:
+        if name.lower() == b"connection":
+            named = {t.strip().lower() for t in value.split(b",") if t.strip()}
+            if named:
+                dropped = dropped | named
+    return tuple((n, v) for n, v in headers if n.lower() not in dropped)
+
+
+# -- the stored entry -------------------------------------------------------
+
+_FORMAT_VERSION = 1
+_FLAG_STREAMED = 0x01
+# version, flags, status, created (wall-clock seconds), header count
+_HEAD = struct.Struct(">BBHdH")
+_HEADER = struct.Struct(">HI")  # name length, value length
+_BODY = struct.Struct(">Q")
+# Rough per-entry bookkeeping cost (objects, dict slot), so that many tiny
+# entries still count against MemoryCache.max_bytes.
+_ENTRY_OVERHEAD = 256
+
+
+@dataclass(frozen=True, slots=True)
+class CacheEntry:
+    """A cached response, replayable byte for byte.
+
+    ``headers`` are already filtered with ``replay_headers``. ``body`` is the
+    de-chunked body; for a streamed response it is the complete event stream
+    as the client received it, and ``streamed`` tells the server to replay it
+    as a stream again. ``created`` is wall-clock time (``time.time()``), not
+    monotonic, because Redis entries are read by other processes and hosts.
+    """
+
+    status: int
+    headers: Headers
+    body: bytes
+    streamed: bool
+    created: float
+
+    @property
+    def size(self) -> int:
+        """Approximate memory footprint, used for MemoryCache's byte bound."""
+        return (
+            _ENTRY_OVERHEAD
+            + len(self.body)
+            + sum(len(n) + len(v) + 64 for n, v in self.headers)
+        )
+
+    def to_bytes(self) -> bytes:
+        """Compact, versioned, length-prefixed encoding (see ``from_bytes``)."""
+        parts = [
+            _HEAD.pack(
+                _FORMAT_VERSION,
+                _FLAG_STREAMED if self.streamed else 0,
+                self.status,
+                self.created,
+                len(self.headers),
+            )
+        ]
+        for name, value in self.headers:
+            parts.append(_HEADER.pack(len(name), len(value)))
+            parts.append(name)
+            parts.append(value)
+        parts.append(_BODY.pack(len(self.body)))
+        parts.append(self.body)
+        return b"".join(parts)
+
+    @classmethod
+    def from_bytes(cls, data: bytes | bytearray | memoryview) -> CacheEntry | None:
+        """Decode ``to_bytes`` output; None for anything else (never raises).
+
+        A stored value may be truncated, from a future format version or not
+        ours at all (a shared Redis): all of that is a cache miss.
+        """
+        try:
+            view = memoryview(data)
+            version, flags, status, created, count = _HEAD.unpack_from(view, 0)
+            if version != _FORMAT_VERSION or flags & ~_FLAG_STREAMED or not 100 <= status <= 999:
+                return None
+            pos = _HEAD.size
+            headers = []
+            for _ in range(count):
+                name_len, value_len = _HEADER.unpack_from(view, pos)
+                pos += _HEADER.size
+                end = pos + name_len + value_len
+                if end > len(view):
+                    return None
+                headers.append((bytes(view[pos:pos + name_len]), bytes(view[pos + name_len:end])))
+                pos = end
+            (body_len,) = _BODY.unpack_from(view, pos)
+            pos += _BODY.size
+            if pos + body_len != len(view):
+                return None
+            return cls(
+                status=status,
+                headers=tuple(headers),
+                body=bytes(view[pos:]),
+                streamed=bool(flags & _FLAG_STREAMED),
+                created=created,
+            )
+        except (struct.error, TypeError, ValueError, OverflowError):
+            return None
+
+
+# -- memory backend ---------------------------------------------------------
+
+
+class MemoryCache:
+    """In-process LRU bounded by entry count and total bytes, with a TTL.
+
+    Expiry is checked on ``get`` (an expired entry is removed then); LRU
+    eviction on ``set`` keeps both bounds. An entry larger than ``max_bytes``
+    on its own is not stored. ``ttl <= 0`` disables storing altogether.
+    The async methods never await: they exist so both backends look alike.
+    """
+
+    def __init__(
+        self,
+        max_entries: int = 10000,
+        max_bytes: int = 256 * 1024 * 1024,
+        ttl: float = 3600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.ttl = ttl
+        self._clock = clock
+        # key -> (expires_at, entry, accounted size)
+        self._data: OrderedDict[bytes, tuple[float, CacheEntry, int]] = OrderedDict()
+        self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes currently accounted against ``max_bytes``."""
+        return self._bytes
+
+    def get_nowait(self, key: bytes) -> CacheEntry | None:
+        item = self._data.get(key)
+        if item is None:
+            return None
+        if item[0] <= self._clock():
+            del self._data[key]
+            self._bytes -= item[2]
+            return None
+        self._data.move_to_end(key)
+        return item[1]
+
+    def set_nowait(self, key: bytes, entry: CacheEntry) -> None:
+        size = entry.size + len(key)
+        old = self._data.pop(key, None)
+        if old is not None:
+            self._bytes -= old[2]
+        if self.ttl <= 0 or size > self.max_bytes or self.max_entries <= 0:
+            return
+        data = self._data
+        while data and (len(data) >= self.max_entries or self._bytes + size > self.max_bytes):
+            _, (_, _, evicted) = data.popitem(last=False)
+            self._bytes -= evicted
+        data[key] = (self._clock() + self.ttl, entry, size)
+        self._bytes += size
+
+    async def get(self, key: bytes) -> CacheEntry | None:
+        return self.get_nowait(key)
+
+    async def set(self, key: bytes, entry: CacheEntry) -> None:
+        self.set_nowait(key, entry)
+
+    def delete(self, key: bytes) -> None:
+        old = self._data.pop(key, None)
+        if old is not None:
+            self._bytes -= old[2]
+
+    def clear(self) -> None:
+        self._data.clear()
+        self._bytes = 0
+
+
+# -- Redis backend ----------------------------------------------------------
+
+
+class RedisCache:
+    """Shared cache in Redis (``GET`` / ``SET PX``), memory fallback when down.
+
+    While the connection is down (or a call fails) reads and writes go to
+    ``fallback``; entries written there are not copied to Redis later, they
+    simply age out. A hit touches only the backend that answered.
+    """
+
+    def __init__(
+        self,
+        conn: RedisConnection,
+        ttl: float,
+        prefix: str = "relay:cache:",
+        fallback: MemoryCache | None = None,
+    ) -> None:
+        self.conn = conn
+        self.ttl = ttl
+        self.prefix = prefix.encode()
+        self.fallback = fallback if fallback is not None else MemoryCache(ttl=ttl)
+        # Precomputed once: no per-request conversions. PX keeps sub-second TTLs.
+        self._ttl_ms = max(1, int(ttl * 1000))
+
+    async def get(self, key: bytes) -> CacheEntry | None:
+        conn = self.conn
+        if conn.up:
+            try:
+                data = await conn.execute(conn.client.get, self.prefix + key)
+            except RedisUnavailable:
+                return self.fallback.get_nowait(key)
+            return None if data is None else CacheEntry.from_bytes(data)
+        return self.fallback.get_nowait(key)
+
+    async def set(self, key: bytes, entry: CacheEntry) -> None:
+        if self.ttl <= 0:
+            return
+        conn = self.conn
+        if conn.up:
+            try:
+                await conn.execute(
+                    conn.client.set, self.prefix + key, entry.to_bytes(), px=self._ttl_ms
+                )
+                return
+            except RedisUnavailable:
+                pass
+        self.fallback.set_nowait(key, entry)
+
+
+# -- request coalescing -----------------------------------------------------
+
+
+class FlightAborted(Exception):
+    """The shared response broke off after this follower began relaying it.
+
+    The follower has already sent the head (and maybe some of the body) to
+    its client, so it cannot start over: end the client's response the way
+    an upstream failing mid-stream would be ended.
+    """
+
+
+_OPEN, _DONE, _FAILED = 0, 1, 2
+
+
+class _Flight:
+    """Shared state of one in-flight upstream fetch."""
+
+    __slots__ = (
+        "key", "cap", "head", "chunks", "base", "retained", "total",
+        "state", "overflowed", "event", "started", "joined",
+    )
+
+    def __init__(self, key: bytes, cap: int) -> None:
+        self.key = key
+        self.cap = cap
+        self.head: tuple[int, Headers] | None = None
+        self.chunks: list[bytes] = []  # chunks[i] is chunk number base + i
+        self.base = 0
+        self.retained = 0  # bytes held in chunks
+        self.total = 0  # bytes published so far
+        self.state = _OPEN
+        self.overflowed = False
+        self.event: asyncio.Event | None = None
+        self.started: set[Follower] = set()  # followers relaying the body
+        self.joined = 0  # followers not yet closed
+
+    def notify(self) -> None:
+        # Pulse: wake every current waiter; each re-checks the state. Every
+        # waiter has its own future inside Event.wait(), so one follower
+        # being cancelled cannot cancel the others.
+        event = self.event
+        if event is not None:
+            event.set()
+            event.clear()
+
+    async def wait(self) -> None:
+        if self.event is None:
+            self.event = asyncio.Event()
+        await self.event.wait()
+
+    def trim(self) -> None:
+        """After an overflow keep only chunks some started follower still needs."""
+        if not self.started:
+            drop = len(self.chunks)
+        else:
+            drop = min(f.pos for f in self.started) - self.base
+        if drop > 0:
+            self.retained -= sum(len(c) for c in self.chunks[:drop])
+            del self.chunks[:drop]
+            self.base += drop
+        # A follower whose client lags more than cap bytes behind would make
+        # the buffer unbounded: cut the slowest ones loose.
+        while self.retained > self.cap and self.started:
+            slowest = min(self.started, key=_pos)
+            slowest.aborted = True
+            self.started.discard(slowest)
+            self.trim()
+
+
+def _pos(follower: Follower) -> int:
+    return follower.pos
+
+
+class Leader:
+    """Ticket of the request that fetches upstream for everyone.
+
+    Publish what the client is sent: ``start(status, headers)`` once, then
+    ``chunk(data)`` per body piece, then ``finish()``; or ``fail()`` at any
+    point (upstream error, or the response will not be cached, e.g. not
+    2xx). Always call ``close()`` (in a ``finally``): it ends the flight
+    and fails it if it was neither finished nor failed. None of these await.
+    """
+
+    is_leader = True
+    __slots__ = ("_coalescer", "_flight")
+
+    def __init__(self, coalescer: Coalescer, flight: _Flight) -> None:
+        self._coalescer = coalescer
+        self._flight = flight
+
+    @property
+    def key(self) -> bytes:
+        return self._flight.key
+
+    @property
+    def followers(self) -> int:
+        """Followers currently attached (e.g. to keep reading upstream for them
+        after the leader's own client went away)."""
+        return self._flight.joined
+
+    @property
+    def overflowed(self) -> bool:
+        """True once the body passed the cap: not cacheable, no longer joinable."""
+        return self._flight.overflowed
+
+    def start(self, status: int, headers: Headers) -> None:
+        flight = self._flight
+        if flight.state != _OPEN or flight.head is not None:
+            return
+        flight.head = (status, headers)
+        flight.notify()
+
+    def chunk(self, data: bytes) -> None:
+        flight = self._flight
+        if flight.state != _OPEN or flight.head is None or not data:
+            return
+        flight.total += len(data)
+        if not flight.overflowed and flight.total > flight.cap:
+            flight.overflowed = True
+            self._coalescer._detach(flight)
+        flight.chunks.append(data)
+        flight.retained += len(data)
+        if flight.overflowed:
+            flight.trim()
+        flight.notify()
+
+    def finish(self) -> None:
+        """The response is complete. Late joiners still replay it until close()."""
+        flight = self._flight
+        if flight.state != _OPEN:
+            return
+        if flight.head is None:
+            self.fail()
+            return
+        flight.state = _DONE
+        flight.notify()
+
+    def fail(self) -> None:
+        flight = self._flight
+        if flight.state != _OPEN:
+            return
+        flight.state = _FAILED
+        self._coalescer._detach(flight)
+        flight.notify()
+
+    def body(self) -> bytes | None:
+        """The complete body after finish(), for the CacheEntry; None if overflowed."""
+        flight = self._flight
+        if flight.state != _DONE or flight.overflowed:
+            return None
+        return b"".join(flight.chunks)
+
+    def close(self) -> None:
+        self.fail()
+        self._coalescer._detach(self._flight)
+
+
+class Follower:
+    """Ticket of a request that waits for the leader's response.
+
+    ``await head()`` gives ``(status, headers)`` or None, meaning "make your
+    own upstream request" (the leader failed, the response is not cacheable
+    or it outgrew the buffer before this follower started). After a head,
+    iterate (``async for chunk in follower`` or ``next_chunk()``) to get the
+    body chunks in order; the iteration ends when the response is complete
+    and raises FlightAborted if it breaks off. Always call ``close()``.
+    """
+
+    is_leader = False
+    __slots__ = ("_flight", "pos", "aborted", "_closed", "__weakref__")
+
+    def __init__(self, flight: _Flight) -> None:
+        self._flight = flight
+        self.pos = 0  # number of the next chunk to hand out
+        self.aborted = False
+        self._closed = False
+        flight.joined += 1
+
+    @property
+    def key(self) -> bytes:
+        return self._flight.key
+
+    async def head(self) -> tuple[int, Headers] | None:
+        flight = self._flight
+        while True:
+            if flight.state == _FAILED or flight.overflowed:
+                return None
+            if flight.head is not None:
+                # Not overflowed, so nothing was trimmed: start at chunk 0.
+                self.pos = flight.base
+                flight.started.add(self)
+                return flight.head
+            await flight.wait()
+
+    async def next_chunk(self) -> bytes | None:
+        """The next body chunk, or None when the response is complete."""
+        flight = self._flight
+        while True:
+            if self.aborted:
+                raise FlightAborted(self._flight.key.decode(errors="replace"))
+            index = self.pos - flight.base
+            if index < len(flight.chunks):
+                data = flight.chunks[index]
+                self.pos += 1
+                if flight.overflowed:
+                    flight.trim()
+                return data
+            if flight.state == _DONE:
+                return None
+            if flight.state == _FAILED:
+                raise FlightAborted(self._flight.key.decode(errors="replace"))
+            await flight.wait()
+
+    def __aiter__(self) -> Follower:
+        return self
+
+    async def __anext__(self) -> bytes:
+        data = await self.next_chunk()
+        if data is None:
+            raise StopAsyncIteration
+        return data
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        flight = self._flight
+        flight.joined -= 1
+        if self in flight.started:
+            flight.started.discard(self)
+            if flight.overflowed:
+                flight.trim()
+
+
+class Coalescer:
+    """Sends identical misses that are in flight at the same time upstream once.
+
+    ``join(key)`` returns a Leader for the first request of a key and a
+    Follower for every further one until the leader closes (or the body
+    outgrows ``max_body_bytes``, the same cap as the cache's: such a
+    response is not cacheable, so later requests go upstream on their own).
+    Per process; the buffer of a flight is bounded by ``max_body_bytes``.
+    """
+
+    def __init__(self, max_body_bytes: int = 1048576) -> None:
+        self.max_body_bytes = max_body_bytes
+        self._flights: dict[bytes, _Flight] = {}
+
+    def __len__(self) -> int:
+        return len(self._flights)
+
+    def join(self, key: bytes) -> Leader | Follower:
+        flight = self._flights.get(key)
+        if flight is None:
+            flight = _Flight(key, self.max_body_bytes)
+            self._flights[key] = flight
+            return Leader(self, flight)
+        return Follower(flight)
+
+    def _detach(self, flight: _Flight) -> None:
+        if self._flights.get(flight.key) is flight:
+            del self._flights[flight.key]

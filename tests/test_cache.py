@@ -1,0 +1,486 @@
+"""Cache entries, the memory and Redis backends, and request coalescing."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+import redis
+import uvloop
+from hypothesis import given
+from hypothesis import strategies as st
+
+from relay.cache import (
+    CacheEntry,
+    Coalescer,
+    FlightAborted,
+    Follower,
+    Leader,
+    MemoryCache,
+    RedisCache,
+    replay_headers,
+)
+from relay.redisconn import RedisConnection
+
+try:
+    from redis_server import RedisServer
+except ImportError:  # tests/ collected as a package
+    from tests.redis_server import RedisServer
+
+Runner = Callable[[Coroutine[Any, Any, Any]], Any]
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run(request: pytest.FixtureRequest) -> Runner:
+    factory = uvloop.new_event_loop if request.param == "uvloop" else asyncio.new_event_loop
+
+    def _run(coro: Coroutine[Any, Any, Any]) -> Any:
+        async def bounded() -> Any:
+            async with asyncio.timeout(30):
+                return await coro
+
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(bounded())
+
+    return _run
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def entry(body: bytes = b'{"ok":true}', *, streamed: bool = False, status: int = 200) -> CacheEntry:
+    return CacheEntry(
+        status=status,
+        headers=((b"content-type", b"application/json"), (b"x-request-id", b"abc")),
+        body=body,
+        streamed=streamed,
+        created=1_700_000_000.25,
+    )
+
+
+# -- CacheEntry ---------------------------------------------------------------
+
+
+def test_entry_roundtrip() -> None:
+    for e in (entry(), entry(b"data: {}\n\ndata: [DONE]\n\n", streamed=True), entry(b"")):
+        assert CacheEntry.from_bytes(e.to_bytes()) == e
+
+
+headers_st = st.lists(
+    st.tuples(st.binary(min_size=1, max_size=40), st.binary(max_size=200)), max_size=8
+).map(tuple)
+
+
+@given(
+    status=st.integers(100, 999),
+    headers=headers_st,
+    body=st.binary(max_size=4096),
+    streamed=st.booleans(),
+    created=st.floats(allow_nan=False, allow_infinity=False),
+)
+def test_entry_roundtrip_property(
+    status: int, headers: tuple[tuple[bytes, bytes], ...], body: bytes, streamed: bool, created: float
+) -> None:
+    e = CacheEntry(status, headers, body, streamed, created)
+    data = e.to_bytes()
+    assert CacheEntry.from_bytes(data) == e
+    assert CacheEntry.from_bytes(bytearray(data)) == e
+    # Any truncation or trailing garbage is refused, not misread.
+    assert CacheEntry.from_bytes(data[:-1]) is None
+    assert CacheEntry.from_bytes(data + b"\x00") is None
+
+
+@given(st.binary(max_size=512))
+def test_from_bytes_never_raises(data: bytes) -> None:
+    result = CacheEntry.from_bytes(data)
+    assert result is None or isinstance(result, CacheEntry)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"\x01", b"\x02" + entry().to_bytes()[1:], b"\xff" * 64, b"not a cache entry"],
+)
+def test_from_bytes_corrupt(data: bytes) -> None:
+    assert CacheEntry.from_bytes(data) is None
+
+
+def test_from_bytes_wrong_type() -> None:
+    assert CacheEntry.from_bytes("text") is None  # type: ignore[arg-type]
+
+
+def test_replay_headers_drops_hop_by_hop_and_framing() -> None:
+    upstream = (
+        (b"Content-Type", b"text/event-stream"),
+        (b"Transfer-Encoding", b"chunked"),
+        (b"Content-Length", b"12"),
+        (b"Connection", b"keep-alive, X-Private"),
+        (b"Keep-Alive", b"timeout=5"),
+        (b"X-Private", b"1"),
+        (b"Set-Cookie", b"__cf_bm=abc"),
+        (b"openai-processing-ms", b"120"),
+        (b"X-Relay-Cache", b"MISS"),
+    )
+    assert replay_headers(upstream) == (
+        (b"Content-Type", b"text/event-stream"),
+        (b"openai-processing-ms", b"120"),
+    )
+
+
+# -- MemoryCache --------------------------------------------------------------
+
+
+def test_memory_lru_by_entries() -> None:
+    cache = MemoryCache(max_entries=2, ttl=60)
+    cache.set_nowait(b"a", entry(b"1"))
+    cache.set_nowait(b"b", entry(b"2"))
+    assert cache.get_nowait(b"a") is not None  # a is now most recent
+    cache.set_nowait(b"c", entry(b"3"))
+    assert cache.get_nowait(b"b") is None
+    assert cache.get_nowait(b"a").body == b"1"
+    assert cache.get_nowait(b"c").body == b"3"
+    assert len(cache) == 2
+
+
+def test_memory_ttl_expires_on_get() -> None:
+    clock = FakeClock()
+    cache = MemoryCache(max_entries=10, ttl=5, clock=clock)
+    cache.set_nowait(b"k", entry())
+    clock.now += 4.9
+    assert cache.get_nowait(b"k") is not None
+    clock.now += 0.2
+    assert cache.get_nowait(b"k") is None
+    assert len(cache) == 0 and cache.nbytes == 0
+
+
+def test_memory_bounded_by_bytes() -> None:
+    one = entry(b"x" * 1000)
+    cache = MemoryCache(max_entries=1000, max_bytes=3 * (one.size + 1), ttl=60)
+    for i in range(10):
+        cache.set_nowait(bytes([i]), one)
+        assert cache.nbytes <= cache.max_bytes
+    assert len(cache) == 3
+    assert [cache.get_nowait(bytes([i])) is not None for i in range(10)] == [False] * 7 + [True] * 3
+    # An entry bigger than the whole budget is not stored (and evicts nothing).
+    cache.set_nowait(b"big", entry(b"y" * 10_000))
+    assert cache.get_nowait(b"big") is None
+    assert len(cache) == 3
+
+
+def test_memory_overwrite_keeps_accounting() -> None:
+    cache = MemoryCache(max_entries=10, ttl=60)
+    cache.set_nowait(b"k", entry(b"x" * 100))
+    cache.set_nowait(b"k", entry(b"x" * 10))
+    assert len(cache) == 1
+    assert cache.nbytes == entry(b"x" * 10).size + 1
+    cache.delete(b"k")
+    assert cache.nbytes == 0
+
+
+def test_memory_ttl_zero_disables() -> None:
+    cache = MemoryCache(ttl=0)
+    cache.set_nowait(b"k", entry())
+    assert cache.get_nowait(b"k") is None
+
+
+def test_memory_async_api(run: Runner) -> None:
+    async def main() -> None:
+        cache = MemoryCache(ttl=60)
+        await cache.set(b"k", entry())
+        assert await cache.get(b"k") == entry()
+        assert await cache.get(b"other") is None
+
+    run(main())
+
+
+# -- Coalescer ----------------------------------------------------------------
+
+
+async def relay_follower(follower: Follower) -> tuple[Any, list[bytes]]:
+    """What a pipeline follower does: head, then the body chunks."""
+    try:
+        head = await follower.head()
+        if head is None:
+            return None, []
+        return head, [chunk async for chunk in follower]
+    finally:
+        follower.close()
+
+
+HEAD = (200, ((b"content-type", b"text/event-stream"),))
+
+
+def test_coalescer_one_leader_followers_get_identical_chunks(run: Runner) -> None:
+    async def main() -> None:
+        coalescer = Coalescer(max_body_bytes=1 << 20)
+        leader = coalescer.join(b"key")
+        assert isinstance(leader, Leader) and leader.is_leader
+        early = [coalescer.join(b"key") for _ in range(5)]
+        assert all(isinstance(f, Follower) and not f.is_leader for f in early)
+        assert leader.followers == 5
+        tasks = [asyncio.create_task(relay_follower(f)) for f in early]
+        await asyncio.sleep(0)
+
+        chunks = [b"data: 1\n\n", b"data: 2\n\n", b"data: [DONE]\n\n"]
+        leader.start(*HEAD)
+        leader.chunk(chunks[0])
+        await asyncio.sleep(0)
+        # Streamed incrementally: the followers already hold the first chunk
+        # while the leader is still waiting on upstream.
+        assert all(f.pos == 1 for f in early)
+        leader.chunk(chunks[1])
+        late = coalescer.join(b"key")  # joins mid-stream
+        assert isinstance(late, Follower)
+        late_task = asyncio.create_task(relay_follower(late))
+        await asyncio.sleep(0)
+        leader.chunk(chunks[2])
+        leader.finish()
+        # Still joinable until close(): the window while the entry is stored.
+        after_finish = coalescer.join(b"key")
+        assert isinstance(after_finish, Follower)
+        assert leader.body() == b"".join(chunks)
+        leader.close()
+        assert len(coalescer) == 0
+
+        results = await asyncio.gather(*tasks, late_task, relay_follower(after_finish))
+        assert all(r == (HEAD, chunks) for r in results)
+        # The flight is gone: the next request leads a new one.
+        assert isinstance(coalescer.join(b"key"), Leader)
+
+    run(main())
+
+
+def test_coalescer_keys_are_independent(run: Runner) -> None:
+    async def main() -> None:
+        coalescer = Coalescer()
+        a, b = coalescer.join(b"a"), coalescer.join(b"b")
+        assert isinstance(a, Leader) and isinstance(b, Leader)
+        a.close()
+        b.close()
+
+    run(main())
+
+
+def test_coalescer_leader_failure_before_head_releases_followers(run: Runner) -> None:
+    async def main() -> None:
+        coalescer = Coalescer()
+        leader = coalescer.join(b"k")
+        followers = [coalescer.join(b"k") for _ in range(3)]
+        tasks = [asyncio.create_task(relay_follower(f)) for f in followers]
+        await asyncio.sleep(0)
+        leader.fail()  # e.g. upstream said 500: not cacheable, not shared
+        results = await asyncio.gather(*tasks)
+        assert results == [(None, [])] * 3
+        # A failed flight takes no new followers.
+        assert isinstance(coalescer.join(b"k"), Leader)
+        leader.close()
+
+    run(main())
+
+
+def test_coalescer_close_without_finish_fails(run: Runner) -> None:
+    async def main() -> None:
+        coalescer = Coalescer()
+        leader = coalescer.join(b"k")
+        follower = coalescer.join(b"k")
+        task = asyncio.create_task(relay_follower(follower))
+        await asyncio.sleep(0)
+        leader.close()  # e.g. from a finally after the upstream connection reset
+        assert await task == (None, [])
+
+    run(main())
+
+
+def test_coalescer_leader_failure_mid_body_aborts_started_followers(run: Runner) -> None:
+    async def main() -> None:
+        coalescer = Coalescer()
+        leader = coalescer.join(b"k")
+        follower = coalescer.join(b"k")
+        leader.start(*HEAD)
+        leader.chunk(b"data: 1\n\n")
+        assert await follower.head() == HEAD
+        assert await follower.next_chunk() == b"data: 1\n\n"
+        leader.fail()
+        with pytest.raises(FlightAborted):
+            await follower.next_chunk()
+        follower.close()
+        leader.close()
+
+    run(main())
+
+
+def test_coalescer_cancelled_follower_does_not_disturb_others(run: Runner) -> None:
+    async def main() -> None:
+        coalescer = Coalescer()
+        leader = coalescer.join(b"k")
+        f1, f2 = coalescer.join(b"k"), coalescer.join(b"k")
+        t1 = asyncio.create_task(relay_follower(f1))
+        t2 = asyncio.create_task(relay_follower(f2))
+        await asyncio.sleep(0)
+        t1.cancel()  # its client went away
+        await asyncio.sleep(0)
+        assert leader.followers == 1
+        leader.start(*HEAD)
+        leader.chunk(b"x")
+        leader.finish()
+        leader.close()
+        assert await t2 == (HEAD, [b"x"])
+        assert t1.cancelled()
+
+    run(main())
+
+
+def test_coalescer_overflow_bounds_memory(run: Runner) -> None:
+    async def main() -> None:
+        coalescer = Coalescer(max_body_bytes=10)
+        leader = coalescer.join(b"k")
+        started = coalescer.join(b"k")
+        waiting = coalescer.join(b"k")
+        leader.start(*HEAD)
+        assert await started.head() == HEAD
+        leader.chunk(b"12345")
+        assert await started.next_chunk() == b"12345"
+        leader.chunk(b"678901")  # 11 bytes > 10: not cacheable any more
+        assert leader.overflowed
+        assert leader.body() is None
+        # Not joinable now: a new identical request goes upstream on its own.
+        assert isinstance(coalescer.join(b"k"), Leader)
+        # A follower that had not started yet is told to fetch for itself ...
+        assert await waiting.head() is None
+        waiting.close()
+        # ... one already relaying keeps getting the live stream,
+        assert await started.next_chunk() == b"678901"
+        leader.chunk(b"abc")
+        assert await started.next_chunk() == b"abc"
+        # and the buffer keeps only what it has not consumed yet.
+        flight = started._flight
+        assert flight.retained == 0
+        leader.chunk(b"A" * 6)
+        leader.chunk(b"B" * 6)  # started lags 12 > 10 bytes: cut loose
+        with pytest.raises(FlightAborted):
+            await started.next_chunk()
+        assert flight.retained == 0
+        started.close()
+        leader.finish()
+        leader.close()
+
+    run(main())
+
+
+def test_coalescer_body_exactly_at_cap_is_shared(run: Runner) -> None:
+    async def main() -> None:
+        coalescer = Coalescer(max_body_bytes=10)
+        leader = coalescer.join(b"k")
+        leader.start(*HEAD)
+        leader.chunk(b"0123456789")
+        leader.finish()
+        late = coalescer.join(b"k")
+        assert isinstance(late, Follower)
+        assert await relay_follower(late) == (HEAD, [b"0123456789"])
+        assert leader.body() == b"0123456789"
+        leader.close()
+
+    run(main())
+
+
+# -- RedisCache ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> RedisServer:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.mark.redis
+def test_redis_cache_set_get_and_ttl(run: Runner, redis_server: RedisServer) -> None:
+    admin = redis.Redis(port=redis_server.port)
+    admin.flushall()
+
+    async def main() -> None:
+        conn = RedisConnection(redis_server.address, timeout=0.5)
+        fallback = MemoryCache(ttl=60)
+        cache = RedisCache(conn, ttl=0.3, prefix="t:cache:", fallback=fallback)
+        try:
+            assert await cache.get(b"k") is None
+            await cache.set(b"k", entry(streamed=True))
+            assert await cache.get(b"k") == entry(streamed=True)
+            assert admin.exists(b"t:cache:k")
+            assert 0 < admin.pttl(b"t:cache:k") <= 300
+            assert len(fallback) == 0  # Redis up: memory untouched
+            for _ in range(100):  # bounded wait for Redis to expire it
+                if await cache.get(b"k") is None:
+                    break
+                await asyncio.sleep(0.02)
+            assert await cache.get(b"k") is None
+            # Not ours / corrupt: a miss, not an error.
+            admin.set(b"t:cache:bad", b"garbage")
+            assert await cache.get(b"bad") is None
+        finally:
+            await conn.close()
+
+    run(main())
+
+
+@pytest.mark.redis
+def test_redis_cache_shared_between_connections(run: Runner, redis_server: RedisServer) -> None:
+    redis.Redis(port=redis_server.port).flushall()
+
+    async def main() -> None:
+        one = RedisConnection(redis_server.address, timeout=0.5)
+        two = RedisConnection(redis_server.address, timeout=0.5)
+        try:
+            await RedisCache(one, ttl=60).set(b"k", entry())
+            assert await RedisCache(two, ttl=60).get(b"k") == entry()
+        finally:
+            await one.close()
+            await two.close()
+
+    run(main())
+
+
+@pytest.mark.redis
+def test_redis_cache_falls_back_to_memory_and_back(run: Runner) -> None:
+    with RedisServer() as server:
+        errors: list[float] = []
+
+        async def main() -> None:
+            conn = RedisConnection(
+                server.address,
+                timeout=0.3,
+                on_error=lambda: errors.append(time.monotonic()),
+                probe_interval=0.05,
+            )
+            fallback = MemoryCache(ttl=60)
+            cache = RedisCache(conn, ttl=60, fallback=fallback)
+            try:
+                await cache.set(b"in-redis", entry(b"r"))
+                server.kill()
+                # No error reaches the caller: misses, then memory serves.
+                assert await cache.get(b"in-redis") is None
+                assert errors
+                await cache.set(b"during", entry(b"m"))
+                assert fallback.get_nowait(b"during") is not None
+                assert await cache.get(b"during") == entry(b"m")
+
+                server.start()  # empty, same port
+                for _ in range(250):
+                    if conn.up:
+                        break
+                    await asyncio.sleep(0.02)
+                assert conn.up
+                await cache.set(b"after", entry(b"a"))
+                assert fallback.get_nowait(b"after") is None
+                assert await cache.get(b"after") == entry(b"a")
+            finally:
+                await conn.close()
+
+        run(main())
+        assert redis.Redis(port=server.port).exists(b"relay:cache:after")
