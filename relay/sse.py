@@ -1,0 +1,135 @@
+"""Incremental splitting of a ``text/event-stream`` into raw events.
+
+The proxy forwards upstream bytes as they come, but it needs whole events to
+read usage from them and to drop the one usage-only chunk it asked for. The
+splitter therefore cuts the stream at event boundaries and hands back each
+event's *exact* bytes, terminating blank line included, so that forwarding
+the events one after the other reproduces the upstream stream byte for byte
+(``b"".join(events) + flush()`` equals the input, whatever the chunking).
+
+An event ends at a blank line. Lines end in ``\\r\\n``, ``\\n`` or ``\\r``
+(the SSE grammar allows all three, mixed), so the end of an event is a line
+terminator directly followed by another one. A lone terminator at the very
+start of an event is a blank line of its own and is returned as a one-line
+event (it carries no fields; SSE consumers ignore it).
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["SSESplitter", "event_data", "event_fields"]
+
+# Two consecutive line terminators. The groups are atomic so that "\r\n" is
+# never re-read as "\r" followed by a separate "\n" line (which would be a
+# false blank line).
+_EVENT_END = re.compile(rb"(?>\r\n|\r|\n)(?>\r\n|\r|\n)")
+_CR = 0x0D
+_LF = 0x0A
+
+
+class SSESplitter:
+    """Cuts a byte stream into complete SSE events, bytes preserved exactly.
+
+    Keeps one ``bytearray`` of not-yet-complete bytes and only scans what is
+    new since the last call (plus one byte of overlap, for a terminator split
+    across chunks). While no ``\\r`` has been seen, which is every OpenAI and
+    Anthropic stream, the scan is a plain ``find(b"\\n\\n")``.
+    """
+
+    __slots__ = ("_buf", "_scan", "_saw_cr")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._scan = 0  # where the next search may start (inside _buf)
+        self._saw_cr = False
+
+    @property
+    def pending(self) -> int:
+        """Bytes held back because their event is not complete yet."""
+        return len(self._buf)
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """Add ``chunk``; return the events it completed (possibly none)."""
+        if not chunk:
+            return []
+        buf = self._buf
+        buf += chunk
+        if not self._saw_cr and _CR in chunk:
+            self._saw_cr = True
+        events: list[bytes] = []
+        start = 0  # start of the current (incomplete) event in buf
+        scan = self._scan
+        size = len(buf)
+        while start < size:
+            first = buf[start]
+            if scan == start and (first == _LF or first == _CR):
+                # Blank line at the start of an event: an event of its own.
+                if first == _LF:
+                    end = start + 1
+                elif start + 1 < size:
+                    end = start + 2 if buf[start + 1] == _LF else start + 1
+                else:
+                    break  # "\r" at the end: wait to see whether "\n" follows
+                events.append(bytes(buf[start:end]))
+                start = scan = end
+                continue
+            if self._saw_cr:
+                m = _EVENT_END.search(buf, scan)
+                if m is None:
+                    scan = max(start, size - 1)
+                    break
+                end = m.end()
+                if buf[end - 1] == _CR and end == size:
+                    # The blank line may be "\r\n" with "\n" still to come.
+                    scan = m.start()
+                    break
+            else:
+                pos = buf.find(b"\n\n", scan)
+                if pos < 0:
+                    scan = max(start, size - 1)
+                    break
+                end = pos + 2
+            events.append(bytes(buf[start:end]))
+            start = scan = end
+        if start:
+            del buf[:start]
+            scan -= start
+        self._scan = scan
+        return events
+
+    def flush(self) -> bytes:
+        """Return and forget the incomplete rest (end of stream)."""
+        rest = bytes(self._buf)
+        self._buf.clear()
+        self._scan = 0
+        return rest
+
+
+def event_fields(raw: bytes) -> tuple[bytes | None, bytes | None]:
+    """``(event name, data)`` of one raw event; ``None`` where absent.
+
+    ``data`` joins several ``data:`` lines with ``\\n`` as the SSE spec says;
+    one space after the colon is dropped; comment lines (``:``) are skipped.
+    """
+    if raw.startswith(b"data: ") and raw.find(b"\n", 6, len(raw) - 2) < 0 and b"\r" not in raw:
+        # The overwhelmingly common shape: one "data: ..." line then "\n\n".
+        return None, raw[6:].rstrip(b"\n")
+    name: bytes | None = None
+    data: list[bytes] = []
+    for line in raw.splitlines():
+        if not line or line[0] == 0x3A:  # blank or ":" comment
+            continue
+        field, sep, value = line.partition(b":")
+        if sep and value[:1] == b" ":
+            value = value[1:]
+        if field == b"data":
+            data.append(value)
+        elif field == b"event":
+            name = value
+    return name, (b"\n".join(data) if data else None)
+
+
+def event_data(raw: bytes) -> bytes | None:
+    """The ``data`` payload of one raw event (see :func:`event_fields`)."""
+    return event_fields(raw)[1]
