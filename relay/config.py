@@ -1,0 +1,843 @@
+"""Configuration: YAML file + environment -> frozen dataclasses, with validation.
+
+Order of precedence (later wins): built-in defaults, the YAML file, then the
+environment (`SECTION_KEY`, e.g. `CACHE_TTL`, `CIRCUIT_BREAKER_ENABLED`).
+Every problem is collected and reported together (file, key, reason) so an
+operator fixes a broken file in one pass instead of one error per restart.
+
+The resulting objects are immutable: request handling reads attributes that
+were validated and typed once, never strings or dicts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import sys
+import types
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+# --------------------------------------------------------------------------
+# The configuration objects
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = ""  # "" = all interfaces
+    port: int = 8080  # 0 = ephemeral (tests)
+    workers: int = 1
+    max_body_bytes: int = 10485760
+    max_header_bytes: int = 65536
+    header_timeout: float = 10.0
+    idle_timeout: float = 75.0
+    shutdown_timeout: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    target: str = "https://api.openai.com"
+    connect_timeout: float = 10.0
+    read_timeout: float = 600.0
+    pool_size: int = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One routing rule. `model` is a glob on the request body's "model",
+    `path` a prefix of the request path; when both are set both must match."""
+
+    target: str
+    model: str | None = None
+    path: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    enabled: bool = True
+    ttl: float = 3600.0
+    max_entries: int = 10000
+    max_body_bytes: int = 1048576
+    scope: str = "api_key"
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    enabled: bool = True
+    requests_per_second: float = 10.0
+    burst: int = 20
+    key: str = "api_key"
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerConfig:
+    enabled: bool = True
+    failure_threshold: int = 5
+    recovery_timeout: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class RedisConfig:
+    enabled: bool = False
+    address: str = "localhost:6379"
+    password: str = ""
+    db: int = 0
+    timeout: float = 0.25
+
+    def __repr__(self) -> str:
+        # Written by hand so the password never reaches a log line or a
+        # traceback through repr(config).
+        password = '"***"' if self.password else '""'
+        return (
+            f"RedisConfig(enabled={self.enabled!r}, address={self.address!r}, "
+            f"password={password}, db={self.db!r}, timeout={self.timeout!r})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPrice:
+    """USD per 1K tokens."""
+
+    input: float
+    output: float
+    cached_input: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = "info"
+    requests: bool = False  # one JSON line per request
+
+
+def _empty_models() -> Mapping[str, ModelPrice]:
+    return types.MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    routes: tuple[Route, ...] = ()
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    ratelimit: RateLimitConfig = field(default_factory=RateLimitConfig)
+    circuit_breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    models: Mapping[str, ModelPrice] = field(default_factory=_empty_models)
+    log: LogConfig = field(default_factory=LogConfig)
+    source: str | None = None  # the file it came from; None = built-in defaults
+
+
+# Keys whose change only takes effect after a restart (the listening sockets
+# and worker processes exist once per process lifetime).
+RESTART_KEYS: frozenset[str] = frozenset({"server.port", "server.host", "server.workers"})
+
+DEFAULT_CONFIG_PATH = "configs/config.yaml"
+CONFIG_PATH_ENV = "RELAY_CONFIG"
+
+
+# --------------------------------------------------------------------------
+# Problems
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    file: str  # the file path, or "$NAME" for an environment variable
+    key: str  # dotted key, e.g. "ratelimit.burst", "routes[0].target"; "" = whole file
+    reason: str
+
+    def __str__(self) -> str:
+        if self.key:
+            return f"{self.file}: {self.key}: {self.reason}"
+        return f"{self.file}: {self.reason}"
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; `problems` lists every reason found."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class _Invalid(Exception):
+    """A single value failed its check; carries the reason text."""
+
+
+# --------------------------------------------------------------------------
+# Value checks: each takes an already typed value and returns the normalized
+# value or raises _Invalid.
+
+
+def _describe(value: Any, secret: bool = False) -> str:
+    """How a bad value is shown in a problem (never a secret's content)."""
+    if isinstance(value, bool):
+        kind, text = "a boolean", "true" if value else "false"
+    elif value is None:
+        return "nothing (null)"
+    elif isinstance(value, int | float):
+        kind, text = "a number", repr(value)
+    elif isinstance(value, str):
+        shown = value if len(value) <= 60 else value[:57] + "..."
+        kind, text = "a string", repr(shown)
+    elif isinstance(value, list):
+        return "a list"
+    elif isinstance(value, dict):
+        return "a mapping"
+    else:
+        return f"a {type(value).__name__}"
+    return kind if secret else text
+
+
+def _number(text: float) -> str:
+    return repr(int(text)) if float(text).is_integer() else repr(text)
+
+
+def _above(limit: float) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if not value > limit:
+            raise _Invalid(f"must be > {_number(limit)}, got {_describe(value)}")
+        return value
+
+    return check
+
+
+def _at_least(limit: float) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if not value >= limit:
+            raise _Invalid(f"must be >= {_number(limit)}, got {_describe(value)}")
+        return value
+
+    return check
+
+
+def _one_of(*choices: str, aliases: Mapping[str, str] | None = None) -> Callable[[Any], Any]:
+    aliases = aliases or {}
+
+    def check(value: Any) -> Any:
+        # Case-insensitive because LOG_LEVEL=INFO is what people type.
+        name = value.strip().lower()
+        name = aliases.get(name, name)
+        if name not in choices:
+            hint = _suggest(name, choices)
+            raise _Invalid(f"must be one of {' | '.join(choices)}, got {_describe(value)}{hint}")
+        return name
+
+    return check
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def parse_listen_address(text: str | int) -> tuple[str, int]:
+    """Parse "[host]:port" (":8080", "127.0.0.1:9000", "[::1]:8080", "8080",
+    8080) into (host, port); host "" means all interfaces.
+
+    Raises ValueError with a readable reason. Also used for `--port`.
+    """
+    if isinstance(text, bool) or not isinstance(text, int | str):
+        raise ValueError(f'must be "[host]:port" or a port number, got {_describe(text)}')
+    if isinstance(text, int):
+        host, port_text = "", str(text)
+    else:
+        value = text.strip()
+        if value.startswith("["):
+            end = value.find("]")
+            if end < 0 or value[end + 1 : end + 2] != ":":
+                raise ValueError(f'must be "[ipv6]:port", got {_describe(text)}')
+            host, port_text = value[1:end], value[end + 2 :]
+        elif ":" in value:
+            host, _, port_text = value.rpartition(":")
+            if ":" in host:
+                raise ValueError(
+                    f'an IPv6 host needs brackets, e.g. "[::1]:8080", got {_describe(text)}'
+                )
+        else:
+            host, port_text = "", value
+        if any(c.isspace() for c in host):
+            raise ValueError(f"host must not contain spaces, got {_describe(text)}")
+    if not port_text.isascii() or not port_text.isdigit():
+        raise ValueError(f'must be "[host]:port" with a numeric port, got {_describe(text)}')
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"port must be 0..65535, got {port}")
+    return host, port
+
+
+def _listen(value: Any) -> tuple[str, int]:
+    try:
+        return parse_listen_address(value)
+    except ValueError as exc:
+        raise _Invalid(str(exc)) from None
+
+
+def _target_url(value: Any) -> str:
+    """An upstream base URL: scheme and authority only, normalized without a
+    trailing slash (relay appends the client's path unchanged)."""
+    # A URL with user info is never echoed: that part may be a credential.
+    shown = "a URL with user:password@" if "@" in value else _describe(value)
+    if not value or any(c.isspace() for c in value):
+        raise _Invalid(f"must be an http:// or https:// URL, got {shown}")
+    parts = urlsplit(value)
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.netloc:
+        raise _Invalid(f"must be an http:// or https:// URL with a host, got {shown}")
+    if "@" in parts.netloc:
+        raise _Invalid("must not contain user:password@ (send credentials as request headers)")
+    if not parts.hostname:
+        raise _Invalid(f"must name a host, got {shown}")
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise _Invalid(f"has an invalid port, got {shown}") from None
+    if parts.path not in ("", "/"):
+        raise _Invalid(
+            f"must not have a path (relay forwards the client's path unchanged), "
+            f"got path {parts.path!r}"
+        )
+    if parts.query or parts.fragment or value.endswith(("?", "#")):
+        raise _Invalid(f"must not have a query or fragment, got {shown}")
+    return f"{scheme}://{parts.netloc.lower()}"
+
+
+def _host_port(value: Any) -> str:
+    """redis.address: "host:port" (IPv6 as "[::1]:6379")."""
+    try:
+        host, port = parse_listen_address(value)
+    except ValueError:
+        host, port = "", 0
+    if not host or port == 0:
+        raise _Invalid(f'must be "host:port", got {_describe(value)}')
+    return str(value).strip()
+
+
+# --------------------------------------------------------------------------
+# Schema: one entry per scalar key. `kind` decides which YAML types are
+# accepted and how an environment string is parsed; `check` validates.
+
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    kind: str  # "bool" | "int" | "float" | "str" | "listen"
+    check: Callable[[Any], Any] = _same
+    secret: bool = False
+
+
+_SECTIONS: Mapping[str, Mapping[str, _Key]] = types.MappingProxyType(
+    {
+        "server": {
+            "port": _Key("listen", _listen),  # -> ServerConfig.host + .port
+            "workers": _Key("int", _at_least(1)),
+            "max_body_bytes": _Key("int", _above(0)),
+            "max_header_bytes": _Key("int", _above(0)),
+            "header_timeout": _Key("float", _above(0)),
+            "idle_timeout": _Key("float", _above(0)),
+            "shutdown_timeout": _Key("float", _above(0)),
+        },
+        "proxy": {
+            "target": _Key("str", _target_url),
+            "connect_timeout": _Key("float", _above(0)),
+            "read_timeout": _Key("float", _above(0)),
+            "pool_size": _Key("int", _above(0)),
+        },
+        "cache": {
+            "enabled": _Key("bool"),
+            "ttl": _Key("float", _above(0)),
+            "max_entries": _Key("int", _above(0)),
+            "max_body_bytes": _Key("int", _above(0)),
+            "scope": _Key("str", _one_of("api_key", "global")),
+        },
+        "ratelimit": {
+            "enabled": _Key("bool"),
+            "requests_per_second": _Key("float", _above(0)),
+            "burst": _Key("int", _at_least(1)),
+            "key": _Key("str", _one_of("api_key", "ip", "global")),
+        },
+        "circuit_breaker": {
+            "enabled": _Key("bool"),
+            "failure_threshold": _Key("int", _at_least(1)),
+            "recovery_timeout": _Key("float", _above(0)),
+        },
+        "redis": {
+            "enabled": _Key("bool"),
+            "address": _Key("str", _host_port),
+            "password": _Key("str", secret=True),
+            "db": _Key("int", _at_least(0)),
+            "timeout": _Key("float", _above(0)),
+        },
+        "log": {
+            "level": _Key(
+                "str", _one_of("debug", "info", "warning", "error", aliases={"warn": "warning"})
+            ),
+            "requests": _Key("bool"),
+        },
+    }
+)
+
+_SECTION_TYPES: Mapping[str, type] = types.MappingProxyType(
+    {
+        "server": ServerConfig,
+        "proxy": ProxyConfig,
+        "cache": CacheConfig,
+        "ratelimit": RateLimitConfig,
+        "circuit_breaker": BreakerConfig,
+        "redis": RedisConfig,
+        "log": LogConfig,
+    }
+)
+
+_TOP_LEVEL = (
+    "server", "proxy", "routes", "cache", "ratelimit", "circuit_breaker", "redis", "models", "log",
+)  # fmt: skip
+
+# Every scalar key's environment name, e.g. CIRCUIT_BREAKER_FAILURE_THRESHOLD.
+# A fixed table (rather than splitting names at "_") makes sections with an
+# underscore unambiguous and ignores unrelated variables by construction.
+ENV_KEYS: Mapping[str, tuple[str, str]] = types.MappingProxyType(
+    {
+        f"{section}_{key}".upper(): (section, key)
+        for section, keys in _SECTIONS.items()
+        for key in keys
+    }
+)
+
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off"})
+
+
+def known_keys() -> list[str]:
+    """Every scalar key as "section.key" (routes and models are lists/maps)."""
+    return [f"{s}.{k}" for s, keys in _SECTIONS.items() for k in keys]
+
+
+def _suggest(word: str, choices: Any) -> str:
+    match = difflib.get_close_matches(str(word).lower(), list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _from_yaml(spec: _Key, value: Any) -> Any:
+    """Type-check a YAML value for `spec`, then run its check."""
+    secret = spec.secret
+    if value is None:
+        raise _Invalid("has no value (remove the key to use the default)")
+    if spec.kind == "bool":
+        if not isinstance(value, bool):
+            raise _Invalid(f"must be true or false, got {_describe(value, secret)}")
+    elif spec.kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Invalid(f"must be an integer, got {_describe(value, secret)}")
+    elif spec.kind == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _Invalid(f"must be a number, got {_describe(value, secret)}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise _Invalid(f"must be a finite number, got {_describe(value)}")
+    elif spec.kind == "str":
+        if not isinstance(value, str):
+            raise _Invalid(f"must be a string (quote it), got {_describe(value, secret)}")
+    return spec.check(value)
+
+
+def _from_env(spec: _Key, text: str) -> Any:
+    """Parse an environment string to the key's type, then run its check."""
+    value: Any = text
+    stripped = text.strip()
+    if spec.kind == "bool":
+        lowered = stripped.lower()
+        if lowered in _TRUE:
+            value = True
+        elif lowered in _FALSE:
+            value = False
+        else:
+            raise _Invalid(f"must be true/false/1/0/yes/no/on/off, got {_describe(text)}")
+    elif spec.kind == "int":
+        try:
+            value = int(stripped)
+        except ValueError:
+            raise _Invalid(f"must be an integer, got {_describe(text)}") from None
+    elif spec.kind == "float":
+        try:
+            value = float(stripped)
+        except ValueError:
+            raise _Invalid(f"must be a number, got {_describe(text)}") from None
+        if not math.isfinite(value):
+            raise _Invalid(f"must be a finite number, got {_describe(text)}")
+    return spec.check(value)
+
+
+# --------------------------------------------------------------------------
+# YAML reading
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that records duplicate mapping keys: plain YAML keeps the
+    last one silently, which hides a second `cache:` section in a long file."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.duplicates: list[tuple[str, int, int]] = []  # (key, line, first line)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                key = self.construct_object(key_node)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    self.duplicates.append((str(key), line, seen[key]))
+                else:
+                    seen[key] = line
+        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
+        return mapping
+
+
+def _read_yaml(path: str, problems: list[Problem]) -> Any:
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        problems.append(Problem(path, "", "file not found"))
+        return None
+    except IsADirectoryError:
+        problems.append(Problem(path, "", "is a directory, not a file"))
+        return None
+    except OSError as exc:
+        problems.append(Problem(path, "", f"cannot read: {exc.strerror or exc}"))
+        return None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        problems.append(Problem(path, "", f"is not UTF-8 text (byte offset {exc.start})"))
+        return None
+    loader = _Loader(text)
+    try:
+        document = loader.get_single_data()
+    except yaml.MarkedYAMLError as exc:
+        # Built from the marks only: str(exc) quotes the offending source
+        # line, which may be the one holding the Redis password.
+        problems.append(Problem(path, "", _yaml_reason(exc)))
+        return None
+    except yaml.YAMLError as exc:
+        problems.append(Problem(path, "", f"YAML error: {type(exc).__name__}"))
+        return None
+    finally:
+        loader.dispose()
+    for key, line, first in loader.duplicates:
+        problems.append(
+            Problem(path, "", f"line {line}: duplicate key {key!r} (first at line {first})")
+        )
+    return document
+
+
+def _yaml_reason(exc: yaml.MarkedYAMLError) -> str:
+    mark = exc.problem_mark or exc.context_mark
+    where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+    reason = f"YAML syntax error at {where}: {exc.problem or 'invalid YAML'}"
+    if exc.context:
+        context = exc.context
+        if exc.context_mark is not None and exc.context_mark is not mark:
+            context += f" started at line {exc.context_mark.line + 1}"
+        reason += f" ({context})"
+    return reason
+
+
+# --------------------------------------------------------------------------
+# Document validation
+
+
+def _check_sections(
+    document: Any, file: str, problems: list[Problem]
+) -> tuple[dict[str, dict[str, Any]], Any, Any]:
+    """Validate the scalar sections; return (typed values, raw routes, raw models)."""
+    values: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    if document is None:  # empty file: defaults
+        return values, None, None
+    if not isinstance(document, dict):
+        problems.append(
+            Problem(file, "", f"must be a mapping of sections, got {_describe(document)}")
+        )
+        return values, None, None
+    for section, body in document.items():
+        name = str(section)
+        if name not in _TOP_LEVEL:
+            problems.append(Problem(file, name, "unknown section" + _suggest(name, _TOP_LEVEL)))
+            continue
+        if name in ("routes", "models"):
+            continue
+        if body is None:  # "cache:" with nothing under it: defaults
+            continue
+        if not isinstance(body, dict):
+            problems.append(Problem(file, name, f"must be a mapping, got {_describe(body)}"))
+            continue
+        keys = _SECTIONS[name]
+        for raw_key, value in body.items():
+            key = str(raw_key)
+            spec = keys.get(key)
+            if spec is None:
+                if name == "server" and key == "host":
+                    reason = 'unknown key (the host is part of server.port: "HOST:PORT")'
+                else:
+                    reason = "unknown key" + _suggest(key, keys)
+                problems.append(Problem(file, f"{name}.{key}", reason))
+                continue
+            try:
+                values[name][key] = _from_yaml(spec, value)
+            except _Invalid as exc:
+                problems.append(Problem(file, f"{name}.{key}", str(exc)))
+    return values, document.get("routes"), document.get("models")
+
+
+_ROUTE_KEYS = ("target", "model", "path")
+_TARGET = _Key("str", _target_url)
+
+
+def _check_routes(raw: Any, file: str, problems: list[Problem]) -> tuple[Route, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        problems.append(Problem(file, "routes", f"must be a list of routes, got {_describe(raw)}"))
+        return ()
+    routes = []
+    for index, item in enumerate(raw):
+        where = f"routes[{index}]"
+        if not isinstance(item, dict):
+            problems.append(
+                Problem(
+                    file,
+                    where,
+                    f"must be a mapping with target and model and/or path, got {_describe(item)}",
+                )
+            )
+            continue
+        ok = True
+        for key in item:
+            if key not in _ROUTE_KEYS:
+                problems.append(
+                    Problem(file, f"{where}.{key}", "unknown key" + _suggest(key, _ROUTE_KEYS))
+                )
+                ok = False
+        target = ""
+        if item.get("target") is None:
+            problems.append(Problem(file, f"{where}.target", "missing (every route needs one)"))
+            ok = False
+        else:
+            try:
+                target = _from_yaml(_TARGET, item["target"])
+            except _Invalid as exc:
+                problems.append(Problem(file, f"{where}.target", str(exc)))
+                ok = False
+        model, path = item.get("model"), item.get("path")
+        if model is not None and (not isinstance(model, str) or not model.strip()):
+            problems.append(
+                Problem(file, f"{where}.model", f"must be a non-empty glob, got {_describe(model)}")
+            )
+            ok = False
+        if path is not None and (
+            not isinstance(path, str)
+            or not path.startswith("/")
+            or any(c.isspace() or c in "?#" for c in path)
+        ):
+            problems.append(
+                Problem(
+                    file,
+                    f"{where}.path",
+                    f'must be a path prefix starting with "/" (no query), got {_describe(path)}',
+                )
+            )
+            ok = False
+        if model is None and path is None:
+            problems.append(
+                Problem(
+                    file,
+                    where,
+                    "needs model, path or both (a route matching everything belongs in proxy.target)",
+                )
+            )
+            ok = False
+        if ok:
+            routes.append(Route(target=target, model=model, path=path))
+    return tuple(routes)
+
+
+_PRICE_KEYS = ("input", "output", "cached_input")
+
+
+def _price(value: Any, shape_hint: str = "") -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _Invalid(f"must be a price in USD per 1K tokens{shape_hint}, got {_describe(value)}")
+    if not math.isfinite(value) or value < 0:
+        raise _Invalid(f"must be >= 0, got {_describe(value)}")
+    return float(value)
+
+
+def _check_models(raw: Any, file: str, problems: list[Problem]) -> dict[str, ModelPrice]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        problems.append(
+            Problem(
+                file, "models", f"must be a mapping of model name to price, got {_describe(raw)}"
+            )
+        )
+        return {}
+    models: dict[str, ModelPrice] = {}
+    for name, spec in raw.items():
+        where = f"models.{name}"
+        if not isinstance(name, str) or not name.strip():
+            problems.append(
+                Problem(
+                    file, where, f"model name must be a string (quote it), got {_describe(name)}"
+                )
+            )
+            continue
+        if isinstance(spec, dict):
+            prices: dict[str, float] = {}
+            for key, value in spec.items():
+                if key not in _PRICE_KEYS:
+                    problems.append(
+                        Problem(file, f"{where}.{key}", "unknown key" + _suggest(key, _PRICE_KEYS))
+                    )
+                    continue
+                try:
+                    prices[key] = _price(value)
+                except _Invalid as exc:
+                    problems.append(Problem(file, f"{where}.{key}", str(exc)))
+            missing = [k for k in ("input", "output") if k not in spec]
+            for key in missing:
+                problems.append(Problem(file, f"{where}.{key}", "missing"))
+            if len(prices) == len(spec) and not missing:
+                models[name] = ModelPrice(**prices)
+            continue
+        try:
+            price = _price(spec, " (or a mapping {input, output, cached_input})")
+        except _Invalid as exc:
+            problems.append(Problem(file, where, str(exc)))
+            continue
+        models[name] = ModelPrice(input=price, output=price)
+    return models
+
+
+def _apply_env(
+    env: Mapping[str, str], values: dict[str, dict[str, Any]], problems: list[Problem]
+) -> None:
+    for name, (section, key) in ENV_KEYS.items():
+        text = env.get(name)
+        if text is None:
+            continue
+        try:
+            values[section][key] = _from_env(_SECTIONS[section][key], text)
+        except _Invalid as exc:
+            problems.append(Problem(f"${name}", f"{section}.{key}", str(exc)))
+
+
+def _build(
+    values: dict[str, dict[str, Any]],
+    routes: tuple[Route, ...],
+    models: dict[str, ModelPrice],
+    source: str | None,
+) -> Config:
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTION_TYPES.items():
+        fields = dict(values[name])
+        if name == "server" and "port" in fields:
+            fields["host"], fields["port"] = fields["port"]
+        sections[name] = cls(**fields)
+    return Config(
+        routes=routes,
+        models=types.MappingProxyType(dict(models)),
+        source=source,
+        **sections,
+    )
+
+
+# --------------------------------------------------------------------------
+# Public entry points
+
+
+def load_config(path: str | None, env: Mapping[str, str] | None = None) -> Config:
+    """Load `path` (None = built-in defaults) and apply environment overrides.
+
+    `env` defaults to os.environ; pass {} to ignore the environment.
+    Raises ConfigError listing every problem found.
+    """
+    env = os.environ if env is None else env
+    problems: list[Problem] = []
+    document = None if path is None else _read_yaml(path, problems)
+    file = path or "<defaults>"
+    values, raw_routes, raw_models = _check_sections(document, file, problems)
+    routes = _check_routes(raw_routes, file, problems)
+    models = _check_models(raw_models, file, problems)
+    _apply_env(env, values, problems)
+    if problems:
+        raise ConfigError(problems)
+    return _build(values, routes, models, path)
+
+
+def resolve_config_path(cli_path: str | None, env: Mapping[str, str]) -> str | None:
+    """--config, else $RELAY_CONFIG, else configs/config.yaml if present, else None.
+
+    A path given explicitly (flag or variable) must exist: silently falling
+    back to defaults would hide a typo in a deployment.
+    """
+    explicit = cli_path or env.get(CONFIG_PATH_ENV) or None
+    if explicit is not None:
+        if not os.path.exists(explicit):
+            raise ConfigError([Problem(explicit, "", "file not found")])
+        return explicit
+    if os.path.isfile(DEFAULT_CONFIG_PATH):
+        return DEFAULT_CONFIG_PATH
+    return None
+
+
+def check_config(path: str | None, env: Mapping[str, str] | None = None) -> int:
+    """`--check-config`: print "OK: <file>" and return 0, or print each
+    problem to stderr and return 1. `path` is the --config value (or None)."""
+    env = os.environ if env is None else env
+    try:
+        resolved = resolve_config_path(path, env)
+        load_config(resolved, env)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    print(f"OK: {resolved if resolved is not None else 'built-in defaults'}")
+    return 0
+
+
+def restart_changes(running: Config, new: Config) -> list[str]:
+    """The RESTART_KEYS whose values differ between two configs, sorted."""
+    changed = []
+    for dotted in sorted(RESTART_KEYS):
+        section, key = dotted.split(".")
+        if getattr(getattr(running, section), key) != getattr(getattr(new, section), key):
+            changed.append(dotted)
+    return changed
+
+
+def keep_restart_values(running: Config, new: Config) -> Config:
+    """`new` with the RESTART_KEYS values of `running`: what a reload can
+    actually apply to a process that is already listening."""
+    server = dataclasses.replace(
+        new.server,
+        host=running.server.host,
+        port=running.server.port,
+        workers=running.server.workers,
+    )
+    return dataclasses.replace(new, server=server)
+
+
+def __getattr__(name: str) -> Any:
+    # ConfigWatcher lives in relay.configwatch (it needs asyncio); exposed
+    # here lazily so `from relay.config import ConfigWatcher` works without
+    # an import cycle.
+    if name == "ConfigWatcher":
+        from relay.configwatch import ConfigWatcher
+
+        return ConfigWatcher
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
