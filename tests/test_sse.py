@@ -100,8 +100,21 @@ def test_byte_by_byte_matches_one_chunk() -> None:
 
 _pieces = st.lists(
     st.sampled_from(
-        [b"data: x", b"event: e", b":c", b"data:", b"\n", b"\r", b"\r\n", b"\n\n", b"\r\r",
-         b"\r\n\r\n", b"a", b"{}", b" "]
+        [
+            b"data: x",
+            b"event: e",
+            b":c",
+            b"data:",
+            b"\n",
+            b"\r",
+            b"\r\n",
+            b"\n\n",
+            b"\r\r",
+            b"\r\n\r\n",
+            b"a",
+            b"{}",
+            b" ",
+        ]
     ),
     max_size=40,
 ).map(b"".join)
@@ -131,7 +144,7 @@ def test_event_fields_common_shape() -> None:
 
 
 def test_event_fields_named_and_multiline() -> None:
-    raw = b"event: message_start\r\ndata: {\"x\":\r\ndata:1}\r\n: note\r\nid: 7\r\n\r\n"
+    raw = b'event: message_start\r\ndata: {"x":\r\ndata:1}\r\n: note\r\nid: 7\r\n\r\n'
     assert event_fields(raw) == (b"message_start", b'{"x":\n1}')
 
 
