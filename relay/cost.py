@@ -1,0 +1,132 @@
+"""Prices per model and the cost of a request's usage; bounded model labels.
+
+Prices are USD per 1000 tokens (the ``models:`` config section). A model
+is priced by its exact name, else by the longest configured name that is a
+prefix of it (``gpt-4o-2024-08-06`` -> ``gpt-4o``). An unknown model costs
+0: its tokens are still counted.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Protocol
+
+from relay.usage import Usage
+
+__all__ = ["ModelLabels", "OTHER", "PriceLike", "PriceTable", "sanitize_label"]
+
+OTHER = "other"
+_LABEL_OK = re.compile(r"[A-Za-z0-9._:/-]{1,64}")
+_MEMO_MAX = 4096
+
+
+class PriceLike(Protocol):
+    """The fields of ``relay.config.ModelPrice`` that pricing reads."""
+
+    @property
+    def input(self) -> float: ...
+
+    @property
+    def output(self) -> float: ...
+
+    @property
+    def cached_input(self) -> float | None: ...
+
+
+class PriceTable:
+    """Model prices with exact-then-longest-prefix lookup, memoized.
+
+    Build a new table when the config changes (it is cheap); the memo of
+    resolved names is bounded because model names come from clients.
+    """
+
+    __slots__ = ("_exact", "_by_length", "_memo")
+
+    def __init__(self, models: Mapping[str, PriceLike]) -> None:
+        self._exact: dict[str, PriceLike] = dict(models)
+        # Longest names first so the first prefix hit is the longest one.
+        self._by_length = sorted(self._exact.items(), key=lambda kv: len(kv[0]), reverse=True)
+        self._memo: dict[str, PriceLike | None] = {}
+
+    def __len__(self) -> int:
+        return len(self._exact)
+
+    def names(self) -> tuple[str, ...]:
+        """The configured model names."""
+        return tuple(self._exact)
+
+    def lookup(self, model: str) -> PriceLike | None:
+        """The price of ``model``: exact name, else longest prefix, else None."""
+        try:
+            return self._memo[model]
+        except KeyError:
+            pass
+        price = self._exact.get(model)
+        if price is None:
+            for name, candidate in self._by_length:
+                if model.startswith(name):
+                    price = candidate
+                    break
+        if len(self._memo) >= _MEMO_MAX:
+            self._memo.clear()
+        self._memo[model] = price
+        return price
+
+    def cost(self, usage: Usage) -> float:
+        """USD for ``usage``; cached prompt tokens at ``cached_input`` if set."""
+        price = self.lookup(usage.model)
+        if price is None:
+            return 0.0
+        return price_cost(price, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+
+
+def price_cost(price: PriceLike, prompt: int, completion: int, cached: int = 0) -> float:
+    """(prompt - cached)/1000*input + cached/1000*cached_input + completion/1000*output.
+
+    ``cached`` is clamped to ``[0, prompt]``; without ``cached_input`` the
+    cached tokens cost the ordinary input price.
+    """
+    cached = min(max(cached, 0), prompt)
+    cached_price = price.cached_input if price.cached_input is not None else price.input
+    return (
+        (prompt - cached) / 1000 * price.input
+        + cached / 1000 * cached_price
+        + completion / 1000 * price.output
+    )
+
+
+def sanitize_label(value: str) -> str:
+    """``value`` if it is 1-64 of ``[A-Za-z0-9._:/-]``, else ``other``."""
+    return value if _LABEL_OK.fullmatch(value) else OTHER
+
+
+class ModelLabels:
+    """Metric label for a model name, with a bounded number of values.
+
+    The first ``max_labels`` distinct (valid) names keep their own label;
+    later new names, and names with odd characters or over 64 characters,
+    become ``other``. Pass the configured model names as ``reserved`` so
+    they always have their own label whatever clients send first (they
+    count toward the bound).
+    """
+
+    __slots__ = ("_max", "_seen")
+
+    def __init__(self, max_labels: int = 64, reserved: Iterable[str] = ()) -> None:
+        self._max = max_labels
+        self._seen: set[str] = set()
+        for name in reserved:
+            if sanitize_label(name) != OTHER:
+                self._seen.add(name)
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def label(self, model: str) -> str:
+        if model in self._seen:
+            return model
+        if len(self._seen) >= self._max or not _LABEL_OK.fullmatch(model):
+            return OTHER
+        self._seen.add(model)
+        return model
