@@ -1,0 +1,165 @@
+"""One relay process: server, pipeline, hot reload and graceful stop, wired together.
+
+:class:`Gateway` is what a worker process runs. It owns the
+:class:`~relay.runtime.Runtime` (long-lived state), the current
+:class:`~relay.pipeline.Pipeline` (swapped whole on reload) and the
+:class:`~relay.server.RelayServer` (sockets and connections).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from collections.abc import Coroutine
+from typing import Any
+
+from . import _fast
+from .config import Config, ConfigError, keep_restart_values
+from .configwatch import ConfigWatcher
+from .http.protocol import ClientConnection, ConnectionLimits
+from .http.request import Request
+from .metrics import Metrics
+from .pipeline import Pipeline
+from .runtime import Runtime
+from .server import RelayServer, bind_socket
+
+__all__ = ["Gateway", "run_worker"]
+
+log = logging.getLogger("relay")
+
+
+def _limits(config: Config) -> ConnectionLimits:
+    s = config.server
+    return ConnectionLimits(s.max_body_bytes, s.max_header_bytes, s.header_timeout, s.idle_timeout)
+
+
+class Gateway:
+    """Everything one relay process serves with."""
+
+    def __init__(
+        self,
+        config: Config,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        metrics: Metrics | None = None,
+        worker_index: int = 0,
+    ) -> None:
+        self.config = config
+        self.loop = loop
+        self.worker_index = worker_index
+        self.runtime = Runtime(
+            loop, metrics or Metrics(), count_reload_errors=worker_index == 0
+        )
+        self.runtime.apply(config)
+        self.pipeline = Pipeline(config, self.runtime)
+        self.server = RelayServer(self.dispatch, _limits(config), loop)
+        self._watcher: ConfigWatcher | None = None
+        self._stopping: asyncio.Future[None] = loop.create_future()
+
+    def dispatch(self, request: Request, client: ClientConnection) -> Coroutine[Any, Any, None]:
+        # The pipeline is read per request, so a reload applies to the next one.
+        return self.pipeline.handle(request, client)
+
+    async def start(self, sock: socket.socket) -> None:
+        await self.server.start(sock)
+        # Tokenizer data loads in a thread: estimates use a heuristic until then.
+        self.runtime.spawn(self.runtime.estimator.ensure_loaded(self.config.models))
+        if self.config.source is not None:
+            self._watcher = ConfigWatcher(
+                self.config.source, self.config, self._reloaded, self._reload_failed
+            )
+            self._watcher.start()
+
+    # ------------------------------------------------------------------ #
+    # hot reload
+    # ------------------------------------------------------------------ #
+    def _reloaded(self, new: Config, restart_needed: list[str]) -> None:
+        for key in restart_needed:
+            log.warning("config: %s changed; it takes effect after a restart", key)
+        config = keep_restart_values(self.config, new)
+        try:
+            self.runtime.apply(config)
+            pipeline = Pipeline(config, self.runtime)
+        except Exception as exc:  # a config that validates but cannot be built
+            log.error("config: reload of %s failed, keeping the running config: %s", new.source, exc)
+            self.runtime.metrics.config_reload_errors.inc()
+            return
+        self.config = config
+        self.pipeline = pipeline
+        self.server.set_limits(_limits(config))
+        log.info("config: reloaded %s", new.source)
+
+    def _reload_failed(self, error: ConfigError) -> None:
+        for problem in error.problems:
+            log.error("config: edit refused, keeping the running config: %s", problem)
+        if self.runtime.count_reload_errors:
+            self.runtime.metrics.config_reload_errors.inc()
+
+    # ------------------------------------------------------------------ #
+    # stop
+    # ------------------------------------------------------------------ #
+    def request_stop(self) -> None:
+        if not self._stopping.done():
+            self._stopping.set_result(None)
+
+    async def wait_stopped(self) -> None:
+        await self._stopping
+
+    async def stop(self) -> bool:
+        """Drain in-flight requests for up to ``server.shutdown_timeout``."""
+        self.runtime.draining = True
+        if self._watcher is not None:
+            self._watcher.stop()
+        clean = await self.server.drain(self.config.server.shutdown_timeout)
+        await self.runtime.close()
+        return clean
+
+
+def describe(config: Config, address: tuple[str, int], gateway: Gateway) -> str:
+    """The start-up line: address, targets, backends, extensions."""
+    host, port = address
+    shown = f"[{host}]" if ":" in host else host
+    targets = [config.proxy.target, *(r.target for r in config.routes)]
+    unique = list(dict.fromkeys(targets))
+    backend = "redis" if config.redis.enabled else "memory"
+    return (
+        f"relay listening on http://{shown}:{port} pid={os.getpid()} "
+        f"target{'s' if len(unique) > 1 else ''}={','.join(unique)} "
+        f"cache={backend if config.cache.enabled else 'off'} "
+        f"ratelimit={backend if config.ratelimit.enabled else 'off'} "
+        f"extensions={_fast.IMPLEMENTATION}"
+    )
+
+
+async def serve(
+    config: Config,
+    sock: socket.socket,
+    *,
+    worker_index: int = 0,
+    install_signals: bool = True,
+) -> int:
+    """Serve on *sock* until SIGTERM/SIGINT, then drain; returns the exit code."""
+    loop = asyncio.get_running_loop()
+    gateway = Gateway(config, loop, worker_index=worker_index)
+    await gateway.start(sock)
+    log.info(describe(config, gateway.server.address, gateway))
+    if install_signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, gateway.request_stop)
+    await gateway.wait_stopped()
+    log.info("relay stopping: draining in-flight requests (up to %ss)", config.server.shutdown_timeout)
+    clean = await gateway.stop()
+    if not clean:
+        log.warning("relay stopped with requests still in flight after the shutdown timeout")
+    return 0
+
+
+def run_worker(config: Config, *, reuse_port: bool, worker_index: int = 0) -> int:
+    """Bind, run the event loop (uvloop) and serve until stopped."""
+    import uvloop
+
+    sock = bind_socket(config.server.host, config.server.port, reuse_port=reuse_port)
+    return uvloop.run(serve(config, sock, worker_index=worker_index))

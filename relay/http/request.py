@@ -1,0 +1,100 @@
+"""The parsed client request, as the pipeline sees it."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+__all__ = ["Request"]
+
+_UNPARSED = object()
+
+
+class Request:
+    """One complete client request.
+
+    The body is read whole (bounded by ``server.max_body_bytes``) before the
+    request is dispatched: the cache key, model routing and usage accounting
+    all need it, and AI API request bodies are small. Headers keep their
+    original spelling for forwarding; the few relay acts on are picked out
+    while parsing so nothing is searched per request.
+    """
+
+    __slots__ = (
+        "method",
+        "target",
+        "path",
+        "headers",
+        "body",
+        "keep_alive",
+        "http_minor",
+        "client_ip",
+        "authorization",
+        "api_key",
+        "cache_control",
+        "forwarded_for",
+        "forward_headers",
+        "started",
+        "_json",
+    )
+
+    def __init__(
+        self,
+        method: bytes,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        keep_alive: bool,
+        http_minor: int,
+        client_ip: str,
+        started: float,
+    ) -> None:
+        self.method = method
+        self.target = target
+        q = target.find(b"?")
+        self.path = target if q < 0 else target[:q]
+        self.headers = headers
+        self.body = body
+        self.keep_alive = keep_alive
+        self.http_minor = http_minor
+        self.client_ip = client_ip
+        self.started = started
+        self.authorization: bytes | None = None
+        self.api_key: bytes | None = None
+        self.cache_control: bytes | None = None
+        self.forwarded_for: bytes | None = None
+        # End-to-end headers rendered as "Name: value\r\n" lines, ready to be
+        # written upstream (hop-by-hop, Host, Expect, X-Forwarded-* removed).
+        self.forward_headers = b""
+        self._json: Any = _UNPARSED
+
+    @property
+    def credential(self) -> bytes | None:
+        """The caller's credential (Authorization, else x-api-key), if any."""
+        return self.authorization or self.api_key
+
+    def json(self) -> Any:
+        """The body decoded as JSON, parsed at most once; None if it is not JSON."""
+        if self._json is _UNPARSED:
+            value: Any = None
+            if self.body:
+                try:
+                    value = json.loads(self.body)
+                except (ValueError, UnicodeDecodeError):
+                    value = None
+            self._json = value
+        return self._json
+
+    def model(self) -> str | None:
+        """The JSON body's ``model`` field, when there is one."""
+        doc = self.json()
+        if isinstance(doc, dict):
+            model = doc.get("model")
+            if isinstance(model, str):
+                return model
+        return None
+
+    def replace_body(self, body: bytes) -> None:
+        """Swap in a rewritten body (e.g. usage injection); drops the parsed JSON."""
+        self.body = body
+        self._json = _UNPARSED

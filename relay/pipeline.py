@@ -1,0 +1,560 @@
+"""The per-request decisions, in order, in one place.
+
+    own endpoint? -> route -> rate limit -> cache (hit / coalesced / miss)
+      -> circuit breaker -> usage injection -> upstream exchange
+      -> breaker verdict, cache store, usage and cost, metrics, request log
+
+A :class:`Pipeline` is built from one :class:`~relay.config.Config` and is
+immutable afterwards: a hot reload builds a new one and swaps the reference,
+so requests in flight finish with the settings they started with. The
+long-lived things (sockets, caches, breakers, counters) belong to the
+:class:`~relay.runtime.Runtime` and are shared between generations.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import re
+import time
+from collections.abc import Awaitable, Callable
+
+from . import _fast
+from .cache import CacheEntry, FlightAborted, Follower, Leader, replay_headers
+from .config import Config
+from .exchange import Outcome, ProxyExchange
+from .http import errors
+from .http.protocol import ClientConnection
+from .http.request import Request
+from .runtime import Runtime, Upstream
+from .upstream.protocol import UpstreamError
+from .usage import (
+    StreamUsage,
+    Usage,
+    inject_include_usage,
+    provider_for_path,
+    request_text_for_estimate,
+    usage_from_json,
+)
+
+__all__ = ["Pipeline"]
+
+_HIT = b"X-Relay-Cache: HIT\r\n"
+_MISS = b"X-Relay-Cache: MISS\r\n"
+_BYPASS = b"X-Relay-Cache: BYPASS\r\n"
+_JSON_TYPE = b"Content-Type: application/json\r\n"
+_PROTO_HTTP = b"X-Forwarded-Proto: http\r\n"
+_CHAT_SUFFIX = b"/chat/completions"
+_BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
+_METHOD_LABELS = {
+    m: m.decode() for m in (b"GET", b"POST", b"PUT", b"PATCH", b"DELETE", b"HEAD", b"OPTIONS")
+}
+# JSON bodies read for usage up to this size; beyond it, usage is estimated.
+_JSON_USAGE_LIMIT = 8 * 1024 * 1024
+
+OwnEndpoint = Callable[[Request, ClientConnection], Awaitable[None]]
+
+
+class _Route:
+    """One ``routes`` rule, compiled once."""
+
+    __slots__ = ("model", "path", "upstream")
+
+    def __init__(self, model: str | None, path: str | None, upstream: Upstream) -> None:
+        self.model = re.compile(fnmatch.translate(model)).match if model else None
+        self.path = path.encode() if path else None
+        self.upstream = upstream
+
+
+class Pipeline:
+    """Everything one config generation decides per request."""
+
+    def __init__(self, config: Config, runtime: Runtime) -> None:
+        self.config = config
+        self.runtime = runtime
+        proxy = config.proxy
+        self._default = runtime.upstream(proxy.target, config, label="default")
+        self._routes = tuple(
+            _Route(r.model, r.path, runtime.upstream(r.target, config))
+            for r in config.routes
+        )
+        self._needs_model = any(r.model for r in self._routes)
+
+        self._limiter = runtime.limiter(config) if config.ratelimit.enabled else None
+        self._limit_kind = config.ratelimit.key
+        self._limit_label = config.ratelimit.key
+
+        cache = config.cache
+        self._cache = runtime.cache(config) if cache.enabled else None
+        self._cache_global = cache.scope == "global"
+        self._cache_max = cache.max_body_bytes
+
+        self._breakers = config.circuit_breaker.enabled
+        self._prices = runtime.prices(config)
+        self._own: dict[bytes, OwnEndpoint] = {
+            b"/healthz": self._healthz,
+            b"/readyz": self._readyz,
+            b"/metrics": self._metrics,
+            b"/relay/usage": self._usage,
+        }
+
+    # ------------------------------------------------------------------ #
+    # entry point
+    # ------------------------------------------------------------------ #
+    async def handle(self, request: Request, client: ClientConnection) -> None:
+        own = self._own.get(request.path)
+        if own is not None:
+            await own(request, client)
+            return
+        upstream = self._route(request)
+        extra: list[bytes] = []
+
+        limiter = self._limiter
+        if limiter is not None:
+            decision = await limiter.acquire(self._limit_key(request))
+            extra.append(b"X-RateLimit-Limit: %d\r\n" % decision.limit)
+            extra.append(b"X-RateLimit-Remaining: %d\r\n" % decision.remaining)
+            if not decision.allowed:
+                self.runtime.metrics.ratelimit_reject(self._limit_label)
+                retry = max(1, math.ceil(decision.retry_after))
+                extra.append(b"Retry-After: %d\r\n" % retry)
+                self._reject(
+                    request, client, upstream,
+                    errors.GatewayError(
+                        429,
+                        "Rate limit exceeded: retry after the time in Retry-After",
+                        "rate_limit_error",
+                        "rate_limit_exceeded",
+                    ),
+                    extra,
+                )
+                return
+
+        cache = self._cache
+        key = None
+        store = False
+        if cache is not None and request.method == b"POST":
+            control = request.cache_control
+            no_store = control is not None and b"no-store" in control
+            no_cache = no_store or (control is not None and b"no-cache" in control)
+            store = not no_store
+            key = _fast.cache_key(
+                request.method,
+                request.target,
+                request.body,
+                b"" if self._cache_global else _fast.credential_hash(request.credential or b""),
+            )
+            if not no_cache:
+                entry = await cache.get(key)
+                if entry is not None:
+                    self._serve_hit(request, client, upstream, entry, extra)
+                    return
+                if store:
+                    ticket = self.runtime.coalescer.join(key)
+                    if isinstance(ticket, Follower):
+                        try:
+                            if await self._follow(request, client, upstream, ticket, extra):
+                                return
+                        finally:
+                            ticket.close()
+                        # The leader's response was not shareable: go upstream
+                        # on our own.
+                    else:
+                        extra.append(_MISS)
+                        self.runtime.metrics.cache_misses.inc()
+                        try:
+                            await self._forward(request, client, upstream, extra, key, ticket)
+                        finally:
+                            ticket.close()
+                        return
+                extra.append(_MISS)
+                self.runtime.metrics.cache_misses.inc()
+            else:
+                extra.append(_BYPASS)
+        else:
+            extra.append(_BYPASS)
+        await self._forward(request, client, upstream, extra, key if store else None, None)
+
+    # ------------------------------------------------------------------ #
+    # decisions
+    # ------------------------------------------------------------------ #
+    def _route(self, request: Request) -> Upstream:
+        if self._routes:
+            model = request.model() if self._needs_model else None
+            for route in self._routes:
+                if route.path is not None and not request.path.startswith(route.path):
+                    continue
+                if route.model is not None and (model is None or route.model(model) is None):
+                    continue
+                return route.upstream
+        return self._default
+
+    def _limit_key(self, request: Request) -> bytes:
+        kind = self._limit_kind
+        if kind == "global":
+            return b"global"
+        if kind == "api_key":
+            credential = request.credential
+            if credential:
+                return b"k:" + _fast.credential_hash(credential)
+        # "ip", or an anonymous caller under "api_key": the socket's peer,
+        # never X-Forwarded-For, which any client can write.
+        return b"ip:" + request.client_ip.encode()
+
+    # ------------------------------------------------------------------ #
+    # answers that do not go upstream
+    # ------------------------------------------------------------------ #
+    def _reject(
+        self,
+        request: Request,
+        client: ClientConnection,
+        upstream: Upstream,
+        error: errors.GatewayError,
+        extra: list[bytes],
+    ) -> None:
+        client.send_error(error, extra)
+        self._done(request, upstream, error.status, _cache_status(extra))
+
+    def _serve_hit(
+        self,
+        request: Request,
+        client: ClientConnection,
+        upstream: Upstream,
+        entry: CacheEntry,
+        extra: list[bytes],
+    ) -> None:
+        runtime = self.runtime
+        runtime.metrics.cache_hits.inc()
+        lines = [b"%s: %s\r\n" % pair for pair in entry.headers if pair[0].lower() != b"x-relay-usage"]
+        lines.extend(extra)
+        lines.append(_HIT)
+        if entry.streamed:
+            client.start_response(entry.status, lines, None)
+            client.write(entry.body)
+            client.finish()
+        else:
+            client.respond(entry.status, lines, entry.body)
+        self._done(request, upstream, entry.status, "HIT", _stored_usage(entry), saved=True)
+
+    async def _follow(
+        self,
+        request: Request,
+        client: ClientConnection,
+        upstream: Upstream,
+        follower: Follower,
+        extra: list[bytes],
+    ) -> bool:
+        """Relay a coalesced leader's response; False if it was not shareable."""
+        head = await follower.head()
+        if head is None:
+            return False
+        status, headers = head
+        runtime = self.runtime
+        runtime.metrics.cache_hits.inc()
+        lines = [b"%s: %s\r\n" % pair for pair in headers]
+        lines.extend(extra)
+        lines.append(_HIT)
+        client.start_response(status, lines, None)
+        try:
+            async for chunk in follower:
+                client.write(chunk)
+                if client.writing_paused:
+                    await client.drain()
+                if client.is_lost:
+                    break
+        except FlightAborted:
+            client.abort()
+        else:
+            client.finish()
+        self._done(request, upstream, status, "HIT")
+        return True
+
+    # ------------------------------------------------------------------ #
+    # upstream
+    # ------------------------------------------------------------------ #
+    async def _forward(
+        self,
+        request: Request,
+        client: ClientConnection,
+        upstream: Upstream,
+        extra: list[bytes],
+        cache_key: bytes | None,
+        leader: Leader | None,
+    ) -> None:
+        runtime = self.runtime
+        breaker = upstream.breaker if self._breakers else None
+        if breaker is not None and not breaker.allow(time.monotonic()):
+            retry = max(1, math.ceil(breaker.retry_after(time.monotonic())))
+            if leader is not None:
+                leader.fail()
+            self._reject(
+                request, client, upstream,
+                errors.GatewayError(
+                    503,
+                    f"Upstream {upstream.origin} is unavailable (circuit breaker open)",
+                    "upstream_unavailable",
+                    "circuit_breaker_open",
+                    headers=((b"Retry-After", b"%d" % retry),),
+                ),
+                extra,
+            )
+            return
+
+        # Ask OpenAI for streamed usage when the client did not; the
+        # usage-only chunk is removed again before the client sees it.
+        strip_usage = False
+        body = request.body
+        if (
+            request.method == b"POST"
+            and request.path.endswith(_CHAT_SUFFIX)
+            and b'"stream"' in body
+        ):
+            injected = inject_include_usage(body, request.json())
+            if injected is not None:
+                body = injected
+                strip_usage = True
+
+        head = b"".join(
+            (
+                request.method, b" ", request.target, b" HTTP/1.1\r\nHost: ",
+                upstream.origin.host_header, b"\r\n",
+                request.forward_headers,
+                b"X-Forwarded-For: ",
+                request.forwarded_for + b", " if request.forwarded_for else b"",
+                request.client_ip.encode(), b"\r\n",
+                _PROTO_HTTP,
+                b"Content-Length: %d\r\n\r\n" % len(body)
+                if body or request.method in _BODY_METHODS
+                else b"\r\n",
+            )
+        )
+        parts = [head, body] if body else [head]
+        pool = upstream.pool
+        head_only = request.method == b"HEAD"
+        record_limit = self._cache_max if cache_key is not None else 0
+
+        exchange: ProxyExchange | None = None
+        for attempt in range(2):
+            conn = pool.take_idle()
+            reused = conn is not None
+            if conn is None:
+                try:
+                    conn = await pool.connect()
+                except UpstreamError as exc:
+                    self._upstream_failed(request, client, upstream, exc, extra, breaker, leader)
+                    return
+                if client.is_lost:
+                    pool.release_unused(conn)
+                    if breaker is not None:
+                        breaker.release_probe()
+                    if leader is not None:
+                        leader.fail()
+                    return
+            exchange = ProxyExchange(
+                client,
+                conn,
+                pool.release,
+                extra,
+                record_limit=record_limit,
+                json_limit=_JSON_USAGE_LIMIT,
+                strip_usage=strip_usage,
+                stream_usage=StreamUsage(request.model() or "", provider_for_path(request.path)),
+                observer=leader,
+                loop=runtime.loop,
+            )
+            conn.send(parts, exchange, head_only=head_only)
+            outcome = await exchange.done
+            if (
+                outcome == Outcome.FAILED
+                and reused
+                and attempt == 0
+                and not conn.received_any
+                and exchange.error is not None
+                and not exchange.error.timeout
+            ):
+                # A keep-alive socket the upstream closed as we wrote to it:
+                # the request never reached it, so one retry is safe.
+                continue
+            break
+        assert exchange is not None
+        self._finish(request, client, upstream, exchange, extra, breaker, leader, cache_key, body)
+
+    def _upstream_failed(
+        self,
+        request: Request,
+        client: ClientConnection,
+        upstream: Upstream,
+        error: UpstreamError,
+        extra: list[bytes],
+        breaker: _fast.CircuitBreaker | None,
+        leader: Leader | None,
+    ) -> None:
+        if breaker is not None:
+            breaker.record_failure(time.monotonic())
+            self.runtime.breaker_changed(upstream)
+        if leader is not None:
+            leader.fail()
+        if client.is_lost:
+            self._done(request, upstream, 499)
+            return
+        gateway_error = (
+            errors.gateway_timeout(error.reason) if error.timeout else errors.bad_gateway(error.reason)
+        )
+        self._reject(request, client, upstream, gateway_error, extra)
+
+    def _finish(
+        self,
+        request: Request,
+        client: ClientConnection,
+        upstream: Upstream,
+        exchange: ProxyExchange,
+        extra: list[bytes],
+        breaker: _fast.CircuitBreaker | None,
+        leader: Leader | None,
+        cache_key: bytes | None,
+        body: bytes,
+    ) -> None:
+        outcome = exchange.outcome
+        runtime = self.runtime
+        if outcome == Outcome.FAILED:
+            assert exchange.error is not None
+            self._upstream_failed(request, client, upstream, exchange.error, extra, breaker, leader)
+            return
+        status = exchange.status
+        if breaker is not None:
+            if outcome == Outcome.BROKEN or status >= 500:
+                breaker.record_failure(time.monotonic())
+            elif status:
+                breaker.record_success()
+            else:
+                breaker.release_probe()
+            runtime.breaker_changed(upstream)
+        if status:
+            runtime.metrics.observe_upstream_latency(upstream.label, exchange.upstream_latency)
+
+        usage = self._usage_of(request, exchange, body)
+        if (
+            cache_key is not None
+            and outcome == Outcome.OK
+            and exchange.recorded is not None
+            and 200 <= status < 300
+        ):
+            entry = CacheEntry(
+                status,
+                _with_usage(replay_headers(exchange.headers), usage),
+                exchange.body(),
+                exchange.splitter is not None,
+                time.time(),
+            )
+            cache = self._cache
+            assert cache is not None
+            runtime.spawn(cache.set(cache_key, entry))
+        # 499 (nginx's "client closed request") when the client left first.
+        self._done(request, upstream, status or 499, _cache_status(extra), usage)
+
+    # ------------------------------------------------------------------ #
+    # usage, cost, metrics
+    # ------------------------------------------------------------------ #
+    def _usage_of(self, request: Request, exchange: ProxyExchange, body: bytes) -> Usage | None:
+        if not exchange.status or exchange.status >= 300 or request.method != b"POST":
+            return None
+        model = request.model() or ""
+        stream = exchange.stream_usage
+        if exchange.splitter is not None and stream is not None:
+            return stream.result(
+                self.runtime.estimator,
+                lambda: request_text_for_estimate(body, request.json()),
+            )
+        if exchange.json_body is not None or exchange.recorded is not None:
+            usage = usage_from_json(exchange.body(), model)
+            if usage is not None:
+                return usage
+        return None
+
+    def _done(
+        self,
+        request: Request,
+        upstream: Upstream,
+        status: int,
+        cache: str = "BYPASS",
+        usage: Usage | None = None,
+        *,
+        saved: bool = False,
+    ) -> None:
+        """Count a finished request: metrics, usage and cost, request log."""
+        runtime = self.runtime
+        elapsed = runtime.loop.time() - request.started
+        runtime.metrics.observe_request(
+            upstream.route_label, _METHOD_LABELS.get(request.method, "OTHER"), status, elapsed
+        )
+        cost = 0.0
+        model = None
+        if usage is not None:
+            model = usage.model or request.model() or ""
+            cost = self._prices.cost(usage) if model else 0.0
+            label = runtime.labels.label(model) if model else "other"
+            credential = request.credential
+            key_hash = _fast.credential_hash(credential).decode() if credential else ""
+            runtime.record_usage(label, key_hash, usage, cost, saved)
+        if runtime.request_log is not None:
+            runtime.log_request(
+                request, upstream, status, elapsed, cache, model, usage, 0.0 if saved else cost
+            )
+
+    # ------------------------------------------------------------------ #
+    # relay's own endpoints
+    # ------------------------------------------------------------------ #
+    async def _healthz(self, request: Request, client: ClientConnection) -> None:
+        client.respond(200, (_JSON_TYPE,), b'{"status":"ok"}')
+
+    async def _readyz(self, request: Request, client: ClientConnection) -> None:
+        reason = self.runtime.not_ready_reason(self)
+        if reason is None:
+            client.respond(200, (_JSON_TYPE,), b'{"status":"ready"}')
+        else:
+            body = json.dumps({"status": "not ready", "reason": reason}).encode()
+            client.respond(503, (_JSON_TYPE,), body)
+
+    async def _metrics(self, request: Request, client: ClientConnection) -> None:
+        body, content_type = await self.runtime.render_metrics()
+        client.respond(200, (b"Content-Type: %s\r\n" % content_type.encode(),), body)
+
+    async def _usage(self, request: Request, client: ClientConnection) -> None:
+        snapshot = await self.runtime.usage_snapshot()
+        client.respond(200, (_JSON_TYPE,), json.dumps(snapshot, sort_keys=True).encode())
+
+    def upstreams(self) -> list[Upstream]:
+        return [self._default, *(r.upstream for r in self._routes)]
+
+
+def _cache_status(extra: list[bytes]) -> str:
+    """HIT, MISS or BYPASS, as the response said (for the request log)."""
+    for line in extra:
+        if line is _MISS:
+            return "MISS"
+        if line is _HIT:
+            return "HIT"
+    return "BYPASS"
+
+
+def _with_usage(headers: tuple[tuple[bytes, bytes], ...], usage: Usage | None) -> tuple[tuple[bytes, bytes], ...]:
+    """Keep the usage of a cached response beside it, so a hit counts as saved cost."""
+    if usage is None:
+        return headers
+    value = b"%d,%d,%d,%s" % (
+        usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
+        usage.model.encode("utf-8", "replace").replace(b",", b"_")[:128],
+    )
+    return (*headers, (b"x-relay-usage", value))
+
+
+def _stored_usage(entry: CacheEntry) -> Usage | None:
+    for name, value in entry.headers:
+        if name == b"x-relay-usage":
+            try:
+                prompt, completion, cached, model = value.split(b",", 3)
+                return Usage(model.decode("utf-8", "replace"), int(prompt), int(completion), int(cached))
+            except ValueError:
+                return None
+    return None

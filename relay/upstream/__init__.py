@@ -1,0 +1,1 @@
+"""Upstream side of relay: pooled keep-alive connections and response relaying."""

@@ -1,0 +1,210 @@
+"""A keep-alive connection pool per upstream origin.
+
+Discipline borrowed from redis-py and aiohttp: LIFO reuse (the most recently
+used socket is the one least likely to have been closed by the server),
+idle connections expire before a typical upstream keep-alive would close
+them, a reused connection that saw stray bytes or EOF while idle is never
+handed out, the wait for a new connection is bounded by ``connect_timeout``,
+and a connection returns to the pool only after a complete response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from .protocol import UpstreamConnection, UpstreamError
+
+__all__ = ["Origin", "UpstreamPool", "UpstreamPools"]
+
+# Idle sockets older than this are closed rather than reused. Servers
+# close idle keep-alives on their own (Node after 5 s, nginx 75 s); their FIN
+# normally reaches us first and drops the socket, and the rare race is
+# covered by one retry of a request that got no byte back on a reused socket.
+IDLE_EXPIRY = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where an upstream lives: ``https://api.openai.com`` -> scheme, host, port."""
+
+    scheme: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, url: str) -> Origin:
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        port = parts.port or (443 if scheme == "https" else 80)
+        return cls(scheme, parts.hostname, port)
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "https"
+
+    @property
+    def host_header(self) -> bytes:
+        default = 443 if self.tls else 80
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        if self.port != default:
+            host = f"{host}:{self.port}"
+        return host.encode("idna") if not host.isascii() else host.encode()
+
+    @property
+    def label(self) -> str:
+        """A bounded, credential-free name for metrics and logs."""
+        return f"{self.host}:{self.port}"
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.label}"
+
+
+class UpstreamPool:
+    """Connections to one origin."""
+
+    def __init__(
+        self,
+        origin: Origin,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        pool_size: int,
+        connect_timeout: float,
+        read_timeout: float,
+        ssl_context: ssl.SSLContext | None,
+    ) -> None:
+        self.origin = origin
+        self._loop = loop
+        self.pool_size = pool_size
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self._ssl = ssl_context if origin.tls else None
+        self._idle: list[UpstreamConnection] = []
+        self._closed = False
+        self.connections_opened = 0
+
+    @property
+    def idle_count(self) -> int:
+        return len(self._idle)
+
+    def configure(self, *, pool_size: int, connect_timeout: float, read_timeout: float) -> None:
+        """Apply reloaded settings; idle sockets above the new size are closed."""
+        self.pool_size = pool_size
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        while len(self._idle) > pool_size:
+            self._idle.pop(0).close()
+
+    def take_idle(self) -> UpstreamConnection | None:
+        """The most recently released live connection, or None."""
+        idle = self._idle
+        if not idle:
+            return None
+        now = self._loop.time()
+        while idle:
+            conn = idle.pop()
+            if conn.reusable and not conn.lost and now - conn.idle_since < IDLE_EXPIRY:
+                conn._read_timeout = self.read_timeout
+                return conn
+            conn.close()
+        return None
+
+    async def connect(self) -> UpstreamConnection:
+        """Open a new connection, bounded by ``connect_timeout`` (TLS included)."""
+        origin = self.origin
+        try:
+            _, conn = await asyncio.wait_for(
+                self._loop.create_connection(
+                    lambda: UpstreamConnection(self._loop, self.read_timeout),
+                    origin.host,
+                    origin.port,
+                    ssl=self._ssl,
+                    server_hostname=origin.host if self._ssl is not None else None,
+                ),
+                self.connect_timeout,
+            )
+        except TimeoutError:
+            raise UpstreamError(f"Connecting to {origin} timed out", timeout=True) from None
+        except ssl.SSLError as exc:
+            raise UpstreamError(f"TLS handshake with {origin} failed: {exc.reason}") from None
+        except OSError as exc:
+            raise UpstreamError(
+                f"Could not connect to {origin}: {exc.strerror or exc.__class__.__name__}"
+            ) from None
+        self.connections_opened += 1
+        return conn
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """Give back a connection whose last response completed."""
+        if (
+            conn.reusable
+            and not conn.lost
+            and not self._closed
+            and len(self._idle) < self.pool_size
+        ):
+            self._idle.append(conn)
+        else:
+            conn.close()
+
+    def release_unused(self, conn: UpstreamConnection) -> None:
+        """Keep a connection opened for a request that no longer needs it."""
+        conn.reusable = True
+        conn.idle_since = self._loop.time()
+        self.release(conn)
+
+    def close(self) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+class UpstreamPools:
+    """Every origin's pool; survives config reloads so sockets are kept."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._pools: dict[Origin, UpstreamPool] = {}
+        self._ssl: ssl.SSLContext | None = None
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            # Verification on, system CAs, SNI: the defaults a client must have.
+            self._ssl = ssl.create_default_context()
+        return self._ssl
+
+    def get(
+        self,
+        origin: Origin,
+        *,
+        pool_size: int,
+        connect_timeout: float,
+        read_timeout: float,
+    ) -> UpstreamPool:
+        pool = self._pools.get(origin)
+        if pool is None:
+            pool = UpstreamPool(
+                origin,
+                self._loop,
+                pool_size=pool_size,
+                connect_timeout=connect_timeout,
+                read_timeout=read_timeout,
+                ssl_context=self._ssl_context() if origin.tls else None,
+            )
+            self._pools[origin] = pool
+        else:
+            pool.configure(
+                pool_size=pool_size, connect_timeout=connect_timeout, read_timeout=read_timeout
+            )
+        return pool
+
+    def all(self) -> list[UpstreamPool]:
+        return list(self._pools.values())
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close()

@@ -1,0 +1,245 @@
+"""Upstream side: one :class:`UpstreamConnection` per pooled socket.
+
+The response is parsed with httptools and handed to a :class:`ResponseSink`
+piece by piece, in the parser's callbacks: nothing is buffered here, so the
+sink (the exchange that writes to the client) decides what to keep. The
+connection can be paused by the client side when the client reads slowly;
+a read timeout measures upstream silence only while it is not paused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+import httptools
+
+__all__ = ["ResponseSink", "UpstreamConnection", "UpstreamError"]
+
+WRITE_HIGH_WATER = 256 * 1024
+WRITE_LOW_WATER = 64 * 1024
+
+
+class UpstreamError(Exception):
+    """Why an upstream exchange failed; ``timeout`` maps to 504, else 502."""
+
+    __slots__ = ("timeout", "reason")
+
+    def __init__(self, reason: str, *, timeout: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.timeout = timeout
+
+
+class ResponseSink(Protocol):
+    """Receives one upstream response as it arrives."""
+
+    def on_head(
+        self,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        length: int | None,
+    ) -> None: ...
+
+    def on_body(self, chunk: bytes) -> None: ...
+
+    def on_complete(self) -> None: ...
+
+    def on_error(self, error: UpstreamError) -> None: ...
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """A keep-alive connection to one upstream, one exchange at a time."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, read_timeout: float) -> None:
+        # -- per connection --
+        self._loop = loop
+        self._read_timeout = read_timeout
+        self.transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self.lost = False
+        self.reusable = False        # true between a complete response and reuse
+        self.idle_since = 0.0
+        self.exchanges = 0
+        self._paused = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_activity = 0.0
+
+        # -- per exchange --
+        self._sink: ResponseSink | None = None
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._status = 0
+        self._length: int | None = None
+        self._close_delimited = False
+        self._head_done = False
+        self._head_only = False
+        self._received_any = False
+
+    # ------------------------------------------------------------------ #
+    # exchange API (used by the pool's caller)
+    # ------------------------------------------------------------------ #
+    def send(self, parts: list[bytes], sink: ResponseSink, *, head_only: bool = False) -> None:
+        """Write a request (one vectored write) and route its response to *sink*."""
+        assert self.transport is not None and self._sink is None
+        self.reusable = False
+        self.exchanges += 1
+        self._sink = sink
+        self._headers = []
+        self._status = 0
+        self._length = None
+        self._close_delimited = False
+        self._head_done = False
+        self._head_only = head_only
+        self._received_any = False
+        self._last_activity = self._loop.time()
+        self.transport.writelines(parts)
+        self._timer = self._loop.call_later(self._read_timeout, self._check_timeout)
+
+    @property
+    def received_any(self) -> bool:
+        """Whether any byte of the current response arrived (retry safety)."""
+        return self._received_any
+
+    def detach(self) -> None:
+        """The sink is gone (client left): drop the connection, never reuse it."""
+        self._sink = None
+        self.close()
+
+    def close(self) -> None:
+        self.reusable = False
+        self._cancel_timer()
+        if self.transport is not None and not self.lost:
+            self.transport.abort()
+
+    def pause_reading(self) -> None:
+        if not self._paused and not self.lost and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._paused and not self.lost and self.transport is not None:
+            self._paused = False
+            self._last_activity = self._loop.time()
+            self.transport.resume_reading()
+
+    # ------------------------------------------------------------------ #
+    # asyncio.Protocol
+    # ------------------------------------------------------------------ #
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+
+    def data_received(self, data: bytes) -> None:
+        if self._sink is None:
+            # Bytes on an idle connection: it is out of step, never reuse it.
+            self.close()
+            return
+        self._received_any = True
+        self._last_activity = self._loop.time()
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError:
+            self._fail(UpstreamError("Upstream response could not be relayed"))
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamError(f"Invalid HTTP response from upstream: {exc}"))
+
+    def eof_received(self) -> bool | None:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.reusable = False
+        self._cancel_timer()
+        sink = self._sink
+        if sink is None:
+            return
+        if self._head_done and self._close_delimited:
+            # A response without length ends when the connection does.
+            self._sink = None
+            sink.on_complete()
+        else:
+            self._fail(UpstreamError("Upstream closed the connection before the response was complete"))
+
+    # ------------------------------------------------------------------ #
+    # httptools callbacks
+    # ------------------------------------------------------------------ #
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:
+            # An interim response (e.g. 103 Early Hints): wait for the real one.
+            self._headers = []
+            return
+        self._status = status
+        length: int | None = None
+        chunked = False
+        for name, value in self._headers:
+            lname = name.lower()
+            if lname == b"content-length":
+                length = int(value)
+            elif lname == b"transfer-encoding":
+                chunked = True
+        if chunked:
+            length = None
+        no_body = self._head_only or status in (204, 304)
+        if no_body:
+            length = 0
+        self._close_delimited = length is None and not chunked and not no_body
+        self._head_done = True
+        sink = self._sink
+        assert sink is not None
+        sink.on_head(status, self._headers, length)
+        if self._head_only:
+            # llhttp cannot be told the request was HEAD: finish here and do
+            # not reuse a connection whose parser expects a body.
+            self._sink = None
+            self._cancel_timer()
+            self.close()
+            sink.on_complete()
+
+    def on_body(self, body: bytes) -> None:
+        sink = self._sink
+        if sink is not None:
+            sink.on_body(body)
+
+    def on_message_complete(self) -> None:
+        sink = self._sink
+        if sink is None or not self._head_done:
+            return
+        self._sink = None
+        self._cancel_timer()
+        self.reusable = self._parser.should_keep_alive() and not self.lost
+        self.idle_since = self._loop.time()
+        sink.on_complete()
+
+    # ------------------------------------------------------------------ #
+    # internals
+    # ------------------------------------------------------------------ #
+    def _fail(self, error: UpstreamError) -> None:
+        sink = self._sink
+        self._sink = None
+        self.close()
+        if sink is not None:
+            sink.on_error(error)
+
+    def _check_timeout(self) -> None:
+        self._timer = None
+        if self._sink is None or self.lost:
+            return
+        now = self._loop.time()
+        if self._paused:
+            # The client is slow, not the upstream.
+            self._timer = self._loop.call_later(self._read_timeout, self._check_timeout)
+            return
+        remaining = self._last_activity + self._read_timeout - now
+        if remaining > 0:
+            self._timer = self._loop.call_later(remaining, self._check_timeout)
+            return
+        self._fail(UpstreamError("Upstream read timed out", timeout=True))
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

@@ -1,0 +1,198 @@
+"""Shared test helpers: relay running in a thread, configs, raw sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import yaml
+
+from relay.app import Gateway
+from relay.config import Config, load_config
+from relay.server import bind_socket
+
+T = TypeVar("T")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_config(data: dict[str, Any], directory: str | None = None) -> str:
+    """Write *data* as a YAML config file; returns its path."""
+    fd, path = tempfile.mkstemp(suffix=".yaml", dir=directory, prefix="relay-test-")
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(data, f)
+    return path
+
+
+def make_config(target: str, **sections: Any) -> Config:
+    """A config proxying to *target*, with section overrides as dicts.
+
+    Defaults differ from production only where tests need it: no rate limit
+    and no cache unless asked for, so tests of one feature see only that one.
+    """
+    data: dict[str, Any] = {
+        "server": {"port": "127.0.0.1:0"},
+        "proxy": {"target": target},
+        "cache": {"enabled": False},
+        "ratelimit": {"enabled": False},
+    }
+    for name, values in sections.items():
+        if isinstance(values, dict):
+            data.setdefault(name, {}).update(values)
+        else:
+            data[name] = values
+    path = write_config(data)
+    try:
+        return load_config(path, env={})
+    finally:
+        os.unlink(path)
+
+
+class RelayThread:
+    """A relay :class:`Gateway` serving on 127.0.0.1 from its own thread and loop."""
+
+    def __init__(self, config: Config, *, loop: str = "uvloop") -> None:
+        self.config = config
+        self.loop_kind = loop
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.gateway: Gateway | None = None
+        self.port = 0
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="relay-test", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> RelayThread:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("relay did not start within 10 s")
+        if self._error is not None:
+            raise self._error
+
+    def _main(self) -> None:
+        if self.loop_kind == "uvloop":
+            import uvloop
+
+            loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+        else:
+            loop = asyncio.new_event_loop()
+        self.loop = loop
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(self._serve())
+        except BaseException as exc:  # surfaced to the test thread
+            self._error = exc
+            self._ready.set()
+        finally:
+            loop.close()
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        sock = bind_socket("127.0.0.1", 0, reuse_port=False)
+        self.port = sock.getsockname()[1]
+        self.gateway = Gateway(self.config, loop)
+        await self.gateway.start(sock)
+        self._ready.set()
+        await self.gateway.wait_stopped()
+        await self.gateway.stop()
+
+    def call(self, fn: Callable[[], T], timeout: float = 5.0) -> T:
+        """Run *fn* on relay's loop (to read its state safely) and return its result."""
+        assert self.loop is not None
+        result: list[Any] = []
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                result.append(fn())
+            except BaseException as exc:
+                result.append(exc)
+            done.set()
+
+        self.loop.call_soon_threadsafe(run)
+        if not done.wait(timeout):
+            raise TimeoutError("relay loop did not answer")
+        value = result[0]
+        if isinstance(value, BaseException):
+            raise value
+        return value
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.loop is not None and self.gateway is not None and self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.gateway.request_stop)
+        self._thread.join(timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def raw_exchange(port: int, data: bytes, *, timeout: float = 5.0, until_close: bool = True) -> bytes:
+    """Send *data* on a fresh socket and read until the server closes (or timeout)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        chunks = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                chunk = s.recv(65536)
+            except TimeoutError:
+                break
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+            if not until_close:
+                break
+        return b"".join(chunks)
+
+
+def start_relay_process(
+    args: list[str], env: dict[str, str] | None = None, **kwargs: Any
+) -> subprocess.Popen[bytes]:
+    """``python -m relay ARGS`` as a subprocess from the repository root."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.Popen(
+        [sys.executable, "-m", "relay", *args],
+        cwd=ROOT,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **kwargs,
+    )
+
+
+def wait_for_port(port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            raise RuntimeError(f"relay exited with {proc.returncode}: {err.decode(errors='replace')}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
