@@ -1,0 +1,141 @@
+"""One JSON line per request (``log.requests: true``).
+
+Fields: ``time`` (ISO 8601 UTC, milliseconds), ``method``, ``path``,
+``status``, ``model``, ``prompt_tokens``, ``completion_tokens``,
+``cost_usd``, ``cache`` (HIT/MISS/BYPASS), ``latency_ms``, ``upstream``,
+``key``.
+
+Nothing secret goes in: ``key`` is the short credential hash the caller
+passes (never the key), no header is logged, and ``path`` is logged
+*without its query string*, because some clients put keys or tokens there
+(``?key=...``, ``?api-version=...&sig=...``). Client-chosen strings are
+JSON-escaped (no log injection) and truncated.
+
+Lines are buffered and written together: when an event loop is running,
+at most ``flush_interval`` seconds after the first buffered line (or at
+once when ``max_buffered`` lines are waiting); without a running loop,
+line by line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from typing import Any, TextIO
+
+__all__ = ["RequestLogger", "strip_query"]
+
+_MAX_PATH = 2048
+_MAX_FIELD = 256
+
+
+def strip_query(path: bytes | str) -> str:
+    """The path part of a request target: no query string, no fragment."""
+    if isinstance(path, bytes):
+        path = path.decode("latin-1")
+    for sep in ("?", "#"):
+        cut = path.find(sep)
+        if cut >= 0:
+            path = path[:cut]
+    return path[:_MAX_PATH]
+
+
+def _text(value: bytes | str | None, limit: int = _MAX_FIELD) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    return value[:limit]
+
+
+class RequestLogger:
+    """Writes request log lines to ``stream`` (standard error by default)."""
+
+    def __init__(
+        self,
+        stream: TextIO | None = None,
+        flush_interval: float = 0.5,
+        max_buffered: int = 256,
+    ) -> None:
+        self._stream = stream
+        self.flush_interval = flush_interval
+        self.max_buffered = max_buffered
+        self._lines: list[str] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._second = -1
+        self._second_text = ""
+        self.dropped = 0  # lines lost to a broken stream
+
+    def _timestamp(self, now: float) -> str:
+        second = int(now)
+        if second != self._second:  # strftime once per second, not per line
+            self._second = second
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._second_text}.{int((now - second) * 1000):03d}Z"
+
+    def log(
+        self,
+        *,
+        method: bytes | str,
+        path: bytes | str,
+        status: int,
+        model: str | None = None,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        cost_usd: float = 0.0,
+        cache: str = "BYPASS",
+        latency_ms: float = 0.0,
+        upstream: str | None = None,
+        key: str | None = None,
+        now: float | None = None,
+    ) -> None:
+        """Log one finished request. ``key`` must be a hash, never a key."""
+        record: dict[str, Any] = {
+            "time": self._timestamp(time.time() if now is None else now),
+            "method": _text(method, 16),
+            "path": strip_query(path),
+            "status": status,
+            "model": _text(model),
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "cost_usd": cost_usd,
+            "cache": cache,
+            "latency_ms": round(latency_ms, 3),
+            "upstream": _text(upstream),
+            "key": _text(key, 64),
+        }
+        self._lines.append(json.dumps(record, separators=(",", ":")) + "\n")
+        if len(self._lines) >= self.max_buffered:
+            self.flush()
+        elif self._timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.flush()
+                return
+            self._timer = loop.call_later(self.flush_interval, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.flush()
+
+    def flush(self) -> None:
+        """Write out every buffered line now."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._lines:
+            return
+        lines, self._lines = self._lines, []
+        stream = self._stream if self._stream is not None else sys.stderr
+        try:
+            stream.write("".join(lines))
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken stream: never fail a request
+            self.dropped += len(lines)
+
+    def close(self) -> None:
+        """Flush what is left (call at shutdown)."""
+        self.flush()
