@@ -47,9 +47,11 @@ __all__ = [
     "StreamUsage",
     "TokenCounter",
     "Usage",
+    "estimate_usage",
     "inject_include_usage",
     "provider_for_path",
     "request_text_for_estimate",
+    "response_text_for_estimate",
     "usage_from_json",
     "usage_from_mapping",
 ]
@@ -393,6 +395,60 @@ def inject_include_usage(body: bytes, parsed: Any = None) -> bytes | None:
     new = dict(parsed)
     new["stream_options"] = {**options, "include_usage": True}
     return json.dumps(new, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def response_text_for_estimate(body: bytes, parsed: Any = None) -> str:
+    """The generated text of a non-streamed response that reported no usage.
+
+    OpenAI chat (``choices[].message`` content, refusal, tool-call
+    arguments), completions (``choices[].text``), Anthropic (``content[]``
+    text and tool inputs) and the Responses API (``output[].content[]``).
+    """
+    if parsed is None:
+        try:
+            parsed = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            return ""
+    if not isinstance(parsed, dict):
+        return ""
+    out: list[str] = []
+    choices = parsed.get("choices")
+    if isinstance(choices, list):
+        for choice in choices:
+            if not isinstance(choice, dict):
+                continue
+            _content_text(choice.get("text"), out)
+            message = choice.get("message")
+            if not isinstance(message, dict):
+                continue
+            _content_text(message.get("content"), out)
+            _content_text(message.get("refusal"), out)
+            calls = message.get("tool_calls")
+            if isinstance(calls, list):
+                for call in calls:
+                    fn = call.get("function") if isinstance(call, dict) else None
+                    if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                        out.append(fn["arguments"])
+    _content_text(parsed.get("content"), out)  # Anthropic
+    output = parsed.get("output")  # Responses API
+    if isinstance(output, list):
+        for item in output:
+            if isinstance(item, dict):
+                _content_text(item.get("content"), out)
+                if isinstance(item.get("arguments"), str):
+                    out.append(item["arguments"])
+    return "\n".join(out)
+
+
+def estimate_usage(
+    model: str,
+    estimator: TokenCounter | None,
+    request_text: str,
+    response_text: str,
+) -> Usage:
+    """An estimated :class:`Usage` (for a response that reported none)."""
+    count = estimator.count if estimator is not None else _heuristic
+    return Usage(model, count(request_text, model), count(response_text, model), 0, True)
 
 
 def _content_text(content: Any, out: list[str]) -> None:

@@ -16,9 +16,11 @@ from relay.tokens import TokenEstimator, cached_file_path, heuristic_count
 from relay.usage import (
     StreamUsage,
     Usage,
+    estimate_usage,
     inject_include_usage,
     provider_for_path,
     request_text_for_estimate,
+    response_text_for_estimate,
     usage_from_json,
 )
 
@@ -538,6 +540,48 @@ def test_request_text_completions_and_embeddings() -> None:
     assert request_text_for_estimate(b'{"prompt": ["a", "b"]}') == "a\nb"
     assert request_text_for_estimate(b'{"input": "embed me"}') == "embed me"
     assert request_text_for_estimate(b"not json") == "not json"
+
+
+def test_response_text_openai_chat_and_completions() -> None:
+    chat = {
+        "choices": [
+            {"message": {"role": "assistant", "content": "Hello"}},
+            {
+                "message": {
+                    "content": None,
+                    "tool_calls": [{"function": {"name": "f", "arguments": '{"a":1}'}}],
+                }
+            },
+        ]
+    }
+    assert response_text_for_estimate(json.dumps(chat).encode()) == 'Hello\n{"a":1}'
+    completion = {"choices": [{"text": "one"}, {"text": "two"}]}
+    assert response_text_for_estimate(json.dumps(completion).encode()) == "one\ntwo"
+
+
+def test_response_text_anthropic_and_responses_api() -> None:
+    anthropic = {
+        "type": "message",
+        "content": [
+            {"type": "text", "text": "Sure."},
+            {"type": "tool_use", "id": "t", "name": "f", "input": {"q": "x"}},
+        ],
+    }
+    assert response_text_for_estimate(json.dumps(anthropic).encode()) == 'Sure.\n{"q": "x"}'
+    responses = {
+        "object": "response",
+        "output": [
+            {"type": "message", "content": [{"type": "output_text", "text": "Hi"}]},
+            {"type": "function_call", "name": "f", "arguments": "{}"},
+        ],
+    }
+    assert response_text_for_estimate(json.dumps(responses).encode()) == "Hi\n{}"
+    assert response_text_for_estimate(b"garbage") == ""
+
+
+def test_estimate_usage() -> None:
+    assert estimate_usage("m", CharCounter(), "abc", "de") == Usage("m", 3, 2, 0, True)
+    assert estimate_usage("m", None, "abcde", "") == Usage("m", 2, 0, 0, True)
 
 
 # -- TokenEstimator --------------------------------------------------------------------
