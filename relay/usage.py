@@ -71,7 +71,9 @@ _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 # Responses API (delta) and Anthropic deltas (text, partial_json, thinking).
 # The value is captured still escaped; the unrolled loop keeps it linear.
 _TEXT_FIELD = re.compile(
-    rb'"(?:content|text|arguments|refusal|reasoning_content|reasoning|delta|partial_json|thinking)"'
+    # content|text|thinking|arguments|refusal|reasoning(_content)?|delta|partial_json,
+    # factored by first letter, which the regex engine rejects faster.
+    rb'"(?:content|t(?:ext|hinking)|arguments|re(?:fusal|asoning(?:_content)?)|delta|partial_json)"'
     rb'\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"'
 )
 # Bound on the text kept per stream for an estimate; beyond it the rest is
@@ -227,8 +229,7 @@ class StreamUsage:
         return self._openai(name, data)
 
     def _keep_text(self, data: bytes) -> None:
-        for m in _TEXT_FIELD.finditer(data):
-            frag = m.group(1)
+        for frag in _TEXT_FIELD.findall(data):
             if not frag:
                 continue
             if self._text_bytes + len(frag) > _MAX_TEXT_BYTES:

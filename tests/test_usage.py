@@ -312,6 +312,31 @@ def test_openai_tool_call_arguments_are_completion_text() -> None:
     assert stream.streamed_text() == '{"x": 1}'
 
 
+def test_every_generated_text_field_is_kept() -> None:
+    stream = StreamUsage("m", "openai")
+    deltas = [
+        {"reasoning_content": "r1"},
+        {"reasoning": "r2"},
+        {"refusal": "no"},
+        {"content": "c", "role": "assistant"},
+    ]
+    for delta in deltas:
+        stream.on_event(sse({"model": "m", "choices": [{"index": 0, "delta": delta}]})[0])
+    stream.on_event(sse({"choices": [{"index": 0, "text": "legacy"}]})[0])
+    assert stream.streamed_text() == "r1r2noclegacy"
+
+    anthropic = StreamUsage("claude", "anthropic")
+    for delta in (
+        {"type": "thinking_delta", "thinking": "hmm"},
+        {"type": "signature_delta", "signature": "SIG"},
+        {"type": "input_json_delta", "partial_json": '{"a":'},
+        {"type": "text_delta", "text": "ok"},
+    ):
+        event = {"type": "content_block_delta", "index": 0, "delta": delta}
+        anthropic.on_event(sse(event, event="content_block_delta")[0])
+    assert anthropic.streamed_text() == 'hmm{"a":ok'
+
+
 def test_openai_usage_on_last_content_chunk_is_not_dropped() -> None:
     stream = StreamUsage("m", "openai")
     chunk = dict(chat_chunk("x", "stop"), usage={"prompt_tokens": 4, "completion_tokens": 1})
