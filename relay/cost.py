@@ -14,7 +14,7 @@ from typing import Protocol
 
 from relay.usage import Usage
 
-__all__ = ["ModelLabels", "OTHER", "PriceLike", "PriceTable", "sanitize_label"]
+__all__ = ["ModelLabels", "OTHER", "PriceLike", "PriceTable", "price_cost", "sanitize_label"]
 
 OTHER = "other"
 _LABEL_OK = re.compile(r"[A-Za-z0-9._:/-]{1,64}")
