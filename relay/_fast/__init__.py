@@ -1,0 +1,148 @@
+"""The hot state machines, compiled with Cython when built, pure Python otherwise.
+
+This is the one place that chooses. Everything else imports from here:
+
+    from relay._fast import cache_key, BucketTable, CircuitBreaker
+
+* ``RELAY_NO_EXTENSIONS`` set to anything but "" or "0" forces the pure
+  twins (the compiled modules are then not even imported).
+* Otherwise the compiled modules are used when all of them import; a build
+  that failed or was skipped falls back to pure Python, and
+  ``COMPILED_IMPORT_ERROR`` says why.
+* ``EXTENSIONS_LOADED`` / ``IMPLEMENTATION`` say what was chosen (the start
+  log line reports them).
+
+Both twins stay reachable for tests and benchmarks as ``pure`` and
+``compiled`` (None when not built or disabled). The pure modules are the
+typing reference: type checkers see their signatures.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from importlib.machinery import EXTENSION_SUFFIXES
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from . import _breaker_py, _bucket_py, _cachekey_py
+from ._breaker_states import CLOSED, HALF_OPEN, OPEN, STATE_NAMES, BreakerTransitionError
+
+__all__ = [
+    "CLOSED",
+    "COMPILED_IMPORT_ERROR",
+    "EXTENSIONS_LOADED",
+    "HALF_OPEN",
+    "IMPLEMENTATION",
+    "NO_EXTENSIONS",
+    "OPEN",
+    "STATE_NAMES",
+    "BreakerTransitionError",
+    "BucketTable",
+    "CircuitBreaker",
+    "Implementation",
+    "TokenBucket",
+    "cache_key",
+    "compiled",
+    "credential_hash",
+    "pure",
+]
+
+# Compiled module -> the pure module it twins.
+_COMPILED_MODULES = {
+    "_cachekey_c": _cachekey_py,
+    "_bucket_c": _bucket_py,
+    "_breaker_c": _breaker_py,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Implementation:
+    """One complete set of the twins."""
+
+    name: str  # "pure" | "compiled"
+    cache_key: Any
+    credential_hash: Any
+    canonical_json: Any
+    TokenBucket: Any
+    BucketTable: Any
+    CircuitBreaker: Any
+
+
+def extensions_disabled(value: str | None) -> bool:
+    """How RELAY_NO_EXTENSIONS reads: unset, "" and "0" leave extensions on."""
+    return value is not None and value.strip() not in ("", "0")
+
+
+def _is_extension(module: ModuleType) -> bool:
+    # A stray .py of the same name must not pass for the compiled module.
+    path = getattr(module, "__file__", None) or ""
+    return any(path.endswith(suffix) for suffix in EXTENSION_SUFFIXES)
+
+
+def _load_compiled() -> tuple[Implementation | None, str | None]:
+    modules: dict[str, ModuleType] = {}
+    for name in _COMPILED_MODULES:
+        try:
+            module = importlib.import_module(f"{__name__}.{name}")
+        except ImportError as exc:
+            return None, f"{name}: {exc}"
+        if not _is_extension(module):
+            return None, f"{name}: not a compiled extension ({module.__file__})"
+        modules[name] = module
+    cachekey, bucket, breaker = (
+        modules["_cachekey_c"],
+        modules["_bucket_c"],
+        modules["_breaker_c"],
+    )
+    return (
+        Implementation(
+            name="compiled",
+            cache_key=cachekey.cache_key,
+            credential_hash=cachekey.credential_hash,
+            canonical_json=cachekey.canonical_json,
+            TokenBucket=bucket.TokenBucket,
+            BucketTable=bucket.BucketTable,
+            CircuitBreaker=breaker.CircuitBreaker,
+        ),
+        None,
+    )
+
+
+pure = Implementation(
+    name="pure",
+    cache_key=_cachekey_py.cache_key,
+    credential_hash=_cachekey_py.credential_hash,
+    canonical_json=_cachekey_py.canonical_json,
+    TokenBucket=_bucket_py.TokenBucket,
+    BucketTable=_bucket_py.BucketTable,
+    CircuitBreaker=_breaker_py.CircuitBreaker,
+)
+
+NO_EXTENSIONS: bool = extensions_disabled(os.environ.get("RELAY_NO_EXTENSIONS"))
+
+compiled: Implementation | None
+COMPILED_IMPORT_ERROR: str | None
+if NO_EXTENSIONS:
+    compiled, COMPILED_IMPORT_ERROR = None, "disabled by RELAY_NO_EXTENSIONS"
+else:
+    compiled, COMPILED_IMPORT_ERROR = _load_compiled()
+
+_chosen = compiled if compiled is not None else pure
+EXTENSIONS_LOADED: bool = _chosen is compiled
+IMPLEMENTATION: str = _chosen.name
+
+if TYPE_CHECKING:
+    # The pure modules are the typing reference for both twins.
+    from ._breaker_py import CircuitBreaker
+    from ._bucket_py import BucketTable, TokenBucket
+    from ._cachekey_py import cache_key, credential_hash
+else:
+    cache_key = _chosen.cache_key
+    credential_hash = _chosen.credential_hash
+    TokenBucket = _chosen.TokenBucket
+    BucketTable = _chosen.BucketTable
+    CircuitBreaker = _chosen.CircuitBreaker
+
+del _chosen
