@@ -1,0 +1,155 @@
+"""Fixtures shared by the proxy tests: one fake upstream per session, relays
+on both event loops, and a raw HTTP/1.1 client that reads responses with
+httptools so framing (complete or cut) is checked, not guessed."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httptools
+import pytest
+
+from relay.testing import ThreadedFakeUpstream
+from tests.support import RelayThread, make_config
+
+TIMEOUT = 5.0
+
+
+@pytest.fixture(scope="session")
+def fake_upstream() -> Iterator[ThreadedFakeUpstream]:
+    with ThreadedFakeUpstream() as upstream:
+        yield upstream
+
+
+RelayFactory = Callable[..., RelayThread]
+
+
+@pytest.fixture(params=["uvloop", "asyncio"])
+def relay_factory(request: pytest.FixtureRequest) -> Iterator[RelayFactory]:
+    """``make(target, **sections)`` starts a relay on this test's loop.
+
+    The breaker is off and the drain short unless a test says otherwise, so
+    one test's failures never leak into another's answers or teardown time.
+    """
+    started: list[RelayThread] = []
+
+    def make(target: str, **sections: Any) -> RelayThread:
+        sections.setdefault("circuit_breaker", {"enabled": False})
+        server = dict(sections.get("server", {}))
+        server.setdefault("shutdown_timeout", 1)
+        sections["server"] = server
+        relay = RelayThread(make_config(target, **sections), loop=request.param)
+        relay.start()
+        started.append(relay)
+        return relay
+
+    yield make
+    for relay in started:
+        relay.stop()
+
+
+class Response:
+    def __init__(self) -> None:
+        self.status = 0
+        self.headers: list[tuple[str, str]] = []
+        self.body = b""
+        self.complete = False
+
+    def header(self, name: str) -> str | None:
+        name = name.lower()
+        return next((v for k, v in self.headers if k == name), None)
+
+
+class RawClient:
+    """One client socket; responses are parsed as they arrive, pipelined ones too."""
+
+    def __init__(self, port: int, timeout: float = TIMEOUT) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.closed = False
+        self._done: list[Response] = []
+        self._current: Response | None = None
+        self._parser = httptools.HttpResponseParser(self)
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self._current = Response()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        assert self._current is not None
+        self._current.headers.append((name.decode().lower(), value.decode()))
+
+    def on_headers_complete(self) -> None:
+        assert self._current is not None
+        self._current.status = self._parser.get_status_code()
+
+    def on_body(self, body: bytes) -> None:
+        assert self._current is not None
+        self._current.body += body
+
+    def on_message_complete(self) -> None:
+        assert self._current is not None
+        self._current.complete = True
+        self._done.append(self._current)
+        self._current = None
+
+    # API
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _recv(self) -> bool:
+        """Read once and parse; False on EOF or reset."""
+        try:
+            data = self.sock.recv(65536)
+        except ConnectionResetError:
+            data = b""
+        if not data:
+            self.closed = True
+            if self._current is not None:
+                # A close-delimited body ends here; any other framing was cut.
+                try:
+                    self._parser.feed_eof()
+                except httptools.HttpParserError:
+                    pass
+            return False
+        self._parser.feed_data(data)
+        return True
+
+    def response(self) -> Response:
+        """The next response, complete or (when the server closed mid-way) cut."""
+        while not self._done and not self.closed:
+            self._recv()
+        if self._done:
+            return self._done.pop(0)
+        if self._current is not None:
+            cut, self._current = self._current, None
+            return cut
+        raise AssertionError("connection closed before any response byte")
+
+    def wait_closed(self, timeout: float = TIMEOUT) -> float:
+        """Seconds until the server closed; fails if it sends data or stays open."""
+        start = time.monotonic()
+        self.sock.settimeout(timeout)
+        while not self.closed:
+            if self._recv():
+                raise AssertionError("expected the connection to close, got data")
+        return time.monotonic() - start
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def connect() -> Iterator[Callable[[int], RawClient]]:
+    clients: list[RawClient] = []
+
+    def make(port: int) -> RawClient:
+        client = RawClient(port)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
