@@ -65,8 +65,6 @@ class Gateway:
 
     async def start(self, sock: socket.socket) -> None:
         await self.server.start(sock)
-        # Tokenizer data loads in a thread: estimates use a heuristic until then.
-        self.runtime.spawn(self.runtime.estimator.ensure_loaded(self.config.models))
         if self.config.source is not None:
             self._watcher = ConfigWatcher(
                 self.config.source, self.config, self._reloaded, self._reload_failed

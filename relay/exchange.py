@@ -30,6 +30,18 @@ _EVENT_STREAM = b"text/event-stream"
 _JSON = b"json"
 
 
+def _without_null_usage(event: bytes) -> bytes:
+    """Drop the ``"usage":null`` OpenAI adds to every chunk once usage is on.
+
+    Only called when relay asked for usage itself: the client then sees the
+    chunks exactly as they are without ``include_usage``. A quote inside a
+    JSON string is escaped, so the pattern cannot match inside content.
+    """
+    if b'"usage":null' not in event:
+        return event
+    return event.replace(b',"usage":null', b"").replace(b'"usage":null,', b"")
+
+
 class ExchangeObserver(Protocol):
     """Something else that wants the response as it passes: the leader of a
     coalesced miss (:class:`relay.cache.Leader`) publishing to its followers."""
@@ -188,7 +200,7 @@ class ProxyExchange:
             usage = self.stream_usage
             assert usage is not None
             if self._strip_usage:
-                out = [event for event in events if not usage.on_event(event)]
+                out = [_without_null_usage(e) for e in events if not usage.on_event(e)]
                 if out:
                     self._forward_many(out)
                 return

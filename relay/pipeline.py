@@ -32,9 +32,11 @@ from .upstream.protocol import UpstreamError
 from .usage import (
     StreamUsage,
     Usage,
+    estimate_usage,
     inject_include_usage,
     provider_for_path,
     request_text_for_estimate,
+    response_text_for_estimate,
     usage_from_json,
 )
 
@@ -378,6 +380,11 @@ class Pipeline:
                 continue
             break
         assert exchange is not None
+        estimator = runtime.estimator
+        if not estimator.loaded and self._needs_estimate(request, exchange):
+            # Tokenizer data (~40 MB) is loaded on first need, in a thread;
+            # the client already has its response.
+            await estimator.ensure_loaded(self.config.models)
         self._finish(request, client, upstream, exchange, extra, breaker, leader, cache_key, body)
 
     def _upstream_failed(
@@ -456,21 +463,33 @@ class Pipeline:
     # ------------------------------------------------------------------ #
     # usage, cost, metrics
     # ------------------------------------------------------------------ #
+    @staticmethod
+    def _needs_estimate(request: Request, exchange: ProxyExchange) -> bool:
+        if not 200 <= exchange.status < 300 or request.method != b"POST":
+            return False
+        if exchange.splitter is not None and exchange.stream_usage is not None:
+            return not exchange.stream_usage.has_usage
+        return exchange.json_body is not None and b'"usage"' not in exchange.body()
+
     def _usage_of(self, request: Request, exchange: ProxyExchange, body: bytes) -> Usage | None:
-        if not exchange.status or exchange.status >= 300 or request.method != b"POST":
+        """Usage from the response, else estimated from request and response text."""
+        if not 200 <= exchange.status < 300 or request.method != b"POST":
             return None
         model = request.model() or ""
         stream = exchange.stream_usage
+        estimator = self.runtime.estimator
         if exchange.splitter is not None and stream is not None:
-            return stream.result(
-                self.runtime.estimator,
-                lambda: request_text_for_estimate(body, request.json()),
-            )
-        if exchange.json_body is not None or exchange.recorded is not None:
-            usage = usage_from_json(exchange.body(), model)
-            if usage is not None:
-                return usage
-        return None
+            return stream.result(estimator, lambda: request_text_for_estimate(body, request.json()))
+        if exchange.json_body is None and exchange.recorded is None:
+            return None
+        response = exchange.body()
+        usage = usage_from_json(response, model)
+        if usage is not None:
+            return usage
+        request_text = request_text_for_estimate(body, request.json())
+        if not request_text:
+            return None  # not a model call (e.g. a file upload): nothing to count
+        return estimate_usage(model, estimator, request_text, response_text_for_estimate(response))
 
     def _done(
         self,
