@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -534,6 +535,35 @@ def test_healthcheck_fails_when_nothing_listens() -> None:
     env = dict(os.environ, SERVER_PORT=f":{port}")
     out = subprocess.run(healthcheck_command(), env=env, capture_output=True, timeout=30)
     assert out.returncode != 0
+
+
+def test_healthcheck_against_relay(tmp_path: Path) -> None:
+    """The image's HEALTHCHECK command passes against relay itself."""
+    if not (REPO / "relay" / "cli.py").exists():
+        if IN_CI:
+            pytest.fail("relay/cli.py is missing")
+        pytest.skip("relay/cli.py does not exist yet")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    err = tmp_path / "relay.stderr"
+    relay = subprocess.Popen([sys.executable, "-m", "relay", "--port", f"127.0.0.1:{port}"], cwd=tmp_path,
+                             env=relay_env(), stdout=subprocess.DEVNULL, stderr=err.open("wb"))
+    try:
+        env = dict(relay_env(), SERVER_PORT=f":{port}")
+        for _ in range(150):  # up to ~30 s for relay to start
+            if relay.poll() is not None:
+                pytest.fail(f"relay exited with {relay.returncode}:\n{err.read_text()}")
+            out = subprocess.run(healthcheck_command(), env=env, capture_output=True, timeout=30)
+            if out.returncode == 0:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"healthcheck never passed:\n{out.stderr!r}\n{err.read_text()}")
+    finally:
+        relay.terminate()
+        relay.wait(40)
+    assert relay.returncode == 0, err.read_text()
 
 
 def runtime_python_snippets() -> list[str]:
