@@ -388,6 +388,10 @@ def test_helm_defaults_match_plain_manifests() -> None:
     assert len(base64.b64decode(secret["data"]["password"])) >= 16
 
 
+def test_helm_config_passes_relay_check_config(tmp_path: Path) -> None:
+    relay_check_config(relay_config(render_chart({})), tmp_path)
+
+
 def test_helm_toggles() -> None:
     rendered = render_chart({
         "hpa": {"enabled": False}, "pdb": {"enabled": False}, "replicaCount": 3,
@@ -457,6 +461,14 @@ def test_hadolint() -> None:
         capture_output=True, text=True, timeout=60,
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_image_user_matches_pod_security_context() -> None:
+    """runAsNonRoot can only verify a numeric USER; the pods run as that uid."""
+    user = [rest for w, rest in dockerfile_instructions() if w == "USER"][-1]
+    uid, _, gid = user.partition(":")
+    pod = relay_deployment(plain_objects())["spec"]["template"]["spec"]["securityContext"]
+    assert (int(uid), int(gid)) == (pod["runAsUser"], pod["runAsGroup"])
 
 
 def test_dockerfile_shape() -> None:
