@@ -312,10 +312,11 @@ def http_get(port: int, path: str, timeout: float = 5) -> tuple[int, bytes]:
 class Server:
     """A long-running documented command, started in its own process group."""
 
-    def __init__(self, text: str, cwd: Path, port: int, path: str = "/healthz") -> None:
+    def __init__(self, text: str, cwd: Path, port: int, path: str = "/healthz",
+                 logdir: Path | None = None) -> None:
         require_relay()
         self.text = text
-        self.err = cwd / f"server-{port}.err"
+        self.err = (logdir or cwd) / f"server-{port}.err"
         self.proc = subprocess.Popen(
             ["bash", "-c", text], cwd=cwd, env=shell_env(), stdout=subprocess.DEVNULL,
             stderr=self.err.open("wb"), start_new_session=True,
@@ -395,7 +396,7 @@ WHEEL = "pip wheel --no-deps --wheel-dir dist ."
 def exercise_launch(text: str, tmp_path: Path) -> None:
     """Starts with two workers on the example config, serves, drains on SIGTERM, exits 0."""
     port = free_port()
-    server = Server(with_ports(text, port), REPO, port)
+    server = Server(with_ports(text, port), REPO, port, logdir=tmp_path)
     try:
         status, body = http_get(port, "/readyz")
         assert status == 200, body
