@@ -180,6 +180,7 @@ class ProxyExchange:
         client = self._client
         lines = [b"%s: %s\r\n" % pair for pair in kept]
         lines.extend(self._extra_headers)
+        client.hold()
         client.start_response(status, lines, length)
         client.flow = self._upstream
         client.on_lost = self._client_lost
@@ -226,6 +227,9 @@ class ProxyExchange:
             else:
                 self._observer.fail()
         self._settle(Outcome.OK)
+
+    def on_read_end(self) -> None:
+        self._client.release()
 
     def on_error(self, error: UpstreamError) -> None:
         self.error = error

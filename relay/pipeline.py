@@ -302,6 +302,10 @@ class Pipeline:
                 extra,
             )
             return
+        if breaker is not None and breaker.state:
+            # allow() just turned an open breaker half-open for this probe:
+            # show it on the gauge (only a probe passes a non-closed breaker).
+            runtime.breaker_changed(upstream)
 
         # Ask OpenAI for streamed usage when the client did not; the
         # usage-only chunk is removed again before the client sees it.
@@ -320,7 +324,7 @@ class Pipeline:
         head = b"".join(
             (
                 request.method, b" ", request.target, b" HTTP/1.1\r\nHost: ",
-                upstream.origin.host_header, b"\r\n",
+                upstream.host_header, b"\r\n",
                 request.forward_headers,
                 b"X-Forwarded-For: ",
                 request.forwarded_for + b", " if request.forwarded_for else b"",
@@ -361,7 +365,7 @@ class Pipeline:
                 record_limit=record_limit,
                 json_limit=_JSON_USAGE_LIMIT,
                 strip_usage=strip_usage,
-                stream_usage=StreamUsage(request.model() or "", provider_for_path(request.path)),
+                stream_usage=StreamUsage("", provider_for_path(request.path)),
                 observer=leader,
                 loop=runtime.loop,
             )
@@ -475,7 +479,6 @@ class Pipeline:
         """Usage from the response, else estimated from request and response text."""
         if not 200 <= exchange.status < 300 or request.method != b"POST":
             return None
-        model = request.model() or ""
         stream = exchange.stream_usage
         estimator = self.runtime.estimator
         if exchange.splitter is not None and stream is not None:
@@ -483,13 +486,15 @@ class Pipeline:
         if exchange.json_body is None and exchange.recorded is None:
             return None
         response = exchange.body()
-        usage = usage_from_json(response, model)
+        usage = usage_from_json(response)
         if usage is not None:
             return usage
         request_text = request_text_for_estimate(body, request.json())
         if not request_text:
             return None  # not a model call (e.g. a file upload): nothing to count
-        return estimate_usage(model, estimator, request_text, response_text_for_estimate(response))
+        return estimate_usage(
+            request.model() or "", estimator, request_text, response_text_for_estimate(response)
+        )
 
     def _done(
         self,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -51,6 +52,7 @@ class Upstream:
     pool: UpstreamPool
     breaker: Any  # relay._fast CircuitBreaker (compiled or pure)
     label: str
+    host_header: bytes
 
     @property
     def route_label(self) -> str:
@@ -142,7 +144,7 @@ class Runtime:
             self._breakers[origin] = (settings, breaker)
         else:
             breaker = known[1]
-        upstream = Upstream(origin, pool, breaker, origin.label)
+        upstream = Upstream(origin, pool, breaker, origin.label, origin.host_header())
         self.metrics.set_breaker_state(upstream.label, breaker.state)
         return upstream
 
@@ -252,8 +254,12 @@ class Runtime:
         if self.draining:
             return "shutting down"
         upstreams = pipeline.upstreams()
+        # An open breaker whose recovery time has passed admits a probe, so
+        # relay can serve again: report ready then, or a load balancer that
+        # stops sending traffic would keep it open (and unready) for ever.
+        now = time.monotonic()
         if pipeline.config.circuit_breaker.enabled and upstreams and all(
-            u.breaker.state == 2 for u in upstreams
+            u.breaker.state == 2 and u.breaker.retry_after(now) > 0 for u in upstreams
         ):
             return "circuit breaker open for every upstream"
         return None

@@ -139,6 +139,7 @@ class ClientConnection(asyncio.Protocol):
         self._chunked = False
         self._close_after = False
         self._drain_waiter: asyncio.Future[None] | None = None
+        self._held: list[bytes] | None = None   # writes collected by hold()
         self.flow: FlowListener | None = None
         self.on_lost: Callable[[], None] | None = None
 
@@ -496,43 +497,69 @@ class ClientConnection(asyncio.Protocol):
             head.append(_CONN_CLOSE)
         head.append(_CRLF)
         self._response_started = True
-        if not self._lost:
-            assert self._transport is not None
-            self._transport.writelines(head)
+        self._emit(head)
 
     def write(self, chunk: bytes) -> None:
         """Send a piece of the body as it arrived (no copy for known lengths)."""
         if self._lost or not chunk:
             return
-        assert self._transport is not None
         if self._chunked:
-            self._transport.writelines((b"%x\r\n" % len(chunk), chunk, _CRLF))
+            self._emit((b"%x\r\n" % len(chunk), chunk, _CRLF))
         else:
-            self._transport.write(chunk)
+            self._emit((chunk,))
 
     def write_many(self, chunks: list[bytes]) -> None:
         """Send several pieces as one chunk / one vectored write."""
         if self._lost or not chunks:
             return
-        assert self._transport is not None
         size = sum(map(len, chunks))
         if not size:
             return
         if self._chunked:
-            self._transport.writelines([b"%x\r\n" % size, *chunks, _CRLF])
+            self._emit([b"%x\r\n" % size, *chunks, _CRLF])
         else:
-            self._transport.writelines(chunks)
+            self._emit(chunks)
 
     def finish(self) -> None:
         """The body is complete."""
-        if self._chunked and not self._lost:
-            assert self._transport is not None
-            self._transport.write(_CHUNK_END)
+        if self._chunked:
+            self._emit((_CHUNK_END,))
         self._chunked = False
+        self.release()
         self._next()
+
+    def hold(self) -> None:
+        """Collect writes until :meth:`release`.
+
+        The upstream side calls this for the span of one read: a response
+        head and the body bytes that came with it leave in one vectored
+        write (one syscall) instead of one per piece.
+        """
+        if self._held is None:
+            self._held = []
+
+    def release(self) -> None:
+        """Write what :meth:`hold` collected."""
+        held = self._held
+        if held is not None:
+            self._held = None
+            if held and not self._lost:
+                assert self._transport is not None
+                self._transport.writelines(held)
+
+    def _emit(self, parts: Iterable[bytes]) -> None:
+        if self._lost:
+            return
+        held = self._held
+        if held is not None:
+            held.extend(parts)
+        else:
+            assert self._transport is not None
+            self._transport.writelines(parts)
 
     def abort(self) -> None:
         """Close at once: the response cannot be completed (upstream died mid-body)."""
+        self._held = None
         self._closing = True
         self._queue.clear()
         if self._transport is not None and not self._lost:

@@ -47,8 +47,8 @@ class Origin:
     def tls(self) -> bool:
         return self.scheme == "https"
 
-    @property
     def host_header(self) -> bytes:
+        """The ``Host`` value for requests to this origin."""
         default = 443 if self.tls else 80
         host = f"[{self.host}]" if ":" in self.host else self.host
         if self.port != default:

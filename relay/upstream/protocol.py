@@ -47,6 +47,9 @@ class ResponseSink(Protocol):
 
     def on_error(self, error: UpstreamError) -> None: ...
 
+    def on_read_end(self) -> None:
+        """One socket read has been parsed (writes collected for it can go out)."""
+
 
 class UpstreamConnection(asyncio.Protocol):
     """A keep-alive connection to one upstream, one exchange at a time."""
@@ -136,12 +139,14 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self._received_any = True
         self._last_activity = self._loop.time()
+        sink = self._sink
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError:
             self._fail(UpstreamError("Upstream response could not be relayed"))
         except httptools.HttpParserError as exc:
             self._fail(UpstreamError(f"Invalid HTTP response from upstream: {exc}"))
+        sink.on_read_end()
 
     def eof_received(self) -> bool | None:
         return False
