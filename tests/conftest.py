@@ -58,6 +58,11 @@ class Response:
         self.body = b""
         self.complete = False
 
+    @property
+    def close_delimited(self) -> bool:
+        framed = self.header("content-length") or self.header("transfer-encoding")
+        return framed is None and self.status not in (204, 304)
+
     def header(self, name: str) -> str | None:
         name = name.lower()
         return next((v for k, v in self.headers if k == name), None)
@@ -107,12 +112,10 @@ class RawClient:
             data = b""
         if not data:
             self.closed = True
-            if self._current is not None:
-                # A close-delimited body ends here; any other framing was cut.
-                try:
-                    self._parser.feed_eof()
-                except httptools.HttpParserError:
-                    pass
+            current = self._current
+            if current is not None and current.status and current.close_delimited:
+                # httptools has no EOF signal: a body without length ends here.
+                self.on_message_complete()
             return False
         self._parser.feed_data(data)
         return True
@@ -127,6 +130,11 @@ class RawClient:
             cut, self._current = self._current, None
             return cut
         raise AssertionError("connection closed before any response byte")
+
+    @property
+    def pending(self) -> int:
+        """Responses read off the socket but not yet taken with response()."""
+        return len(self._done) + (self._current is not None)
 
     def wait_closed(self, timeout: float = TIMEOUT) -> float:
         """Seconds until the server closed; fails if it sends data or stays open."""
