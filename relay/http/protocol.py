@@ -559,7 +559,7 @@ class ClientConnection(asyncio.Protocol):
 
     def abort(self) -> None:
         """Close at once: the response cannot be completed (upstream died mid-body)."""
-        self._held = None
+        self.release()  # held bytes go out first: the client sees where the stream was cut
         self._closing = True
         self._queue.clear()
         if self._transport is not None and not self._lost:
