@@ -118,7 +118,8 @@ class CircuitBreaker:
         """Seconds until the breaker lets a probe through (0.0 unless open)."""
         if self._state != OPEN:
             return 0.0
-        left = self._opened_at + self._recovery - now
+        # The same arithmetic as allow(): 0.0 exactly when a probe would go.
+        left = self._recovery - (now - self._opened_at)
         return left if left > 0.0 else 0.0
 
     def _set_state(self, new: int) -> None:
