@@ -11,10 +11,18 @@ restarts and add up across instances. Both produce the same snapshot::
      "keys": {"3f2a9c0d1e4b5a6c": {...}}}
 
 where each ``{...}`` holds ``requests``, ``estimated_requests``,
-``prompt_tokens``, ``completion_tokens``, ``cached_tokens``, ``cost_usd``
-and ``saved_usd``. The number of key hashes is bounded (``max_keys``):
-later new keys are summed under ``other``. A request without a credential
-is recorded under ``anonymous``.
+``prompt_tokens``, ``completion_tokens``, ``cached_tokens``, ``cost_usd``,
+``cache_hits`` and ``saved_usd``. The number of key hashes is bounded
+(``max_keys``): later new keys are summed under ``other``. A request
+without a credential is recorded under ``anonymous``.
+
+Paid and saved are kept apart. ``requests``, ``estimated_requests``, the
+token counts and ``cost_usd`` describe the responses that came from the
+upstream, i.e. what the provider bills. A cache hit (``record(...,
+hit=True)``) adds one to ``cache_hits`` and what it would have cost to
+``saved_usd``, and nothing else: its tokens were paid once, by the request
+that filled the cache, and counting them again would make the token totals
+disagree with the provider's invoice and with ``relay_tokens_total``.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ INT_FIELDS = (
     "prompt_tokens",
     "completion_tokens",
     "cached_tokens",
+    "cache_hits",
 )
 FLOAT_FIELDS = ("cost_usd", "saved_usd")
 FIELDS = INT_FIELDS + FLOAT_FIELDS
@@ -47,8 +56,12 @@ def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
-def _increments(usage: Usage, cost: float, saved: float) -> tuple[tuple[str, int | float], ...]:
+def _increments(
+    usage: Usage, cost: float, saved: float, hit: bool = False
+) -> tuple[tuple[str, int | float], ...]:
     """The non-zero (field, amount) pairs one record adds."""
+    if hit:  # served from the cache: nothing paid, nothing billed twice
+        return (("cache_hits", 1), ("saved_usd", saved)) if saved else (("cache_hits", 1),)
     pairs: list[tuple[str, int | float]] = [("requests", 1)]
     if usage.estimated:
         pairs.append(("estimated_requests", 1))
@@ -67,7 +80,7 @@ def _increments(usage: Usage, cost: float, saved: float) -> tuple[tuple[str, int
 def _empty() -> dict[str, int | float]:
     return {"requests": 0, "estimated_requests": 0, "prompt_tokens": 0,
             "completion_tokens": 0, "cached_tokens": 0, "cost_usd": 0.0,
-            "saved_usd": 0.0}  # fmt: skip
+            "cache_hits": 0, "saved_usd": 0.0}  # fmt: skip
 
 
 class UsageLedger:
@@ -81,9 +94,16 @@ class UsageLedger:
         self._keys: dict[str, dict[str, int | float]] = {}
 
     def record(
-        self, model_label: str, key_hash: str, usage: Usage, cost: float, saved: float = 0.0
+        self,
+        model_label: str,
+        key_hash: str,
+        usage: Usage,
+        cost: float,
+        saved: float = 0.0,
+        hit: bool = False,
     ) -> None:
-        """Add one request: ``cost`` paid upstream, ``saved`` by a cache hit."""
+        """Add one request: ``cost`` paid upstream; or, with ``hit``, a cache
+        hit that avoided ``saved`` (its tokens are not added again)."""
         key = key_hash or ANONYMOUS
         keys = self._keys
         row = keys.get(key)
@@ -97,7 +117,7 @@ class UsageLedger:
         if model_row is None:
             model_row = self._models[model_label] = _empty()
         totals = self._totals
-        for name, amount in _increments(usage, cost, saved):
+        for name, amount in _increments(usage, cost, saved, hit):
             totals[name] += amount
             model_row[name] += amount
             row[name] += amount
@@ -186,14 +206,20 @@ class RedisUsageLedger:
         return key
 
     async def record(
-        self, model_label: str, key_hash: str, usage: Usage, cost: float, saved: float = 0.0
+        self,
+        model_label: str,
+        key_hash: str,
+        usage: Usage,
+        cost: float,
+        saved: float = 0.0,
+        hit: bool = False,
     ) -> None:
         key = await self._slot(key_hash or ANONYMOUS)
         pipe = self._client.pipeline(transaction=True)
         pipe.set(self._k_since, _iso(time.time()), nx=True)
         if key != OTHER:
             pipe.sadd(self._k_keyset, key)
-        for name, amount in _increments(usage, cost, saved):
+        for name, amount in _increments(usage, cost, saved, hit):
             if isinstance(amount, int):
                 pipe.hincrby(self._k_totals, name, amount)
                 pipe.hincrby(self._k_models, f"{model_label}|{name}", amount)

@@ -198,11 +198,14 @@ class Runtime:
         else:
             self.metrics.record_tokens(label, usage.prompt_tokens, usage.completion_tokens, cost)
             paid, avoided = cost, 0.0
+        # A hit counts as a hit and saved cost, not as tokens paid again.
         redis_ledger = self._redis_ledger
         if redis_ledger is not None and self.redis is not None and self.redis.up:
-            self.spawn(self._record_shared(redis_ledger, label, key_hash, usage, paid, avoided))
+            self.spawn(
+                self._record_shared(redis_ledger, label, key_hash, usage, paid, avoided, saved)
+            )
         else:
-            self.ledger.record(label, key_hash, usage, paid, avoided)
+            self.ledger.record(label, key_hash, usage, paid, avoided, saved)
 
     async def _record_shared(
         self,
@@ -212,14 +215,15 @@ class Runtime:
         usage: Usage,
         paid: float,
         avoided: float,
+        hit: bool,
     ) -> None:
         conn = self.redis
         try:
             assert conn is not None
-            await conn.execute(ledger.record, label, key_hash, usage, paid, avoided)
+            await conn.execute(ledger.record, label, key_hash, usage, paid, avoided, hit)
         except Exception:
             # Redis is down: keep the numbers in this process rather than lose them.
-            self.ledger.record(label, key_hash, usage, paid, avoided)
+            self.ledger.record(label, key_hash, usage, paid, avoided, hit)
 
     def log_request(
         self,

@@ -25,6 +25,7 @@ ZERO = {
     "completion_tokens": 0,
     "cached_tokens": 0,
     "cost_usd": 0.0,
+    "cache_hits": 0,
     "saved_usd": 0.0,
 }
 
@@ -39,19 +40,21 @@ def fill(ledger_record) -> list:
         ledger_record("gpt-4o", "k1", Usage("gpt-4o-2024-08-06", 1200, 30, 1024), 0.00202),
         ledger_record("gpt-4o", "k2", Usage("gpt-4o", 10, 5, 0, True), 0.000075),
         ledger_record("claude-3", "k1", Usage("claude-3", 115, 12, 100), 0.000255),
-        ledger_record("gpt-4o", "k1", Usage("gpt-4o", 1200, 30, 1024), 0.0, 0.00202),
+        # A cache hit: saved cost, its tokens not paid (nor counted) again.
+        ledger_record("gpt-4o", "k1", Usage("gpt-4o", 1200, 30, 1024), 0.0, 0.00202, True),
         ledger_record("gpt-4o", "", Usage("gpt-4o", 1, 1), 0.0),
     ]
 
 
 EXPECTED_MODELS = {
     "gpt-4o": row(
-        requests=4,
+        requests=3,
         estimated_requests=1,
-        prompt_tokens=2411,
-        completion_tokens=66,
-        cached_tokens=2048,
+        prompt_tokens=1211,
+        completion_tokens=36,
+        cached_tokens=1024,
         cost_usd=0.00202 + 0.000075,
+        cache_hits=1,
         saved_usd=0.00202,
     ),
     "claude-3": row(
@@ -60,11 +63,12 @@ EXPECTED_MODELS = {
 }
 EXPECTED_KEYS = {
     "k1": row(
-        requests=3,
-        prompt_tokens=2515,
-        completion_tokens=72,
-        cached_tokens=2148,
+        requests=2,
+        prompt_tokens=1315,
+        completion_tokens=42,
+        cached_tokens=1124,
         cost_usd=0.00202 + 0.000255,
+        cache_hits=1,
         saved_usd=0.00202,
     ),
     "k2": row(
@@ -73,12 +77,13 @@ EXPECTED_KEYS = {
     ANONYMOUS: row(requests=1, prompt_tokens=1, completion_tokens=1),
 }
 EXPECTED_TOTALS = row(
-    requests=5,
+    requests=4,
     estimated_requests=1,
-    prompt_tokens=2526,
-    completion_tokens=78,
-    cached_tokens=2148,
+    prompt_tokens=1326,
+    completion_tokens=48,
+    cached_tokens=1124,
     cost_usd=0.00202 + 0.000075 + 0.000255,
+    cache_hits=1,
     saved_usd=0.00202,
 )
 
