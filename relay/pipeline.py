@@ -13,6 +13,7 @@ long-lived things (sockets, caches, breakers, counters) belong to the
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 import math
@@ -482,6 +483,10 @@ class Pipeline:
         stream = exchange.stream_usage
         estimator = self.runtime.estimator
         if exchange.splitter is not None and stream is not None:
+            if not stream.model:
+                # No usage event named the model (none came, or the client
+                # left first): estimate and price it as the one requested.
+                stream.model = request.model() or ""
             return stream.result(estimator, lambda: request_text_for_estimate(body, request.json()))
         if exchange.json_body is None and exchange.recorded is None:
             return None
@@ -516,6 +521,9 @@ class Pipeline:
         model = None
         if usage is not None:
             model = usage.model or request.model() or ""
+            if model != usage.model:
+                # A response that names no model is priced as the requested one.
+                usage = dataclasses.replace(usage, model=model)
             cost = self._prices.cost(usage) if model else 0.0
             label = runtime.labels.label(model) if model else "other"
             credential = request.credential
