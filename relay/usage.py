@@ -326,7 +326,10 @@ class StreamUsage:
             if isinstance(model, str) and model:
                 self.model = model
             u = message.get("usage")
-            self._a_started = True
+            # Only a message_start with usage gives the prompt side; without
+            # it the prompt is estimated from the request like any stream
+            # without usage (else it would be counted as 0 tokens).
+            self._a_started = isinstance(u, dict)
         else:
             u = obj.get("usage")
             if isinstance(u, dict):
