@@ -29,6 +29,7 @@ from .http import errors
 from .http.protocol import ClientConnection
 from .http.request import Request
 from .runtime import Runtime, Upstream
+from .sse import SSESplitter
 from .upstream.protocol import UpstreamError
 from .usage import (
     StreamUsage,
@@ -259,9 +260,12 @@ class Pipeline:
         lines.extend(extra)
         lines.append(_HIT)
         client.start_response(status, lines, None)
+        chunks: list[bytes] = []  # the leader's own bytes objects, bounded by the flight cap
+        usage = None
         try:
             async for chunk in follower:
                 client.write(chunk)
+                chunks.append(chunk)
                 if client.writing_paused:
                     await client.drain()
                 if client.is_lost:
@@ -270,8 +274,53 @@ class Pipeline:
             client.abort()
         else:
             client.finish()
-        self._done(request, upstream, status, "HIT")
+            if not client.is_lost:
+                usage = await self._shared_usage(request, status, headers, chunks)
+        # Served without going upstream: a hit, counted as saved cost.
+        self._done(request, upstream, status, "HIT", usage, saved=True)
         return True
+
+    async def _shared_usage(
+        self,
+        request: Request,
+        status: int,
+        headers: tuple[tuple[bytes, bytes], ...],
+        chunks: list[bytes],
+    ) -> Usage | None:
+        """Usage of a coalesced response, read from the bytes relayed.
+
+        A stream whose usage chunk relay removed (it asked for it itself)
+        has none left here: that one is estimated.
+        """
+        if not 200 <= status < 300 or request.method != b"POST" or not chunks:
+            return None
+        body = b"".join(chunks)
+        content_type = b""
+        for name, value in headers:
+            if name.lower() == b"content-type":
+                content_type = value.lower()
+        estimator = self.runtime.estimator
+        if content_type.startswith(b"text/event-stream"):
+            stream = StreamUsage(request.model() or "", provider_for_path(request.path))
+            splitter = SSESplitter()
+            for event in splitter.feed(body):
+                stream.on_event(event)
+            rest = splitter.flush()
+            if rest:
+                stream.on_event(rest)
+            if not stream.has_usage:
+                await estimator.ensure_loaded(self.config.models)
+            return stream.result(estimator, lambda: request_text_for_estimate(request.body, request.json()))
+        usage = usage_from_json(body)
+        if usage is not None:
+            return usage
+        request_text = request_text_for_estimate(request.body, request.json())
+        if not request_text:
+            return None
+        await estimator.ensure_loaded(self.config.models)
+        return estimate_usage(
+            request.model() or "", estimator, request_text, response_text_for_estimate(body)
+        )
 
     # ------------------------------------------------------------------ #
     # upstream
