@@ -1,0 +1,134 @@
+"""The one place that chooses between compiled and pure twins."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import types
+from importlib.machinery import EXTENSION_SUFFIXES
+from pathlib import Path
+
+import pytest
+
+import relay._fast as fast
+
+ROOT = Path(fast.__file__).resolve().parents[2]
+EXPECT_COMPILED = os.environ.get("RELAY_EXPECT_EXTENSIONS") == "1"
+
+PROBE = """
+import json, sys
+{prelude}
+import relay._fast as fast
+print(json.dumps({{
+    "implementation": fast.IMPLEMENTATION,
+    "loaded": fast.EXTENSIONS_LOADED,
+    "compiled": fast.compiled is not None,
+    "error": fast.COMPILED_IMPORT_ERROR,
+    "imported": sorted(m for m in sys.modules if m.startswith("relay._fast._") and m.endswith("_c")),
+    "bucket_module": fast.BucketTable.__module__,
+}}))
+"""
+
+
+def probe(env_value: str | None, prelude: str = "") -> dict:
+    """Imports relay._fast in a fresh interpreter with RELAY_NO_EXTENSIONS set so."""
+    env = {k: v for k, v in os.environ.items() if k != "RELAY_NO_EXTENSIONS"}
+    if env_value is not None:
+        env["RELAY_NO_EXTENSIONS"] = env_value
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE.format(prelude=prelude)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return json.loads(out.stdout)
+
+
+def test_compiled_extensions_loaded_when_expected() -> None:
+    """CI sets RELAY_EXPECT_EXTENSIONS=1 after building: a broken build fails here."""
+    if not EXPECT_COMPILED and fast.compiled is None:
+        pytest.skip(
+            f"compiled relay._fast not loaded ({fast.COMPILED_IMPORT_ERROR}); "
+            "set RELAY_EXPECT_EXTENSIONS=1 where the build must have produced it"
+        )
+    assert fast.EXTENSIONS_LOADED, f"compiled relay._fast not loaded: {fast.COMPILED_IMPORT_ERROR}"
+    assert fast.IMPLEMENTATION == "compiled"
+    assert fast.compiled is not None
+    assert fast.BucketTable is fast.compiled.BucketTable
+    assert fast.cache_key is fast.compiled.cache_key
+
+
+@pytest.mark.parametrize(
+    ("value", "disabled"),
+    [(None, False), ("", False), ("0", False), (" 0 ", False), ("1", True), ("yes", True)],
+)
+def test_no_extensions_flag(value: str | None, disabled: bool) -> None:
+    assert fast.extensions_disabled(value) is disabled
+
+
+def test_flag_forces_pure_without_importing_compiled() -> None:
+    result = probe("1")
+    assert result["implementation"] == "pure"
+    assert result["loaded"] is False
+    assert result["compiled"] is False
+    assert "RELAY_NO_EXTENSIONS" in result["error"]
+    assert result["imported"] == []
+    assert result["bucket_module"] == "relay._fast._bucket_py"
+
+
+@pytest.mark.parametrize("value", [None, "0", ""])
+def test_compiled_chosen_when_built(value: str | None) -> None:
+    if fast.compiled is None:
+        reason = f"compiled relay._fast not built: {fast.COMPILED_IMPORT_ERROR}"
+        if EXPECT_COMPILED:
+            pytest.fail(reason)
+        pytest.skip(reason)
+    result = probe(value)
+    assert result["implementation"] == "compiled"
+    assert result["loaded"] is True
+    assert result["error"] is None
+    assert result["bucket_module"] == "relay._fast._bucket_c"
+
+
+def test_any_missing_compiled_module_falls_back_to_pure() -> None:
+    # None in sys.modules makes that import fail, as a missing build would.
+    result = probe(None, prelude="sys.modules['relay._fast._breaker_c'] = None")
+    assert result["implementation"] == "pure"
+    assert result["loaded"] is False
+    assert "_breaker_c" in result["error"]
+    assert result["bucket_module"] == "relay._fast._bucket_py"
+
+
+def test_a_python_file_does_not_pass_for_an_extension() -> None:
+    module = types.ModuleType("relay._fast._bucket_c")
+    module.__file__ = str(ROOT / "relay" / "_fast" / "_bucket_c.py")
+    assert not fast._is_extension(module)
+    module.__file__ = str(ROOT / "relay" / "_fast" / f"_bucket_c{EXTENSION_SUFFIXES[0]}")
+    assert fast._is_extension(module)
+    del module.__file__
+    assert not fast._is_extension(module)
+
+
+def test_chosen_names_come_from_one_implementation() -> None:
+    chosen = fast.compiled if fast.EXTENSIONS_LOADED else fast.pure
+    assert chosen is not None and chosen.name == fast.IMPLEMENTATION
+    assert fast.cache_key is chosen.cache_key
+    assert fast.credential_hash is chosen.credential_hash
+    assert fast.TokenBucket is chosen.TokenBucket
+    assert fast.BucketTable is chosen.BucketTable
+    assert fast.CircuitBreaker is chosen.CircuitBreaker
+
+
+def test_twins_expose_the_same_public_api() -> None:
+    if fast.compiled is None:
+        pytest.skip(f"compiled relay._fast not loaded: {fast.COMPILED_IMPORT_ERROR}")
+    for name in ("TokenBucket", "BucketTable", "CircuitBreaker"):
+        pure_api = {a for a in dir(getattr(fast.pure, name)) if not a.startswith("_")}
+        compiled_api = {a for a in dir(getattr(fast.compiled, name)) if not a.startswith("_")}
+        assert pure_api == compiled_api, name
