@@ -46,6 +46,8 @@ class ExchangeObserver(Protocol):
     """Something else that wants the response as it passes: the leader of a
     coalesced miss (:class:`relay.cache.Leader`) publishing to its followers."""
 
+    @property
+    def followers(self) -> int: ...
     def start(self, status: int, headers: tuple[tuple[bytes, bytes], ...]) -> None: ...
     def chunk(self, data: bytes) -> None: ...
     def finish(self) -> None: ...
@@ -91,6 +93,7 @@ class ProxyExchange:
         "_json_limit",
         "_strip_usage",
         "_observer",
+        "_head_only",
         "_sent_at",
         "_loop",
         "done",
@@ -121,6 +124,7 @@ class ProxyExchange:
         stream_usage: StreamUsage | None,
         observer: ExchangeObserver | None,
         loop: asyncio.AbstractEventLoop,
+        head_only: bool = False,
     ) -> None:
         self._client = client
         self._upstream = upstream
@@ -130,6 +134,7 @@ class ProxyExchange:
         self._json_limit = json_limit          # JSON bodies kept for usage up to this
         self._strip_usage = strip_usage
         self._observer = observer
+        self._head_only = head_only
         self._loop = loop
         self._sent_at = loop.time()
         self.done: asyncio.Future[int] = loop.create_future()
@@ -180,8 +185,14 @@ class ProxyExchange:
         client = self._client
         lines = [b"%s: %s\r\n" % pair for pair in kept]
         lines.extend(self._extra_headers)
+        bodyless = self._head_only or status in (204, 304)
+        if self._head_only:
+            # A HEAD response tells the size of what a GET would return.
+            lines.extend(
+                b"Content-Length: %s\r\n" % v for n, v in headers if n.lower() == b"content-length"
+            )
         client.hold()
-        client.start_response(status, lines, length)
+        client.start_response(status, lines, length, bodyless=bodyless)
         client.flow = self._upstream
         client.on_lost = self._client_lost
         if client.writing_paused:
@@ -278,6 +289,11 @@ class ProxyExchange:
                 json_body.append(chunk)
 
     def _client_lost(self) -> None:
+        if self._observer is not None and self._observer.followers:
+            # Coalesced followers are relaying this response to their own
+            # clients: keep reading it for them (and the cache); writes to
+            # the gone client are dropped.
+            return
         self._upstream.detach()
         if self._observer is not None:
             self._observer.fail()

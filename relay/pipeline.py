@@ -418,6 +418,7 @@ class Pipeline:
                 stream_usage=StreamUsage("", provider_for_path(request.path)),
                 observer=leader,
                 loop=runtime.loop,
+                head_only=head_only,
             )
             conn.send(parts, exchange, head_only=head_only)
             outcome = await exchange.done

@@ -474,17 +474,28 @@ class ClientConnection(asyncio.Protocol):
         lines.extend(extra)
         self.respond(error.status, lines, error.body(), close=error.close)
 
-    def start_response(self, status: int, headers: Iterable[bytes], length: int | None) -> None:
+    def start_response(
+        self,
+        status: int,
+        headers: Iterable[bytes],
+        length: int | None,
+        *,
+        bodyless: bool = False,
+    ) -> None:
         """Send the head of a streamed response.
 
         *length* None means the size is unknown: chunked for HTTP/1.1
-        clients, close-delimited for HTTP/1.0 ones.
+        clients, close-delimited for HTTP/1.0 ones. *bodyless* is for
+        responses that never have a body (to HEAD, 204, 304): no framing
+        header is added; *headers* may carry the upstream's Content-Length.
         """
         request = self._current
         assert isinstance(request, Request)
         head = [errors.status_line(status)]
         head.extend(headers)
-        if length is not None:
+        if bodyless:
+            self._chunked = False
+        elif length is not None:
             head.append(b"Content-Length: %d\r\n" % length)
             self._chunked = False
         elif request.http_minor >= 1 and status not in (204, 304) and status >= 200:
