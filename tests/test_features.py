@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -642,3 +643,33 @@ def test_each_feature_can_be_disabled_on_its_own(relay_factory, upstream, off):
 
     # a fifth request: rejected only if the limiter is on
     assert call(relay).status == (200 if off == "ratelimit" else 429)
+
+
+def test_coalesced_followers_finish_when_the_leaders_client_leaves(relay_factory, upstream):
+    relay = relay_factory(upstream.url, cache=CACHE)
+    body = json.dumps(stream_body()).encode()
+    slow = {"x-fake-event-delay": "0.15"}
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: relay\r\nAuthorization: %s\r\n"
+        b"x-fake-event-delay: 0.15\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % (KEY_A.encode(), len(body))
+    )
+    leader = socket.create_connection(("127.0.0.1", relay.port), timeout=TIMEOUT)
+    try:
+        leader.sendall(head + body)
+        wait_until(lambda: len(upstream.requests) == 1)
+        with ThreadPoolExecutor(3) as pool:
+            followers = [pool.submit(call, relay, stream_body(), headers=slow) for _ in range(3)]
+            assert b"data: " in leader.recv(65536)  # the stream has begun...
+            time.sleep(0.2)
+            leader.close()  # ...and the leader's client goes away mid-stream
+            replies = [f.result(TIMEOUT) for f in followers]
+    finally:
+        leader.close()
+    assert len(upstream.requests) == 1
+    reference = call(relay, stream_body(), headers={"Cache-Control": "no-cache"})
+    for reply in replies:
+        assert reply.status == 200 and reply.cache == "HIT"
+        assert reply.body == reference.body
+    # the response the followers got complete is cached as well
+    assert call(relay, stream_body()).cache == "HIT"
