@@ -618,6 +618,39 @@ def test_no_body_status_is_not_chunked(run: Callable[[Awaitable[Any]], Any]) -> 
     run(body())
 
 
+@pytest.mark.parametrize("status", [204, 304, 200])
+def test_bodyless_response_has_no_framing_and_keeps_the_connection(
+    run: Callable[[Awaitable[Any]], Any], status: int,
+) -> None:
+    async def handler(request: Request, conn: ClientConnection) -> None:
+        if request.target == b"/next":
+            await echo(request, conn)
+            return
+        # 200 stands for the answer to a HEAD: the upstream's length passes as a header.
+        extra = [b"Content-Length: 1234\r\n"] if status == 200 else []
+        conn.start_response(status, [b"X-A: 1\r\n", *extra], None, bodyless=True)
+        conn.finish()
+
+    async def body() -> None:
+        server = Server(handler)
+        server.feed(b"HEAD / HTTP/1.1\r\n\r\nGET /next HTTP/1.1\r\n\r\n")
+        for _ in range(50):
+            await asyncio.sleep(0.001)
+            if len(server.requests) == 2 and not server.conn.busy:
+                break
+        data = server.transport.take()
+        head, rest = data.split(b"\r\n\r\n", 1)
+        lines = head.split(b"\r\n")
+        assert lines[1] == b"X-A: 1"
+        assert [line for line in lines if line.lower().startswith(b"content-length")] == (
+            [b"Content-Length: 1234"] if status == 200 else [])
+        assert not any(line.lower().startswith(b"transfer-encoding") for line in lines)
+        assert rest.startswith(b"HTTP/1.1 200 OK\r\n")  # the next answer follows at once
+        assert not server.transport.closed
+
+    run(body())
+
+
 def test_handler_errors_become_error_responses(run: Callable[[Awaitable[Any]], Any]) -> None:
     async def handler(request: Request, conn: ClientConnection) -> None:
         if request.target == b"/gateway":
