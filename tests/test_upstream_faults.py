@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from tests.conftest import RawClient, RelayFactory, Response
 
 READ_TIMEOUT = 0.3
+OK_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
 CHAT_STREAM = json.dumps(
     {"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "one two three"}]}
 ).encode()
@@ -78,9 +79,11 @@ class CannedUpstream:
     responses, close-delimited bodies.
     """
 
-    def __init__(self, response: bytes, *, close: bool = False) -> None:
+    def __init__(self, response: bytes, *, close: bool = False,
+                 answers: int | None = None) -> None:
         self.response = response
         self.close = close
+        self.answers = answers  # per connection; the next request is met with a close
         self.heads: list[bytes] = []
         self.connections = 0
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -110,6 +113,7 @@ class CannedUpstream:
     def _serve(self, conn: socket.socket) -> None:
         conn.settimeout(0.05)
         buffer = b""
+        answered = 0
         with conn:
             while not self._stop.is_set():
                 try:
@@ -124,7 +128,10 @@ class CannedUpstream:
                 while b"\r\n\r\n" in buffer:  # bodiless requests only
                     head, buffer = buffer.split(b"\r\n\r\n", 1)
                     self.heads.append(head)
+                    if self.answers is not None and answered >= self.answers:
+                        return
                     conn.sendall(self.response)
+                    answered += 1
                     if self.close:
                         return
 
@@ -139,8 +146,8 @@ class CannedUpstream:
 def canned() -> Iterator[Callable[..., CannedUpstream]]:
     servers: list[CannedUpstream] = []
 
-    def make(response: bytes, *, close: bool = False) -> CannedUpstream:
-        server = CannedUpstream(response, close=close)
+    def make(response: bytes, *, close: bool = False, answers: int | None = None) -> CannedUpstream:
+        server = CannedUpstream(response, close=close, answers=answers)
         servers.append(server)
         return server
 
@@ -542,6 +549,35 @@ def test_upstream_failure_does_not_poison_the_pool(
     client.send(get())
     assert client.response().status == 200
     assert own_upstream.connections_opened == 2
+
+
+def test_reused_socket_closed_without_answer_is_retried_once(
+    relay_factory: RelayFactory, canned: Callable[..., CannedUpstream],
+    connect: Callable[[int], RawClient],
+) -> None:
+    """The upstream's keep-alive ended just as relay reused the socket: no
+    byte came back, so one retry on a fresh connection is what a client wants."""
+    upstream = canned(OK_RESPONSE, answers=1)
+    relay = relay_factory(upstream.url)
+    client = connect(relay.port)
+    for _ in range(2):
+        client.send(get())
+        response = client.response()
+        assert response.status == 200 and response.body == b"{}"
+    assert upstream.connections == 2
+    assert len(upstream.heads) == 3
+
+
+def test_fresh_socket_closed_without_answer_is_502_not_retried(
+    relay_factory: RelayFactory, canned: Callable[..., CannedUpstream],
+    connect: Callable[[int], RawClient],
+) -> None:
+    upstream = canned(OK_RESPONSE, answers=0)
+    relay = relay_factory(upstream.url)
+    client = connect(relay.port)
+    client.send(get())
+    error_of(client.response(), 502)
+    assert len(upstream.heads) == 1
 
 
 # --------------------------------------------------------------- circuit breaker
