@@ -435,6 +435,10 @@ class Pipeline:
                 continue
             break
         assert exchange is not None
+        if breaker is not None and exchange.outcome != Outcome.FAILED:
+            # Judged now: a first-time tokenizer load below can take seconds,
+            # and neither the failure count nor a half-open probe may wait.
+            self._judge(upstream, breaker, exchange)
         estimator = runtime.estimator
         if not estimator.loaded and self._needs_estimate(request, exchange):
             # Tokenizer data (~40 MB) is loaded on first need, in a thread;
@@ -465,6 +469,19 @@ class Pipeline:
         )
         self._reject(request, client, upstream, gateway_error, extra)
 
+    def _judge(
+        self, upstream: Upstream, breaker: _fast.CircuitBreaker, exchange: ProxyExchange
+    ) -> None:
+        """The breaker's verdict on an exchange that got past its connect."""
+        status = exchange.status
+        if exchange.outcome == Outcome.BROKEN or status >= 500:
+            breaker.record_failure(time.monotonic())
+        elif status:
+            breaker.record_success()
+        else:
+            breaker.release_probe()  # the client left before the head: no verdict
+        self.runtime.breaker_changed(upstream)
+
     def _finish(
         self,
         request: Request,
@@ -484,14 +501,6 @@ class Pipeline:
             self._upstream_failed(request, client, upstream, exchange.error, extra, breaker, leader)
             return
         status = exchange.status
-        if breaker is not None:
-            if outcome == Outcome.BROKEN or status >= 500:
-                breaker.record_failure(time.monotonic())
-            elif status:
-                breaker.record_success()
-            else:
-                breaker.release_probe()
-            runtime.breaker_changed(upstream)
         if status:
             runtime.metrics.observe_upstream_latency(upstream.label, exchange.upstream_latency)
 

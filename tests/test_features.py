@@ -363,6 +363,34 @@ def test_concurrent_identical_streamed_misses_go_upstream_once(relay_factory, up
     assert call(relay, stream_body()).body == replies[0].body
 
 
+def test_concurrent_misses_are_coalesced_per_credential(relay_factory, upstream):
+    relay = relay_factory(upstream.url, cache=CACHE)
+    keys = iter([KEY_A, KEY_B] * 3)
+    lock = threading.Lock()
+
+    def one() -> Reply:
+        with lock:
+            key = next(keys)
+        return call(relay, headers={"Authorization": key, "x-fake-delay": "0.3"})
+
+    replies = _concurrent(6, one)
+    assert {r.status for r in replies} == {200}
+    assert sorted(r.header("authorization") for r in upstream.requests) == [KEY_A, KEY_B]
+
+
+@pytest.mark.parametrize("fault", ["x-fake-truncate", "x-fake-reset-after"])
+def test_broken_responses_are_not_cached(relay_factory, upstream, fault):
+    relay = relay_factory(upstream.url, cache=CACHE)
+    value = "1" if fault == "x-fake-truncate" else "60"
+    for body in (CHAT, stream_body()):
+        with pytest.raises((http.client.IncompleteRead, ConnectionError)):
+            call(relay, body, headers={fault: value})
+        clean = call(relay, body)  # fault headers are not part of the key
+        assert clean.status == 200 and clean.cache == "MISS"
+        assert call(relay, body).body == clean.body
+    assert len(upstream.requests) == 4
+
+
 def test_concurrent_misses_that_fail_are_not_shared(relay_factory, upstream):
     relay = relay_factory(upstream.url, cache=CACHE)
     replies = _concurrent(
@@ -597,6 +625,17 @@ def test_readyz_recovers_once_a_probe_would_be_allowed(relay_factory, upstream):
     time.sleep(0.35)
     assert call(relay, None, path="/readyz", method="GET").status == 200
     assert call(relay).status == 200
+
+
+def test_timeouts_resets_and_garbage_are_failures(relay_factory, upstream):
+    relay = relay_factory(upstream.url, circuit_breaker=breaker(3), proxy={"read_timeout": 0.3})
+    assert_error_shape(call(relay, headers={"x-fake-silence": "1"}), 504)
+    assert_error_shape(call(relay, headers={"x-fake-garbage": "1"}), 502)
+    with pytest.raises(http.client.IncompleteRead):  # the stream is cut
+        call(relay, stream_body(), headers={"x-fake-reset-after": "40"})
+    seen = len(upstream.requests)
+    assert_error_shape(call(relay), 503)
+    assert len(upstream.requests) == seen
 
 
 def test_disabled_breaker_always_forwards(relay_factory, upstream):
