@@ -221,7 +221,9 @@ def test_no_cache_is_not_served_from_cache_but_stored(relay_factory, upstream):
     # ...but no-cache still goes upstream although the entry is there
     again = call(relay, headers={"Cache-Control": "no-cache"})
     assert again.cache == "BYPASS" and again.body == fresh.body
-    assert len(upstream.requests) == 2
+    # directives are case-insensitive and may come with others
+    assert call(relay, headers={"Cache-Control": "max-age=0, No-Cache"}).cache == "BYPASS"
+    assert len(upstream.requests) == 3
 
 
 def test_no_store_is_bypassed_and_not_stored(relay_factory, upstream):
@@ -309,6 +311,23 @@ def test_streamed_response_is_replayed_as_the_same_event_stream(relay_factory, u
     # The usage chunk relay asked for is removed from the live and the
     # replayed stream alike.
     assert b'"usage"' not in first.body
+
+
+def test_anthropic_stream_is_replayed_byte_for_byte(relay_factory, upstream):
+    relay = relay_factory(upstream.url, cache=CACHE)
+    body = {
+        "model": "claude-3-5-haiku-latest",
+        "max_tokens": 64,
+        "stream": True,
+        "messages": [{"role": "user", "content": "hello from the cache"}],
+    }
+    headers = {"Authorization": None, "x-api-key": "sk-ant", "anthropic-version": "2023-06-01"}
+    first = call(relay, body, path="/v1/messages", headers=headers)
+    second = call(relay, body, path="/v1/messages", headers=headers)
+    assert (first.cache, second.cache) == ("MISS", "HIT")
+    assert first.body.startswith(b"event: message_start")
+    assert second.body == first.body
+    assert len(upstream.requests) == 1
 
 
 def test_openai_sdk_stream_from_cache_gives_the_same_chunks(relay_factory, upstream):

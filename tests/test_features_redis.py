@@ -211,3 +211,41 @@ def test_hanging_redis_costs_a_request_at_most_the_timeout(pair, redis_server, a
         assert metric(a, "relay_redis_errors_total") >= 1
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+def test_relay_starts_without_redis_and_picks_it_up(upstream, caplog):
+    caplog.set_level(logging.INFO, logger="relay.redis")
+    server = RedisServer()  # port reserved, not started yet
+    config = make_config(
+        upstream.url,
+        cache={"enabled": True, "ttl": 60},
+        ratelimit={"enabled": True, "requests_per_second": 0.01, "burst": 3},
+        circuit_breaker={"enabled": False},
+        server={"shutdown_timeout": 1},
+        redis={"enabled": True, "address": server.address, "timeout": 0.25},
+    )
+    try:
+        with RelayThread(config) as relay:
+            first = call(relay)
+            assert first.status == 200 and first.cache == "MISS"
+            assert call(relay).cache == "HIT"  # memory serves meanwhile
+            assert [call(relay).status for _ in range(2)] == [200, 429]
+            assert metric(relay, "relay_redis_errors_total") >= 1
+            server.start()
+            admin = redis.Redis(port=server.port, socket_timeout=2)
+            try:
+
+                def used() -> bool:
+                    fresh = f"Bearer sk-start-{time.monotonic()}"
+                    reply = call(relay, prompt(fresh), headers={"Authorization": fresh})
+                    assert reply.status == 200
+                    time.sleep(0.1)
+                    return bool(admin.keys(CACHE_KEYS)) and bool(admin.keys(BUCKET_KEYS))
+
+                wait_for(used, 10, "Redis used once it is there")
+            finally:
+                admin.close()
+    finally:
+        server.close()
+    down = [r for r in caplog.records if "unavailable" in r.getMessage()]
+    assert len(down) == 1
