@@ -212,6 +212,25 @@ def test_hanging_redis_costs_a_request_at_most_the_timeout(pair, redis_server, a
     finally:
         os.kill(pid, signal.SIGCONT)
 
+    def used() -> bool:
+        before = len(admin.keys(CACHE_KEYS))
+        fresh = f"Bearer sk-resume-{time.monotonic()}"
+        assert call(a, prompt(fresh), headers={"Authorization": fresh}).status == 200
+        time.sleep(0.1)
+        return len(admin.keys(CACHE_KEYS)) > before
+
+    wait_for(used, 10, "Redis used again after it resumed")
+    # Calls cut off by the deadline left no stray replies on reused sockets:
+    # every entry read back is the one asked for.
+    texts = [f"distinct {i}" for i in range(4)]
+    stored = len(admin.keys(CACHE_KEYS))
+    filled = {t: call(a, prompt(t), headers={"Authorization": KEY_B}) for t in texts}
+    wait_for(lambda: len(admin.keys(CACHE_KEYS)) == stored + 4, 5, "entries in Redis")
+    for text in reversed(texts):
+        hit = call(b, prompt(text), headers={"Authorization": KEY_B})
+        assert hit.cache == "HIT" and hit.body == filled[text].body
+        assert hit.json()["id"] == filled[text].json()["id"]
+
 
 def test_relay_starts_without_redis_and_picks_it_up(upstream, caplog):
     caplog.set_level(logging.INFO, logger="relay.redis")
