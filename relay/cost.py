@@ -116,7 +116,17 @@ class ModelLabels:
     def __init__(self, max_labels: int = 64, reserved: Iterable[str] = ()) -> None:
         self._max = max_labels
         self._seen: set[str] = set()
-        for name in reserved:
+        self.reserve(reserved)
+
+    def reserve(self, names: Iterable[str]) -> None:
+        """Give configured names their own label (also after a reload).
+
+        Labels handed out before stay, and their number still counts toward
+        the bound: a reload must not give clients a fresh allowance of
+        labels (the metrics keep every label value they ever saw). Reserved
+        names may take the set past the bound; the operator chose them.
+        """
+        for name in names:
             if sanitize_label(name) != OTHER:
                 self._seen.add(name)
 

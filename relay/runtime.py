@@ -102,7 +102,8 @@ class Runtime:
             self.request_log.close()
             self.request_log = None
         if self._prices is None or self._prices[0] != config.models:
-            self.labels = ModelLabels(reserved=tuple(config.models))
+            # Keep the labels already given out: the bound is per process.
+            self.labels.reserve(config.models)
 
     def _apply_redis(self, config: Config) -> None:
         r = config.redis
