@@ -233,10 +233,7 @@ class ProxyExchange:
         self._client.finish()
         self._release(self._upstream)
         if self._observer is not None:
-            if self.recorded is not None:
-                self._observer.finish()
-            else:
-                self._observer.fail()
+            self._observer.finish()
         self._settle(Outcome.OK)
 
     def on_read_end(self) -> None:
@@ -274,13 +271,12 @@ class ProxyExchange:
             self.recorded_size += len(chunk)
             if self.recorded_size > self._record_limit:
                 self.recorded = None  # too large to cache: stop holding it
-                if self._observer is not None:
-                    self._observer.fail()
-                    self._observer = None
             else:
                 recorded.append(chunk)
-                if self._observer is not None:
-                    self._observer.chunk(chunk)
+        if self._observer is not None:
+            # Past the cap the flight itself stops taking followers and keeps
+            # only what the ones already relaying still need.
+            self._observer.chunk(chunk)
         json_body = self.json_body
         if json_body is not None:
             if self.bytes_sent > self._json_limit:

@@ -57,9 +57,12 @@ class RelayServer:
         self._loop = loop
         self._server: asyncio.AbstractServer | None = None
         self.connections: set[ClientConnection] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
 
     def _make_protocol(self) -> ClientConnection:
-        return ClientConnection(self._handler, self.limits, self.connections, self._loop)
+        return ClientConnection(
+            self._handler, self.limits, self.connections, self._loop, self.tasks
+        )
 
     async def start(self, sock: socket.socket) -> None:
         self._server = await self._loop.create_server(self._make_protocol, sock=sock)
@@ -86,11 +89,13 @@ class RelayServer:
         for conn in list(self.connections):
             conn.shutdown()
         deadline = self._loop.time() + timeout
-        while self.connections and self._loop.time() < deadline:
+        while (self.connections or self.tasks) and self._loop.time() < deadline:
             await asyncio.sleep(0.05)
-        clean = not self.connections
+        clean = not self.connections and not self.tasks
         for conn in list(self.connections):
             conn.abort()
+        for task in list(self.tasks):
+            task.cancel()
         if self._server is not None:
             try:
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)

@@ -327,3 +327,24 @@ def test_usage_injection_is_invisible_to_the_client(relay, upstream):
     assert mask.sub(b'"id":""', via) == mask.sub(b'"id":""', direct)
     # Yet relay got exact usage: the upstream saw include_usage.
     assert json.loads(upstream.requests[-1].body)["stream_options"] == {"include_usage": True}
+
+
+def test_h2c_upgrade_offer_is_ignored(relay, upstream):
+    """curl --http2 offers h2c on plain HTTP: relay answers in HTTP/1.1, then serves on."""
+    raw = (
+        b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n"
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    collected = _Responses()
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as s:
+        s.sendall(raw)
+        deadline = time.monotonic() + 10
+        while len(collected.items) < 2 and time.monotonic() < deadline:
+            data = s.recv(65536)
+            if not data:
+                break
+            collected.parser.feed_data(data)
+    assert [status for status, _ in collected.items] == [200, 200]
+    forwarded = dict(upstream.requests[-1].headers)
+    assert "upgrade" not in forwarded and "http2-settings" not in forwarded

@@ -105,11 +105,15 @@ class ClientConnection(asyncio.Protocol):
         limits: ConnectionLimits,
         registry: set[ClientConnection],
         loop: asyncio.AbstractEventLoop,
+        tasks: set[asyncio.Task[None]] | None = None,
     ) -> None:
         # -- per connection --
         self._handler = handler
         self._limits = limits
         self._registry = registry
+        # Request tasks outlive their response (accounting after the last
+        # byte); the server's drain waits for them through this set.
+        self._tasks = tasks
         self._loop = loop
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpRequestParser(self)
@@ -124,6 +128,7 @@ class ClientConnection(asyncio.Protocol):
         self._lost = False
         self._head_raw = 0             # bytes read while a head was incomplete
         self._idle = False             # the idle keep-alive timer is the armed one
+        self._upgrade_ignored = False  # the request being parsed offered h2c
 
         # -- per request (being parsed) --
         self._url = b""
@@ -183,8 +188,16 @@ class ClientConnection(asyncio.Protocol):
                 self._arm_timer(self._limits.header_timeout)
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._reject(errors.bad_request("Protocol upgrades are not supported"))
+        except httptools.HttpParserUpgrade as exc:
+            if not self._upgrade_ignored:
+                self._reject(errors.bad_request("Protocol upgrades are not supported"))
+                return
+            # An h2c offer relay declined: the request was an ordinary one,
+            # and the parser resumes on the bytes after it.
+            self._upgrade_ignored = False
+            rest = data[exc.args[0]:] if exc.args else b""
+            if rest:
+                self.data_received(rest)
             return
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
@@ -258,6 +271,15 @@ class ClientConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         parser = self._parser
+        if parser.should_upgrade():
+            # llhttp ends an upgrade request at its head (it skips any body)
+            # and hands the rest of the stream over. relay speaks HTTP/1.1
+            # only: an h2c offer without a body is ignored, as RFC 9110 lets
+            # a server do; anything else (WebSocket, CONNECT) is refused
+            # before it can reach an upstream.
+            if not self._ignorable_upgrade():
+                raise errors.bad_request("Protocol upgrades are not supported")
+            self._upgrade_ignored = True
         method = parser.get_method()
         keep_alive = parser.should_keep_alive()
         minor = 1 if parser.get_http_version() == "1.1" else 0
@@ -329,6 +351,18 @@ class ClientConnection(asyncio.Protocol):
         # The head is in; the body gets the idle timeout to arrive whole.
         self._arm_timer(self._limits.idle_timeout)
 
+    def _ignorable_upgrade(self) -> bool:
+        if self._parser.get_method() == b"CONNECT":
+            return False
+        offered = b""
+        for name, value in self._headers:
+            lname = name.lower()
+            if lname == b"upgrade":
+                offered = value.strip().lower()
+            elif lname in (b"content-length", b"transfer-encoding") and value.strip() != b"0":
+                return False
+        return offered == b"h2c"
+
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
         if self._body_size > self._limits.max_body_bytes:
@@ -371,7 +405,11 @@ class ClientConnection(asyncio.Protocol):
         self._current = request
         self._response_started = False
         self._close_after = not request.keep_alive or self._closing
-        self._task = self._loop.create_task(self._serve(request))
+        task = self._task = self._loop.create_task(self._serve(request))
+        tasks = self._tasks
+        if tasks is not None:
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
 
     async def _serve(self, request: Request) -> None:
         try:
