@@ -71,10 +71,20 @@ cdef enum:
     INVALID = 1
 
 
+# Sizes of the storage a walk starts with, inside its struct on the C stack:
+# a chat-sized body is canonicalised without a single heap allocation.
+cdef enum:
+    OUT_INITIAL = 1024
+    KEYS_INITIAL = 256
+    TMP_INITIAL = 512
+    MEMBERS_INITIAL = 16
+
+
 cdef struct Buf:
     unsigned char *data
     Py_ssize_t len
     Py_ssize_t cap
+    unsigned char *initial  # the struct's own storage: never freed
 
 
 cdef struct Member:
@@ -96,18 +106,40 @@ cdef struct Walk:
     Member *members  # members of the objects open on the current path
     Py_ssize_t n_members
     Py_ssize_t cap_members
+    unsigned char out_initial[OUT_INITIAL]
+    unsigned char keys_initial[KEYS_INITIAL]
+    unsigned char tmp_initial[TMP_INITIAL]
+    Member members_initial[MEMBERS_INITIAL]
 
 
 cdef int buf_grow(Buf *b, Py_ssize_t extra) except -1:
     cdef Py_ssize_t cap = b.cap * 2 if b.cap else 256
+    cdef unsigned char *data
     while cap < b.len + extra:
         cap *= 2
-    cdef unsigned char *data = <unsigned char *>PyMem_Realloc(b.data, <size_t>cap)
+    if b.data == b.initial:
+        data = <unsigned char *>PyMem_Malloc(<size_t>cap)
+        if data != NULL and b.len:
+            memcpy(data, b.data, <size_t>b.len)
+    else:
+        data = <unsigned char *>PyMem_Realloc(b.data, <size_t>cap)
     if data == NULL:
         raise MemoryError()
     b.data = data
     b.cap = cap
     return 0
+
+
+cdef inline void buf_init(Buf *b, unsigned char *initial, Py_ssize_t size) noexcept:
+    b.data = initial
+    b.initial = initial
+    b.len = 0
+    b.cap = size
+
+
+cdef inline void buf_free(Buf *b) noexcept:
+    if b.data != b.initial:
+        PyMem_Free(b.data)
 
 
 cdef inline int buf_reserve(Buf *b, Py_ssize_t extra) except -1:
@@ -506,8 +538,13 @@ cdef int push_member(Walk *w, Py_ssize_t key_off, Py_ssize_t key_len,
     cdef Py_ssize_t cap
     cdef Member *members
     if w.n_members == w.cap_members:
-        cap = w.cap_members * 2 if w.cap_members else 32
-        members = <Member *>PyMem_Realloc(w.members, <size_t>cap * sizeof(Member))
+        cap = w.cap_members * 2
+        if w.members == w.members_initial:
+            members = <Member *>PyMem_Malloc(<size_t>cap * sizeof(Member))
+            if members != NULL:
+                memcpy(members, w.members, <size_t>w.n_members * sizeof(Member))
+        else:
+            members = <Member *>PyMem_Realloc(w.members, <size_t>cap * sizeof(Member))
         if members == NULL:
             raise MemoryError()
         w.members = members
@@ -519,6 +556,23 @@ cdef int push_member(Walk *w, Py_ssize_t key_off, Py_ssize_t key_len,
     m.len = length
     w.n_members += 1
     return 0
+
+
+cdef void sort_members(Member *ms, Py_ssize_t count) noexcept:
+    # Objects in requests are small: insertion sort, no allocation; qsort
+    # (glibc's allocates a merge buffer) only for big ones.
+    cdef Py_ssize_t k, j
+    cdef Member item
+    if count > 24:
+        qsort(ms, <size_t>count, sizeof(Member), compare_members)
+        return
+    for k in range(1, count):
+        item = ms[k]
+        j = k
+        while j > 0 and compare_members(&ms[j - 1], &item) > 0:
+            ms[j] = ms[j - 1]
+            j -= 1
+        ms[j] = item
 
 
 cdef int walk_object(Walk *w, Py_ssize_t depth) except -1:
@@ -579,7 +633,7 @@ cdef int walk_object(Walk *w, Py_ssize_t depth) except -1:
             ordered = False
             break
     if not ordered:
-        qsort(ms, <size_t>count, sizeof(Member), compare_members)
+        sort_members(ms, count)
         w.tmp.len = 0
         buf_write(&w.tmp, w.out.data + body_start, w.out.len - body_start)
         w.out.len = body_start
@@ -613,28 +667,23 @@ cdef int canonicalise(Walk *w) except -1:
 
 
 cdef void walk_free(Walk *w) noexcept:
-    PyMem_Free(w.out.data)
-    PyMem_Free(w.keys.data)
-    PyMem_Free(w.tmp.data)
-    PyMem_Free(w.members)
+    buf_free(&w.out)
+    buf_free(&w.keys)
+    buf_free(&w.tmp)
+    if w.members != w.members_initial:
+        PyMem_Free(w.members)
 
 
 cdef inline void walk_init(Walk *w, bytes body) noexcept:
     w.s = <const unsigned char *>PyBytes_AS_STRING(body)
     w.n = PyBytes_GET_SIZE(body)
     w.i = 0
-    w.out.data = NULL
-    w.out.len = 0
-    w.out.cap = 0
-    w.keys.data = NULL
-    w.keys.len = 0
-    w.keys.cap = 0
-    w.tmp.data = NULL
-    w.tmp.len = 0
-    w.tmp.cap = 0
-    w.members = NULL
+    buf_init(&w.out, w.out_initial, OUT_INITIAL)
+    buf_init(&w.keys, w.keys_initial, KEYS_INITIAL)
+    buf_init(&w.tmp, w.tmp_initial, TMP_INITIAL)
+    w.members = w.members_initial
     w.n_members = 0
-    w.cap_members = 0
+    w.cap_members = MEMBERS_INITIAL
 
 
 cdef inline void put_le64(unsigned char *p, uint64_t v) noexcept nogil:
