@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import re
 import struct
 
@@ -498,6 +499,26 @@ def test_realistic_bodies(impl: fast.Implementation) -> None:
     body = json.dumps(value).encode()
     assert len(body) > 20_000
     assert impl.canonical_json(body) == reference_canonical(value)
+
+
+def test_large_objects(impl: fast.Implementation) -> None:
+    # Past the walker's initial buffers and its small-object sort.
+    rng = random.Random(7)
+    keys = [f"k{i:04d}" + "\u00e9" * (i % 3) for i in range(1000)]
+    rng.shuffle(keys)
+    wide = {k: [i, {"z": i, "a": str(i)}] for i, k in enumerate(keys)}
+    body = json.dumps(wide).encode()
+    assert impl.canonical_json(body) == reference_canonical(wide)
+    duplicated = b"{" + b",".join(b'"%d":%d' % (i % 37, i) for i in range(2000)) + b"}"
+    assert impl.canonical_json(duplicated) == reference_canonical(json.loads(duplicated))
+    deep: object = 1
+    for level in range(100):
+        deep = {f"{level}-{j}": (deep if j == 13 else j) for j in rng.sample(range(30), 30)}
+    body = json.dumps(deep).encode()
+    assert impl.canonical_json(body) == reference_canonical(deep)
+    long_keys = {("x" * 5000) + str(i): "y" * 5000 for i in range(20, 0, -1)}
+    body = json.dumps(long_keys).encode()
+    assert impl.canonical_json(body) == reference_canonical(long_keys)
 
 
 def test_rejects_non_bytes(impl: fast.Implementation) -> None:
