@@ -72,7 +72,7 @@ class Implementation:
 
 def extensions_disabled(value: str | None) -> bool:
     """How RELAY_NO_EXTENSIONS reads: unset, "" and "0" leave extensions on."""
-    return value is not None and value.strip() not in ("", "0")
+    return value is not None and value not in ("", "0")
 
 
 def _is_extension(module: ModuleType) -> bool:
