@@ -260,12 +260,20 @@ class Pipeline:
         lines.extend(extra)
         lines.append(_HIT)
         client.start_response(status, lines, None)
-        chunks: list[bytes] = []  # the leader's own bytes objects, bounded by the flight cap
+        # The leader's own bytes objects, kept up to the cache's size bound (a
+        # follower already relaying goes on past it; its usage is then lost).
+        chunks: list[bytes] | None = []
+        kept = 0
         usage = None
         try:
             async for chunk in follower:
                 client.write(chunk)
-                chunks.append(chunk)
+                if chunks is not None:
+                    kept += len(chunk)
+                    if kept > self._cache_max:
+                        chunks = None
+                    else:
+                        chunks.append(chunk)
                 if client.writing_paused:
                     await client.drain()
                 if client.is_lost:
@@ -274,7 +282,7 @@ class Pipeline:
             client.abort()
         else:
             client.finish()
-            if not client.is_lost:
+            if chunks and not client.is_lost:
                 usage = await self._shared_usage(request, status, headers, chunks)
         # Served without going upstream: a hit, counted as saved cost.
         self._done(request, upstream, status, "HIT", usage, saved=True)
