@@ -382,6 +382,17 @@ def test_concurrent_identical_streamed_misses_go_upstream_once(relay_factory, up
     assert call(relay, stream_body()).body == replies[0].body
 
 
+def test_concurrent_stream_too_large_to_cache_still_reaches_every_caller(relay_factory, upstream):
+    relay = relay_factory(upstream.url, cache={**CACHE, "max_body_bytes": 300})
+    delayed = {"x-fake-delay": "0.3", "x-fake-event-delay": "0.05", "x-fake-events": "12"}
+    replies = _concurrent(5, lambda: call(relay, stream_body(), headers=delayed))
+    assert {r.status for r in replies} == {200}
+    assert len({r.body for r in replies}) == 1
+    assert len(replies[0].body) > 300 and replies[0].body.endswith(b"data: [DONE]\n\n")
+    assert len(upstream.requests) == 1  # callers that started relaying keep going
+    assert call(relay, stream_body()).cache == "MISS"  # too large: not stored
+
+
 def test_concurrent_misses_are_coalesced_per_credential(relay_factory, upstream):
     relay = relay_factory(upstream.url, cache=CACHE)
     keys = iter([KEY_A, KEY_B] * 3)
@@ -493,10 +504,10 @@ def test_global_bucket_is_shared_by_everyone(relay_factory, upstream):
 
 def test_bucket_refills_over_time(relay_factory, upstream):
     relay = relay_factory(
-        upstream.url, ratelimit={"enabled": True, "requests_per_second": 10, "burst": 2}
+        upstream.url, ratelimit={"enabled": True, "requests_per_second": 4, "burst": 2}
     )
     assert [call(relay).status for _ in range(3)] == [200, 200, 429]
-    time.sleep(0.25)  # 2.5 tokens' worth, capped at the burst
+    time.sleep(0.6)  # 2.4 tokens' worth, capped at the burst
     assert [call(relay).status for _ in range(3)] == [200, 200, 429]
     assert len(upstream.requests) == 4
 
@@ -585,7 +596,7 @@ def test_half_open_lets_one_probe_through_and_success_closes(relay_factory, upst
     upstream.reset_stats()
     # The probe is slow; everyone arriving while it is out still gets 503.
     with ThreadPoolExecutor(1) as pool:
-        probe = pool.submit(call, relay, headers={"x-fake-delay": "0.5"})
+        probe = pool.submit(call, relay, headers={"x-fake-delay": "1.0"})
         wait_until(lambda: len(upstream.requests) == 1)
         assert gauge(relay, label) == 1
         during = [call(relay) for _ in range(3)]
@@ -599,16 +610,16 @@ def test_half_open_lets_one_probe_through_and_success_closes(relay_factory, upst
 
 
 def test_half_open_failure_opens_again(relay_factory, upstream):
-    relay = relay_factory(upstream.url, circuit_breaker=breaker(2, recovery=0.3))
+    relay = relay_factory(upstream.url, circuit_breaker=breaker(2, recovery=0.5))
     label = label_of(upstream.url)
     fail(relay, 2)
-    time.sleep(0.35)
+    time.sleep(0.55)
     fail(relay, 1)  # the probe fails...
     assert gauge(relay, label) == 2
     seen = len(upstream.requests)
     assert call(relay).status == 503  # ...so it is open again, timer restarted
     assert len(upstream.requests) == seen
-    time.sleep(0.35)
+    time.sleep(0.55)
     assert call(relay).status == 200
     assert gauge(relay, label) == 0
 
