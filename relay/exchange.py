@@ -27,6 +27,9 @@ from .usage import StreamUsage
 __all__ = ["ExchangeObserver", "Outcome", "ProxyExchange"]
 
 _EVENT_STREAM = b"text/event-stream"
+# relay sets X-Relay-Cache on every response itself; one from an upstream
+# (another relay in front of the origin) would make two, contradicting ones.
+_NOT_RELAYED = HOP_BY_HOP | {b"x-relay-cache"}
 _JSON = b"json"
 
 
@@ -67,13 +70,13 @@ def response_headers(
     headers: list[tuple[bytes, bytes]],
 ) -> tuple[tuple[tuple[bytes, bytes], ...], bytes | None]:
     """End-to-end headers of an upstream response, and its content type."""
-    drop: frozenset[bytes] | set[bytes] = HOP_BY_HOP
+    drop: frozenset[bytes] | set[bytes] = _NOT_RELAYED
     content_type = None
     for name, value in headers:
         lname = name.lower()
         if lname == b"connection":
             # Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1).
-            drop = set(HOP_BY_HOP)
+            drop = set(_NOT_RELAYED)
             drop.update(t.strip().lower() for t in value.split(b","))
         elif lname == b"content-type":
             content_type = value.lower()

@@ -742,3 +742,19 @@ def test_coalesced_followers_finish_when_the_leaders_client_leaves(relay_factory
         assert reply.body == reference.body
     # the response the followers got complete is cached as well
     assert call(relay, stream_body()).cache == "HIT"
+
+
+def test_relay_behind_relay_sends_one_cache_header(relay_factory, upstream):
+    inner = relay_factory(upstream.url, cache=CACHE)
+    outer = relay_factory(inner.url, cache={"enabled": False})
+    for expected in ("BYPASS", "BYPASS"):
+        conn = http.client.HTTPConnection("127.0.0.1", outer.port, timeout=TIMEOUT)
+        try:
+            conn.request("POST", CHAT_PATH, body=json.dumps(CHAT), headers={"Authorization": KEY_A})
+            resp = conn.getresponse()
+            resp.read()
+            values = [v for k, v in resp.getheaders() if k.lower() == "x-relay-cache"]
+        finally:
+            conn.close()
+        assert values == [expected]  # the outer relay's verdict, not the inner's too
+    assert len(upstream.requests) == 1  # the inner relay served the second from its cache
