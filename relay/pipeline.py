@@ -147,7 +147,9 @@ class Pipeline:
                 request.method,
                 request.target,
                 request.body,
-                b"" if self._cache_global else _fast.credential_hash(request.credential or b""),
+                # The raw credential only feeds the SHA-256 of the key and is
+                # never stored: a short hash here could be collided with.
+                b"" if self._cache_global else (request.credential or b""),
             )
             if not no_cache:
                 entry = await cache.get(key)
