@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import socket
 import subprocess
@@ -51,7 +52,8 @@ def make_config(target: str, **sections: Any) -> Config:
             data[name] = values
     path = write_config(data)
     try:
-        return load_config(path, env={})
+        # No source: the file is gone after this, so nothing is watched.
+        return dataclasses.replace(load_config(path, env={}), source=None)
     finally:
         os.unlink(path)
 
