@@ -115,6 +115,16 @@ class LogConfig:
     requests: bool = False  # one JSON line per request
 
 
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    enabled: bool = True  # false: no per-request Prometheus series
+
+
+@dataclass(frozen=True, slots=True)
+class UsageConfig:
+    enabled: bool = True  # false: no token/cost accounting, no usage injection
+
+
 def _empty_models() -> Mapping[str, ModelPrice]:
     return types.MappingProxyType({})
 
@@ -130,6 +140,8 @@ class Config:
     redis: RedisConfig = field(default_factory=RedisConfig)
     models: Mapping[str, ModelPrice] = field(default_factory=_empty_models)
     log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    usage: UsageConfig = field(default_factory=UsageConfig)
     source: str | None = None  # the file it came from; None = built-in defaults
 
 
@@ -377,6 +389,12 @@ _SECTIONS: Mapping[str, Mapping[str, _Key]] = types.MappingProxyType(
             ),
             "requests": _Key("bool"),
         },
+        "metrics": {
+            "enabled": _Key("bool"),
+        },
+        "usage": {
+            "enabled": _Key("bool"),
+        },
     }
 )
 
@@ -389,11 +407,14 @@ _SECTION_TYPES: Mapping[str, type] = types.MappingProxyType(
         "circuit_breaker": BreakerConfig,
         "redis": RedisConfig,
         "log": LogConfig,
+        "metrics": MetricsConfig,
+        "usage": UsageConfig,
     }
 )
 
 _TOP_LEVEL = (
     "server", "proxy", "routes", "cache", "ratelimit", "circuit_breaker", "redis", "models", "log",
+    "metrics", "usage",
 )  # fmt: skip
 
 # Every scalar key's environment name, e.g. CIRCUIT_BREAKER_FAILURE_THRESHOLD.

@@ -277,3 +277,38 @@ class Metrics:
             MultiProcessCollector(registry, path=path)
             self._render_registry = registry
         return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+class _NoCount:
+    __slots__ = ()
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+
+class RequestMetricsOff:
+    """Stands in for :class:`Metrics` on the request path when
+    ``metrics.enabled`` is false: the same recording calls, doing nothing.
+    Process-level counters (Redis and reload errors) stay on the real one."""
+
+    __slots__ = ()
+
+    cache_hits = _NoCount()
+    cache_misses = _NoCount()
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        pass
+
+    def observe_upstream_latency(self, upstream: str, seconds: float) -> None:
+        pass
+
+    def record_tokens(
+        self, model: str, prompt_tokens: int, completion_tokens: int, cost_usd: float
+    ) -> None:
+        pass
+
+    def record_saved(self, model: str, saved_usd: float) -> None:
+        pass
+
+    def ratelimit_reject(self, key_type: str) -> None:
+        pass

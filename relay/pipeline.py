@@ -28,6 +28,7 @@ from .exchange import Outcome, ProxyExchange
 from .http import errors
 from .http.protocol import ClientConnection
 from .http.request import Request
+from .metrics import Metrics, RequestMetricsOff
 from .runtime import Runtime, Upstream
 from .sse import SSESplitter
 from .upstream.protocol import UpstreamError
@@ -95,11 +96,15 @@ class Pipeline:
         self._cache_max = cache.max_body_bytes
 
         self._breakers = config.circuit_breaker.enabled
+        self._metrics: Metrics | RequestMetricsOff = (
+            runtime.metrics if config.metrics.enabled else RequestMetricsOff()
+        )
+        self._usage_on = config.usage.enabled
         self._prices = runtime.prices(config)
         self._own: dict[bytes, OwnEndpoint] = {
             b"/healthz": self._healthz,
             b"/readyz": self._readyz,
-            b"/metrics": self._metrics,
+            b"/metrics": self._metrics_endpoint,
             b"/relay/usage": self._usage,
         }
 
@@ -120,7 +125,7 @@ class Pipeline:
             extra.append(b"X-RateLimit-Limit: %d\r\n" % decision.limit)
             extra.append(b"X-RateLimit-Remaining: %d\r\n" % decision.remaining)
             if not decision.allowed:
-                self.runtime.metrics.ratelimit_reject(self._limit_label)
+                self._metrics.ratelimit_reject(self._limit_label)
                 retry = max(1, math.ceil(decision.retry_after))
                 extra.append(b"Retry-After: %d\r\n" % retry)
                 self._reject(
@@ -168,14 +173,14 @@ class Pipeline:
                         # on our own.
                     else:
                         extra.append(_MISS)
-                        self.runtime.metrics.cache_misses.inc()
+                        self._metrics.cache_misses.inc()
                         try:
                             await self._forward(request, client, upstream, extra, key, ticket)
                         finally:
                             ticket.close()
                         return
                 extra.append(_MISS)
-                self.runtime.metrics.cache_misses.inc()
+                self._metrics.cache_misses.inc()
             else:
                 extra.append(_BYPASS)
         else:
@@ -230,8 +235,7 @@ class Pipeline:
         entry: CacheEntry,
         extra: list[bytes],
     ) -> None:
-        runtime = self.runtime
-        runtime.metrics.cache_hits.inc()
+        self._metrics.cache_hits.inc()
         lines = [b"%s: %s\r\n" % pair for pair in entry.headers if pair[0].lower() != b"x-relay-usage"]
         lines.extend(extra)
         lines.append(_HIT)
@@ -256,8 +260,7 @@ class Pipeline:
         if head is None:
             return False
         status, headers = head
-        runtime = self.runtime
-        runtime.metrics.cache_hits.inc()
+        self._metrics.cache_hits.inc()
         lines = [b"%s: %s\r\n" % pair for pair in headers]
         lines.extend(extra)
         lines.append(_HIT)
@@ -285,7 +288,8 @@ class Pipeline:
         else:
             client.finish()
             if chunks and not client.is_lost:
-                usage = await self._shared_usage(request, status, headers, chunks)
+                if self._usage_on:
+                    usage = await self._shared_usage(request, status, headers, chunks)
         # Served without going upstream: a hit, counted as saved cost.
         self._done(request, upstream, status, "HIT", usage, saved=True)
         return True
@@ -372,7 +376,8 @@ class Pipeline:
         strip_usage = False
         body = request.body
         if (
-            request.method == b"POST"
+            self._usage_on
+            and request.method == b"POST"
             and request.path.endswith(_CHAT_SUFFIX)
             and b'"stream"' in body
         ):
@@ -423,9 +428,11 @@ class Pipeline:
                 pool.release,
                 extra,
                 record_limit=record_limit,
-                json_limit=_JSON_USAGE_LIMIT,
+                json_limit=_JSON_USAGE_LIMIT if self._usage_on else 0,
                 strip_usage=strip_usage,
-                stream_usage=StreamUsage("", provider_for_path(request.path)),
+                stream_usage=(
+                    StreamUsage("", provider_for_path(request.path)) if self._usage_on else None
+                ),
                 observer=leader,
                 loop=runtime.loop,
                 head_only=head_only,
@@ -512,7 +519,7 @@ class Pipeline:
             return
         status = exchange.status
         if status:
-            runtime.metrics.observe_upstream_latency(upstream.label, exchange.upstream_latency)
+            self._metrics.observe_upstream_latency(upstream.label, exchange.upstream_latency)
 
         usage = self._usage_of(request, exchange, body)
         if (
@@ -537,9 +544,8 @@ class Pipeline:
     # ------------------------------------------------------------------ #
     # usage, cost, metrics
     # ------------------------------------------------------------------ #
-    @staticmethod
-    def _needs_estimate(request: Request, exchange: ProxyExchange) -> bool:
-        if not 200 <= exchange.status < 300 or request.method != b"POST":
+    def _needs_estimate(self, request: Request, exchange: ProxyExchange) -> bool:
+        if not self._usage_on or not 200 <= exchange.status < 300 or request.method != b"POST":
             return False
         if exchange.splitter is not None and exchange.stream_usage is not None:
             return not exchange.stream_usage.has_usage
@@ -547,7 +553,7 @@ class Pipeline:
 
     def _usage_of(self, request: Request, exchange: ProxyExchange, body: bytes) -> Usage | None:
         """Usage from the response, else estimated from request and response text."""
-        if not 200 <= exchange.status < 300 or request.method != b"POST":
+        if not self._usage_on or not 200 <= exchange.status < 300 or request.method != b"POST":
             return None
         stream = exchange.stream_usage
         estimator = self.runtime.estimator
@@ -583,7 +589,7 @@ class Pipeline:
         """Count a finished request: metrics, usage and cost, request log."""
         runtime = self.runtime
         elapsed = runtime.loop.time() - request.started
-        runtime.metrics.observe_request(
+        self._metrics.observe_request(
             upstream.route_label, _METHOD_LABELS.get(request.method, "OTHER"), status, elapsed
         )
         cost = 0.0
@@ -597,7 +603,7 @@ class Pipeline:
             label = runtime.labels.label(model) if model else "other"
             credential = request.credential
             key_hash = _fast.credential_hash(credential).decode() if credential else ""
-            runtime.record_usage(label, key_hash, usage, cost, saved)
+            runtime.record_usage(label, key_hash, usage, cost, saved, self._metrics)
         if runtime.request_log is not None:
             runtime.log_request(
                 request, upstream, status, elapsed, cache, model, usage, 0.0 if saved else cost
@@ -617,7 +623,7 @@ class Pipeline:
             body = json.dumps({"status": "not ready", "reason": reason}).encode()
             client.respond(503, (_JSON_TYPE,), body)
 
-    async def _metrics(self, request: Request, client: ClientConnection) -> None:
+    async def _metrics_endpoint(self, request: Request, client: ClientConnection) -> None:
         body, content_type = await self.runtime.render_metrics()
         client.respond(200, (b"Content-Type: %s\r\n" % content_type.encode(),), body)
 

@@ -23,7 +23,7 @@ from .cache import Coalescer, MemoryCache, RedisCache
 from .config import Config
 from .cost import ModelLabels, PriceTable
 from .ledger import RedisUsageLedger, UsageLedger
-from .metrics import Metrics
+from .metrics import Metrics, RequestMetricsOff
 from .ratelimit import MemoryLimiter, RedisLimiter
 from .redisconn import RedisConnection
 from .requestlog import RequestLogger
@@ -53,6 +53,7 @@ class Upstream:
     breaker: Any  # relay._fast CircuitBreaker (compiled or pure)
     label: str
     host_header: bytes
+    shown_state: int = -1  # breaker state last written to the gauge
 
     @property
     def route_label(self) -> str:
@@ -146,7 +147,7 @@ class Runtime:
         else:
             breaker = known[1]
         upstream = Upstream(origin, pool, breaker, origin.label, origin.host_header())
-        self.metrics.set_breaker_state(upstream.label, breaker.state)
+        self.breaker_changed(upstream)
         return upstream
 
     def cache(self, config: Config) -> Any:
@@ -188,16 +189,26 @@ class Runtime:
         task.add_done_callback(self._tasks.discard)
 
     def breaker_changed(self, upstream: Upstream) -> None:
-        self.metrics.set_breaker_state(upstream.label, upstream.breaker.state)
+        state = upstream.breaker.state
+        if state != upstream.shown_state:  # the gauge is written on change only
+            upstream.shown_state = state
+            self.metrics.set_breaker_state(upstream.label, state)
 
     def record_usage(
-        self, label: str, key_hash: str, usage: Usage, cost: float, saved: bool
+        self,
+        label: str,
+        key_hash: str,
+        usage: Usage,
+        cost: float,
+        saved: bool,
+        metrics: Metrics | RequestMetricsOff | None = None,
     ) -> None:
+        metrics = self.metrics if metrics is None else metrics
         if saved:
-            self.metrics.record_saved(label, cost)
+            metrics.record_saved(label, cost)
             paid, avoided = 0.0, cost
         else:
-            self.metrics.record_tokens(label, usage.prompt_tokens, usage.completion_tokens, cost)
+            metrics.record_tokens(label, usage.prompt_tokens, usage.completion_tokens, cost)
             paid, avoided = cost, 0.0
         # A hit counts as a hit and saved cost, not as tokens paid again.
         redis_ledger = self._redis_ledger
