@@ -16,6 +16,7 @@ reader holds back the upstream instead of filling relay's memory.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 from typing import Protocol
 
@@ -40,9 +41,15 @@ def _without_null_usage(event: bytes) -> bytes:
     chunks exactly as they are without ``include_usage``. A quote inside a
     JSON string is escaped, so the pattern cannot match inside content.
     """
-    if b'"usage":null' not in event:
-        return event
-    return event.replace(b',"usage":null', b"").replace(b'"usage":null,', b"")
+    if b'"usage":null' in event:
+        return event.replace(b',"usage":null', b"").replace(b'"usage":null,', b"")
+    if b'"usage"' in event:
+        # Compatible servers that write JSON with spaces.
+        return _SPACED_NULL_USAGE.sub(b"", event)
+    return event
+
+
+_SPACED_NULL_USAGE = re.compile(rb',\s*"usage"\s*:\s*null(?=\s*[,}])|"usage"\s*:\s*null\s*,\s*')
 
 
 class ExchangeObserver(Protocol):

@@ -538,8 +538,10 @@ class Pipeline:
             cache = self._cache
             assert cache is not None
             runtime.spawn(cache.set(cache_key, entry))
-        # 499 (nginx's "client closed request") when the client left first.
-        self._done(request, upstream, status or 499, _cache_status(extra), usage)
+        # 499 (nginx's "client closed request") when the client left before
+        # the response was complete.
+        status = 499 if outcome == Outcome.CLIENT_GONE else status
+        self._done(request, upstream, status, _cache_status(extra), usage)
 
     # ------------------------------------------------------------------ #
     # usage, cost, metrics

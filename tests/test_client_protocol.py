@@ -231,7 +231,7 @@ def test_request_fields(run: Callable[[Awaitable[Any]], Any], bytewise: bool) ->
         assert request.client_ip == "10.1.2.3"
         assert request.authorization == b"Bearer sk-abc"
         assert request.api_key == b"key-2"
-        assert request.credential == b"Bearer sk-abc"
+        assert request.credential == b"sk-abc"  # the Bearer scheme is taken off
         assert request.cache_control == b"no-cache"
         assert request.forwarded_for == b"192.0.2.7"
         assert request.model() == "gpt"

@@ -70,8 +70,18 @@ class Request:
 
     @property
     def credential(self) -> bytes | None:
-        """The caller's credential (Authorization, else x-api-key), if any."""
-        return self.authorization or self.api_key
+        """The caller's credential (Authorization, else x-api-key), if any.
+
+        The ``Bearer`` scheme is taken off, so a key counts as the same
+        caller whether an SDK sends it as ``Authorization: Bearer k``
+        (OpenAI) or ``x-api-key: k`` (Anthropic).
+        """
+        value = self.authorization
+        if value is None:
+            return self.api_key
+        if value[:7].lower() == b"bearer ":
+            return value[7:].strip() or None
+        return value
 
     def json(self) -> Any:
         """The body decoded as JSON, parsed at most once; None if it is not JSON."""
