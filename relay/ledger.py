@@ -274,3 +274,25 @@ def _grouped(flat: dict[Any, Any]) -> dict[str, dict[str, int | float]]:
             row = rows[owner] = _empty()
         row[name] = _num(name, value)
     return rows
+
+
+def merge_snapshots(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sum the snapshots of several processes (workers without Redis)."""
+    merged: dict[str, Any] = {"since": None, "totals": _empty(), "models": {}, "keys": {}}
+    for snap in snapshots:
+        since = snap.get("since")
+        if since and (merged["since"] is None or since < merged["since"]):
+            merged["since"] = since  # ISO 8601 UTC strings sort by time
+        for name in FIELDS:
+            merged["totals"][name] += snap.get("totals", {}).get(name, 0)
+        for group in ("models", "keys"):
+            rows = merged[group]
+            for label, row in snap.get(group, {}).items():
+                into = rows.get(label)
+                if into is None:
+                    into = rows[label] = _empty()
+                for name in FIELDS:
+                    into[name] += row.get(name, 0)
+    if merged["since"] is None:
+        merged["since"] = _iso(time.time())
+    return merged

@@ -79,13 +79,14 @@ def prepare_multiprocess_dir(path: str) -> None:
     """Set up ``path`` for multi-worker metrics; call before any metric exists.
 
     Creates the directory, removes the ``*.db`` files a previous run left
-    (stale counters would otherwise be added to this run's), and sets
-    ``PROMETHEUS_MULTIPROC_DIR`` for this process and the workers it starts.
-    Only ``*.db`` files are removed: the directory may be shared with other
-    things by the operator.
+    (stale counters would otherwise be added to this run's) and the workers'
+    ``usage-*.json`` totals, and sets ``PROMETHEUS_MULTIPROC_DIR`` for this
+    process and the workers it starts. Only those files are removed: the
+    directory may be shared with other things by the operator.
     """
     os.makedirs(path, exist_ok=True)
-    for name in glob.glob(os.path.join(path, "*.db")):
+    stale = glob.glob(os.path.join(path, "*.db")) + glob.glob(os.path.join(path, "usage-*.json"))
+    for name in stale:
         try:
             os.remove(name)
         except FileNotFoundError:

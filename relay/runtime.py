@@ -11,7 +11,10 @@ reload keeps cached entries, buckets, breaker states and pooled sockets.
 from __future__ import annotations
 
 import asyncio
+import glob
+import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Coroutine
@@ -22,8 +25,8 @@ from . import _fast
 from .cache import Coalescer, MemoryCache, RedisCache
 from .config import Config
 from .cost import ModelLabels, PriceTable
-from .ledger import RedisUsageLedger, UsageLedger
-from .metrics import Metrics, RequestMetricsOff
+from .ledger import RedisUsageLedger, UsageLedger, merge_snapshots
+from .metrics import Metrics, RequestMetricsOff, multiprocess_dir
 from .ratelimit import MemoryLimiter, RedisLimiter
 from .redisconn import RedisConnection
 from .requestlog import RequestLogger
@@ -87,6 +90,7 @@ class Runtime:
         self.labels = ModelLabels()
         self.request_log: RequestLogger | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._usage_flush: asyncio.TimerHandle | None = None
         self.draining = False
 
     # ------------------------------------------------------------------ #
@@ -218,6 +222,7 @@ class Runtime:
             )
         else:
             self.ledger.record(label, key_hash, usage, paid, avoided, saved)
+            self._usage_changed()
 
     async def _record_shared(
         self,
@@ -236,6 +241,7 @@ class Runtime:
         except Exception:
             # Redis is down: keep the numbers in this process rather than lose them.
             self.ledger.record(label, key_hash, usage, paid, avoided, hit)
+            self._usage_changed()
 
     def log_request(
         self,
@@ -294,11 +300,39 @@ class Runtime:
                 return snapshot
             except Exception:
                 pass
-        snapshot = self.ledger.snapshot()
+        directory = multiprocess_dir()
+        if directory is None:
+            snapshot = self.ledger.snapshot()
+        else:
+            # Several workers without Redis: each keeps its own totals in a
+            # file beside the metrics files; any worker answers with the sum.
+            self._write_usage_file()
+            snapshot = await self.loop.run_in_executor(None, _read_usage_files, directory)
         snapshot["backend"] = "memory"
         return snapshot
 
+    def _usage_changed(self) -> None:
+        """Schedule this worker's usage file to be rewritten (at most every 0.5 s)."""
+        if self._usage_flush is None and multiprocess_dir() is not None:
+            self._usage_flush = self.loop.call_later(0.5, self._write_usage_file)
+
+    def _write_usage_file(self) -> None:
+        if self._usage_flush is not None:
+            self._usage_flush.cancel()
+            self._usage_flush = None
+        directory = multiprocess_dir()
+        if directory is None:
+            return
+        path = os.path.join(directory, f"usage-{os.getpid()}.json")
+        try:
+            with open(path + ".tmp", "w") as f:
+                json.dump(self.ledger.snapshot(), f)
+            os.replace(path + ".tmp", path)  # readers never see half a file
+        except OSError as exc:
+            log.warning("usage: cannot write %s: %s", path, exc.strerror)
+
     async def close(self) -> None:
+        self._write_usage_file()  # the last totals of this worker stay counted
         self.pools.close()
         if self.request_log is not None:
             self.request_log.close()
@@ -306,3 +340,14 @@ class Runtime:
             await self.redis.close()
         for task in list(self._tasks):
             task.cancel()
+
+
+def _read_usage_files(directory: str) -> dict[str, Any]:
+    snapshots = []
+    for path in glob.glob(os.path.join(directory, "usage-*.json")):
+        try:
+            with open(path) as f:
+                snapshots.append(json.load(f))
+        except (OSError, ValueError):
+            continue  # a worker replacing its file right now: next read has it
+    return merge_snapshots(snapshots)

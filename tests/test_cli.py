@@ -157,3 +157,33 @@ def test_two_workers_share_the_port(upstream):
         proc.wait(30)
         os.unlink(path)
     assert proc.returncode == 0
+
+
+def test_usage_adds_up_across_workers_without_redis(upstream):
+    port = free_port()
+    path = write_config({"server": {"port": f"127.0.0.1:{port}", "workers": 2},
+                         "proxy": {"target": upstream.url}, "cache": {"enabled": False},
+                         "ratelimit": {"enabled": False}})
+    proc = start_relay_process(["--config", path])
+    try:
+        wait_for_port(port, proc=proc)
+        time.sleep(0.5)  # both workers listening
+        for _ in range(30):  # fresh connections: the kernel spreads them over both
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("POST", "/v1/chat/completions", json.dumps(CHAT),
+                         {"Authorization": "Bearer sk-workers"})
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == 200
+            conn.close()
+        time.sleep(1.0)  # each worker writes its totals at most 0.5 s after a change
+        answers = set()
+        for _ in range(8):  # whichever worker answers gives the same sum
+            status, body = _get(port, "/relay/usage")
+            assert status == 200
+            answers.add(json.loads(body)["totals"]["requests"])
+        assert answers == {30}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        os.unlink(path)
