@@ -128,6 +128,7 @@ class Pipeline:
                 self._metrics.ratelimit_reject(self._limit_label)
                 retry = max(1, math.ceil(decision.retry_after))
                 extra.append(b"Retry-After: %d\r\n" % retry)
+                extra.append(_BYPASS)  # every answer on a proxied path says it
                 self._reject(
                     request, client, upstream,
                     errors.GatewayError(
