@@ -17,6 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import cast
 
 from relay.redisconn import RedisConnection, RedisUnavailable
 
@@ -273,7 +274,8 @@ class RedisCache:
                 data = await conn.execute(conn.client.get, self.prefix + key)
             except RedisUnavailable:
                 return self.fallback.get_nowait(key)
-            return None if data is None else CacheEntry.from_bytes(data)
+            # decode_responses is off: Redis hands back bytes.
+            return None if data is None else CacheEntry.from_bytes(cast(bytes, data))
         return self.fallback.get_nowait(key)
 
     async def set(self, key: bytes, entry: CacheEntry) -> None:

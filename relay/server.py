@@ -55,7 +55,7 @@ class RelayServer:
         self._handler = handler
         self.limits = limits
         self._loop = loop
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Server | None = None
         self.connections: set[ClientConnection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
 

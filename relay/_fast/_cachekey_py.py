@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import struct
 from hashlib import sha256
+from typing import Any
 
 __all__ = [
     "MAX_DEPTH",
@@ -92,10 +93,7 @@ def _deeper_than(value: object, limit: int) -> bool:
     """True when containers nest more than ``limit`` levels (top level is 1)."""
     if limit <= 0:
         return True
-    if type(value) is dict:
-        children = value.values()
-    else:  # list
-        children = value
+    children: Any = value.values() if type(value) is dict else value  # else a list
     for child in children:
         if type(child) in (dict, list) and _deeper_than(child, limit - 1):
             return True

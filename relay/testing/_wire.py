@@ -8,7 +8,7 @@ import asyncio
 import math
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from relay.testing.responses import ContentOptions, Reply, error_reply, reason_phrase
@@ -180,12 +180,12 @@ def _status(name: str, value: bytes) -> int:
     return number
 
 
-_CONTENT_PARSERS = {
+_CONTENT_PARSERS: dict[bytes, tuple[str, Callable[[str, bytes], float]]] = {
     b"x-fake-status": ("status", _status),
     b"x-fake-events": ("events", _count),
     b"x-fake-cached-tokens": ("cached_tokens", _count),
 }
-_FAULT_PARSERS = {
+_FAULT_PARSERS: dict[bytes, tuple[str, Callable[[str, bytes], float]]] = {
     b"x-fake-delay": ("delay", _seconds),
     b"x-fake-event-delay": ("event_delay", _seconds),
     b"x-fake-reset-after": ("reset_after", _count),
