@@ -36,7 +36,7 @@ def main(summary_path: str, out_path: str) -> int:
              color=[colors.get(r["kind"], "#555") for r in rows],
              xerr=[err_lo, err_hi], error_kw={"elinewidth": 0.8, "capsize": 2},
              label="cache miss, every feature on")
-    hits = [(yy - 0.38, r["hit_rps"]) for yy, r in zip(y, rows) if r.get("hit_rps")]
+    hits = [(yy - 0.38, r["hit_rps"]) for yy, r in zip(y, rows, strict=True) if r.get("hit_rps")]
     if hits:
         ax1.barh([h[0] for h in hits], [h[1] for h in hits], height=0.38, align="edge",
                  color="#7fb2f0", label="identical body (relay: cache hit)")
@@ -45,12 +45,18 @@ def main(summary_path: str, out_path: str) -> int:
     ax1.set_yticklabels(labels, fontsize=8)
     ax1.set_xlabel("requests/s at 64 connections (log scale; bars = median, whiskers = min..max)",
                    fontsize=7.5)
-    ax1.legend(fontsize=7, loc="lower right")
-    ax1.grid(axis="x", which="both", alpha=0.25)
-    for yy, v in zip(y, miss):
-        ax1.text(v * 1.08, yy + 0.19, f"{v:,.0f}", va="center", fontsize=7)
+    from matplotlib.patches import Patch
 
-    lat = [(yy, r) for yy, r in zip(y, rows) if r.get("added_p50_ms") is not None
+    handles = [Patch(color=colors["relay"], label="cache miss, every feature on"),
+               Patch(color="#7fb2f0", label="identical body (relay: cache hit)")]
+    ax1.legend(handles=handles, fontsize=7, loc="lower right")
+    ax1.set_xlim(right=max(r["miss_rps_max"] for r in rows) * 6)
+    ax1.grid(axis="x", which="both", alpha=0.25)
+    for yy, r in zip(y, rows, strict=True):
+        ax1.text(r["miss_rps_max"] * 1.15, yy + 0.19, f"{r['miss_rps']:,.0f}", va="center",
+                 fontsize=7)
+
+    lat = [(yy, r) for yy, r in zip(y, rows, strict=True) if r.get("added_p50_ms") is not None
            and r["kind"] != "direct"]
     if lat:
         vals = [max(r["added_p50_ms"], 0.001) for _, r in lat]
@@ -61,9 +67,10 @@ def main(summary_path: str, out_path: str) -> int:
         ax2.set_yticklabels([""] * len(y))
         ax2.set_xlabel("added median latency at 1 connection, ms (log scale)", fontsize=7.5)
         ax2.grid(axis="x", which="both", alpha=0.25)
-        for (yy, r), v in zip(lat, vals):
+        for (yy, r), v in zip(lat, vals, strict=True):
             ax2.text(v * 1.1, yy, f"+{r['added_p50_ms']:.3g} ms", va="center", fontsize=7)
         ax2.set_ylim(ax1.get_ylim())
+        ax2.set_xlim(right=max(vals) * 12)
     fig.suptitle(summary.get("title", "relay benchmarks"), fontsize=10)
     fig.tight_layout()
     fig.savefig(out_path, dpi=90)

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from http.client import HTTPConnection
 
 from .loadgen import BODY_MARK, REQUEST_BODY, run_wrk
-from .procs import Started
+from .procs import Processes, Started, machine_busy_seconds
 from .sse_client import StreamClient
 from .targets import Target
 
@@ -47,6 +47,7 @@ class Run:
     socket_errors: int = 0
     cpu_cores: float | None = None   # CPU seconds of the target's processes / wall seconds
     cpu_us_per_req: float | None = None
+    other_cores: float | None = None  # CPU used meanwhile by processes the suite did not start
     rss_mb: float | None = None      # peak during the run, summed over its processes
     processes: int | None = None
     error: str | None = None
@@ -79,13 +80,15 @@ class _MemorySampler(threading.Thread):
 
 
 def measure_wrk(target: Target, scenario: str, round_no: int, *, connections: int,
-                threads: int, seconds: float, vary: bool) -> Run:
+                threads: int, seconds: float, vary: bool, suite: Processes | None = None) -> Run:
     run = Run(scenario, target.key, round_no, connections)
     proc = target.proc
     sampler = _MemorySampler(proc) if proc is not None else None
     before = proc.stats() if proc is not None else None
     if sampler is not None:
         sampler.start()
+    busy0 = machine_busy_seconds()
+    suite0 = suite.suite_cpu_seconds() if suite is not None else 0.0
     started = time.monotonic()
     try:
         result, _text = run_wrk(target.url, connections=connections, threads=threads,
@@ -97,6 +100,10 @@ def measure_wrk(target: Target, scenario: str, round_no: int, *, connections: in
         wall = time.monotonic() - started
         if sampler is not None:
             sampler.stop()
+    if suite is not None:
+        # Whatever else the machine ran meanwhile competed for the same cores.
+        other = (machine_busy_seconds() - busy0) - (suite.suite_cpu_seconds() - suite0)
+        run.other_cores = max(0.0, other / wall) if wall > 0 else None
     run.rps = result.rps
     run.p50_ms = result.p50
     run.p90_ms = result.latency_ms.get("90")

@@ -18,7 +18,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["GroupStats", "Processes", "Started", "free_port", "group_stats", "wait_for_port"]
+__all__ = ["GroupStats", "Processes", "Started", "cpu_of_groups", "free_port", "group_stats",
+           "machine_busy_seconds", "wait_for_port"]
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -50,6 +51,31 @@ class GroupStats:
     cpu_seconds: float
     rss_bytes: int
     processes: int
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all processes on the machine have used (every core), from /proc/stat."""
+    with open("/proc/stat", "rb") as f:
+        fields = f.readline().split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / _CLK_TCK
+
+
+def cpu_of_groups(pgids: set[int]) -> float:
+    """CPU seconds used so far by every process in any of ``pgids``."""
+    ticks = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if int(fields[2]) in pgids:
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / _CLK_TCK
 
 
 def group_stats(pgid: int) -> GroupStats:
@@ -126,6 +152,12 @@ class Processes:
         proc = Started(name, popen, log)
         self.started.append(proc)
         return proc
+
+    def suite_cpu_seconds(self) -> float:
+        """CPU seconds of everything started, plus this process and its reaped children (wrk)."""
+        own = os.times()
+        return (cpu_of_groups({p.pgid for p in self.started})
+                + own.user + own.system + own.children_user + own.children_system)
 
     def stop(self, proc: Started, grace: float = 8.0) -> None:
         """SIGTERM the group, then SIGKILL whatever is left after ``grace``."""

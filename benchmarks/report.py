@@ -65,7 +65,7 @@ def machine_facts(repo: Path, tools: Tools, settings: dict[str, Any], started: f
         "Python": platform.python_version(),
         "uvloop": _version("uvloop"),
         "httptools": _version("httptools"),
-        "nginx": _cmd([tools.nginx, "-v"]).replace("nginx version: ", "") if tools.nginx else "-",
+        "nginx": _cmd([tools.nginx, "-v"]).replace("nginx version: nginx/", "") if tools.nginx else "-",
         "wrk": (_cmd([tools.wrk, "-v"]).split("[")[0].replace("wrk ", "").strip()
                 if tools.wrk else "-"),
         "LiteLLM": tools.litellm_version or "-",
@@ -163,7 +163,10 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     mode = meta["settings"]["mode"]
     title = (f"relay benchmarks ({mode} run, {meta['date']}, {meta['machine']['cores']} cores, "
              f"same machine, same run)")
-    return {"targets": rows, "streams": streams, "title": title}
+    other = [r.get("other_cores") for r in results["runs"]
+             if r["scenario"] in ("miss64", "miss1", "hit64") and r.get("other_cores") is not None]
+    background = ({"median": statistics.median(other), "max": max(other)} if other else None)
+    return {"targets": rows, "streams": streams, "title": title, "background": background}
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -291,6 +294,13 @@ def _markdown_results(results: dict[str, Any], summary: dict[str, Any], png: Pat
         out.append("")
     out.append(f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, {m['os']}, "
                f"Linux {m['kernel']}. Load generator, upstream and gateway share these cores.")
+    bg = summary.get("background")
+    if bg is not None:
+        out.append("")
+        quiet = "a quiet machine" if bg["median"] < 0.1 else "**not a quiet machine**"
+        out.append(f"Other processes (not started by the suite) used a median of "
+                   f"{bg['median']:.2f} cores (at most {bg['max']:.2f}) during the runs: "
+                   f"{quiet}.")
     out.append("")
     out.append(f"Settings: {st['rounds']} interleaved rounds; each round runs every target for "
                f"{st['seconds']:g} s at {st['connections']} connections (wrk, {st['threads']} "

@@ -28,8 +28,7 @@ if __package__ in (None, ""):  # `python benchmarks/run.py`
     __package__ = "benchmarks"
 
 from benchmarks import report  # noqa: E402
-from benchmarks.measure import (  # noqa: E402
-    Run, StreamRun, measure_streams, measure_wrk, preflight, static_body)
+from benchmarks.measure import Run, StreamRun, measure_streams, measure_wrk, preflight, static_body  # noqa: E402
 from benchmarks.procs import Processes  # noqa: E402
 from benchmarks.profile import profile_relay  # noqa: E402
 from benchmarks.targets import Env, Target  # noqa: E402
@@ -165,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             skipped["streaming"] = "needs nginx (it shapes the fake upstream's streams)"
         targets = _start_targets(env, tools, args, wanted, skipped)
         if tools.wrk:
-            _throughput(targets, settings, runs, crashes, skipped)
+            _throughput(targets, settings, runs, crashes, skipped, procs)
             if args.profile and tools.pyspy:
                 relay = next((t for t in targets if t.key == "relay-c1" and t.proc), None)
                 if relay is not None:
@@ -276,7 +275,7 @@ def _alive(target: Target, crashes: list[dict[str, str]], when: str) -> bool:
 
 
 def _throughput(targets: list[Target], s: Settings, runs: list[Run],
-                crashes: list[dict[str, str]], skipped: dict[str, str]) -> None:
+                crashes: list[dict[str, str]], skipped: dict[str, str], procs: Processes) -> None:
     live = list(targets)
     say(f"warm-up: {s.warmup_seconds:g} s per target")
     for t in live:
@@ -290,9 +289,9 @@ def _throughput(targets: list[Target], s: Settings, runs: list[Run],
                 continue
             done += 1
             miss = measure_wrk(t, "miss64", r, connections=s.connections, threads=s.threads,
-                               seconds=s.seconds, vary=True)
+                               seconds=s.seconds, vary=True, suite=procs)
             lat = measure_wrk(t, "miss1", r, connections=1, threads=1,
-                              seconds=s.latency_seconds, vary=True)
+                              seconds=s.latency_seconds, vary=True, suite=procs)
             runs += [miss, lat]
             say(f"[{done}/{total}] round {r} {t.label:34} miss: {miss.rps:9.0f} req/s "
                 f"p50 {_ms(miss.p50_ms)} p99 {_ms(miss.p99_ms)} | 1 conn p50 {_ms(lat.p50_ms)}"
@@ -317,7 +316,7 @@ def _throughput(targets: list[Target], s: Settings, runs: list[Run],
             if not _alive(t, crashes, "before a hit run"):
                 continue
             hit = measure_wrk(t, "hit64", r, connections=s.connections, threads=s.threads,
-                              seconds=s.seconds, vary=False)
+                              seconds=s.seconds, vary=False, suite=procs)
             runs.append(hit)
             say(f"round {r} {t.label:34} same body: {hit.rps:9.0f} req/s p50 {_ms(hit.p50_ms)}"
                 + (f"  FAILED {hit.error}" if hit.error else ""))

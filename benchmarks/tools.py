@@ -182,6 +182,13 @@ def _helper_tools(tools: Tools, cache: Path, want_pyspy: bool, allow_install: bo
     pyspy = shutil.which("py-spy") or str(Path(here).with_name("py-spy"))
     if Path(pyspy).exists():
         tools.pyspy = pyspy
+    home = cache / "tools-venv"
+    logfile = cache / "tools-install.log"
+    py = _venv_python(home)
+    if tools.chart_python is None and py.exists() and _has_module(str(py), "matplotlib"):
+        tools.chart_python = str(py)
+    if want_pyspy and tools.pyspy is None and (home / "bin" / "py-spy").exists():
+        tools.pyspy = str(home / "bin" / "py-spy")
     need = []
     if tools.chart_python is None:
         need.append("matplotlib")
@@ -189,8 +196,6 @@ def _helper_tools(tools: Tools, cache: Path, want_pyspy: bool, allow_install: bo
         need.append("py-spy")
     if not need:
         return
-    home = cache / "tools-venv"
-    logfile = cache / "tools-install.log"
     if allow_install:
         log(f"installing {' '.join(need)} into {home} (log: {logfile})")
         try:
