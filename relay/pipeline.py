@@ -13,52 +13,35 @@ long-lived things (sockets, caches, breakers, counters) belong to the
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
-import json
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable
 
 from . import _fast
+from .accounting import USAGE_HEADER, Accounting, stored_usage, with_usage
 from .cache import CacheEntry, FlightAborted, Follower, Leader, replay_headers
 from .config import Config
+from .endpoints import own_endpoints
 from .exchange import Outcome, ProxyExchange
 from .http import errors
 from .http.protocol import ClientConnection
 from .http.request import Request
-from .metrics import Metrics, RequestMetricsOff
 from .runtime import Runtime, Upstream
-from .sse import SSESplitter
 from .upstream.protocol import UpstreamError
-from .usage import (
-    StreamUsage,
-    Usage,
-    estimate_usage,
-    inject_include_usage,
-    provider_for_path,
-    request_text_for_estimate,
-    response_text_for_estimate,
-    usage_from_json,
-)
+from .usage import inject_include_usage
 
 __all__ = ["Pipeline"]
 
 _HIT = b"X-Relay-Cache: HIT\r\n"
 _MISS = b"X-Relay-Cache: MISS\r\n"
 _BYPASS = b"X-Relay-Cache: BYPASS\r\n"
-_JSON_TYPE = b"Content-Type: application/json\r\n"
 _PROTO_HTTP = b"X-Forwarded-Proto: http\r\n"
 _CHAT_SUFFIX = b"/chat/completions"
 _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
-_METHOD_LABELS = {
-    m: m.decode() for m in (b"GET", b"POST", b"PUT", b"PATCH", b"DELETE", b"HEAD", b"OPTIONS")
-}
 # JSON bodies read for usage up to this size; beyond it, usage is estimated.
 _JSON_USAGE_LIMIT = 8 * 1024 * 1024
 
-OwnEndpoint = Callable[[Request, ClientConnection], Awaitable[None]]
 
 
 class _Route:
@@ -96,17 +79,10 @@ class Pipeline:
         self._cache_max = cache.max_body_bytes
 
         self._breakers = config.circuit_breaker.enabled
-        self._metrics: Metrics | RequestMetricsOff = (
-            runtime.metrics if config.metrics.enabled else RequestMetricsOff()
-        )
-        self._usage_on = config.usage.enabled
-        self._prices = runtime.prices(config)
-        self._own: dict[bytes, OwnEndpoint] = {
-            b"/healthz": self._healthz,
-            b"/readyz": self._readyz,
-            b"/metrics": self._metrics_endpoint,
-            b"/relay/usage": self._usage,
-        }
+        self._accounting = accounting = Accounting(config, runtime)
+        self._metrics = accounting.metrics
+        self._usage_on = accounting.enabled
+        self._own = own_endpoints(self)
 
     # ------------------------------------------------------------------ #
     # entry point
@@ -226,7 +202,7 @@ class Pipeline:
         extra: list[bytes],
     ) -> None:
         client.send_error(error, extra)
-        self._done(request, upstream, error.status, _cache_status(extra))
+        self._accounting.done(request, upstream, error.status, _cache_status(extra))
 
     def _serve_hit(
         self,
@@ -237,7 +213,7 @@ class Pipeline:
         extra: list[bytes],
     ) -> None:
         self._metrics.cache_hits.inc()
-        lines = [b"%s: %s\r\n" % pair for pair in entry.headers if pair[0].lower() != b"x-relay-usage"]
+        lines = [b"%s: %s\r\n" % pair for pair in entry.headers if pair[0] != USAGE_HEADER]
         lines.extend(extra)
         lines.append(_HIT)
         if entry.streamed:
@@ -246,7 +222,7 @@ class Pipeline:
             client.finish()
         else:
             client.respond(entry.status, lines, entry.body)
-        self._done(request, upstream, entry.status, "HIT", _stored_usage(entry), saved=True)
+        self._accounting.done(request, upstream, entry.status, "HIT", stored_usage(entry), saved=True)
 
     async def _follow(
         self,
@@ -290,52 +266,10 @@ class Pipeline:
             client.finish()
             if chunks and not client.is_lost:
                 if self._usage_on:
-                    usage = await self._shared_usage(request, status, headers, chunks)
+                    usage = await self._accounting.shared_usage(request, status, headers, chunks)
         # Served without going upstream: a hit, counted as saved cost.
-        self._done(request, upstream, status, "HIT", usage, saved=True)
+        self._accounting.done(request, upstream, status, "HIT", usage, saved=True)
         return True
-
-    async def _shared_usage(
-        self,
-        request: Request,
-        status: int,
-        headers: tuple[tuple[bytes, bytes], ...],
-        chunks: list[bytes],
-    ) -> Usage | None:
-        """Usage of a coalesced response, read from the bytes relayed.
-
-        A stream whose usage chunk relay removed (it asked for it itself)
-        has none left here: that one is estimated.
-        """
-        if not 200 <= status < 300 or request.method != b"POST" or not chunks:
-            return None
-        body = b"".join(chunks)
-        content_type = b""
-        for name, value in headers:
-            if name.lower() == b"content-type":
-                content_type = value.lower()
-        estimator = self.runtime.estimator
-        if content_type.startswith(b"text/event-stream"):
-            stream = StreamUsage(request.model() or "", provider_for_path(request.path))
-            splitter = SSESplitter()
-            for event in splitter.feed(body):
-                stream.on_event(event)
-            rest = splitter.flush()
-            if rest:
-                stream.on_event(rest)
-            if not stream.has_usage:
-                await estimator.ensure_loaded(self.config.models)
-            return stream.result(estimator, lambda: request_text_for_estimate(request.body, request.json()))
-        usage = usage_from_json(body)
-        if usage is not None:
-            return usage
-        request_text = request_text_for_estimate(request.body, request.json())
-        if not request_text:
-            return None
-        await estimator.ensure_loaded(self.config.models)
-        return estimate_usage(
-            request.model() or "", estimator, request_text, response_text_for_estimate(body)
-        )
 
     # ------------------------------------------------------------------ #
     # upstream
@@ -431,9 +365,7 @@ class Pipeline:
                 record_limit=record_limit,
                 json_limit=_JSON_USAGE_LIMIT if self._usage_on else 0,
                 strip_usage=strip_usage,
-                stream_usage=(
-                    StreamUsage("", provider_for_path(request.path)) if self._usage_on else None
-                ),
+                stream_usage=self._accounting.stream_usage(request),
                 observer=leader,
                 loop=runtime.loop,
                 head_only=head_only,
@@ -458,7 +390,7 @@ class Pipeline:
             # and neither the failure count nor a half-open probe may wait.
             self._judge(upstream, breaker, exchange)
         estimator = runtime.estimator
-        if not estimator.loaded and self._needs_estimate(request, exchange):
+        if not estimator.loaded and self._accounting.needs_estimate(request, exchange):
             # Tokenizer data (~40 MB) is loaded on first need, in a thread;
             # the client already has its response.
             await estimator.ensure_loaded(self.config.models)
@@ -480,7 +412,7 @@ class Pipeline:
         if leader is not None:
             leader.fail()
         if client.is_lost:
-            self._done(request, upstream, 499)
+            self._accounting.done(request, upstream, 499)
             return
         gateway_error = (
             errors.gateway_timeout(error.reason) if error.timeout else errors.bad_gateway(error.reason)
@@ -522,7 +454,7 @@ class Pipeline:
         if status:
             self._metrics.observe_upstream_latency(upstream.label, exchange.upstream_latency)
 
-        usage = self._usage_of(request, exchange, body)
+        usage = self._accounting.usage_of(request, exchange, body)
         if (
             cache_key is not None
             and outcome == Outcome.OK
@@ -531,7 +463,7 @@ class Pipeline:
         ):
             entry = CacheEntry(
                 status,
-                _with_usage(replay_headers(exchange.headers), usage),
+                with_usage(replay_headers(exchange.headers), usage),
                 exchange.body(),
                 exchange.splitter is not None,
                 time.time(),
@@ -542,97 +474,7 @@ class Pipeline:
         # 499 (nginx's "client closed request") when the client left before
         # the response was complete.
         status = 499 if outcome == Outcome.CLIENT_GONE else status
-        self._done(request, upstream, status, _cache_status(extra), usage)
-
-    # ------------------------------------------------------------------ #
-    # usage, cost, metrics
-    # ------------------------------------------------------------------ #
-    def _needs_estimate(self, request: Request, exchange: ProxyExchange) -> bool:
-        if not self._usage_on or not 200 <= exchange.status < 300 or request.method != b"POST":
-            return False
-        if exchange.splitter is not None and exchange.stream_usage is not None:
-            return not exchange.stream_usage.has_usage
-        return exchange.json_body is not None and b'"usage"' not in exchange.body()
-
-    def _usage_of(self, request: Request, exchange: ProxyExchange, body: bytes) -> Usage | None:
-        """Usage from the response, else estimated from request and response text."""
-        if not self._usage_on or not 200 <= exchange.status < 300 or request.method != b"POST":
-            return None
-        stream = exchange.stream_usage
-        estimator = self.runtime.estimator
-        if exchange.splitter is not None and stream is not None:
-            if not stream.model:
-                # No usage event named the model (none came, or the client
-                # left first): estimate and price it as the one requested.
-                stream.model = request.model() or ""
-            return stream.result(estimator, lambda: request_text_for_estimate(body, request.json()))
-        if exchange.json_body is None and exchange.recorded is None:
-            return None
-        response = exchange.body()
-        usage = usage_from_json(response)
-        if usage is not None:
-            return usage
-        request_text = request_text_for_estimate(body, request.json())
-        if not request_text:
-            return None  # not a model call (e.g. a file upload): nothing to count
-        return estimate_usage(
-            request.model() or "", estimator, request_text, response_text_for_estimate(response)
-        )
-
-    def _done(
-        self,
-        request: Request,
-        upstream: Upstream,
-        status: int,
-        cache: str = "BYPASS",
-        usage: Usage | None = None,
-        *,
-        saved: bool = False,
-    ) -> None:
-        """Count a finished request: metrics, usage and cost, request log."""
-        runtime = self.runtime
-        elapsed = runtime.loop.time() - request.started
-        self._metrics.observe_request(
-            upstream.route_label, _METHOD_LABELS.get(request.method, "OTHER"), status, elapsed
-        )
-        cost = 0.0
-        model = None
-        if usage is not None:
-            model = usage.model or request.model() or ""
-            if model != usage.model:
-                # A response that names no model is priced as the requested one.
-                usage = dataclasses.replace(usage, model=model)
-            cost = self._prices.cost(usage) if model else 0.0
-            label = runtime.labels.label(model) if model else "other"
-            credential = request.credential
-            key_hash = _fast.credential_hash(credential).decode() if credential else ""
-            runtime.record_usage(label, key_hash, usage, cost, saved, self._metrics)
-        if runtime.request_log is not None:
-            runtime.log_request(
-                request, upstream, status, elapsed, cache, model, usage, 0.0 if saved else cost
-            )
-
-    # ------------------------------------------------------------------ #
-    # relay's own endpoints
-    # ------------------------------------------------------------------ #
-    async def _healthz(self, request: Request, client: ClientConnection) -> None:
-        client.respond(200, (_JSON_TYPE,), b'{"status":"ok"}')
-
-    async def _readyz(self, request: Request, client: ClientConnection) -> None:
-        reason = self.runtime.not_ready_reason(self)
-        if reason is None:
-            client.respond(200, (_JSON_TYPE,), b'{"status":"ready"}')
-        else:
-            body = json.dumps({"status": "not ready", "reason": reason}).encode()
-            client.respond(503, (_JSON_TYPE,), body)
-
-    async def _metrics_endpoint(self, request: Request, client: ClientConnection) -> None:
-        body, content_type = await self.runtime.render_metrics()
-        client.respond(200, (b"Content-Type: %s\r\n" % content_type.encode(),), body)
-
-    async def _usage(self, request: Request, client: ClientConnection) -> None:
-        snapshot = await self.runtime.usage_snapshot()
-        client.respond(200, (_JSON_TYPE,), json.dumps(snapshot, sort_keys=True).encode())
+        self._accounting.done(request, upstream, status, _cache_status(extra), usage)
 
     def upstreams(self) -> list[Upstream]:
         return [self._default, *(r.upstream for r in self._routes)]
@@ -646,25 +488,3 @@ def _cache_status(extra: list[bytes]) -> str:
         if line is _HIT:
             return "HIT"
     return "BYPASS"
-
-
-def _with_usage(headers: tuple[tuple[bytes, bytes], ...], usage: Usage | None) -> tuple[tuple[bytes, bytes], ...]:
-    """Keep the usage of a cached response beside it, so a hit counts as saved cost."""
-    if usage is None:
-        return headers
-    value = b"%d,%d,%d,%s" % (
-        usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
-        usage.model.encode("utf-8", "replace").replace(b",", b"_")[:128],
-    )
-    return (*headers, (b"x-relay-usage", value))
-
-
-def _stored_usage(entry: CacheEntry) -> Usage | None:
-    for name, value in entry.headers:
-        if name == b"x-relay-usage":
-            try:
-                prompt, completion, cached, model = value.split(b",", 3)
-                return Usage(model.decode("utf-8", "replace"), int(prompt), int(completion), int(cached))
-            except ValueError:
-                return None
-    return None

@@ -1,0 +1,208 @@
+"""What a finished request is counted as: usage, cost, metrics, the request log.
+
+:class:`Accounting` is built with each :class:`~relay.pipeline.Pipeline`
+(prices, switches and metric sinks are per config generation); the totals
+it adds to belong to the :class:`~relay.runtime.Runtime`.
+
+Usage comes from the response (JSON ``usage``, or the stream's usage events
+seen as they passed) and is estimated with the tokenizer when there is
+none. A cached response keeps its usage beside it, so a hit can be counted
+as saved cost without parsing the body again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+from . import _fast
+from .cache import CacheEntry
+from .config import Config
+from .exchange import ProxyExchange
+from .http.request import Request
+from .metrics import Metrics, RequestMetricsOff
+from .sse import SSESplitter
+from .usage import (
+    StreamUsage,
+    Usage,
+    estimate_usage,
+    provider_for_path,
+    request_text_for_estimate,
+    response_text_for_estimate,
+    usage_from_json,
+)
+
+if TYPE_CHECKING:
+    from .runtime import Runtime, Upstream
+
+__all__ = ["Accounting", "stored_usage", "with_usage"]
+
+_METHOD_LABELS = {
+    m: m.decode() for m in (b"GET", b"POST", b"PUT", b"PATCH", b"DELETE", b"HEAD", b"OPTIONS")
+}
+# Internal header that carries a cached response's usage; never replayed.
+USAGE_HEADER = b"x-relay-usage"
+
+
+class Accounting:
+    """Counts finished requests for one config generation."""
+
+    def __init__(self, config: Config, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.models = config.models
+        self.enabled = config.usage.enabled
+        self.metrics: Metrics | RequestMetricsOff = (
+            runtime.metrics if config.metrics.enabled else RequestMetricsOff()
+        )
+        self._prices = runtime.prices(config)
+
+    # ------------------------------------------------------------------ #
+    # usage of a response
+    # ------------------------------------------------------------------ #
+    def stream_usage(self, request: Request) -> StreamUsage | None:
+        """The tracker an exchange feeds with the events it relays."""
+        if not self.enabled:
+            return None
+        return StreamUsage("", provider_for_path(request.path))
+
+    def needs_estimate(self, request: Request, exchange: ProxyExchange) -> bool:
+        """True when usage must be estimated (the tokenizer has to be loaded)."""
+        if not self.enabled or not 200 <= exchange.status < 300 or request.method != b"POST":
+            return False
+        if exchange.splitter is not None and exchange.stream_usage is not None:
+            return not exchange.stream_usage.has_usage
+        return exchange.json_body is not None and b'"usage"' not in exchange.body()
+
+    def usage_of(self, request: Request, exchange: ProxyExchange, body: bytes) -> Usage | None:
+        """Usage from the response, else estimated from request and response text."""
+        if not self.enabled or not 200 <= exchange.status < 300 or request.method != b"POST":
+            return None
+        stream = exchange.stream_usage
+        estimator = self.runtime.estimator
+        if exchange.splitter is not None and stream is not None:
+            if not stream.model:
+                # No usage event named the model (none came, or the client
+                # left first): estimate and price it as the one requested.
+                stream.model = request.model() or ""
+            return stream.result(estimator, lambda: request_text_for_estimate(body, request.json()))
+        if exchange.json_body is None and exchange.recorded is None:
+            return None
+        response = exchange.body()
+        usage = usage_from_json(response)
+        if usage is not None:
+            return usage
+        request_text = request_text_for_estimate(body, request.json())
+        if not request_text:
+            return None  # not a model call (e.g. a file upload): nothing to count
+        return estimate_usage(
+            request.model() or "", estimator, request_text, response_text_for_estimate(response)
+        )
+
+    async def shared_usage(
+        self,
+        request: Request,
+        status: int,
+        headers: tuple[tuple[bytes, bytes], ...],
+        chunks: list[bytes],
+    ) -> Usage | None:
+        """Usage of a coalesced response, read from the bytes relayed.
+
+        A stream whose usage chunk relay removed (it asked for it itself)
+        has none left here: that one is estimated.
+        """
+        if not self.enabled or not 200 <= status < 300 or request.method != b"POST" or not chunks:
+            return None
+        body = b"".join(chunks)
+        content_type = b""
+        for name, value in headers:
+            if name.lower() == b"content-type":
+                content_type = value.lower()
+        estimator = self.runtime.estimator
+        if content_type.startswith(b"text/event-stream"):
+            stream = StreamUsage(request.model() or "", provider_for_path(request.path))
+            splitter = SSESplitter()
+            for event in splitter.feed(body):
+                stream.on_event(event)
+            rest = splitter.flush()
+            if rest:
+                stream.on_event(rest)
+            if not stream.has_usage:
+                await estimator.ensure_loaded(self.models)
+            return stream.result(
+                estimator, lambda: request_text_for_estimate(request.body, request.json())
+            )
+        usage = usage_from_json(body)
+        if usage is not None:
+            return usage
+        request_text = request_text_for_estimate(request.body, request.json())
+        if not request_text:
+            return None
+        await estimator.ensure_loaded(self.models)
+        return estimate_usage(
+            request.model() or "", estimator, request_text, response_text_for_estimate(body)
+        )
+
+    # ------------------------------------------------------------------ #
+    # counting
+    # ------------------------------------------------------------------ #
+    def done(
+        self,
+        request: Request,
+        upstream: Upstream,
+        status: int,
+        cache: str = "BYPASS",
+        usage: Usage | None = None,
+        *,
+        saved: bool = False,
+    ) -> None:
+        """Count a finished request: metrics, usage and cost, request log."""
+        runtime = self.runtime
+        elapsed = runtime.loop.time() - request.started
+        self.metrics.observe_request(
+            upstream.route_label, _METHOD_LABELS.get(request.method, "OTHER"), status, elapsed
+        )
+        cost = 0.0
+        model = None
+        if usage is not None:
+            model = usage.model or request.model() or ""
+            if model != usage.model:
+                # A response that names no model is priced as the requested one.
+                usage = dataclasses.replace(usage, model=model)
+            cost = self._prices.cost(usage) if model else 0.0
+            label = runtime.labels.label(model) if model else "other"
+            credential = request.credential
+            key_hash = _fast.credential_hash(credential).decode() if credential else ""
+            runtime.record_usage(label, key_hash, usage, cost, saved, self.metrics)
+        if runtime.request_log is not None:
+            runtime.log_request(
+                request, upstream, status, elapsed, cache, model, usage, 0.0 if saved else cost
+            )
+
+
+def with_usage(
+    headers: tuple[tuple[bytes, bytes], ...], usage: Usage | None
+) -> tuple[tuple[bytes, bytes], ...]:
+    """Keep the usage of a cached response beside it, so a hit counts as saved cost."""
+    if usage is None:
+        return headers
+    value = b"%d,%d,%d,%s" % (
+        usage.prompt_tokens,
+        usage.completion_tokens,
+        usage.cached_tokens,
+        usage.model.encode("utf-8", "replace").replace(b",", b"_")[:128],
+    )
+    return (*headers, (USAGE_HEADER, value))
+
+
+def stored_usage(entry: CacheEntry) -> Usage | None:
+    """The usage :func:`with_usage` kept with a cache entry."""
+    for name, value in entry.headers:
+        if name == USAGE_HEADER:
+            try:
+                prompt, completion, cached, model = value.split(b",", 3)
+                return Usage(
+                    model.decode("utf-8", "replace"), int(prompt), int(completion), int(cached)
+                )
+            except ValueError:
+                return None
+    return None

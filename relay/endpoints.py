@@ -1,0 +1,55 @@
+"""relay's own endpoints: ``/healthz``, ``/readyz``, ``/metrics``, ``/relay/usage``.
+
+They are answered by relay itself, never proxied, and not counted as
+proxied requests (a Prometheus scrape must not inflate the traffic it
+measures).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from .http.protocol import ClientConnection
+from .http.request import Request
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
+
+__all__ = ["Endpoint", "own_endpoints"]
+
+Endpoint = Callable[[Request, ClientConnection], Awaitable[None]]
+
+_JSON_TYPE = b"Content-Type: application/json\r\n"
+
+
+def own_endpoints(pipeline: Pipeline) -> dict[bytes, Endpoint]:
+    """The endpoint handlers by exact path, bound to one pipeline generation."""
+    runtime = pipeline.runtime
+
+    async def healthz(request: Request, client: ClientConnection) -> None:
+        client.respond(200, (_JSON_TYPE,), b'{"status":"ok"}')
+
+    async def readyz(request: Request, client: ClientConnection) -> None:
+        reason = runtime.not_ready_reason(pipeline)
+        if reason is None:
+            client.respond(200, (_JSON_TYPE,), b'{"status":"ready"}')
+        else:
+            body = json.dumps({"status": "not ready", "reason": reason}).encode()
+            client.respond(503, (_JSON_TYPE,), body)
+
+    async def metrics(request: Request, client: ClientConnection) -> None:
+        body, content_type = await runtime.render_metrics()
+        client.respond(200, (b"Content-Type: %s\r\n" % content_type.encode(),), body)
+
+    async def usage(request: Request, client: ClientConnection) -> None:
+        snapshot = await runtime.usage_snapshot()
+        client.respond(200, (_JSON_TYPE,), json.dumps(snapshot, sort_keys=True).encode())
+
+    return {
+        b"/healthz": healthz,
+        b"/readyz": readyz,
+        b"/metrics": metrics,
+        b"/relay/usage": usage,
+    }
