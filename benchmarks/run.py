@@ -221,8 +221,11 @@ def _try(what: str, skipped: dict[str, str], start: Callable[[], Target]) -> Tar
     try:
         target = start()
     except Exception as exc:
-        skipped[what] = f"could not be started: {str(exc)[-600:]}"
-        say(f"SKIP {what}: could not be started ({str(exc).splitlines()[0][:200]})")
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [repr(exc)]
+        # The first line says what failed, the last one of the log why.
+        why = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
+        skipped[what] = f"could not be started: {why[:400]}"
+        say(f"SKIP {what}: could not be started: {why[:300]}")
         return None
     why = preflight(target)
     if why is not None:
