@@ -41,6 +41,8 @@ def _without_null_usage(event: bytes) -> bytes:
     chunks exactly as they are without ``include_usage``. A quote inside a
     JSON string is escaped, so the pattern cannot match inside content.
     """
+    if event.endswith(_NULL_USAGE_TAIL):  # OpenAI's own layout: the last key
+        return event[: -len(_NULL_USAGE_TAIL)] + b"}\n\n"
     if b'"usage":null' in event:
         return event.replace(b',"usage":null', b"").replace(b'"usage":null,', b"")
     if b'"usage"' in event:
@@ -49,6 +51,7 @@ def _without_null_usage(event: bytes) -> bytes:
     return event
 
 
+_NULL_USAGE_TAIL = b',"usage":null}\n\n'
 _SPACED_NULL_USAGE = re.compile(rb',\s*"usage"\s*:\s*null(?=\s*[,}])|"usage"\s*:\s*null\s*,\s*')
 
 
@@ -119,6 +122,7 @@ class ProxyExchange:
         "outcome",
         "error",
         "bytes_sent",
+        "_first_event_pending",
     )
 
     def __init__(
@@ -160,6 +164,7 @@ class ProxyExchange:
         self.outcome = -1
         self.error: UpstreamError | None = None
         self.bytes_sent = 0
+        self._first_event_pending = True
         # Until the head arrives, a client that leaves must still close the
         # upstream request.
         client.on_lost = self._client_lost
@@ -225,9 +230,17 @@ class ProxyExchange:
                 out = [_without_null_usage(e) for e in events if not usage.on_event(e)]
                 if out:
                     self._forward_many(out)
-                return
-            for event in events:
-                usage.on_event(event)
+            else:
+                for event in events:
+                    usage.on_event(event)
+                self._forward(chunk)
+            if self._first_event_pending and self.bytes_sent:
+                # The first event leaves now rather than with the rest of
+                # this read: a stream's first token is what users wait for.
+                self._first_event_pending = False
+                self._client.release()
+                self._client.hold()
+            return
         self._forward(chunk)
 
     def on_complete(self) -> None:

@@ -79,6 +79,8 @@ _TEXT_FIELD = re.compile(
 # Bound on the text kept per stream for an estimate; beyond it the rest is
 # estimated from its length (a runaway stream must not grow memory).
 _MAX_TEXT_BYTES = 4 * 1024 * 1024
+_PENDING_LIMIT = 256 * 1024
+_OPENAI_NULL_USAGE_TAIL = b',"usage":null}\n\n'
 
 
 class TokenCounter(Protocol):
@@ -220,6 +222,8 @@ class StreamUsage:
         "_text",
         "_text_bytes",
         "_overflow_bytes",
+        "_pending",
+        "_pending_bytes",
     )
 
     def __init__(self, model_hint: str = "", provider: str = AUTO) -> None:
@@ -235,6 +239,11 @@ class StreamUsage:
         self._text: list[bytes] = []
         self._text_bytes = 0
         self._overflow_bytes = 0
+        # Events whose text is not extracted yet: most streams report usage,
+        # so the text is usually never needed; it is pulled out in bulk when
+        # an estimate needs it, or when this buffer passes _PENDING_LIMIT.
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
 
     @property
     def has_usage(self) -> bool:
@@ -247,6 +256,12 @@ class StreamUsage:
         The usage-only chunk (``"choices": []`` with a usage object) is the
         one to drop from the client's stream when relay itself asked for it.
         """
+        if raw.endswith(_OPENAI_NULL_USAGE_TAIL) and self._kind != _ANTHROPIC:
+            # The common OpenAI chunk once usage is on: text only, no usage.
+            # Kept unparsed; its text is extracted only if an estimate needs it.
+            self._kind = _OPENAI
+            self._keep_text(raw)
+            return False
         name, data = event_fields(raw)
         if not data or data == b"[DONE]":
             return False
@@ -263,7 +278,18 @@ class StreamUsage:
         return self._openai(name, data)
 
     def _keep_text(self, data: bytes) -> None:
-        for frag in _TEXT_FIELD.findall(data):
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        if self._pending_bytes > _PENDING_LIMIT:
+            self._extract_pending()
+
+    def _extract_pending(self) -> None:
+        pending = self._pending
+        if not pending:
+            return
+        self._pending = []
+        self._pending_bytes = 0
+        for frag in _TEXT_FIELD.findall(b"\n".join(pending)):
             if not frag:
                 continue
             if self._text_bytes + len(frag) > _MAX_TEXT_BYTES:
@@ -273,7 +299,11 @@ class StreamUsage:
                 self._text_bytes += len(frag)
 
     def _openai(self, name: bytes | None, data: bytes) -> bool:
-        if _USAGE_OBJECT.search(data) is None:
+        if (
+            b'"usage"' not in data
+            or (b'"usage":null' in data and b'"usage":{' not in data and data.count(b'"usage"') == 1)
+            or _USAGE_OBJECT.search(data) is None
+        ):
             # Chat chunks have no event name; the Responses API names its
             # events and repeats the whole text in the *.done ones.
             if name is None or name.endswith(b".delta"):
@@ -349,6 +379,7 @@ class StreamUsage:
 
     def streamed_text(self) -> str:
         """The generated text seen so far (decoded from the JSON fragments)."""
+        self._extract_pending()
         if not self._text:
             return ""
         joined = b'"' + b"".join(self._text) + b'"'
