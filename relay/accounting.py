@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
-from . import _fast
 from .cache import CacheEntry
 from .config import Config
 from .exchange import ProxyExchange
@@ -171,7 +170,7 @@ class Accounting:
             cost = self._prices.cost(usage) if model else 0.0
             label = runtime.labels.label(model) if model else "other"
             credential = request.credential
-            key_hash = _fast.credential_hash(credential).decode() if credential else ""
+            key_hash = runtime.key_hash(credential) if credential else ""
             runtime.record_usage(label, key_hash, usage, cost, saved, self.metrics)
         if runtime.request_log is not None:
             runtime.log_request(

@@ -160,4 +160,21 @@ def run_worker(config: Config, *, reuse_port: bool, worker_index: int = 0) -> in
     import uvloop
 
     sock = bind_socket(config.server.host, config.server.port, reuse_port=reuse_port)
+    _tune_gc()
     return uvloop.run(serve(config, sock, worker_index=worker_index))
+
+
+def _tune_gc() -> None:
+    """Fewer, cheaper garbage collections on the request path.
+
+    Profiles under load showed the cyclic collector at ~4% of the CPU: with
+    the default gen-0 threshold of 700 it runs every few requests and walks
+    the long-lived objects (modules, config, pools) each time. Those are
+    frozen out of its view after start-up, and per-request objects (which
+    rarely form cycles) are collected less often.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 20)

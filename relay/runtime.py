@@ -91,6 +91,9 @@ class Runtime:
         self.request_log: RequestLogger | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._usage_flush: asyncio.TimerHandle | None = None
+        # Read once: the launcher sets it before any worker starts.
+        self._shared_dir = multiprocess_dir()
+        self._key_hashes: dict[bytes, str] = {}
         self.draining = False
 
     # ------------------------------------------------------------------ #
@@ -192,6 +195,19 @@ class Runtime:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def key_hash(self, credential: bytes) -> str:
+        """The short hash that stands for a credential in usage rows and logs.
+
+        Memoized (bounded): most traffic comes from a few keys, and hashing
+        per request showed in profiles.
+        """
+        known = self._key_hashes.get(credential)
+        if known is None:
+            if len(self._key_hashes) >= 4096:
+                self._key_hashes.clear()
+            known = self._key_hashes[credential] = _fast.credential_hash(credential).decode()
+        return known
+
     def breaker_changed(self, upstream: Upstream) -> None:
         state = upstream.breaker.state
         if state != upstream.shown_state:  # the gauge is written on change only
@@ -269,7 +285,7 @@ class Runtime:
             cache=cache,
             latency_ms=seconds * 1000.0,
             upstream=upstream.label,
-            key=_fast.credential_hash(credential).decode() if credential else None,
+            key=self.key_hash(credential) if credential else None,
         )
 
     def not_ready_reason(self, pipeline: Pipeline) -> str | None:
@@ -313,7 +329,7 @@ class Runtime:
 
     def _usage_changed(self) -> None:
         """Schedule this worker's usage file to be rewritten (at most every 0.5 s)."""
-        if self._usage_flush is None and multiprocess_dir() is not None:
+        if self._usage_flush is None and self._shared_dir is not None:
             self._usage_flush = self.loop.call_later(0.5, self._write_usage_file)
 
     def _write_usage_file(self) -> None:
