@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterator
 
 import httptools
 import pytest
@@ -155,7 +156,7 @@ class _HeadOnly(ClientConnection):
 
 
 @pytest.fixture(scope="module")
-def loop() -> asyncio.AbstractEventLoop:
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
     # Timers are armed per request on the loop relay runs on; it need not run.
     loop = uvloop.new_event_loop()
     yield loop

@@ -20,7 +20,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python benchmarks/run.py`
@@ -69,7 +70,7 @@ def rotated(items: list[Target], by: int) -> list[Target]:
     return items[by:] + items[:by]
 
 
-def _arguments(argv: list[str] | None) -> argparse.Namespace:
+def _arguments(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="short runs (about 4 minutes in all)")
@@ -95,7 +96,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
                    help="keep the working directory (configs and every server's log)")
     p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results",
                    help="directory for the raw JSON results (not committed)")
-    return p.parse_known_args(argv)  # type: ignore[return-value]
+    return p.parse_known_args(argv)
 
 
 def run_micro(extra: list[str]) -> int:
@@ -127,9 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     settings = Settings.for_mode(args.quick)
     if args.rounds is not None:
-        settings = _replace(settings, rounds=max(3, args.rounds))
+        settings = replace(settings, rounds=max(3, args.rounds))
     if args.seconds is not None:
-        settings = _replace(settings, seconds=max(1.0, args.seconds))
+        settings = replace(settings, seconds=max(1.0, args.seconds))
     only = {k.strip() for k in args.only.split(",") if k.strip()}
 
     def wanted(kind: str) -> bool:
@@ -206,13 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _replace(settings: Settings, **changes: object) -> Settings:
-    from dataclasses import replace
-    return replace(settings, **changes)
-
-
 def settings_dict(settings: Settings) -> dict[str, object]:
-    from dataclasses import asdict
     return asdict(settings)
 
 
@@ -227,10 +222,10 @@ def _try(what: str, skipped: dict[str, str], start: Callable[[], Target]) -> Tar
         skipped[what] = f"could not be started: {why[:400]}"
         say(f"SKIP {what}: could not be started: {why[:300]}")
         return None
-    why = preflight(target)
-    if why is not None:
-        skipped[target.label] = f"first request failed: {why}"
-        say(f"SKIP {target.label}: first request failed: {why}")
+    failed = preflight(target)
+    if failed is not None:
+        skipped[target.label] = f"first request failed: {failed}"
+        say(f"SKIP {target.label}: first request failed: {failed}")
         return None
     return target
 
@@ -250,13 +245,13 @@ def _start_targets(env: Env, tools: Tools, args: argparse.Namespace,
         for pure in impls:
             for workers in (1, 2):
                 t = _try(f"relay ({'pure' if pure else 'compiled'}, {_workers(workers)})", skipped,
-                         lambda w=workers, p=pure: env.start_relay(w, p))
+                         partial(env.start_relay, workers, pure))
                 if t:
                     targets.append(t)
-    if tools.litellm:
+    if tools.litellm is not None:
         for workers in (1, 2):
             t = _try(f"LiteLLM ({_workers(workers)})", skipped,
-                     lambda w=workers: env.start_litellm(tools.litellm or "", tools.litellm_version or "", w))
+                     partial(env.start_litellm, tools.litellm, tools.litellm_version or "", workers))
             if t:
                 targets.append(t)
     if tools.portkey and tools.node:
@@ -332,7 +327,7 @@ def _streaming(env: Env, targets: list[Target], tools: Tools, args: argparse.Nam
     if wanted("relay"):
         for pure in ([False] if args.no_pure else [False, True]):
             t = _try(f"relay streaming ({'pure' if pure else 'compiled'})", skipped,
-                     lambda p=pure: env.start_relay(1, p, stream=True))
+                     partial(env.start_relay, 1, pure, stream=True))
             if t:
                 stream_targets.append(t)
     stream_targets += [t for t in targets if t.key in ("litellm-1", "portkey") and t.fast]
