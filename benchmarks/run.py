@@ -145,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                         want_litellm=wanted("litellm") and not args.no_litellm,
                         want_portkey=wanted("portkey") and not args.no_portkey,
                         want_pyspy=args.profile, allow_install=not args.no_install)
+    # Facts (relay's commit above all) as of now: the servers load this code.
+    meta = report.machine_facts(REPO, tools, settings_dict(settings), started_at)
     workdir = Path(tempfile.mkdtemp(prefix="relay-bench-"))
     if args.keep:
         say(f"configs and logs: {workdir}")
@@ -183,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     results = {
-        "meta": report.machine_facts(REPO, tools, settings_dict(settings), started_at),
+        "meta": {**meta, "duration_s": round(time.time() - started_at)},
         "skipped": skipped,
         "crashes": crashes,
         "targets": {t.key: {"label": t.label, "kind": t.kind, "workers": t.workers,
