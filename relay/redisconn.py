@@ -25,12 +25,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 __all__ = ["RedisConnection", "RedisUnavailable", "parse_address"]
 
@@ -39,7 +37,8 @@ T = TypeVar("T")
 DEFAULT_PORT = 6379
 # Failures that mean "use the fallback for this call". OSError and the
 # builtin TimeoutError cover what escapes redis-py and our own deadline.
-_CALL_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
+# redis-py is imported with the first connection: a relay without Redis does
+# not pay its ~7 MB and 70 ms of import per worker.
 _REPLY_ERROR_LOG_INTERVAL = 60.0
 
 
@@ -96,6 +95,13 @@ class RedisConnection:
     ) -> None:
         if timeout <= 0:
             raise ValueError("redis timeout must be positive")
+        from redis.asyncio import BlockingConnectionPool, Redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        from redis.exceptions import RedisError, ResponseError
+
+        self._call_errors: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
+        self._reply_error: type[BaseException] = ResponseError
         host, port = parse_address(address)
         self.where = f"{host}:{port}"  # for logs: never carries the password
         self.timeout = timeout
@@ -139,7 +145,7 @@ class RedisConnection:
             # asyncio.timeout is wait_for's deadline without the extra Task per call.
             async with asyncio.timeout(self.timeout):
                 return await fn(*args, **kwargs)
-        except _CALL_ERRORS as exc:
+        except self._call_errors as exc:
             self._failed(exc)
             raise RedisUnavailable(type(exc).__name__) from exc
 
@@ -164,7 +170,7 @@ class RedisConnection:
                 pass
         try:
             await self.client.aclose()
-        except _CALL_ERRORS:
+        except self._call_errors:
             pass
 
     # -- health -----------------------------------------------------------
@@ -177,7 +183,7 @@ class RedisConnection:
 
     def _failed(self, exc: BaseException) -> None:
         self._count_error()
-        if isinstance(exc, ResponseError):
+        if isinstance(exc, self._reply_error):
             now = time.monotonic()
             if now - self._last_reply_error_log >= _REPLY_ERROR_LOG_INTERVAL:
                 self._last_reply_error_log = now
@@ -209,14 +215,14 @@ class RedisConnection:
         try:
             async with asyncio.timeout(self.timeout):
                 await self._pool.disconnect(inuse_connections=False)
-        except _CALL_ERRORS:
+        except self._call_errors:
             pass
         while not self._closed:
             await asyncio.sleep(self.probe_interval)
             try:
                 async with asyncio.timeout(self.timeout):
                     await self.client.ping()
-            except _CALL_ERRORS:
+            except self._call_errors:
                 self._count_error()
                 continue
             if self._closed:
