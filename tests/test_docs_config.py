@@ -535,7 +535,31 @@ def exercise_sdk_example(demo: tuple[int, int, Path]) -> None:
 
 # Normalized block text -> how it is exercised. Handlers get (block text, tmp_path);
 # those marked "demo" run against the api.md walkthrough servers instead.
+BENCHMARK_RUNS = "\n".join([
+    "python -m benchmarks.run --quick   # about 5 minutes",
+    "python -m benchmarks.run           # full run, about 20 minutes",
+    "python -m benchmarks.run --micro   # micro-benchmarks of the hot-path pieces",
+])
+
+
+def exercise_benchmark_commands(text: str, tmp_path: Path) -> None:
+    """A benchmark run takes minutes (over CI's budget for one test): check
+    instead that each documented invocation is one the runner accepts, and
+    that the runner starts and explains itself."""
+    import shlex
+
+    from benchmarks.run import _arguments
+
+    for line in text.splitlines():
+        words = shlex.split(line, comments=True)
+        assert words[:3] == ["python", "-m", "benchmarks.run"], line
+        _arguments(words[3:])  # argparse exits on an unknown flag
+    result = run_block("python -m benchmarks.run --help", REPO, timeout=60)
+    assert result.returncode == 0 and "--quick" in result.stdout, result.stderr
+
+
 EXERCISED: dict[str, tuple[str, Callable[..., None]]] = {
+    normalize(BENCHMARK_RUNS): ("plain", exercise_benchmark_commands),
     CHECK_EXAMPLE: ("plain", exercise_check_config),
     CHECK_WITH_ENV: ("plain", exercise_check_config),
     LAUNCH: ("plain", exercise_launch),
