@@ -96,7 +96,10 @@ def _arguments(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                    help="keep the working directory (configs and every server's log)")
     p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results",
                    help="directory for the raw JSON results (not committed)")
-    return p.parse_known_args(argv)
+    args, extra = p.parse_known_args(argv)
+    if extra and not args.micro:  # only --micro passes arguments on (to pytest)
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args, extra
 
 
 def run_micro(extra: list[str]) -> int:
@@ -120,9 +123,6 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = _arguments(argv)
     if args.micro:
         return run_micro(extra)
-    if extra:
-        say(f"unknown arguments: {' '.join(extra)}")
-        return 2
     if args.litellm_version in BANNED_LITELLM:
         say(f"LiteLLM {args.litellm_version} is refused: that release was published compromised")
         return 2
