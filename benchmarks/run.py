@@ -111,8 +111,12 @@ def run_micro(extra: list[str]) -> int:
     return subprocess.call(argv, cwd=REPO)
 
 
-class _Stop(Exception):
-    """SIGTERM/SIGHUP: unwind through the finally that stops every process."""
+class _Stop(BaseException):
+    """SIGINT/SIGTERM/SIGHUP: unwind through the finally that stops every process.
+
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception``
+    that records a failed run can swallow it.
+    """
 
 
 def _on_signal(signum: int, _frame: object) -> None:
@@ -136,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     def wanted(kind: str) -> bool:
         return not only or kind in only
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    # SIGINT too: a shell that starts the runner in the background leaves
+    # SIGINT ignored, and Python then never installs its own handler.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)
 
     started_at = time.time()
@@ -177,13 +183,17 @@ def main(argv: list[str] | None = None) -> int:
         if env.stream_port:
             streams = _streaming(env, targets, tools, args, wanted, settings, skipped, crashes)
     except (KeyboardInterrupt, _Stop) as exc:
-        say(f"interrupted ({exc or 'Ctrl-C'}): stopping everything started")
-        procs.stop_all()
+        say(f"interrupted ({exc or 'SIGINT'}): stopping everything started")
         return 130
     finally:
+        # A second Ctrl-C must not cut the cleanup short.
+        previous = {sig: signal.signal(sig, signal.SIG_IGN)
+                    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         procs.stop_all()
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     results = {
         "meta": {**meta, "duration_s": round(time.time() - started_at)},
         "skipped": skipped,
