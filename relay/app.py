@@ -46,8 +46,13 @@ class Gateway:
         *,
         metrics: Metrics | None = None,
         worker_index: int = 0,
+        file_config: Config | None = None,
     ) -> None:
         self.config = config
+        # What the file said before command-line overrides (--port,
+        # --workers): edits are compared with it, so an untouched file does
+        # not look like a change of the overridden keys.
+        self._file_config = file_config if file_config is not None else config
         self.loop = loop
         self.worker_index = worker_index
         self.runtime = Runtime(
@@ -67,7 +72,7 @@ class Gateway:
         await self.server.start(sock)
         if self.config.source is not None:
             self._watcher = ConfigWatcher(
-                self.config.source, self.config, self._reloaded, self._reload_failed
+                self.config.source, self._file_config, self._reloaded, self._reload_failed
             )
             self._watcher.start()
 
@@ -138,10 +143,11 @@ async def serve(
     *,
     worker_index: int = 0,
     install_signals: bool = True,
+    file_config: Config | None = None,
 ) -> int:
     """Serve on *sock* until SIGTERM/SIGINT, then drain; returns the exit code."""
     loop = asyncio.get_running_loop()
-    gateway = Gateway(config, loop, worker_index=worker_index)
+    gateway = Gateway(config, loop, worker_index=worker_index, file_config=file_config)
     await gateway.start(sock)
     log.info(describe(config, gateway.server.address, gateway))
     if install_signals:
@@ -155,13 +161,21 @@ async def serve(
     return 0
 
 
-def run_worker(config: Config, *, reuse_port: bool, worker_index: int = 0) -> int:
+def run_worker(
+    config: Config,
+    *,
+    reuse_port: bool,
+    worker_index: int = 0,
+    file_config: Config | None = None,
+) -> int:
     """Bind, run the event loop (uvloop) and serve until stopped."""
     import uvloop
 
     sock = bind_socket(config.server.host, config.server.port, reuse_port=reuse_port)
     _tune_gc()
-    return uvloop.run(serve(config, sock, worker_index=worker_index))
+    return uvloop.run(
+        serve(config, sock, worker_index=worker_index, file_config=file_config)
+    )
 
 
 def _tune_gc() -> None:

@@ -60,9 +60,12 @@ def _setup_logging(level: str) -> None:
     )
 
 
-def _load(args: argparse.Namespace) -> Config:
+def _load(args: argparse.Namespace) -> tuple[Config, Config]:
+    """The config to run with, and the file's own (before command-line
+    overrides), which hot reload compares edits against."""
     path = resolve_config_path(args.config, os.environ)
     config = load_config(path, os.environ)
+    file_config = config
     server = config.server
     if args.port is not None:
         host, port = parse_listen_address(args.port)
@@ -71,7 +74,7 @@ def _load(args: argparse.Namespace) -> Config:
         if args.workers < 1:
             raise ValueError("--workers must be at least 1")
         server = dataclasses.replace(server, workers=args.workers)
-    return dataclasses.replace(config, server=server)
+    return dataclasses.replace(config, server=server), file_config
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -79,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check_config:
         return check_config(args.config, os.environ)
     try:
-        config = _load(args)
+        config, file_config = _load(args)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"relay: {problem}", file=sys.stderr)
@@ -92,14 +95,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .app import run_worker
 
         try:
-            return run_worker(config, reuse_port=False)
+            return run_worker(config, reuse_port=False, file_config=file_config)
         except OSError as exc:
             log.error("cannot listen on %s:%s: %s", config.server.host, config.server.port, exc.strerror)
             return 1
-    return _run_workers(config)
+    return _run_workers(config, file_config)
 
 
-def _run_workers(config: Config) -> int:
+def _run_workers(config: Config, file_config: Config) -> int:
     from . import metrics
 
     metrics_dir = os.environ.get(metrics.MULTIPROC_ENV) or tempfile.mkdtemp(prefix="relay-metrics-")
@@ -117,7 +120,9 @@ def _run_workers(config: Config) -> int:
             try:
                 from .app import run_worker
 
-                code = run_worker(config, reuse_port=True, worker_index=index)
+                code = run_worker(
+                    config, reuse_port=True, worker_index=index, file_config=file_config
+                )
             except OSError as exc:
                 log.error("worker %d cannot listen: %s", index, exc.strerror)
             except BaseException:

@@ -182,9 +182,20 @@ def _usage_tail(body: bytes, at: int, model_hint: str) -> Usage | None:
         usage, end = _DECODER.raw_decode(tail)
     except (ValueError, UnicodeDecodeError):
         return None
-    # The usage object must close the top-level one: only "}" may follow.
-    if tail[end:].strip() != "}":
-        return None
+    # The usage object must belong to the top-level one: what follows it is
+    # either "}" or more top-level members closing it (OpenAI puts
+    # service_tier and system_fingerprint there). A nested "usage" leaves
+    # unbalanced brackets, which fail this check and take the full parse.
+    rest = tail[end:].strip()
+    if rest != "}":
+        if not rest.startswith(","):
+            return None
+        try:
+            members = json.loads("{" + rest[1:])
+        except ValueError:
+            return None
+        if not isinstance(members, dict):
+            return None
     counts = _counts(usage) if isinstance(usage, dict) else None
     if counts is None:
         return None

@@ -217,3 +217,20 @@ def test_pure_and_compiled_twins_serve_the_same(upstream, no_extensions):
     if not no_extensions and os.environ.get("RELAY_EXPECT_EXTENSIONS") != "1":
         expected = "extensions="  # not built here: either is fine
     assert expected in err.decode()
+
+
+def test_command_line_overrides_are_not_mistaken_for_config_edits(upstream):
+    """--port and --workers differ from the file; an untouched file must not reload."""
+    port = free_port()
+    path = write_config({"server": {"port": "127.0.0.1:1"}, "proxy": {"target": upstream.url}})
+    proc = start_relay_process(["--config", path, "--port", f"127.0.0.1:{port}"])
+    try:
+        wait_for_port(port, proc=proc)
+        time.sleep(2.0)  # the watcher polls every 0.5 s
+        assert _get(port, "/healthz")[0] == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        os.unlink(path)
+    text = err.decode()
+    assert "after a restart" not in text and "reloaded" not in text, text
