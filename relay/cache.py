@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import cast
 
+from relay.http.protocol import HOP_BY_HOP
 from relay.redisconn import RedisConnection, RedisUnavailable
 
 __all__ = [
@@ -37,22 +38,7 @@ Headers = tuple[tuple[bytes, bytes], ...]
 # Never replayed from the cache: hop-by-hop headers (RFC 9110 7.6.1), the
 # framing the server recomputes for the replay, cookies (one client's cookie
 # must not reach another) and relay's own marker, which the server sets.
-_DROPPED_HEADERS = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"content-length",
-        b"set-cookie",
-        b"x-relay-cache",
-    }
-)
+_DROPPED_HEADERS = HOP_BY_HOP | {b"set-cookie", b"x-relay-cache"}
 
 
 def replay_headers(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
