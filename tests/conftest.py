@@ -6,16 +6,27 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import httptools
 import pytest
 
 from relay.testing import ThreadedFakeUpstream
-from tests.support import RelayThread, make_config
+from tests.support import RelayThread, make_config, run_on
 
 TIMEOUT = 5.0
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run(request: pytest.FixtureRequest) -> Callable[[Coroutine[Any, Any, Any]], Any]:
+    """Runs a coroutine on a fresh loop of each kind (bounded); modules may override."""
+    import asyncio
+
+    import uvloop
+
+    factory = uvloop.new_event_loop if request.param == "uvloop" else asyncio.new_event_loop
+    return lambda coro: run_on(factory, coro)
 
 
 @pytest.fixture(scope="session")

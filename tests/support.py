@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import socket
@@ -11,9 +12,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
+import pytest
 import yaml
 
 from relay.app import Gateway
@@ -198,3 +200,45 @@ def wait_for_port(port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
+
+
+def run_on(factory: Callable[[], asyncio.AbstractEventLoop], coro: Coroutine[Any, Any, T]) -> T:
+    """Run *coro* on a new loop made by *factory*, bounded to 30 s."""
+
+    async def bounded() -> T:
+        async with asyncio.timeout(30):
+            return await coro
+
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(bounded())
+
+
+@contextlib.contextmanager
+def unanswered_port() -> Iterator[int]:
+    """A port whose SYNs go unanswered: a backlog-0 listener with a full queue."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(4):
+            s = socket.socket()
+            s.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                s.connect(("127.0.0.1", port))
+            fillers.append(s)
+        probe = socket.socket()
+        probe.settimeout(0.2)
+        try:
+            probe.connect(("127.0.0.1", port))
+            pytest.skip("this kernel completes handshakes beyond a full accept queue")
+        except TimeoutError:
+            pass
+        finally:
+            probe.close()
+        yield port
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()

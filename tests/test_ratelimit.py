@@ -23,6 +23,7 @@ from relay.ratelimit import (
     limiter_key,
 )
 from relay.redisconn import RedisConnection
+from tests.support import run_on
 
 try:
     from redis_server import RedisServer
@@ -31,21 +32,6 @@ except ImportError:  # tests/ collected as a package
 
 Runner = Callable[[Coroutine[Any, Any, Any]], Any]
 IMPLEMENTATIONS = [impl for impl in (fast.pure, fast.compiled) if impl is not None]
-
-
-def run_on(factory: Callable[[], asyncio.AbstractEventLoop], coro: Coroutine[Any, Any, Any]) -> Any:
-    async def bounded() -> Any:
-        async with asyncio.timeout(30):
-            return await coro
-
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(bounded())
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def run(request: pytest.FixtureRequest) -> Runner:
-    factory = uvloop.new_event_loop if request.param == "uvloop" else asyncio.new_event_loop
-    return lambda coro: run_on(factory, coro)
 
 
 class FakeClock:

@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 import redis
-import uvloop
 
 from relay.redisconn import RedisConnection, RedisUnavailable, parse_address
 
@@ -19,21 +18,6 @@ except ImportError:  # tests/ collected as a package
     from tests.redis_server import RedisServer
 
 Runner = Callable[[Coroutine[Any, Any, Any]], Any]
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def run(request: pytest.FixtureRequest) -> Runner:
-    factory = uvloop.new_event_loop if request.param == "uvloop" else asyncio.new_event_loop
-
-    def _run(coro: Coroutine[Any, Any, Any]) -> Any:
-        async def bounded() -> Any:
-            async with asyncio.timeout(30):
-                return await coro
-
-        with asyncio.Runner(loop_factory=factory) as runner:
-            return runner.run(bounded())
-
-    return _run
 
 
 class Recorder(logging.Handler):

@@ -5,7 +5,6 @@ or a visibly cut stream, and relay keeps serving."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
 import threading
@@ -16,7 +15,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from relay.testing import ThreadedFakeUpstream
-from tests.support import RelayThread, free_port
+from tests.support import RelayThread, free_port, unanswered_port
 
 if TYPE_CHECKING:
     from tests.conftest import RawClient, RelayFactory, Response
@@ -364,41 +363,10 @@ def test_garbage_after_a_good_head_is_a_cut_stream(
         assert client.closed
 
 
-@contextlib.contextmanager
-def unanswered_listener() -> Iterator[int]:
-    """A port whose SYNs go unanswered: a backlog-0 listener with a full queue."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    port = listener.getsockname()[1]
-    fillers = []
-    try:
-        for _ in range(4):
-            s = socket.socket()
-            s.setblocking(False)
-            with contextlib.suppress(BlockingIOError):
-                s.connect(("127.0.0.1", port))
-            fillers.append(s)
-        probe = socket.socket()
-        probe.settimeout(0.2)
-        try:
-            probe.connect(("127.0.0.1", port))
-            pytest.skip("this kernel completes handshakes beyond a full accept queue")
-        except TimeoutError:
-            pass
-        finally:
-            probe.close()
-        yield port
-    finally:
-        for s in fillers:
-            s.close()
-        listener.close()
-
-
 def test_connect_timeout_is_504(
     relay_factory: RelayFactory, connect: Callable[[int], RawClient],
 ) -> None:
-    with unanswered_listener() as port:
+    with unanswered_port() as port:
         relay = relay_factory(f"http://127.0.0.1:{port}", proxy={"connect_timeout": 0.3})
         client = connect(relay.port)
         start = time.monotonic()

@@ -11,7 +11,6 @@ UpstreamError.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -22,6 +21,7 @@ import uvloop
 from relay.upstream import pool as pool_module
 from relay.upstream.pool import Origin, UpstreamPool
 from relay.upstream.protocol import UpstreamConnection, UpstreamError
+from tests.support import unanswered_port
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -353,37 +353,6 @@ def test_connect_refused_is_an_upstream_error(env: Env) -> None:
         assert pool.connections_opened == 0
 
     env.run(body())
-
-
-@contextlib.contextmanager
-def unanswered_port() -> Iterator[int]:
-    """A backlog-0 listener whose accept queue is full: SYNs go unanswered."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    port = listener.getsockname()[1]
-    fillers = []
-    try:
-        for _ in range(4):
-            s = socket.socket()
-            s.setblocking(False)
-            with contextlib.suppress(BlockingIOError):
-                s.connect(("127.0.0.1", port))
-            fillers.append(s)
-        probe = socket.socket()
-        probe.settimeout(0.2)
-        try:
-            probe.connect(("127.0.0.1", port))
-            pytest.skip("this kernel completes handshakes beyond a full accept queue")
-        except TimeoutError:
-            pass
-        finally:
-            probe.close()
-        yield port
-    finally:
-        for s in fillers:
-            s.close()
-        listener.close()
 
 
 def test_connect_timeout_is_an_upstream_timeout(env: Env) -> None:
