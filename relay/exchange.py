@@ -328,4 +328,8 @@ class ProxyExchange:
         parts = self.recorded if self.recorded is not None else self.json_body
         if not parts:
             return b""
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        if len(parts) > 1:
+            # Asked for more than once after completion (estimate check,
+            # usage, cache entry): join once and keep the result.
+            parts[:] = [b"".join(parts)]
+        return parts[0]
