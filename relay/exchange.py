@@ -67,6 +67,13 @@ class ExchangeObserver(Protocol):
     def fail(self) -> None: ...
 
 
+class RetryGate(Protocol):
+    """Asked once per response head: is this answer to be retried instead of
+    relayed? True means nothing of it reaches the client (or the followers)."""
+
+    def wants(self, status: int, headers: list[tuple[bytes, bytes]]) -> bool: ...
+
+
 class Outcome:
     """How the exchange ended."""
 
@@ -74,6 +81,7 @@ class Outcome:
     FAILED = 1        # upstream failed before the response head: answer 502/504
     BROKEN = 2        # upstream failed mid-body: the client stream was cut
     CLIENT_GONE = 3   # the client left first
+    RETRY = 4         # a retryable answer (429, 5xx) held back: try again
 
 
 def response_headers(
@@ -123,6 +131,8 @@ class ProxyExchange:
         "error",
         "bytes_sent",
         "_first_event_pending",
+        "_retry",
+        "discarded",
     )
 
     def __init__(
@@ -139,6 +149,7 @@ class ProxyExchange:
         observer: ExchangeObserver | None,
         loop: asyncio.AbstractEventLoop,
         head_only: bool = False,
+        retry: RetryGate | None = None,
     ) -> None:
         self._client = client
         self._upstream = upstream
@@ -165,6 +176,8 @@ class ProxyExchange:
         self.error: UpstreamError | None = None
         self.bytes_sent = 0
         self._first_event_pending = True
+        self._retry = retry
+        self.discarded = False  # the response is read and dropped (a retry follows)
         # Until the head arrives, a client that leaves must still close the
         # upstream request.
         client.on_lost = self._client_lost
@@ -179,6 +192,14 @@ class ProxyExchange:
     # ------------------------------------------------------------------ #
     def on_head(self, status: int, headers: list[tuple[bytes, bytes]], length: int | None) -> None:
         self.first_byte_at = self._loop.time()
+        retry = self._retry
+        if retry is not None and retry.wants(status, headers):
+            # Nothing of it goes out: read it to the end (the connection can
+            # be reused) and let the pipeline try again.
+            self.discarded = True
+            self.status = status
+            self.headers = tuple(headers)
+            return
         self.status = status
         kept, content_type = response_headers(headers)
         self.headers = kept
@@ -221,6 +242,8 @@ class ProxyExchange:
                 self._observer.start(status, kept)
 
     def on_body(self, chunk: bytes) -> None:
+        if self.discarded:
+            return
         splitter = self.splitter
         if splitter is not None:
             events = splitter.feed(chunk)
@@ -244,6 +267,10 @@ class ProxyExchange:
         self._forward(chunk)
 
     def on_complete(self) -> None:
+        if self.discarded:
+            self._release(self._upstream)
+            self._settle(Outcome.RETRY)
+            return
         splitter = self.splitter
         if splitter is not None:
             rest = splitter.flush()
@@ -264,7 +291,12 @@ class ProxyExchange:
 
     def on_error(self, error: UpstreamError) -> None:
         self.error = error
-        if self._observer is not None:
+        if self.discarded:
+            self._settle(Outcome.RETRY)
+            return
+        if self.status and self._observer is not None:
+            # Before the head the flight stays open: the pipeline may retry
+            # for its followers, and fails it itself when it gives up.
             self._observer.fail()
         if self.status:
             # Part of the body is out: the only honest signal left is to cut

@@ -34,6 +34,7 @@ class Request:
         "cache_control",
         "forwarded_for",
         "forward_headers",
+        "credential_headers",
         "started",
         "_json",
     )
@@ -64,8 +65,13 @@ class Request:
         self.cache_control: bytes | None = None
         self.forwarded_for: bytes | None = None
         # End-to-end headers rendered as "Name: value\r\n" lines, ready to be
-        # written upstream (hop-by-hop, Host, Expect, X-Forwarded-* removed).
+        # written upstream (hop-by-hop, Host, Expect, X-Forwarded-* removed),
+        # without the credential headers (Authorization, x-api-key, api-key):
+        # those are in credential_headers, sent upstream only when the
+        # upstream has no key of its own. Admission that consumes a relay
+        # key sets credential_headers to b"" so it is never forwarded.
         self.forward_headers = b""
+        self.credential_headers = b""
         self._json: Any = _UNPARSED
 
     @property
