@@ -133,11 +133,15 @@ class Faults:
     body_bytes: int | None = None
     chunked: bool = False
     close: bool = False
+    retry_after: float | None = None
+    drop: bool = False
+    drop_reused: bool = False
 
     @property
     def needs_task(self) -> bool:
         return bool(self.delay or self.event_delay or self.truncate
-                    or self.reset_after is not None or self.body_bytes is not None)
+                    or self.reset_after is not None or self.body_bytes is not None
+                    or self.retry_after is not None)
 
 
 _TRUE = frozenset((b"1", b"true", b"yes"))
@@ -195,6 +199,9 @@ _FAULT_PARSERS: dict[bytes, tuple[str, Callable[[str, bytes], float]]] = {
     b"x-fake-body-bytes": ("body_bytes", _count),
     b"x-fake-chunked": ("chunked", _flag),
     b"x-fake-close": ("close", _flag),
+    b"x-fake-retry-after": ("retry_after", _seconds),
+    b"x-fake-drop": ("drop", _flag),
+    b"x-fake-drop-reused": ("drop_reused", _flag),
 }
 
 

@@ -57,8 +57,17 @@ class TargetState:
             self.ewma = ewma * weight + seconds * (1.0 - weight)
         self.stamp = now
 
-    def cost(self) -> float:
-        return self.ewma * (self.inflight + 1)
+    def cost(self, now: float) -> float:
+        """Expected wait here: the average decayed to *now*, times the queue.
+
+        The decay without new samples (Finagle's PeakEWMA does the same)
+        lets a target that was slow once, or whose samples stopped because
+        it lost the comparison, be tried again after a while.
+        """
+        ewma = self.ewma
+        if ewma and now > self.stamp:
+            ewma *= math.exp(-(now - self.stamp) / DECAY_SECONDS)
+        return ewma * (self.inflight + 1)
 
 
 def _blocked(upstream: Upstream, now: float, breakers: bool) -> bool:
@@ -146,7 +155,7 @@ class Balancer:
         second = self._nth(other if other < self._rank(first, excluded, now, cooling) else other + 1,
                            excluded, now, cooling)
         a, b = targets[first].state, targets[second].state
-        return first if a.cost() <= b.cost() else second
+        return first if a.cost(now) <= b.cost(now) else second
 
     def earliest_cooled(self, now: float, excluded: int) -> tuple[int, float]:
         """The target (not excluded, breaker not open) whose 429 wait ends first, and the wait."""
