@@ -482,7 +482,9 @@ class Pipeline:
             if chain is not None:
                 chain.index = index
             breaker = upstream.breaker if breakers else None
-            if breaker is not None and not breaker.allow(now):
+            if fresh:
+                pass  # the same attempt, resent: the breaker let it through already
+            elif breaker is not None and not breaker.allow(now):
                 # Half-open with its probe out (or opened meanwhile): next one.
                 refused |= 1 << index
                 fresh = False
@@ -511,8 +513,11 @@ class Pipeline:
             state.inflight += 1
             started = time.monotonic()
             try:
+                conn = None if fresh else upstream.pool.take_idle()
+                reused = conn is not None
                 try:
-                    conn, reused = await upstream.pool.acquire(fresh=fresh)
+                    if conn is None:
+                        conn, reused = await upstream.pool.acquire(fresh=fresh)
                 except UpstreamError as exc:
                     error = exc
                     fresh = False
@@ -522,7 +527,8 @@ class Pipeline:
                             breaker.release_probe()
                     else:
                         failed_at = time.monotonic()
-                        state.observe(failed_at - started, failed_at)
+                        if balancer.measures:  # what the failure cost counts as latency
+                            state.observe(failed_at - started, failed_at)
                         self._metrics.upstream_attempt(upstream.label, "connect")
                         if breaker is not None:
                             breaker.record_failure(failed_at)
@@ -568,7 +574,8 @@ class Pipeline:
                 state.inflight -= 1
             fresh = False
             if outcome != Outcome.FAILED:
-                state.observe(exchange.upstream_latency, time.monotonic())
+                if balancer.measures:
+                    state.observe(exchange.upstream_latency, time.monotonic())
                 if outcome != Outcome.RETRY:
                     break
             # Failed before anything reached the client: maybe try again.
@@ -607,7 +614,8 @@ class Pipeline:
             else:
                 kind, retry = "reset", self._retry_reset
             failed_at = time.monotonic()
-            state.observe(failed_at - started, failed_at)
+            if balancer.measures:
+                state.observe(failed_at - started, failed_at)
             self._metrics.upstream_attempt(upstream.label, kind)
             if breaker is not None:
                 breaker.record_failure(failed_at)

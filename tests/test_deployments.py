@@ -500,3 +500,58 @@ def test_route_target_and_proxy_keys_come_from_the_environment(tmp_path: Any) ->
     assert (second.api_key, second.auth) == ("own-secret-3", "api-key")
     for secret in ("proxy-secret-1", "route-secret-2", "own-secret-3"):
         assert secret not in repr(config)
+
+
+# --------------------------------------------------------------------------- #
+# bad input: refused at load and at reload, with file, key and reason
+# --------------------------------------------------------------------------- #
+SOMEWHERE = "http://127.0.0.1:9"
+BAD_DEPLOYMENTS = [
+    ({"routes": [{"model": "a*", "target": SOMEWHERE, "targets": [{"url": SOMEWHERE}]}]},
+     "routes[0]", "both target and targets"),
+    ({"routes": [route({"url": SOMEWHERE, "weight": 0})]},
+     "routes[0].targets[0].weight", "must be a number > 0"),
+    ({"routes": [route({"url": SOMEWHERE, "weight": -2})]},
+     "routes[0].targets[0].weight", "must be a number > 0"),
+    ({"routes": [route({"url": SOMEWHERE}, strategy="fastest")]},
+     "routes[0].strategy", "must be one of weighted | least_busy | latency"),
+    ({"routes": [route({"url": SOMEWHERE}, fallback_models=["llama-3"])]},
+     "routes[0].fallback_models[0]", "no route serves model 'llama-3'"),
+    ({"retries": {"attempts": -1}}, "retries.attempts", "must be >= 0"),
+]
+
+
+@pytest.mark.parametrize(("section", "key", "reason"), BAD_DEPLOYMENTS,
+                         ids=[f"{k}:{r[:20]}" for _, k, r in BAD_DEPLOYMENTS])
+def test_bad_deployment_config_is_refused_at_load(section: dict[str, Any], key: str, reason: str):
+    from relay.config import ConfigError, load_config
+    from tests.support import write_config
+
+    path = write_config({"proxy": {"target": SOMEWHERE}, **section})
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert any(p.file == path and p.key == key and reason in p.reason
+               for p in info.value.problems), info.value.problems
+
+
+def test_bad_deployment_edits_are_refused_at_reload(fakes: Fakes, tmp_path: Any, caplog: Any):
+    from tests.test_reload import reload_errors, start, until, write
+
+    up = fakes()
+    path = str(tmp_path / "relay.yaml")
+    good = {"server": {"port": "127.0.0.1:0", "shutdown_timeout": 2},
+            "proxy": {"target": up.url}, "cache": {"enabled": False},
+            "ratelimit": {"enabled": False}, "circuit_breaker": {"enabled": False},
+            "routes": [route({"url": up.url, "name": "only"})]}
+    relay = start(path, good)
+    try:
+        for count, (section, key, _) in enumerate(BAD_DEPLOYMENTS, 1):
+            write(path, {**good, **section})
+            until(lambda count=count: reload_errors(relay.port) == count)
+            # The last good config is still the one in force.
+            status, headers, _ = ask(relay.port, f"still served {count}")
+            assert status == 200 and headers["x-relay-upstream"] == "only"
+            refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+            assert any(key in m and path in m for m in refused), (key, refused)
+    finally:
+        relay.stop()

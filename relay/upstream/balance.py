@@ -81,7 +81,7 @@ def _blocked(upstream: Upstream, now: float, breakers: bool) -> bool:
 class Balancer:
     """Picks among one route's targets by its strategy."""
 
-    __slots__ = ("targets", "strategy", "single", "_weights", "_random", "_breakers")
+    __slots__ = ("targets", "strategy", "single", "measures", "_weights", "_random", "_breakers")
 
     def __init__(
         self,
@@ -98,6 +98,9 @@ class Balancer:
         self.targets = targets
         self.strategy = strategy
         self.single = targets[0] if len(targets) == 1 else None
+        # Only the latency strategy reads the time-to-first-byte average:
+        # other routes skip keeping it (the histogram has the numbers).
+        self.measures = strategy == "latency" and self.single is None
         self._weights = tuple(t.weight for t in targets)
         self._random = (rng or random.Random()).random
         self._breakers = breakers
