@@ -759,6 +759,7 @@ class Pipeline:
         if client.is_lost:
             self._accounting.done(request, upstream, 499)
             return
+        extra.append(upstream.relay_header)  # who was tried last
         if error.exhausted:
             gateway_error = errors.GatewayError(
                 503,

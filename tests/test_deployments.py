@@ -415,8 +415,12 @@ def test_connections_per_upstream_are_bounded(relay_factory: RelayFactory, fakes
     assert status == 503 and headers["retry-after"] == "1"
     error = json.loads(body)["error"]
     assert error["code"] == "upstream_connections_exhausted" and "busy" in error["message"]
+    assert headers["x-relay-upstream"] == label(up)
     slow.join(10)
     assert up.connections_opened == 1
+    # The slot count follows the sockets: one open (idle now), none leaked.
+    (pool,) = relay.call(lambda: relay.gateway.runtime.pools.all())
+    assert relay.call(lambda: pool.open) == 1 and pool.idle_count == 1
 
 
 def test_a_bounded_pool_waits_for_a_connection_to_come_free(

@@ -173,10 +173,17 @@ class UpstreamPool:
         """Open a new connection, bounded by ``connect_timeout`` (TLS included)."""
         origin = self.origin
         self.open += 1
+        made: list[UpstreamConnection] = []
+
+        def factory() -> UpstreamConnection:
+            conn = UpstreamConnection(self._loop, self.read_timeout, self._closed_one)
+            made.append(conn)
+            return conn
+
         try:
             _, conn = await asyncio.wait_for(
                 self._loop.create_connection(
-                    lambda: UpstreamConnection(self._loop, self.read_timeout, self._closed_one),
+                    factory,
                     origin.host,
                     origin.port,
                     ssl=self._ssl,
@@ -184,27 +191,35 @@ class UpstreamPool:
                 ),
                 self.connect_timeout,
             )
-        except TimeoutError:
-            self._closed_one()
-            raise UpstreamError(
-                f"Connecting to {origin} timed out", timeout=True, connect=True
-            ) from None
-        except ssl.SSLError as exc:
-            self._closed_one()
-            raise UpstreamError(
-                f"TLS handshake with {origin} failed: {exc.reason}", connect=True
-            ) from None
-        except OSError as exc:
-            self._closed_one()
-            raise UpstreamError(
-                f"Could not connect to {origin}: {exc.strerror or exc.__class__.__name__}",
-                connect=True,
-            ) from None
-        except BaseException:
-            self._closed_one()
+        except BaseException as exc:
+            self._abandon(made)
+            if isinstance(exc, TimeoutError):
+                raise UpstreamError(
+                    f"Connecting to {origin} timed out", timeout=True, connect=True
+                ) from None
+            if isinstance(exc, ssl.SSLError):
+                raise UpstreamError(
+                    f"TLS handshake with {origin} failed: {exc.reason}", connect=True
+                ) from None
+            if isinstance(exc, OSError):
+                raise UpstreamError(
+                    f"Could not connect to {origin}: {exc.strerror or exc.__class__.__name__}",
+                    connect=True,
+                ) from None
             raise
         self.connections_opened += 1
         return conn
+
+    def _abandon(self, made: list[UpstreamConnection]) -> None:
+        """A connect that failed or was cancelled gives its slot back once."""
+        if made and made[0].transport is not None and not made[0].lost:
+            made[0].close()  # its connection_lost gives the slot back
+        elif made and made[0].lost:
+            pass  # connection_lost already did
+        else:
+            for conn in made:
+                conn._on_closed = None
+            self._closed_one()
 
     def _closed_one(self) -> None:
         """A connection (or an attempt to open one) ended: its slot is free."""
