@@ -188,6 +188,46 @@ def test_failover_on_connect_error(relay_factory: RelayFactory, fakes: Fakes):
     assert sample(samples, "relay_upstream_attempts_total", upstream="bad", outcome="connect") == 3
 
 
+def test_failover_on_reset_before_the_head_only_when_asked(
+    relay_factory: RelayFactory, fakes: Fakes
+):
+    bad, good = fakes(), fakes()
+    bad.set_faults({"x-fake-drop": 1})
+    relay = relay_factory(good.url, retries={"attempts": 1, "on": ["reset"]},
+                          routes=[failing_first(bad.url, good)])
+    for i in range(3):
+        status, headers, _ = ask(relay.port, f"reset {i}")
+        assert status == 200 and headers["x-relay-upstream"] == "good"
+    _, samples, _ = scrape(relay.port)
+    assert sample(samples, "relay_upstream_attempts_total", upstream="bad", outcome="reset") == 3
+    # Not asked for by default: the upstream may have acted on the request.
+    other = relay_factory(good.url, retries={"attempts": 1}, routes=[failing_first(bad.url, good)])
+    status, headers, body = ask(other.port, "reset, not retried")
+    assert status == 502 and headers["x-relay-upstream"] == "bad"
+    assert json.loads(body)["error"]["code"] == "bad_gateway"
+
+
+def test_target_states_for_relays_own_pages(relay_factory: RelayFactory, fakes: Fakes):
+    first, second = fakes(), fakes()
+    relay = relay_factory(first.url, proxy={"api_key": "sk-never-shown"}, routes=[route(
+        {"url": first.url, "name": "first", "weight": 2}, {"url": second.url},
+        strategy="latency")])
+    for i in range(4):
+        assert ask(relay.port, f"state {i}")[0] == 200
+    deadline = time.monotonic() + 5
+    while True:  # the last request's bookkeeping may trail its answer a little
+        states = relay.call(lambda: relay.gateway.pipeline.target_states())
+        if all(s["in_flight"] == 0 for s in states) or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    by_label = {s["upstream"]: s for s in states}
+    assert set(by_label) == {"first", label(second), label(first)}  # proxy.target too
+    assert by_label["first"]["weight"] == 2 and by_label["first"]["breaker"] == "closed"
+    assert all(s["in_flight"] == 0 for s in states)
+    assert sum(s["latency_seconds"] > 0 for s in states) >= 1
+    assert "sk-never-shown" not in json.dumps(states)
+
+
 def test_without_retries_the_failure_reaches_the_client(relay_factory: RelayFactory, fakes: Fakes):
     bad, good = fakes(), fakes()
     bad.set_faults({"x-fake-status": 503})
