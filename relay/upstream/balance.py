@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import random
+from bisect import bisect_right
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -81,7 +82,10 @@ def _blocked(upstream: Upstream, now: float, breakers: bool) -> bool:
 class Balancer:
     """Picks among one route's targets by its strategy."""
 
-    __slots__ = ("targets", "strategy", "single", "measures", "_weights", "_random", "_breakers")
+    __slots__ = (
+        "targets", "strategy", "single", "measures", "_weights", "_cumulative", "_all",
+        "_random", "_breakers",
+    )
 
     def __init__(
         self,
@@ -102,6 +106,14 @@ class Balancer:
         # other routes skip keeping it (the histogram has the numbers).
         self.measures = strategy == "latency" and self.single is None
         self._weights = tuple(t.weight for t in targets)
+        running = 0.0
+        cumulative = []
+        for weight in self._weights[:-1]:
+            running += weight
+            cumulative.append(running)
+        # bisect over these gives the index for a point in [0, total weight).
+        self._cumulative = tuple(cumulative)
+        self._all = (1 << len(targets)) - 1
         self._random = (rng or random.Random()).random
         self._breakers = breakers
 
@@ -113,52 +125,60 @@ class Balancer:
         Retry-After are skipped too.
         """
         targets = self.targets
-        count = len(targets)
-        strategy = self.strategy
         breakers = self._breakers
+        # One pass decides who may be chosen (bit i set: target i may).
+        allowed = 0
+        count = 0
+        total = 0.0
+        weights = self._weights
+        for i, target in enumerate(targets):
+            if (excluded >> i) & 1:
+                continue
+            if cooling and target.state.not_before > now:
+                continue
+            if breakers:
+                breaker = target.breaker
+                if breaker.state == 2 and breaker.retry_after(now) > 0.0:
+                    continue
+            allowed |= 1 << i
+            count += 1
+            total += weights[i]
+        if count == 0:
+            return -1
+        strategy = self.strategy
         if strategy == "weighted":
-            total = 0.0
-            for i in range(count):
-                if not (excluded >> i) & 1 and self._eligible(targets[i], now, cooling, breakers):
-                    total += self._weights[i]
-            if total <= 0.0:
-                return -1
+            if allowed == self._all:
+                # The usual case: every target may be chosen.
+                return bisect_right(self._cumulative, self._random() * total)
             point = self._random() * total
             last = -1
-            for i in range(count):
-                if not (excluded >> i) & 1 and self._eligible(targets[i], now, cooling, breakers):
+            for i in range(len(targets)):
+                if (allowed >> i) & 1:
                     last = i
-                    point -= self._weights[i]
+                    point -= weights[i]
                     if point < 0.0:
                         return i
             return last  # float rounding at the very top of the range
         if strategy == "least_busy":
             # Ties broken from a random starting point, so equal targets share.
-            start = int(self._random() * count)
+            size = len(targets)
+            start = int(self._random() * size)
             best, best_load = -1, 0
-            for step in range(count):
-                i = (start + step) % count
-                if (excluded >> i) & 1 or not self._eligible(targets[i], now, cooling, breakers):
-                    continue
-                load = targets[i].state.inflight
-                if best < 0 or load < best_load:
-                    best, best_load = i, load
+            for step in range(size):
+                i = (start + step) % size
+                if (allowed >> i) & 1:
+                    load = targets[i].state.inflight
+                    if best < 0 or load < best_load:
+                        best, best_load = i, load
             return best
-        # latency: power of two choices among the eligible targets.
-        eligible = 0
-        for i in range(count):
-            if not (excluded >> i) & 1 and self._eligible(targets[i], now, cooling, breakers):
-                eligible += 1
-        if eligible == 0:
-            return -1
-        first = self._nth(int(self._random() * eligible), excluded, now, cooling)
-        if eligible == 1:
+        # latency: power of two choices among the allowed targets.
+        first = _nth_bit(allowed, int(self._random() * count))
+        if count == 1:
             return first
-        other = int(self._random() * (eligible - 1))
-        second = self._nth(other if other < self._rank(first, excluded, now, cooling) else other + 1,
-                           excluded, now, cooling)
-        a, b = targets[first].state, targets[second].state
-        return first if a.cost(now) <= b.cost(now) else second
+        second = _nth_bit(allowed & ~(1 << first), int(self._random() * (count - 1)))
+        if targets[first].state.cost(now) <= targets[second].state.cost(now):
+            return first
+        return second
 
     def earliest_cooled(self, now: float, excluded: int) -> tuple[int, float]:
         """The target (not excluded, breaker not open) whose 429 wait ends first, and the wait."""
@@ -171,28 +191,13 @@ class Balancer:
                 best, wait = i, max(0.0, left)
         return best, wait
 
-    # ------------------------------------------------------------------ #
-    @staticmethod
-    def _eligible(target: Upstream, now: float, cooling: bool, breakers: bool) -> bool:
-        if cooling and target.state.not_before > now:
-            return False
-        return not _blocked(target, now, breakers)
 
-    def _nth(self, n: int, excluded: int, now: float, cooling: bool) -> int:
-        """Index of the n-th (from 0) eligible target."""
-        for i, target in enumerate(self.targets):
-            if not (excluded >> i) & 1 and self._eligible(target, now, cooling, self._breakers):
-                if n == 0:
-                    return i
-                n -= 1
-        return -1
-
-    def _rank(self, index: int, excluded: int, now: float, cooling: bool) -> int:
-        """Position of target *index* among the eligible ones."""
-        rank = 0
-        for i in range(index):
-            if not (excluded >> i) & 1 and self._eligible(
-                self.targets[i], now, cooling, self._breakers
-            ):
-                rank += 1
-        return rank
+def _nth_bit(mask: int, n: int) -> int:
+    """Index of the n-th (from 0) set bit of *mask*."""
+    i = 0
+    while True:
+        if (mask >> i) & 1:
+            if n == 0:
+                return i
+            n -= 1
+        i += 1
