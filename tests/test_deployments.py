@@ -209,6 +209,8 @@ def test_failover_on_reset_before_the_head_only_when_asked(
 
 def test_target_states_for_relays_own_pages(relay_factory: RelayFactory, fakes: Fakes):
     first, second = fakes(), fakes()
+    for fake in (first, second):
+        fake.set_faults({"x-fake-delay": 0.01})  # above the loop clock's resolution
     relay = relay_factory(first.url, proxy={"api_key": "sk-never-shown"}, routes=[route(
         {"url": first.url, "name": "first", "weight": 2}, {"url": second.url},
         strategy="latency")])
