@@ -244,6 +244,10 @@ class Metrics:
     def upstream_attempt(self, upstream: str, outcome: str) -> None:
         self._attempts.get((upstream, outcome)).inc()
 
+    def attempts_child(self, upstream: str, outcome: str) -> Any:
+        """The counter child itself, for a caller that keeps it (per target)."""
+        return self._attempts.get((upstream, outcome))
+
     def record_tokens(
         self, model: str, prompt_tokens: int, completion_tokens: int, cost_usd: float
     ) -> None:
@@ -296,6 +300,9 @@ class _NoCount:
 
     def inc(self, amount: float = 1) -> None:
         pass
+
+
+NO_COUNT = _NoCount()
 
 
 class RequestMetricsOff:

@@ -30,6 +30,7 @@ from .exchange import Outcome, ProxyExchange
 from .http import errors
 from .http.protocol import ClientConnection
 from .http.request import Request
+from .metrics import NO_COUNT as _NO_COUNT
 from .runtime import Runtime, Upstream
 from .upstream.balance import Balancer
 from .upstream.protocol import UpstreamError
@@ -182,6 +183,12 @@ class Pipeline:
             for r in config.routes
         )
         self._needs_model = any(r.model for r in self._routes)
+        metrics = runtime.metrics if config.metrics.enabled else None
+        for route in (self._default, *self._routes):
+            for target in route.balancer.targets:
+                target.ok_attempts = (
+                    metrics.attempts_child(target.label, "ok") if metrics else _NO_COUNT
+                )
         retries = config.retries
         self._attempts = retries.attempts
         self._retry_statuses = frozenset(int(c) for c in retries.on if c.isdigit())
@@ -494,12 +501,14 @@ class Pipeline:
                 # show it on the gauge (only a probe passes a non-closed breaker).
                 runtime.breaker_changed(upstream)
             state = upstream.state
+            started = now
             if wait > 0.0:
                 # A 429's Retry-After on the only target left: wait it out.
                 # The loop clock may round: sleep until it has surely passed.
                 while (left := state.not_before - time.monotonic()) > 0.0:
                     await asyncio.sleep(left + 0.002)
                 wait = 0.0
+                started = time.monotonic()
             if client.is_lost and (leader is None or not leader.followers):
                 # Nobody is waiting for an answer any more: never send it.
                 if breaker is not None:
@@ -511,7 +520,6 @@ class Pipeline:
 
             # -- one attempt ------------------------------------------------
             state.inflight += 1
-            started = time.monotonic()
             try:
                 conn = None if fresh else upstream.pool.take_idle()
                 reused = conn is not None
@@ -633,9 +641,10 @@ class Pipeline:
                 upstream.label, "timeout" if cut is not None and cut.timeout else "reset"
             )
         elif status:
-            self._metrics.upstream_attempt(
-                upstream.label, "5xx" if status >= 500 else "429" if status == 429 else "ok"
-            )
+            if status < 429 or 429 < status < 500:
+                upstream.ok_attempts.inc()  # the usual case: no label lookup
+            else:
+                self._metrics.upstream_attempt(upstream.label, "429" if status == 429 else "5xx")
         breaker = upstream.breaker if breakers else None
         if breaker is not None:
             # Judged now: a first-time tokenizer load below can take seconds,

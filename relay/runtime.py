@@ -63,6 +63,7 @@ class Upstream:
     # The upstream's own credential as a header line; b"" = the client's passes.
     auth_line: bytes = b""
     relay_header: bytes = b""  # "X-Relay-Upstream: <label>\r\n"
+    ok_attempts: Any = None  # relay_upstream_attempts_total{upstream=label, outcome="ok"}
 
     @property
     def route_label(self) -> str:
