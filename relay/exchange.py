@@ -11,27 +11,110 @@ instead of raw chunks.
 Flow control: when the client's write buffer is above its high-water mark
 the client connection pauses this upstream connection's reading, so a slow
 reader holds back the upstream instead of filling relay's memory.
+
+Content coding: relay asks upstreams for ``identity``; a body that comes
+encoded anyway (``gzip``/``deflate``, a CDN that compresses regardless) is
+decoded here, incrementally, before anything else looks at it, so usage,
+cost, the cache and every client see identity bytes. A coding relay cannot
+decode is refused (502) before any byte reaches the client.
+
+A stream is forwarded event by event (whole events only), so when the
+upstream breaks off mid-way the client can be sent one clean SSE error
+event before its connection is cut: SDKs raise instead of returning a
+silently truncated answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import zlib
 from collections.abc import Callable
 from typing import Protocol
 
+from .cache import shared_headers
 from .http.protocol import HOP_BY_HOP, ClientConnection
 from .sse import SSESplitter
 from .upstream.protocol import UpstreamConnection, UpstreamError
-from .usage import StreamUsage
+from .usage import ANTHROPIC, StreamUsage, provider_for_path
 
-__all__ = ["ExchangeObserver", "Outcome", "ProxyExchange"]
+__all__ = [
+    "ACCEPT_IDENTITY",
+    "ExchangeObserver",
+    "Outcome",
+    "ProxyExchange",
+    "stream_cut_event",
+]
 
 _EVENT_STREAM = b"text/event-stream"
 # relay sets X-Relay-Cache on every response itself; one from an upstream
 # (another relay in front of the origin) would make two, contradicting ones.
-_NOT_RELAYED = HOP_BY_HOP | {b"x-relay-cache"}
+# Content-Encoding is relay's to set: bodies reach clients as identity.
+_NOT_RELAYED = HOP_BY_HOP | {b"x-relay-cache", b"content-encoding"}
 _JSON = b"json"
+
+# Sent upstream in place of the client's Accept-Encoding (see module doc).
+ACCEPT_IDENTITY = b"Accept-Encoding: identity\r\n"
+_GZIP = frozenset({b"gzip", b"x-gzip"})
+_DEFLATE = b"deflate"
+_IDENTITY = b"identity"
+
+_CUT_MESSAGE = "The upstream connection broke off before the response was complete"
+_OPENAI_CUT_EVENT = b"data: " + json.dumps(
+    {"error": {"message": _CUT_MESSAGE, "type": "upstream_error", "code": "upstream_incomplete"}},
+    separators=(",", ":"),
+).encode() + b"\n\n"
+_ANTHROPIC_CUT_EVENT = b"event: error\ndata: " + json.dumps(
+    {"type": "error", "error": {"type": "api_error", "message": _CUT_MESSAGE}},
+    separators=(",", ":"),
+).encode() + b"\n\n"
+
+
+def stream_cut_event(path: bytes, content_type: bytes | None) -> bytes | None:
+    """The SSE error event that ends a stream cut mid-way, None for other bodies.
+
+    In the shape the client's SDK raises on: Anthropic's ``event: error`` on
+    the Messages API, OpenAI's ``data: {"error": ...}`` elsewhere.
+    """
+    if content_type is None or not content_type.startswith(_EVENT_STREAM):
+        return None
+    return _ANTHROPIC_CUT_EVENT if provider_for_path(path) == ANTHROPIC else _OPENAI_CUT_EVENT
+
+
+class _Decoder:
+    """Incremental gzip / deflate decoding of one response body."""
+
+    __slots__ = ("_z", "_gzip", "_started")
+
+    def __init__(self, gzip: bool) -> None:
+        self._gzip = gzip
+        self._started = False
+        # gzip: header and trailer checked (wbits 16 + 15). deflate: chosen
+        # on the first bytes, since servers send both the zlib format the
+        # RFC means and bare deflate.
+        self._z = zlib.decompressobj(31) if gzip else None
+
+    def feed(self, data: bytes) -> bytes:
+        z = self._z
+        if z is None:
+            zlib_header = len(data) >= 2 and data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
+            z = self._z = zlib.decompressobj(15 if zlib_header else -15)
+        out = z.decompress(data)
+        while self._gzip and z.eof and z.unused_data:
+            # Another gzip member follows (concatenated gzip is valid gzip).
+            rest = z.unused_data
+            z = self._z = zlib.decompressobj(31)
+            out += z.decompress(rest)
+        return out
+
+    def finish(self) -> bytes | None:
+        """The last decoded bytes; None when the coded body ended early."""
+        z = self._z
+        if z is None:
+            return b""  # an empty body
+        out = z.flush()
+        return out if z.eof else None
 
 
 def _without_null_usage(event: bytes) -> bytes:
@@ -78,10 +161,15 @@ class Outcome:
 
 def response_headers(
     headers: list[tuple[bytes, bytes]],
-) -> tuple[tuple[tuple[bytes, bytes], ...], bytes | None]:
-    """End-to-end headers of an upstream response, and its content type."""
+) -> tuple[tuple[tuple[bytes, bytes], ...], bytes | None, bytes | None]:
+    """End-to-end headers of an upstream response, its content type and coding.
+
+    The coding is None for identity (absent or ``identity``), else the
+    lowercased ``Content-Encoding`` value.
+    """
     drop: frozenset[bytes] | set[bytes] = _NOT_RELAYED
     content_type = None
+    coding = None
     for name, value in headers:
         lname = name.lower()
         if lname == b"connection":
@@ -90,8 +178,12 @@ def response_headers(
             drop.update(t.strip().lower() for t in value.split(b","))
         elif lname == b"content-type":
             content_type = value.lower()
+        elif lname == b"content-encoding":
+            value = value.strip().lower()
+            if value and value != _IDENTITY:
+                coding = value if coding is None else coding + b", " + value
     kept = tuple((n, v) for n, v in headers if n.lower() not in drop)
-    return kept, content_type
+    return kept, content_type, coding
 
 
 class ProxyExchange:
@@ -123,6 +215,10 @@ class ProxyExchange:
         "error",
         "bytes_sent",
         "_first_event_pending",
+        "_decoder",
+        "_cut_event",
+        "_path",
+        "_started",
     )
 
     def __init__(
@@ -139,6 +235,7 @@ class ProxyExchange:
         observer: ExchangeObserver | None,
         loop: asyncio.AbstractEventLoop,
         head_only: bool = False,
+        path: bytes = b"",
     ) -> None:
         self._client = client
         self._upstream = upstream
@@ -165,6 +262,10 @@ class ProxyExchange:
         self.error: UpstreamError | None = None
         self.bytes_sent = 0
         self._first_event_pending = True
+        self._decoder: _Decoder | None = None
+        self._cut_event: bytes | None = None
+        self._path = path  # the request's path: which SSE error shape a cut stream gets
+        self._started = False
         # Until the head arrives, a client that leaves must still close the
         # upstream request.
         client.on_lost = self._client_lost
@@ -174,22 +275,54 @@ class ProxyExchange:
         """Seconds from sending the request to the response head."""
         return self.first_byte_at - self._sent_at
 
+    @property
+    def response_started(self) -> bool:
+        """True once the response head was handed to the client: from then on
+        the answer is committed (no retry, no other target can take over)."""
+        return self._started
+
     # ------------------------------------------------------------------ #
     # ResponseSink
     # ------------------------------------------------------------------ #
     def on_head(self, status: int, headers: list[tuple[bytes, bytes]], length: int | None) -> None:
         self.first_byte_at = self._loop.time()
+        kept, content_type, coding = response_headers(headers)
+        if coding is not None:
+            if coding in _GZIP:
+                self._decoder = _Decoder(gzip=True)
+            elif coding == _DEFLATE:
+                self._decoder = _Decoder(gzip=False)
+            else:
+                # br, zstd, stacked codings: relay asked for identity and has
+                # no decoder for these, and must not pass on bytes it can
+                # neither account for nor be sure the client accepts.
+                self._upstream.detach()
+                self.error = UpstreamError(
+                    f"Upstream answered with Content-Encoding {coding.decode('latin-1')!r}, "
+                    "which relay cannot decode (it asks upstreams for identity)"
+                )
+                if self._observer is not None:
+                    self._observer.fail()
+                    self._observer = None
+                self._settle(Outcome.FAILED)
+                return
+            length = None  # the decoded size is known only at the end
         self.status = status
-        kept, content_type = response_headers(headers)
         self.headers = kept
         self.content_type = content_type
         is_stream = content_type is not None and content_type.startswith(_EVENT_STREAM)
-        if is_stream and self.stream_usage is not None:
+        if is_stream:
             self.splitter = SSESplitter()
-        else:
+            self._cut_event = stream_cut_event(self._path, content_type)
+        if not is_stream or self.stream_usage is None:
             self._strip_usage = False
             self.stream_usage = None
-            if content_type is not None and _JSON in content_type and 200 <= status < 300:
+            if (
+                not is_stream
+                and content_type is not None
+                and _JSON in content_type
+                and 200 <= status < 300
+            ):
                 self.json_body = []
         if self._strip_usage:
             length = None  # the body will be shorter than the upstream's
@@ -201,13 +334,14 @@ class ProxyExchange:
         lines = [b"%s: %s\r\n" % pair for pair in kept]
         lines.extend(self._extra_headers)
         bodyless = self._head_only or status in (204, 304)
-        if self._head_only:
+        if self._head_only and coding is None:
             # A HEAD response tells the size of what a GET would return.
             lines.extend(
                 b"Content-Length: %s\r\n" % v for n, v in headers if n.lower() == b"content-length"
             )
         client.hold()
         client.start_response(status, lines, length, bodyless=bodyless)
+        self._started = True
         client.flow = self._upstream
         client.on_lost = self._client_lost
         if client.writing_paused:
@@ -218,22 +352,36 @@ class ProxyExchange:
                 self._observer.fail()
                 self._observer = None
             else:
-                self._observer.start(status, kept)
+                # Followers are other callers: never hand them this caller's
+                # cookies or authentication state.
+                self._observer.start(status, shared_headers(kept))
 
     def on_body(self, chunk: bytes) -> None:
+        decoder = self._decoder
+        if decoder is not None:
+            chunk = decoder.feed(chunk)
+            if not chunk:
+                return
+        self._relay(chunk)
+
+    def _relay(self, chunk: bytes) -> None:
+        """Forward identity body bytes (whole events, for a stream)."""
         splitter = self.splitter
         if splitter is not None:
             events = splitter.feed(chunk)
+            if not events:
+                return
             usage = self.stream_usage
-            assert usage is not None
-            if self._strip_usage:
+            if usage is None:
+                self._forward_many(events)
+            elif self._strip_usage:
                 out = [_without_null_usage(e) for e in events if not usage.on_event(e)]
                 if out:
                     self._forward_many(out)
             else:
                 for event in events:
                     usage.on_event(event)
-                self._forward(chunk)
+                self._forward_many(events)
             if self._first_event_pending and self.bytes_sent:
                 # The first event leaves now rather than with the rest of
                 # this read: a stream's first token is what users wait for.
@@ -244,15 +392,29 @@ class ProxyExchange:
         self._forward(chunk)
 
     def on_complete(self) -> None:
+        decoder = self._decoder
+        if decoder is not None:
+            try:
+                rest = decoder.finish()
+            except zlib.error:
+                rest = None
+            if rest is None:
+                # The framing ended but the coded body did not: cut.
+                self._upstream.close()
+                self.on_error(UpstreamError("Upstream's encoded body ended before its end"))
+                return
+            if rest:
+                self._relay(rest)
         splitter = self.splitter
         if splitter is not None:
-            rest = splitter.flush()
-            if rest:
-                if self._strip_usage:
-                    self._forward(rest)
-                else:
-                    assert self.stream_usage is not None
-                    self.stream_usage.on_event(rest)
+            tail = splitter.flush()
+            if tail:
+                # A last event without its blank line: pass it on as it came
+                # (unless it is the usage-only chunk relay asked for itself).
+                usage = self.stream_usage
+                dropped = usage is not None and usage.on_event(tail) and self._strip_usage
+                if not dropped:
+                    self._forward(_without_null_usage(tail) if self._strip_usage else tail)
         self._client.finish()
         self._release(self._upstream)
         if self._observer is not None:
@@ -266,9 +428,11 @@ class ProxyExchange:
         self.error = error
         if self._observer is not None:
             self._observer.fail()
-        if self.status:
+        if self._started:
             # Part of the body is out: the only honest signal left is to cut
-            # the client's stream.
+            # the client's stream (after an SSE error event, so SDKs raise).
+            if self._cut_event is not None:
+                self._client.write(self._cut_event)
             self._client.abort()
             self._settle(Outcome.BROKEN)
         else:
