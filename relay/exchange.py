@@ -96,6 +96,7 @@ class _Decoder:
         self._z = zlib.decompressobj(31) if gzip else None
 
     def feed(self, data: bytes) -> bytes:
+        self._started = True
         z = self._z
         if z is None:
             zlib_header = len(data) >= 2 and data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
@@ -111,8 +112,8 @@ class _Decoder:
     def finish(self) -> bytes | None:
         """The last decoded bytes; None when the coded body ended early."""
         z = self._z
-        if z is None:
-            return b""  # an empty body
+        if z is None or not self._started:
+            return b""  # an empty body: nothing was coded
         out = z.flush()
         return out if z.eof else None
 
@@ -287,7 +288,8 @@ class ProxyExchange:
     def on_head(self, status: int, headers: list[tuple[bytes, bytes]], length: int | None) -> None:
         self.first_byte_at = self._loop.time()
         kept, content_type, coding = response_headers(headers)
-        if coding is not None:
+        bodyless = self._head_only or status in (204, 304)
+        if coding is not None and not bodyless:
             if coding in _GZIP:
                 self._decoder = _Decoder(gzip=True)
             elif coding == _DEFLATE:
@@ -333,7 +335,6 @@ class ProxyExchange:
         client = self._client
         lines = [b"%s: %s\r\n" % pair for pair in kept]
         lines.extend(self._extra_headers)
-        bodyless = self._head_only or status in (204, 304)
         if self._head_only and coding is None:
             # A HEAD response tells the size of what a GET would return.
             lines.extend(

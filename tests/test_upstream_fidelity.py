@@ -227,6 +227,33 @@ def test_gzip_stream_cut_inside_the_coding_is_aborted(
         server.stop()
 
 
+@pytest.mark.parametrize("method", ["HEAD", "GET"])
+def test_encoded_head_and_empty_encoded_body_are_not_cuts(
+    relay_factory: RelayFactory, method: str,
+) -> None:
+    # HEAD: no body follows the coding; GET: a coded body of zero bytes.
+    import http.client
+
+    from tests.test_upstream_faults import CannedUpstream
+
+    server = CannedUpstream(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                            b"Content-Encoding: gzip\r\nContent-Length: %s\r\n\r\n"
+                            % (b"31" if method == "HEAD" else b"0"))
+    try:
+        relay = relay_factory(server.url)
+        conn = http.client.HTTPConnection("127.0.0.1", relay.port, timeout=10)
+        for _ in range(2):  # the connection stays usable: the response ended cleanly
+            conn.request(method, "/v1/models")
+            response = conn.getresponse()
+            assert response.status == 200 and response.read() == b""
+            assert response.getheader("content-encoding") is None
+            # The upstream's length was that of the coded body: not passed on.
+            assert response.getheader("content-length") in (None, "0")
+        conn.close()
+    finally:
+        server.stop()
+
+
 # --------------------------------------------------------------- cut responses
 
 CUTS = {
