@@ -35,7 +35,7 @@ from typing import Protocol
 
 from .cache import shared_headers
 from .http.protocol import HOP_BY_HOP, ClientConnection
-from .sse import SSESplitter
+from .sse import SSESplitter, event_fields
 from .upstream.protocol import UpstreamConnection, UpstreamError
 from .usage import ANTHROPIC, StreamUsage, provider_for_path
 
@@ -133,6 +133,20 @@ def _without_null_usage(event: bytes) -> bytes:
         # Compatible servers that write JSON with spaces.
         return _SPACED_NULL_USAGE.sub(b"", event)
     return event
+
+
+def _without_usage_object(event: bytes) -> bytes:
+    """A chunk carrying both ``choices`` and the usage relay asked for, without
+    the usage (rare: OpenAI itself sends usage in a chunk of its own)."""
+    _, data = event_fields(event)
+    try:
+        doc = json.loads(data or b"")
+    except (ValueError, UnicodeDecodeError):
+        return event
+    if not isinstance(doc, dict):
+        return event
+    doc.pop("usage", None)
+    return b"data: " + json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
 _NULL_USAGE_TAIL = b',"usage":null}\n\n'
@@ -376,7 +390,14 @@ class ProxyExchange:
             if usage is None:
                 self._forward_many(events)
             elif self._strip_usage:
-                out = [_without_null_usage(e) for e in events if not usage.on_event(e)]
+                out = []
+                for event in events:
+                    if usage.on_event(event):
+                        continue  # the usage-only chunk relay asked for
+                    if usage.usage_beside_text:
+                        usage.usage_beside_text = False
+                        event = _without_usage_object(event)
+                    out.append(_without_null_usage(event))
                 if out:
                     self._forward_many(out)
             else:
@@ -415,7 +436,12 @@ class ProxyExchange:
                 usage = self.stream_usage
                 dropped = usage is not None and usage.on_event(tail) and self._strip_usage
                 if not dropped:
-                    self._forward(_without_null_usage(tail) if self._strip_usage else tail)
+                    if self._strip_usage:
+                        assert usage is not None
+                        if usage.usage_beside_text:
+                            tail = _without_usage_object(tail)
+                        tail = _without_null_usage(tail)
+                    self._forward(tail)
         self._client.finish()
         self._release(self._upstream)
         if self._observer is not None:

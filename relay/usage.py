@@ -244,6 +244,7 @@ class StreamUsage:
         "_overflow_bytes",
         "_pending",
         "_pending_bytes",
+        "usage_beside_text",
     )
 
     def __init__(self, model_hint: str = "", provider: str = AUTO) -> None:
@@ -264,6 +265,10 @@ class StreamUsage:
         # an estimate needs it, or when this buffer passes _PENDING_LIMIT.
         self._pending: list[bytes] = []
         self._pending_bytes = 0
+        # Set when an event carried usage *and* choices (some servers put it
+        # on the last text chunk): a caller removing the usage it asked for
+        # must take it out of that event; the caller resets it.
+        self.usage_beside_text = False
 
     @property
     def has_usage(self) -> bool:
@@ -351,6 +356,7 @@ class StreamUsage:
         choices = obj.get("choices")
         if choices:
             self._keep_text(data)  # some servers put usage on the last text chunk
+            self.usage_beside_text = True
         return choices == []
 
     def _anthropic(self, name: bytes | None, data: bytes) -> None:

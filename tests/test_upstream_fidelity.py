@@ -521,6 +521,20 @@ def test_chat_reasoning_tokens_and_usage_on_the_last_chunk_cost_the_same(
     assert row["cost_usd"] == pytest.approx(2 * one, rel=1e-12)
 
 
+def test_usage_relay_asked_for_is_removed_from_a_last_chunk_with_choices(
+    relay: RelayThread,
+) -> None:
+    client = sdk(relay)
+    chunks = list(client.chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "no usage wanted"}], stream=True,
+        extra_headers={"x-fake-usage-on-last-chunk": "1", "x-fake-reasoning-tokens": "9"}))
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert all(chunk.usage is None for chunk in chunks)  # the client did not ask for it
+    row = totals(relay, 1)["models"]["gpt-4o"]
+    assert (row["prompt_tokens"], row["completion_tokens"], row["estimated_requests"]) == (
+        3, 5 + 9, 0)
+
+
 def test_anthropic_prompt_caching_json_and_stream_cost_the_same(relay: RelayThread) -> None:
     client = claude(relay)
     faults = {"x-fake-cache-write-tokens": "1500", "x-fake-cached-tokens": "300",
