@@ -166,11 +166,20 @@ class ExchangeObserver(Protocol):
 
 
 class Outcome:
-    """How the exchange ended."""
+    """How the exchange ended.
 
-    OK = 0            # response relayed whole
-    FAILED = 1        # upstream failed before the response head: answer 502/504
-    BROKEN = 2        # upstream failed mid-body: the client stream was cut
+    FAILED means nothing reached the client (``response_started`` is False):
+    the caller answers, and may try again elsewhere. Every other outcome
+    means the response head was handed to the client.
+    """
+
+    OK = 0            # response relayed whole, its end proven
+    FAILED = 1        # upstream failed (or sent an undecodable coding) before
+                      # the response head: answer 502/504
+    BROKEN = 2        # upstream failed mid-body (reset, early close, a coded
+                      # body that ended early): the client response was
+                      # aborted (a stream after an SSE error event); never
+                      # cached, a breaker failure
     CLIENT_GONE = 3   # the client left first
 
 
