@@ -386,41 +386,53 @@ class ProxyExchange:
             chunk = decoder.feed(chunk)
             if not chunk:
                 return
-        self._relay(chunk)
-
-    def _relay(self, chunk: bytes) -> None:
-        """Forward identity body bytes (whole events, for a stream)."""
         splitter = self.splitter
-        if splitter is not None:
-            events = splitter.feed(chunk)
-            if not events:
-                return
-            usage = self.stream_usage
-            if usage is None:
-                self._forward_many(events)
-            elif self._strip_usage:
-                out = []
-                for event in events:
-                    if usage.on_event(event):
-                        continue  # the usage-only chunk relay asked for
-                    if usage.usage_beside_text:
-                        usage.usage_beside_text = False
-                        event = _without_usage_object(event)
-                    out.append(_without_null_usage(event))
-                if out:
-                    self._forward_many(out)
-            else:
+        if splitter is None:
+            self._forward(chunk)
+            return
+        events = splitter.feed(chunk)
+        if events:
+            self._relay_events(events)
+
+    def on_body_decoded(self, chunk: bytes) -> None:
+        """Identity bytes (the decoder's last output) on their way on."""
+        splitter = self.splitter
+        if splitter is None:
+            self._forward(chunk)
+            return
+        events = splitter.feed(chunk)
+        if events:
+            self._relay_events(events)
+
+    def _relay_events(self, events: list[bytes]) -> None:
+        """Forward complete SSE events (a partial one waits in the splitter)."""
+        usage = self.stream_usage
+        if self._strip_usage:
+            assert usage is not None
+            out = []
+            for event in events:
+                if usage.on_event(event):
+                    continue  # the usage-only chunk relay asked for
+                if usage.usage_beside_text:
+                    usage.usage_beside_text = False
+                    event = _without_usage_object(event)
+                out.append(_without_null_usage(event))
+            if out:
+                self._forward_many(out)
+        else:
+            if usage is not None:
                 for event in events:
                     usage.on_event(event)
+            if len(events) == 1:
+                self._forward(events[0])  # the usual read: one event
+            else:
                 self._forward_many(events)
-            if self._first_event_pending and self.bytes_sent:
-                # The first event leaves now rather than with the rest of
-                # this read: a stream's first token is what users wait for.
-                self._first_event_pending = False
-                self._client.release()
-                self._client.hold()
-            return
-        self._forward(chunk)
+        if self._first_event_pending and self.bytes_sent:
+            # The first event leaves now rather than with the rest of
+            # this read: a stream's first token is what users wait for.
+            self._first_event_pending = False
+            self._client.release()
+            self._client.hold()
 
     def on_complete(self) -> None:
         decoder = self._decoder
@@ -435,7 +447,7 @@ class ProxyExchange:
                 self.on_error(UpstreamError("Upstream's encoded body ended before its end"))
                 return
             if rest:
-                self._relay(rest)
+                self.on_body_decoded(rest)
         splitter = self.splitter
         if splitter is not None:
             tail = splitter.flush()
