@@ -4,9 +4,10 @@
 of an upstream connection. Bytes go from the upstream parser's ``on_body``
 straight to the client transport; the features that need to see them
 (cache recording, usage from the SSE events, followers of a coalesced miss)
-look at the same ``bytes`` objects without copying them (a stream's read
-that holds exactly one event, the usual case, is forwarded as that same
-object; the splitter copies only reads that hold several events or a part).
+look at the same ``bytes`` objects without copying them. A stream goes as
+the whole events the SSE splitter cuts; a read that holds exactly one event,
+the usual case, is that same object, and only reads holding several events
+or a part of one are copied.
 
 Flow control: when the client's write buffer is above its high-water mark
 the client connection pauses this upstream connection's reading, so a slow
