@@ -384,7 +384,12 @@ class ProxyExchange:
     def on_body(self, chunk: bytes) -> None:
         decoder = self._decoder
         if decoder is not None:
-            chunk = decoder.feed(chunk)
+            try:
+                chunk = decoder.feed(chunk)
+            except zlib.error as exc:
+                self._upstream.detach()  # nothing more of this body is wanted
+                self.on_error(UpstreamError(f"Upstream's encoded body is corrupt: {exc}"))
+                return
             if not chunk:
                 return
         splitter = self.splitter

@@ -227,6 +227,29 @@ def test_gzip_stream_cut_inside_the_coding_is_aborted(
         server.stop()
 
 
+def test_corrupt_gzip_body_is_aborted_and_not_cached(
+    relay_factory: RelayFactory, connect: Callable[[int], RawClient],
+) -> None:
+    from tests.test_upstream_faults import CannedUpstream
+
+    good = gzip.compress(b'{"id":"x"}')
+    corrupt = good[:10] + b"\xff" * 8 + good[18:]
+    server = CannedUpstream(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                            b"Content-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s"
+                            % (len(corrupt), corrupt))
+    try:
+        relay = relay_factory(server.url, cache=CACHE)
+        for cache in ("MISS", "MISS"):
+            client = connect(relay.port)
+            client.send(b"POST /v1/x HTTP/1.1\r\nHost: r\r\nContent-Length: 2\r\n\r\n{}")
+            response = client.response()
+            assert response.status == 200 and not response.complete
+            assert response.header("x-relay-cache") == cache
+            assert client.closed
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize("method", ["HEAD", "GET"])
 def test_encoded_head_and_empty_encoded_body_are_not_cuts(
     relay_factory: RelayFactory, method: str,
