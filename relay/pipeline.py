@@ -26,7 +26,7 @@ from .accounting import USAGE_HEADER, Accounting, stored_usage, with_usage
 from .cache import CacheEntry, FlightAborted, Follower, Leader, replay_headers
 from .config import Config
 from .endpoints import own_endpoints
-from .exchange import Outcome, ProxyExchange
+from .exchange import ACCEPT_IDENTITY, Outcome, ProxyExchange, stream_cut_event
 from .http import errors
 from .http.protocol import ClientConnection
 from .http.request import Request
@@ -263,6 +263,7 @@ class Pipeline:
                 # The raw credential only feeds the SHA-256 of the key and is
                 # never stored: a short hash here could be collided with.
                 b"" if self._cache_global else (request.credential or b""),
+                request.varying_key(),
             )
             if not no_cache:
                 entry = await cache.get(key)
@@ -397,6 +398,11 @@ class Pipeline:
                 if client.is_lost:
                     break
         except FlightAborted:
+            # Cut for the leader too: this caller sees the same abort (and,
+            # for a stream, the same closing error event).
+            cut = stream_cut_event(request.path, _content_type(headers))
+            if cut is not None:
+                client.write(cut)
             client.abort()
         else:
             client.finish()
@@ -570,6 +576,7 @@ class Pipeline:
                     loop=runtime.loop,
                     head_only=head_only,
                     retry=chain,
+                    path=request.path,
                 )
                 conn.send(
                     self._request_parts(request, upstream, body),
@@ -712,6 +719,7 @@ class Pipeline:
                 request.forwarded_for + b", " if request.forwarded_for else b"",
                 request.client_ip.encode(), b"\r\n",
                 _PROTO_HTTP,
+                ACCEPT_IDENTITY,
                 b"Content-Length: %d\r\n\r\n" % len(body)
                 if body or request.method in _BODY_METHODS
                 else b"\r\n",
@@ -836,8 +844,12 @@ class Pipeline:
             assert cache is not None
             runtime.spawn(cache.set(cache_key, entry))
         # 499 (nginx's "client closed request") when the client left before
-        # the response was complete.
-        status = 499 if outcome == Outcome.CLIENT_GONE else status
+        # the response was complete; 502 when the upstream broke it off (the
+        # client saw the head, then an aborted body).
+        if outcome == Outcome.CLIENT_GONE:
+            status = 499
+        elif outcome == Outcome.BROKEN:
+            status = 502
         self._accounting.done(request, upstream, status, _cache_status(extra), usage)
 
     def upstreams(self) -> list[Upstream]:
@@ -852,6 +864,13 @@ class Pipeline:
         """Per-target breaker, load and latency, for relay's own JSON endpoints."""
         now = time.monotonic()
         return [u.snapshot(now) for u in self.upstreams()]
+
+
+def _content_type(headers: tuple[tuple[bytes, bytes], ...]) -> bytes | None:
+    for name, value in headers:
+        if name.lower() == b"content-type":
+            return value.lower()
+    return None
 
 
 def _cache_status(extra: list[bytes]) -> str:

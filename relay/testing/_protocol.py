@@ -257,10 +257,7 @@ class Connection(asyncio.Protocol):
             pieces: Iterable[bytes] = filler(n, faults.chunked, faults.truncate)
             transport.write(head(200, content_type, declared, close))
         else:
-            head_bytes, pieces = frame_slow(canned.reply, close, faults.truncate)
-            if faults.retry_after is not None:
-                head_bytes = head_bytes[:-2] + b"retry-after: %s\r\n\r\n" % (
-                    _seconds_text(faults.retry_after))
+            head_bytes, pieces = frame_slow(canned.reply, close, faults.truncate, faults)
             transport.write(head_bytes)
         sent = 0
         limit = faults.reset_after
@@ -284,7 +281,7 @@ class Connection(asyncio.Protocol):
             return
         if limit is not None:  # asked to reset past the end of the body
             await self._reset()
-        elif close or faults.truncate:
+        elif close or faults.truncate or faults.close_delimited:
             self.write_and_close(b"")
 
     async def _reset(self) -> None:
@@ -306,7 +303,3 @@ class Connection(asyncio.Protocol):
     def abort(self) -> None:
         if self._transport is not None and not self._lost:
             self._transport.abort()
-
-
-def _seconds_text(seconds: float) -> bytes:
-    return b"%d" % seconds if float(seconds).is_integer() else repr(seconds).encode()
