@@ -17,9 +17,9 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _fast
 from .cache import Coalescer, MemoryCache, RedisCache
@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     from .pipeline import Pipeline
 
 __all__ = ["Runtime", "Upstream"]
+
+T = TypeVar("T")
 
 log = logging.getLogger("relay")
 
@@ -99,9 +101,43 @@ class Runtime:
     # ------------------------------------------------------------------ #
     # building blocks for a pipeline
     # ------------------------------------------------------------------ #
-    def apply(self, config: Config) -> None:
-        """Bring process-wide settings in line with *config* (before a pipeline is built)."""
-        self._apply_redis(config)
+    def apply(self, config: Config, build: Callable[[], T]) -> T:
+        """Bring the process in line with *config* and return ``build()`` (the
+        pipeline), all or nothing.
+
+        Everything that can refuse the config is built first: the Redis
+        connection, the limiter and cache backends, a breaker, and then
+        ``build()`` itself, with the new connection in place. Only when all
+        of that succeeded do the process-wide settings change (request log,
+        coalescer cap, model labels) and the old connection get closed. If
+        anything raises, the runtime is as it was and the error propagates:
+        a refused reload leaves nothing of itself behind.
+        """
+        before = (self.redis, self._redis_settings, self._redis_ledger, self._cache,
+                  self._limiter, self._prices, dict(self._breakers))  # fmt: skip
+        replaced = self._stage_redis(config)
+        try:
+            # Cheap objects that refuse settings they cannot hold; built
+            # before any pool is reconfigured by build().
+            cb = config.circuit_breaker
+            _fast.CircuitBreaker(cb.failure_threshold, cb.recovery_timeout)
+            if config.ratelimit.enabled:
+                self.limiter(config)
+            if config.cache.enabled:
+                self.cache(config)
+            self.prices(config)
+            built = build()
+        except BaseException:
+            staged = self.redis
+            (self.redis, self._redis_settings, self._redis_ledger, self._cache,
+             self._limiter, self._prices, self._breakers) = before  # fmt: skip
+            if replaced and staged is not None:
+                self.spawn(staged.close())
+            raise
+        # Nothing below can fail: the edit is applied from here on.
+        if replaced and before[0] is not None:
+            # Requests of the previous generation may still hold it: close later.
+            self.loop.call_later(5.0, self.spawn, before[0].close())
         self.coalescer.max_body_bytes = config.cache.max_body_bytes
         if config.log.requests:
             if self.request_log is None:
@@ -109,21 +145,23 @@ class Runtime:
         elif self.request_log is not None:
             self.request_log.close()
             self.request_log = None
-        if self._prices is None or self._prices[0] != config.models:
+        if before[5] is None or before[5][0] != config.models:
             # Keep the labels already given out: the bound is per process.
             self.labels.reserve(config.models)
+        return built
 
-    def _apply_redis(self, config: Config) -> None:
+    def _stage_redis(self, config: Config) -> bool:
+        """Put the connection *config* asks for in place; True if it is a new one.
+
+        Creating a connection opens no socket, so undoing this is cheap.
+        """
         r = config.redis
         settings = (r.enabled, r.address, r.password, r.db, r.timeout)
         if settings == self._redis_settings:
-            return
-        self._redis_settings = settings
-        old = self.redis
-        self.redis = None
-        self._redis_ledger = None
+            return False
+        redis = ledger = None
         if r.enabled:
-            self.redis = RedisConnection(
+            redis = RedisConnection(
                 r.address,
                 r.password,
                 r.db,
@@ -131,10 +169,11 @@ class Runtime:
                 on_error=self.metrics.redis_errors.inc,
                 logger=logging.getLogger("relay.redis"),
             )
-            self._redis_ledger = RedisUsageLedger(self.redis.client, timeout=r.timeout)
-        if old is not None:
-            # Requests of the previous generation may still hold it: close later.
-            self.loop.call_later(5.0, self.spawn, old.close())
+            ledger = RedisUsageLedger(redis.client, timeout=r.timeout)
+        self._redis_settings = settings
+        self.redis = redis
+        self._redis_ledger = ledger
+        return True
 
     def upstream(self, target: str, config: Config, label: str | None = None) -> Upstream:
         origin = Origin.parse(target)
