@@ -25,7 +25,7 @@ from . import _fast
 from .cache import Coalescer, MemoryCache, RedisCache
 from .config import Config
 from .cost import ModelLabels, PriceTable
-from .ledger import RedisUsageLedger, UsageLedger, merge_snapshots
+from .ledger import RedisUsageLedger, SharedUsage, UsageLedger, merge_snapshots
 from .metrics import Metrics, RequestMetricsOff, multiprocess_dir
 from .ratelimit import MemoryLimiter, RedisLimiter
 from .redisconn import RedisConnection
@@ -84,7 +84,8 @@ class Runtime:
         self.ledger = UsageLedger()
         self.redis: RedisConnection | None = None
         self._redis_settings: tuple[Any, ...] | None = None
-        self._redis_ledger: RedisUsageLedger | None = None
+        # Usage bound for Redis, kept until Redis confirmed it (None: no Redis).
+        self._shared_usage: SharedUsage | None = None
         self._breakers: dict[Origin, tuple[tuple[int, float], Any]] = {}
         self._cache: tuple[tuple[Any, ...], Any] | None = None
         self._limiter: tuple[tuple[Any, ...], Any] | None = None
@@ -113,7 +114,7 @@ class Runtime:
         anything raises, the runtime is as it was and the error propagates:
         a refused reload leaves nothing of itself behind.
         """
-        before = (self.redis, self._redis_settings, self._redis_ledger, self._cache,
+        before = (self.redis, self._redis_settings, self._shared_usage, self._cache,
                   self._limiter, self._prices, dict(self._breakers))  # fmt: skip
         replaced = self._stage_redis(config)
         try:
@@ -128,13 +129,17 @@ class Runtime:
             self.prices(config)
             built = build()
         except BaseException:
-            staged = self.redis
-            (self.redis, self._redis_settings, self._redis_ledger, self._cache,
+            staged, staged_usage = self.redis, self._shared_usage
+            (self.redis, self._redis_settings, self._shared_usage, self._cache,
              self._limiter, self._prices, self._breakers) = before  # fmt: skip
+            if replaced and staged_usage is not None:
+                staged_usage.close()
             if replaced and staged is not None:
                 self.spawn(staged.close())
             raise
         # Nothing below can fail: the edit is applied from here on.
+        if replaced:
+            self._hand_over_usage(before[2])
         if replaced and before[0] is not None:
             # Requests of the previous generation may still hold it: close later.
             self.loop.call_later(5.0, self.spawn, before[0].close())
@@ -159,7 +164,7 @@ class Runtime:
         settings = (r.enabled, r.address, r.password, r.db, r.timeout)
         if settings == self._redis_settings:
             return False
-        redis = ledger = None
+        redis = shared = None
         if r.enabled:
             redis = RedisConnection(
                 r.address,
@@ -169,11 +174,25 @@ class Runtime:
                 on_error=self.metrics.redis_errors.inc,
                 logger=logging.getLogger("relay.redis"),
             )
-            ledger = RedisUsageLedger(redis.client, timeout=r.timeout)
+            ledger = RedisUsageLedger(redis.client, runner=redis.execute)
+            shared = SharedUsage(ledger, redis, self.loop, on_outage_change=self._usage_changed)
         self._redis_settings = settings
         self.redis = redis
-        self._redis_ledger = ledger
+        self._shared_usage = shared
         return True
+
+    def _hand_over_usage(self, previous: SharedUsage | None) -> None:
+        """Totals the replaced connection had not confirmed go with the new one
+        (or stay in this process's memory totals without Redis)."""
+        if previous is None:
+            return
+        if self._shared_usage is not None:
+            self._shared_usage.adopt(previous)
+            return
+        previous.close()
+        if previous.has_unconfirmed():
+            self.ledger.merge(previous.take_unconfirmed())
+            self._usage_changed()
 
     def upstream(self, target: str, config: Config, label: str | None = None) -> Upstream:
         origin = Origin.parse(target)
@@ -270,32 +289,11 @@ class Runtime:
             metrics.record_tokens(label, usage.prompt_tokens, usage.completion_tokens, cost)
             paid, avoided = cost, 0.0
         # A hit counts as a hit and saved cost, not as tokens paid again.
-        redis_ledger = self._redis_ledger
-        if redis_ledger is not None and self.redis is not None and self.redis.up:
-            self.spawn(
-                self._record_shared(redis_ledger, label, key_hash, usage, paid, avoided, saved)
-            )
+        shared = self._shared_usage
+        if shared is not None:
+            shared.record(label, key_hash, usage, paid, avoided, saved)
         else:
             self.ledger.record(label, key_hash, usage, paid, avoided, saved)
-            self._usage_changed()
-
-    async def _record_shared(
-        self,
-        ledger: RedisUsageLedger,
-        label: str,
-        key_hash: str,
-        usage: Usage,
-        paid: float,
-        avoided: float,
-        hit: bool,
-    ) -> None:
-        conn = self.redis
-        try:
-            assert conn is not None
-            await conn.execute(ledger.record, label, key_hash, usage, paid, avoided, hit)
-        except Exception:
-            # Redis is down: keep the numbers in this process rather than lose them.
-            self.ledger.record(label, key_hash, usage, paid, avoided, hit)
             self._usage_changed()
 
     def log_request(
@@ -346,18 +344,15 @@ class Runtime:
         return await self.loop.run_in_executor(None, self.metrics.render)
 
     async def usage_snapshot(self) -> dict[str, Any]:
-        ledger = self._redis_ledger
-        conn = self.redis
-        if ledger is not None and conn is not None and conn.up:
-            try:
-                snapshot: dict[str, Any] = await conn.execute(ledger.snapshot)
+        shared = self._shared_usage
+        if shared is not None:
+            snapshot = await shared.snapshot()
+            if snapshot is not None:
                 snapshot["backend"] = "redis"
                 return snapshot
-            except Exception:
-                pass
         directory = multiprocess_dir()
         if directory is None:
-            snapshot = self.ledger.snapshot()
+            snapshot = self._memory_totals()
         else:
             # Several workers without Redis: each keeps its own totals in a
             # file beside the metrics files; any worker answers with the sum.
@@ -365,6 +360,14 @@ class Runtime:
             snapshot = await self.loop.run_in_executor(None, _read_usage_files, directory)
         snapshot["backend"] = "memory"
         return snapshot
+
+    def _memory_totals(self) -> dict[str, Any]:
+        """This process's totals that are in no Redis: without Redis all of
+        them, with it what Redis has not confirmed yet."""
+        shared = self._shared_usage
+        if shared is None or not shared.has_unconfirmed():
+            return self.ledger.snapshot()
+        return merge_snapshots([self.ledger.snapshot(), shared.unconfirmed()])
 
     def _usage_changed(self) -> None:
         """Schedule this worker's usage file to be rewritten (at most every 0.5 s)."""
@@ -381,12 +384,16 @@ class Runtime:
         path = os.path.join(directory, f"usage-{os.getpid()}.json")
         try:
             with open(path + ".tmp", "w") as f:
-                json.dump(self.ledger.snapshot(), f)
+                json.dump(self._memory_totals(), f)
             os.replace(path + ".tmp", path)  # readers never see half a file
         except OSError as exc:
             log.warning("usage: cannot write %s: %s", path, exc.strerror)
 
     async def close(self) -> None:
+        shared = self._shared_usage
+        if shared is not None:
+            await shared.flush()  # bounded by redis.timeout per batch
+            shared.close()
         self._write_usage_file()  # the last totals of this worker stay counted
         self.pools.close()
         if self.request_log is not None:
