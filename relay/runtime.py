@@ -395,6 +395,7 @@ class Runtime:
             await shared.flush()  # bounded by redis.timeout per batch
             shared.close()
         self._write_usage_file()  # the last totals of this worker stay counted
+        self.estimator.close()
         self.pools.close()
         if self.request_log is not None:
             self.request_log.close()
