@@ -20,7 +20,6 @@ from relay.ratelimit import (
     RateDecision,
     RedisLimiter,
     key_function,
-    limiter_key,
 )
 from relay.redisconn import RedisConnection
 from tests.support import run_on
@@ -57,12 +56,14 @@ class Counter:
 
 
 def test_limiter_keys() -> None:
-    assert limiter_key("api_key", b"0123456789abcdef", "10.0.0.1") == b"key:0123456789abcdef"
+    # The key builders the pipeline looks up once per config and calls per request.
+    api_key, ip, everyone = key_function("api_key"), key_function("ip"), key_function("global")
+    assert api_key(b"0123456789abcdef", "10.0.0.1") == b"key:0123456789abcdef"
     # No credential: limited per client address rather than one shared bucket.
-    assert limiter_key("api_key", None, "10.0.0.1") == b"ip:10.0.0.1"
-    assert limiter_key("api_key", b"", b"10.0.0.1") == b"ip:10.0.0.1"
-    assert limiter_key("ip", b"0123456789abcdef", "::1") == b"ip:::1"
-    assert limiter_key("global", b"0123456789abcdef", "10.0.0.1") == b"global"
+    assert api_key(None, "10.0.0.1") == b"ip:10.0.0.1"
+    assert api_key(b"", b"10.0.0.1") == b"ip:10.0.0.1"
+    assert ip(b"0123456789abcdef", "::1") == b"ip:::1"
+    assert everyone(b"0123456789abcdef", "10.0.0.1") == b"global"
     assert key_function("ip")(None, "10.0.0.2") == b"ip:10.0.0.2"
     with pytest.raises(ValueError):
         key_function("header")
