@@ -476,8 +476,10 @@ class SharedUsage:
         had not confirmed; its batch in flight keeps its id and number."""
         previous.close()
         if previous._sent is not None and self._sent is None:
+            # Resent under its own writer id and number: if the new
+            # connection reaches the same Redis, it is not applied twice.
             self._sent = previous._sent
-        elif previous._sent is not None:
+        elif previous._sent is not None:  # not for a fresh writer (the only use)
             self._pending.merge(previous._sent[2])
         self._pending.merge(previous._pending)
         previous._sent = None

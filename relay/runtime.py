@@ -93,6 +93,7 @@ class Runtime:
         self.labels = ModelLabels()
         self.request_log: RequestLogger | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._retired: list[RedisConnection] = []  # replaced, closed a little later
         self._usage_flush: asyncio.TimerHandle | None = None
         # Read once: the launcher sets it before any worker starts.
         self._shared_dir = multiprocess_dir()
@@ -142,7 +143,9 @@ class Runtime:
             self._hand_over_usage(before[2])
         if replaced and before[0] is not None:
             # Requests of the previous generation may still hold it: close later.
-            self.loop.call_later(5.0, self.spawn, before[0].close())
+            old = before[0]
+            self._retired.append(old)
+            self.loop.call_later(5.0, self._close_retired, old)
         self.coalescer.max_body_bytes = config.cache.max_body_bytes
         if config.log.requests:
             if self.request_log is None:
@@ -154,6 +157,11 @@ class Runtime:
             # Keep the labels already given out: the bound is per process.
             self.labels.reserve(config.models)
         return built
+
+    def _close_retired(self, conn: RedisConnection) -> None:
+        if conn in self._retired:
+            self._retired.remove(conn)
+            self.spawn(conn.close())
 
     def _stage_redis(self, config: Config) -> bool:
         """Put the connection *config* asks for in place; True if it is a new one.
@@ -401,6 +409,9 @@ class Runtime:
             self.request_log.close()
         if self.redis is not None:
             await self.redis.close()
+        for conn in self._retired:
+            await conn.close()
+        self._retired.clear()
         for task in list(self._tasks):
             task.cancel()
 

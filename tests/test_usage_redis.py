@@ -245,3 +245,37 @@ def test_usage_recorded_during_an_outage_reaches_redis_once(redis_server, upstre
     finally:
         relay.stop()
         admin.close()
+
+
+def test_totals_waiting_for_redis_move_with_a_reload_to_another_redis(upstream, tmp_path):
+    from relay.config import load_config
+    from tests.test_reload import base_config, write
+
+    gone = RedisServer()  # reserved, never started: every call fails
+    path = str(tmp_path / "relay.yaml")
+    data = base_config(upstream.url, ratelimit={"enabled": False}, models={"gpt-4o-mini": PRICE})
+    write(path, {**data, "redis": {"enabled": True, "address": gone.address, "timeout": 2.0}})
+    with RedisServer() as other:
+        admin = redis.Redis(port=other.port, socket_timeout=10)
+        relay = RelayThread(load_config(path, env={}))
+        relay.start()
+        try:
+            for _ in range(3):
+                one_request_usage(relay, KEY_A)
+            snap = usage(relay)
+            assert snap["backend"] == "memory" and snap["totals"]["requests"] == 3
+            write(path, {**data, "redis": {"enabled": True, "address": other.address,
+                                           "timeout": 2.0}})  # fmt: skip
+            wait_for(lambda: redis_requests(admin) == 3, "totals handed to the new Redis")
+            snap = wait_for(
+                lambda: (s := usage(relay))["backend"] == "redis" and s, "usage from the new Redis"
+            )
+            assert snap["totals"]["requests"] == 3
+            one_request_usage(relay, KEY_B)
+            wait_for(lambda: redis_requests(admin) == 4, "the next request")
+            time.sleep(1.5)  # past a retry interval: nothing sent twice
+            assert redis_requests(admin) == 4
+        finally:
+            relay.stop()
+            admin.close()
+            gone.close()
