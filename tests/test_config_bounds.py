@@ -109,7 +109,11 @@ def test_a_number_too_long_to_read_is_a_problem_not_a_crash(tmp_path: pathlib.Pa
 
 
 def test_check_config_refuses_the_burst_that_was_half_applied(tmp_path: pathlib.Path) -> None:
-    path = write(tmp_path, f"ratelimit:\n  burst: {BURST_TOO_BIG}\nlog:\n  requests: true\n")
+    path = write(
+        tmp_path,
+        f"ratelimit:\n  burst: {BURST_TOO_BIG}\nlog:\n  requests: true\n"
+        "cache:\n  ttl: 1.0e+12\nserver:\n  idle_timeout: .nan\n  max_body_bytes: -1\n",
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("RATELIMIT_")}
     result = subprocess.run(
         [sys.executable, "-m", "relay", "--check-config", "--config", path],
@@ -117,6 +121,10 @@ def test_check_config_refuses_the_burst_that_was_half_applied(tmp_path: pathlib.
     )  # fmt: skip
     assert result.returncode == 1
     assert f"{path}: ratelimit.burst: must be <= {MAX_EXACT}" in result.stderr
+    assert f"{path}: cache.ttl: must be <= 31536000" in result.stderr
+    assert f"{path}: server.idle_timeout: must be a finite number, got nan" in result.stderr
+    assert f"{path}: server.max_body_bytes: must be > 0, got -1" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 4
 
 
 # Every numeric key at its largest and smallest accepted value.

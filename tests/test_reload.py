@@ -291,10 +291,14 @@ def test_out_of_range_edit_is_refused_whole_in_every_worker(upstream, tmp_path):
         # request log and the coalescer cap went live, the bucket refused.
         write(path, base_config(upstream.url, server=server, log={"requests": True},
                                 ratelimit={"burst": HUGE_BURST},
-                                cache={"max_body_bytes": 1000}))  # fmt: skip
-        log.wait_for("edit refused", count=2, timeout=RELOAD_DEADLINE)  # both workers
+                                cache={"max_body_bytes": 1000, "ttl": 1e12},
+                                circuit_breaker={"recovery_timeout": float("nan")}))  # fmt: skip
+        # Both workers refuse it, each naming all three problems...
+        log.wait_for("edit refused", count=6, timeout=RELOAD_DEADLINE)
         assert log.count("ratelimit.burst: must be <=") == 2
-        assert reload_errors(port) == 1  # counted once
+        assert log.count("cache.ttl: must be <= 31536000") == 2
+        assert log.count("circuit_breaker.recovery_timeout: must be a finite number") == 2
+        assert reload_errors(port) == 1  # ...and it is counted once
         # Fresh connections reach both workers: none logs requests, the old
         # bucket answers.
         assert {limit(port) for _ in range(10)} == {"100"}
