@@ -370,6 +370,7 @@ MAX_EXACT = 2**53  # largest integer a double (token buckets, Lua) holds exactly
 MAX_BYTES = 2**53  # byte sizes
 MAX_RATE = 1e9  # requests per second
 MAX_REFILL_SECONDS = 1e12  # burst / rate: Redis expiry in ms must fit 64 bits
+MAX_WORKERS = 1024
 # Backstops by type, for keys without a bound of their own.
 _INT_LIMIT = 2**63 - 1  # what C long long, Redis integers and SQLite hold
 _FLOAT_LIMIT = 1e15
@@ -393,7 +394,7 @@ _SECTIONS: Mapping[str, Mapping[str, _Key]] = types.MappingProxyType(
     {
         "server": {
             "port": _Key("listen", _listen),  # -> ServerConfig.host + .port
-            "workers": bounded("int", 1, 1024),
+            "workers": bounded("int", 1, MAX_WORKERS),
             "max_body_bytes": bounded("int", 0, MAX_BYTES, above=True),
             "max_header_bytes": bounded("int", 0, MAX_BYTES, above=True),
             "header_timeout": seconds(),

@@ -206,3 +206,11 @@ def test_accepted_edges_build_in_both_twins(tmp_path: pathlib.Path, twin: str, e
         await runtime.close()
 
     asyncio.run(build())
+
+
+def test_workers_flag_has_the_same_bound_as_the_key(tmp_path: pathlib.Path) -> None:
+    from relay.cli import main
+
+    path = write(tmp_path, "server:\n  port: 127.0.0.1:0\n")
+    assert main(["--config", path, "--workers", "1025"]) == 2
+    assert main(["--config", path, "--workers", "0"]) == 2
