@@ -34,7 +34,7 @@ from .metrics import NO_COUNT as _NO_COUNT
 from .runtime import Runtime, Upstream
 from .upstream.balance import Balancer
 from .upstream.protocol import UpstreamError
-from .usage import inject_include_usage
+from .usage import Usage, inject_include_usage
 
 __all__ = ["Pipeline"]
 
@@ -662,9 +662,11 @@ class Pipeline:
             # Tokenizer data (~40 MB) is loaded on first need, in a thread;
             # the client already has its response.
             await estimator.ensure_loaded(self.config.models)
+        # Counted before _finish, off the loop when a large estimate is needed.
+        usage = await self._accounting.usage_async(request, exchange, body)
         self._finish(
             request, client, upstream, exchange, extra, leader, cache_key, body,
-            chain.model if chain is not None else None,
+            chain.model if chain is not None else None, usage,
         )
 
     def _advance(self, chain: _Chain | None) -> bool:
@@ -815,6 +817,7 @@ class Pipeline:
         cache_key: bytes | None,
         body: bytes,
         fallback_model: str | None,
+        usage: Usage | None,
     ) -> None:
         outcome = exchange.outcome
         runtime = self.runtime
@@ -822,7 +825,6 @@ class Pipeline:
         if status:
             self._metrics.observe_upstream_latency(upstream.label, exchange.upstream_latency)
 
-        usage = self._accounting.usage_of(request, exchange, body)
         if (
             cache_key is not None
             and outcome == Outcome.OK
