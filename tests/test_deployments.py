@@ -442,6 +442,33 @@ def test_stale_socket_retry_goes_on_a_new_connection(relay_factory: RelayFactory
     assert len(up.requests) == 4
 
 
+def test_followers_wait_for_the_stale_socket_retry(relay_factory: RelayFactory, fakes: Fakes):
+    up = fakes()
+    relay = relay_factory(up.url, cache={"enabled": True})
+    assert ask(relay.port, "warm")[0] == 200  # leaves one idle keep-alive socket
+    # That socket goes stale; the new connection's answer takes a while, so
+    # the followers below join the flight while the leader retries.
+    up.set_faults({"x-fake-drop-reused": 1, "x-fake-delay": 1.5})
+    results: list[tuple[int, str]] = []
+
+    def one() -> None:
+        status, headers, _ = ask(relay.port, "asked three times")
+        results.append((status, headers["x-relay-cache"]))
+
+    leader = threading.Thread(target=one)
+    leader.start()
+    deadline = time.monotonic() + 5
+    while len(up.requests) < 3 and time.monotonic() < deadline:  # warm, dropped, resent
+        time.sleep(0.005)
+    followers = [threading.Thread(target=one) for _ in range(2)]
+    for thread in followers:
+        thread.start()
+    for thread in [leader, *followers]:
+        thread.join(15)
+    assert sorted(results) == [(200, "HIT"), (200, "HIT"), (200, "MISS")]
+    assert len(up.requests) == 3 and up.connections_opened == 2
+
+
 def test_connections_per_upstream_are_bounded(relay_factory: RelayFactory, fakes: Fakes):
     up = fakes()
     relay = relay_factory(up.url, proxy={"max_connections": 1, "connect_timeout": 0.5})
