@@ -152,6 +152,10 @@ class UpstreamPool:
                     conn = self.take_idle()
                     if conn is not None:
                         return conn, True
+                elif self._idle:
+                    # A new connection is wanted and idle ones hold the slots:
+                    # close the oldest (its connection_lost frees the slot).
+                    self._idle.pop(0).close()
                 left = deadline - self._loop.time()
                 if left <= 0:
                     raise UpstreamError(
