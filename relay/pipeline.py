@@ -100,8 +100,9 @@ class _Chain:
         if status == 429 or status == 503:
             wait = _retry_after(headers)
             if wait > 0.0:
+                # Capped: a target must not be shunned for ever by one header.
                 state = self.target.state
-                state.not_before = max(state.not_before, now + wait)
+                state.not_before = max(state.not_before, now + min(wait, _MAX_COOL_DOWN))
         return self.can_continue(now)
 
     def can_continue(self, now: float) -> bool:
@@ -134,6 +135,10 @@ class _Chain:
         if index >= 0 and wait <= limit:
             return index, wait
         return -1, 0.0
+
+
+# The longest a 429's Retry-After keeps a target out of retries (seconds).
+_MAX_COOL_DOWN = 3600.0
 
 
 def _retry_after(headers: list[tuple[bytes, bytes]]) -> float:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from dataclasses import dataclass, field
 
 import pytest
@@ -94,3 +95,18 @@ def test_unknown_strategy_and_no_targets_are_refused() -> None:
         balancer([FakeTarget()], "fastest")
     with pytest.raises(ValueError, match="target"):
         Balancer((), "weighted", breakers=False)
+
+
+def test_retry_after_values_are_read_as_seconds_or_dates() -> None:
+    from email.utils import formatdate
+
+    from relay.pipeline import _retry_after
+
+    assert _retry_after([(b"Retry-After", b"7")]) == 7.0
+    assert _retry_after([(b"retry-after", b" 1.5 ")]) == 1.5
+    later = _retry_after([(b"Retry-After", formatdate(time.time() + 30, usegmt=True).encode())])
+    assert 25 <= later <= 31
+    assert _retry_after([(b"Retry-After", formatdate(time.time() - 30, usegmt=True).encode())]) == 0
+    assert _retry_after([(b"Retry-After", b"soon")]) == 0.0
+    assert _retry_after([(b"Retry-After", b"-3")]) == 0.0
+    assert _retry_after([(b"X-Other", b"5")]) == 0.0
