@@ -257,7 +257,7 @@ def test_request_fields(run: Callable[[Awaitable[Any]], Any], bytewise: bool) ->
 def test_credential_falls_back_to_api_key(run: Callable[[Awaitable[Any]], Any]) -> None:
     async def body() -> None:
         server = Server(peer=None)
-        server.feed(b"GET /a HTTP/1.1\r\nx-api-key: sk-ant\r\n\r\nGET /b HTTP/1.1\r\n\r\n")
+        server.feed(b"GET /a HTTP/1.1\r\nHost: t\r\nx-api-key: sk-ant\r\n\r\nGET /b HTTP/1.1\r\nHost: t\r\n\r\n")
         await server.settle()
         first, second = server.requests
         assert first.credential == b"sk-ant" and first.authorization is None
@@ -271,7 +271,7 @@ def test_credential_falls_back_to_api_key(run: Callable[[Awaitable[Any]], Any]) 
 def test_chunked_body_is_assembled(run: Callable[[Awaitable[Any]], Any], bytewise: bool) -> None:
     async def body() -> None:
         server = Server()
-        server.feed(b"POST /v1/x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        server.feed(b"POST /v1/x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
                     b"5\r\nhello\r\n1;ext=1\r\n \r\n5\r\nworld\r\n0\r\nX-Trailer: t\r\n\r\n",
                     bytewise=bytewise)
         await server.settle()
@@ -303,7 +303,7 @@ def test_connection_close_is_honoured_and_later_requests_ignored(
 ) -> None:
     async def body() -> None:
         server = Server()
-        server.feed(b"GET /1 HTTP/1.1\r\nConnection: close\r\n\r\nGET /2 HTTP/1.1\r\n\r\n")
+        server.feed(b"GET /1 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\nGET /2 HTTP/1.1\r\nHost: t\r\n\r\n")
         await server.settle()
         assert [r.target for r in server.requests] == [b"/1"]
         (response,) = parse(server.transport.take())
@@ -328,9 +328,9 @@ def test_pipelined_requests_are_answered_in_order(
 
     async def body() -> None:
         server = Server(slow_first)
-        server.feed(b"GET /1 HTTP/1.1\r\n\r\n"
-                    b"POST /2 HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc"
-                    b"GET /3 HTTP/1.1\r\n\r\n", bytewise=bytewise)
+        server.feed(b"GET /1 HTTP/1.1\r\nHost: t\r\n\r\n"
+                    b"POST /2 HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc"
+                    b"GET /3 HTTP/1.1\r\nHost: t\r\n\r\n", bytewise=bytewise)
         for _ in range(100):
             await asyncio.sleep(0.01)
             if len(server.requests) == 3 and not server.conn.busy:
@@ -358,7 +358,7 @@ def test_one_request_at_a_time(run: Callable[[Awaitable[Any]], Any]) -> None:
             await echo(request, conn)
 
         server = Server(handler)
-        server.feed(b"GET /x HTTP/1.1\r\n\r\n" * 10)
+        server.feed(b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n" * 10)
         for _ in range(200):
             await asyncio.sleep(0.005)
             if len(server.requests) == 10 and not server.conn.busy:
@@ -381,7 +381,7 @@ def test_reading_pauses_when_the_pipeline_queue_is_full(
             await echo(request, conn)
 
         server = Server(handler)
-        data = b"".join(b"GET /%d HTTP/1.1\r\n\r\n" % i for i in range(MAX_PIPELINED + 1))
+        data = b"".join(b"GET /%d HTTP/1.1\r\nHost: t\r\n\r\n" % i for i in range(MAX_PIPELINED + 1))
         server.feed(data)
         await server.settle()
         assert len(server.requests) == 1
@@ -409,7 +409,7 @@ def test_bad_request_behind_a_busy_one_waits_its_turn(
             await echo(request, conn)
 
         server = Server(handler)
-        server.feed(b"GET /ok HTTP/1.1\r\n\r\nGET /bad HTTP/1.1\r\nContent-Length: 1\r\n"
+        server.feed(b"GET /ok HTTP/1.1\r\nHost: t\r\n\r\nGET /bad HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\n"
                     b"Content-Length: 2\r\n\r\n")
         await server.settle()
         assert server.transport.out == b"" and not server.transport.reading
@@ -433,14 +433,14 @@ def test_bad_request_behind_a_busy_one_waits_its_turn(
 @pytest.mark.parametrize(
     ("data", "status"),
     [
-        (b"GET / HTTP/1.1\r\n" + b"X-H: 1\r\n" * 129 + b"\r\n", 431),
-        (b"GET /" + b"a" * 2100 + b" HTTP/1.1\r\n\r\n", 431),
-        (b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 2100 + b"\r\n\r\n", 431),
-        (b"POST / HTTP/1.1\r\nContent-Length: 1001\r\n\r\n", 413),
-        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + (b"64\r\n" + b"x" * 100 + b"\r\n") * 11, 413),
-        (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: t\r\n" + b"X-H: 1\r\n" * 129 + b"\r\n", 431),
+        (b"GET /" + b"a" * 2100 + b" HTTP/1.1\r\nHost: t\r\n\r\n", 431),
+        (b"GET / HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 2100 + b"\r\n\r\n", 431),
+        (b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 1001\r\n\r\n", 413),
+        (b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n" + (b"64\r\n" + b"x" * 100 + b"\r\n") * 11, 413),
+        (b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 400),
         (b"GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n", 400),
-        (b"GET / HTTP/1.1\r\nExpect: 200-ok\r\n\r\n", 417),
+        (b"GET / HTTP/1.1\r\nHost: t\r\nExpect: 200-ok\r\n\r\n", 417),
     ],
     ids=["count", "url", "value", "content-length", "chunked", "te", "host", "expect"],
 )
@@ -459,7 +459,7 @@ def test_refusals(
         assert server.transport.closed
         assert server.transport.late == []
         # Bytes arriving after the refusal are ignored.
-        server.feed(b"GET / HTTP/1.1\r\n\r\n")
+        server.feed(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
         await server.settle()
         assert server.requests == [] and server.transport.out == b""
         assert server.transport.late == []
@@ -472,7 +472,7 @@ def test_unfinished_header_is_cut_off_near_twice_the_limit(
 ) -> None:
     async def body() -> None:
         server = Server()
-        server.feed(b"GET / HTTP/1.1\r\nX-Endless: ")
+        server.feed(b"GET / HTTP/1.1\r\nHost: t\r\nX-Endless: ")
         fed = 0
         while not server.transport.out and fed < 10 * LIMITS.max_header_bytes:
             server.feed(b"a" * 256)
@@ -487,7 +487,7 @@ def test_unfinished_header_is_cut_off_near_twice_the_limit(
 def test_expect_continue_invites_the_body(run: Callable[[Awaitable[Any]], Any]) -> None:
     async def body() -> None:
         server = Server()
-        server.feed(b"POST /v1/x HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n")
+        server.feed(b"POST /v1/x HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n")
         assert server.transport.take() == b"HTTP/1.1 100 Continue\r\n\r\n"
         server.feed(b"abc")
         await server.settle()
@@ -507,7 +507,7 @@ def test_respond_frames_with_content_length(run: Callable[[Awaitable[Any]], Any]
 
     async def body() -> None:
         server = Server(handler)
-        server.feed(b"GET / HTTP/1.1\r\n\r\n")
+        server.feed(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
         await server.settle()
         assert server.transport.take() == (
             b"HTTP/1.1 201 Created\r\nX-A: 1\r\nContent-Length: 5\r\n\r\nhello")
@@ -522,7 +522,7 @@ def test_respond_close_adds_connection_close(run: Callable[[Awaitable[Any]], Any
 
     async def body() -> None:
         server = Server(handler)
-        server.feed(b"GET / HTTP/1.1\r\n\r\nGET /never HTTP/1.1\r\n\r\n")
+        server.feed(b"GET / HTTP/1.1\r\nHost: t\r\n\r\nGET /never HTTP/1.1\r\nHost: t\r\n\r\n")
         await server.settle()
         assert server.transport.take() == (
             b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
@@ -541,7 +541,7 @@ def test_streamed_response_with_known_length(run: Callable[[Awaitable[Any]], Any
 
     async def body() -> None:
         server = Server(handler)
-        server.feed(b"GET / HTTP/1.1\r\n\r\n")
+        server.feed(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
         await server.settle()
         assert server.transport.take() == (
             b"HTTP/1.1 200 OK\r\nX-A: 1\r\nContent-Length: 6\r\n\r\nabcdef")
@@ -561,7 +561,7 @@ def test_streamed_response_chunked_for_http11(run: Callable[[Awaitable[Any]], An
 
     async def body() -> None:
         server = Server(handler)
-        server.feed(b"GET /s HTTP/1.1\r\n\r\nGET /next HTTP/1.1\r\n\r\n")
+        server.feed(b"GET /s HTTP/1.1\r\nHost: t\r\n\r\nGET /next HTTP/1.1\r\nHost: t\r\n\r\n")
         for _ in range(50):
             await asyncio.sleep(0.001)
             if len(server.requests) == 2 and not server.conn.busy:
@@ -609,7 +609,7 @@ def test_no_body_status_is_not_chunked(run: Callable[[Awaitable[Any]], Any]) -> 
 
     async def body() -> None:
         server = Server(handler)
-        server.feed(b"GET / HTTP/1.1\r\n\r\n")
+        server.feed(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
         await server.settle()
         data = server.transport.take()
         assert data.startswith(b"HTTP/1.1 304 Not Modified\r\nETag: x\r\n")
@@ -633,7 +633,7 @@ def test_bodyless_response_has_no_framing_and_keeps_the_connection(
 
     async def body() -> None:
         server = Server(handler)
-        server.feed(b"HEAD / HTTP/1.1\r\n\r\nGET /next HTTP/1.1\r\n\r\n")
+        server.feed(b"HEAD / HTTP/1.1\r\nHost: t\r\n\r\nGET /next HTTP/1.1\r\nHost: t\r\n\r\n")
         for _ in range(50):
             await asyncio.sleep(0.001)
             if len(server.requests) == 2 and not server.conn.busy:
@@ -663,7 +663,7 @@ def test_handler_errors_become_error_responses(run: Callable[[Awaitable[Any]], A
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(lambda loop, context: None)  # the bug's task error
         server = Server(handler)
-        server.feed(b"GET /gateway HTTP/1.1\r\n\r\nGET /bug HTTP/1.1\r\n\r\nGET /ok HTTP/1.1\r\n\r\n")
+        server.feed(b"GET /gateway HTTP/1.1\r\nHost: t\r\n\r\nGET /bug HTTP/1.1\r\nHost: t\r\n\r\nGET /ok HTTP/1.1\r\nHost: t\r\n\r\n")
         for _ in range(50):
             await asyncio.sleep(0.001)
             if len(server.requests) == 3 and not server.conn.busy:
@@ -687,7 +687,7 @@ def test_failure_after_the_head_aborts(run: Callable[[Awaitable[Any]], Any]) -> 
 
     async def body() -> None:
         server = Server(handler)
-        server.feed(b"GET / HTTP/1.1\r\n\r\nGET /never HTTP/1.1\r\n\r\n")
+        server.feed(b"GET / HTTP/1.1\r\nHost: t\r\n\r\nGET /never HTTP/1.1\r\nHost: t\r\n\r\n")
         await server.settle()
         (response,) = parse(server.transport.take())
         assert response.status == 200 and not response.complete
@@ -708,7 +708,7 @@ def test_hold_then_abort_still_sends_what_was_held(run: Callable[[Awaitable[Any]
 
     async def body() -> None:
         server = Server(handler)
-        server.feed(b"GET / HTTP/1.1\r\n\r\n")
+        server.feed(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
         await server.settle()
         (response,) = parse(server.transport.take())
         assert response.status == 200 and response.body == b"partial"
@@ -730,7 +730,7 @@ def test_respond_after_the_client_left_writes_nothing(
             conn.finish()
 
         server = Server(handler)
-        server.feed(b"GET / HTTP/1.1\r\n\r\n")
+        server.feed(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
         await server.settle()
         server.transport.closed = True
         server.conn.connection_lost(None)
@@ -808,7 +808,7 @@ def test_flow_is_detached_after_each_response(run: Callable[[Awaitable[Any]], An
 
     async def body() -> None:
         server = Server(handler)
-        server.feed(b"GET / HTTP/1.1\r\n\r\n")
+        server.feed(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
         await server.settle()
         assert server.conn.flow is None and server.conn.on_lost is None
 
@@ -821,7 +821,7 @@ def test_flow_is_detached_after_each_response(run: Callable[[Awaitable[Any]], An
 def test_header_timeout_closes_a_silent_connection(run: Callable[[Awaitable[Any]], Any]) -> None:
     async def body() -> None:
         server = Server(limits=ConnectionLimits(1000, 2048, 0.05, 5.0))
-        server.feed(b"GET / HTTP/1.1\r\nHo")
+        server.feed(b"GET / HTTP/1.1\r\nHost: t\r\nHo")
         await asyncio.sleep(0.15)
         assert server.transport.closed and server.transport.out == b""
 
@@ -831,7 +831,7 @@ def test_header_timeout_closes_a_silent_connection(run: Callable[[Awaitable[Any]
 def test_idle_timeout_after_a_response(run: Callable[[Awaitable[Any]], Any]) -> None:
     async def body() -> None:
         server = Server(limits=ConnectionLimits(1000, 2048, 5.0, 0.05))
-        server.feed(b"GET / HTTP/1.1\r\n\r\n")
+        server.feed(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
         await server.settle()
         assert not server.transport.closed
         await asyncio.sleep(0.15)
@@ -848,7 +848,7 @@ def test_timers_do_not_cut_a_busy_request(run: Callable[[Awaitable[Any]], Any]) 
 
     async def body() -> None:
         server = Server(slow, limits=ConnectionLimits(1000, 2048, 0.05, 0.05))
-        server.feed(b"GET / HTTP/1.1\r\n\r\n")
+        server.feed(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
         await asyncio.sleep(0.2)
         assert parse(server.transport.take())[0].status == 200
 
@@ -869,7 +869,7 @@ def test_eof_while_idle_closes_and_while_busy_finishes_first(
             await echo(request, conn)
 
         busy = Server(handler)
-        busy.feed(b"GET / HTTP/1.1\r\n\r\n")
+        busy.feed(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
         await busy.settle()
         assert busy.conn.eof_received()  # keep the half-open socket for the answer
         gate.set()
@@ -896,7 +896,7 @@ def test_shutdown_closes_idle_at_once_and_busy_after_the_response(
             await echo(request, conn)
 
         busy = Server(handler)
-        busy.feed(b"GET / HTTP/1.1\r\n\r\nGET /queued HTTP/1.1\r\n\r\n")
+        busy.feed(b"GET / HTTP/1.1\r\nHost: t\r\n\r\nGET /queued HTTP/1.1\r\nHost: t\r\n\r\n")
         await busy.settle()
         busy.conn.shutdown()
         assert not busy.transport.closed
