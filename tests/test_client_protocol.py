@@ -19,11 +19,18 @@ import uvloop
 
 from relay.http import errors
 from relay.http.protocol import (
+    ANSWER_MOVES,
+    CONN_MOVES,
     MAX_PIPELINED,
+    READ_MOVES,
     WRITE_HIGH_WATER,
     WRITE_LOW_WATER,
+    AnswerState,
     ClientConnection,
     ConnectionLimits,
+    ConnState,
+    ProtocolStateError,
+    ReadState,
 )
 from relay.http.request import Request
 
@@ -484,6 +491,71 @@ def test_unfinished_header_is_cut_off_near_twice_the_limit(
     run(body())
 
 
+def test_pipelined_expect_continue_waits_for_its_turn(
+    run: Callable[[Awaitable[Any]], Any],
+) -> None:
+    gate = asyncio.Event()
+
+    async def handler(request: Request, conn: ClientConnection) -> None:
+        if request.target == b"/stream":
+            conn.start_response(200, [], None)
+            conn.write(b"data: 1\n\n")
+            await gate.wait()
+            conn.write(b"data: 2\n\n")
+            conn.finish()
+        else:
+            await echo(request, conn)
+
+    async def body() -> None:
+        server = Server(handler)
+        server.feed(b"GET /stream HTTP/1.1\r\nHost: t\r\n\r\n")
+        await server.settle()
+        server.feed(b"POST /next HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\n"
+                    b"Content-Length: 3\r\n\r\n")
+        await server.settle()
+        assert b"100 Continue" not in server.transport.out  # not inside the chunked body
+        gate.set()
+        await server.settle()
+        data = server.transport.take()
+        assert data.endswith(b"0\r\n\r\nHTTP/1.1 100 Continue\r\n\r\n")
+        first, interim = parse(data)
+        assert first.complete and first.body == b"data: 1\n\ndata: 2\n\n"
+        assert interim.status == 100
+        server.feed(b"abc")
+        await server.settle()
+        (second,) = parse(server.transport.take())
+        assert second.status == 200 and server.requests[1].body == b"abc"
+
+    run(body())
+
+
+def test_pipelined_body_sent_without_waiting_gets_no_late_100(
+    run: Callable[[Awaitable[Any]], Any],
+) -> None:
+    gate = asyncio.Event()
+
+    async def handler(request: Request, conn: ClientConnection) -> None:
+        if request.target == b"/slow":
+            await gate.wait()
+        await echo(request, conn)
+
+    async def body() -> None:
+        server = Server(handler)
+        server.feed(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n"
+                    b"POST /next HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\n"
+                    b"Content-Length: 3\r\n\r\nab")
+        await server.settle()
+        gate.set()
+        await server.settle()
+        server.feed(b"c")
+        await server.settle()
+        data = server.transport.take()
+        assert b"100 Continue" not in data
+        assert [r.status for r in parse(data)] == [200, 200]
+
+    run(body())
+
+
 def test_expect_continue_invites_the_body(run: Callable[[Awaitable[Any]], Any]) -> None:
     async def body() -> None:
         server = Server()
@@ -905,5 +977,113 @@ def test_shutdown_closes_idle_at_once_and_busy_after_the_response(
         (response,) = parse(busy.transport.take())
         assert response.header(b"connection") == b"close"
         assert busy.transport.closed and len(busy.requests) == 1
+
+    run(body())
+
+
+# --------------------------------------------------------------- states
+
+
+def test_transition_tables() -> None:
+    def allowed(table: tuple[int, ...], states: Any) -> dict[str, set[str]]:
+        return {old.name: {new.name for new in states if table[old] >> new & 1} for old in states}
+
+    assert allowed(CONN_MOVES, ConnState) == {
+        "OPEN": {"IDLE", "CLOSING", "HALF_CLOSED", "CLOSED"},
+        "IDLE": {"OPEN", "CLOSING", "HALF_CLOSED", "CLOSED"},
+        "CLOSING": {"HALF_CLOSED", "CLOSED"},
+        "HALF_CLOSED": {"CLOSED"},
+        "CLOSED": set(),
+    }
+    assert allowed(READ_MOVES, ReadState) == {
+        "AWAIT": {"HEAD"},
+        "HEAD": {"BODY", "CONTINUE", "UPGRADE"},
+        "BODY": {"AWAIT"},
+        "CONTINUE": {"BODY", "AWAIT"},
+        "UPGRADE": {"AWAIT"},
+    }
+    assert allowed(ANSWER_MOVES, AnswerState) == {
+        "NONE": {"PENDING"},
+        "PENDING": {"BODY", "CHUNKED", "NONE"},
+        "BODY": {"NONE"},
+        "CHUNKED": {"NONE"},
+    }
+
+
+def test_illegal_transitions_raise(run: Callable[[Awaitable[Any]], Any]) -> None:
+    async def body() -> None:
+        server = Server()
+        conn = server.conn
+        assert conn.state is ConnState.OPEN
+        with pytest.raises(ProtocolStateError, match="answer state NONE -> BODY"):
+            conn._set_answer(AnswerState.BODY)
+        with pytest.raises(ProtocolStateError, match="read state AWAIT -> BODY"):
+            conn._set_read(ReadState.BODY)
+        with pytest.raises(ProtocolStateError):
+            conn.respond(200, [], b"")  # nothing is being answered
+        conn.connection_lost(None)
+        assert conn.state is ConnState.CLOSED
+        with pytest.raises(ProtocolStateError, match="connection state CLOSED -> OPEN"):
+            conn._set_state(ConnState.OPEN)
+        assert conn.state is ConnState.CLOSED
+
+    run(body())
+
+
+def test_a_second_response_head_is_refused(run: Callable[[Awaitable[Any]], Any]) -> None:
+    errors_seen: list[BaseException] = []
+
+    async def handler(request: Request, conn: ClientConnection) -> None:
+        conn.start_response(200, [], 2)
+        try:
+            conn.start_response(200, [], 2)
+        except ProtocolStateError as exc:
+            errors_seen.append(exc)
+        conn.write(b"ok")
+        conn.finish()
+
+    async def body() -> None:
+        server = Server(handler)
+        server.feed(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        await server.settle()
+        assert len(errors_seen) == 1
+        assert server.transport.take() == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    run(body())
+
+
+def test_eof_before_the_answer_counts_as_gone(run: Callable[[Awaitable[Any]], Any]) -> None:
+    seen: list[tuple[bool, bool]] = []
+    gate = asyncio.Event()
+
+    async def handler(request: Request, conn: ClientConnection) -> None:
+        await gate.wait()
+        before = conn.is_lost
+        if request.target == b"/answer":
+            conn.start_response(200, [], 2)
+            seen.append((before, conn.is_lost))
+            conn.write(b"ok")
+            conn.finish()
+        else:
+            seen.append((before, conn.is_lost))  # gone: answers nothing, as the pipeline does
+
+    async def body() -> None:
+        gone = Server(handler)
+        gone.feed(b"GET /gone HTTP/1.1\r\nHost: t\r\n\r\n")
+        await gone.settle()
+        assert not gone.conn.is_lost
+        assert gone.conn.eof_received()
+        assert gone.conn.state is ConnState.HALF_CLOSED
+        answered = Server(handler)
+        answered.feed(b"GET /answer HTTP/1.1\r\nHost: t\r\n\r\n")
+        await answered.settle()
+        answered.conn.eof_received()
+        gate.set()
+        await gone.settle()
+        await answered.settle()
+        assert seen == [(True, True), (True, False)]
+        assert gone.transport.out == b"" and gone.transport.closed  # closed, nothing written
+        assert parse(answered.transport.take())[0].body == b"ok"  # started: written out
+        assert answered.transport.closed
 
     run(body())
