@@ -80,6 +80,7 @@ _INTERIM_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 _JSON_TYPE = b"Content-Type: application/json\r\n"
 _HTTP11 = b"HTTP/1.1"
 _HTTP10 = b"HTTP/1.0"
+_AFTER_HEAD = -2
 
 
 class ConnState(enum.IntEnum):
@@ -250,7 +251,9 @@ class ClientConnection(asyncio.Protocol):
         self._body_size = 0
         self._length = -1              # Content-Length; -1 for a chunked body
         self._head_at = -1             # offset after its request line in this read
-        self._end_at = -1              # offset after its last byte in this read
+        # Offset after its last byte in this read; -1 not known, _AFTER_HEAD:
+        # its head's end plus _length, found only if another request follows.
+        self._end_at = -1
         self._req: Request | None = None
 
         # -- per request (being answered) --
@@ -390,6 +393,11 @@ class ClientConnection(asyncio.Protocol):
             raise error
         self._head_at = end + 2
 
+    def _previous_end(self) -> int:
+        """Where the request just completed in this read ends (the next begins)."""
+        end = self._data.find(b"\r\n\r\n", self._head_at - 2)
+        return end + 4 + self._length if end >= 0 else -1
+
     def _line_ended(self, data: bytes) -> bool:
         """The rest of a cut request line arrived (or not yet): check it first."""
         part = self._line_part
@@ -448,9 +456,26 @@ class ClientConnection(asyncio.Protocol):
         self._body_size = 0
         self._end_at = -1
         start = self._line_at
+        if start == _AFTER_HEAD:  # pipelined behind a request in this same read
+            start = self._previous_end()
         if start >= 0:
             self._line_at = -1
-            self._check_line(self._data, start)
+            data = self._data
+            # The common line inline (one request per read); anything
+            # unusual takes _check_line.
+            end = data.find(b"\r\n", start)
+            first = data.find(b" ", start, end)
+            last = data.rfind(b" ", start, end)
+            if (
+                first > start
+                and end - last == 9
+                and last > first + 1
+                and data.find(b" ", first + 1, last) < 0
+                and (data.startswith(_HTTP11, last + 1) or data.startswith(_HTTP10, last + 1))
+            ):
+                self._head_at = end + 2
+            else:
+                self._check_line(data, start)
         else:
             # Behind a request whose end in this read is not known (a
             # chunked body, a head cut across reads): llhttp's own checks
@@ -554,12 +579,9 @@ class ClientConnection(asyncio.Protocol):
             raise errors.body_too_large(self._limits.max_body_bytes)
         self._req = request
         self._head_raw = 0
-        length = self._length = -1 if chunked else max(content_length, 0)
-        head_at = self._head_at
-        if head_at >= 0 and length >= 0:
-            # Where the next pipelined request begins in this read.
-            head_end = self._data.find(b"\r\n\r\n", head_at - 2)
-            self._end_at = head_end + 4 + length if head_end >= 0 else -1
+        self._length = -1 if chunked else content_length if content_length > 0 else 0
+        if self._head_at >= 0 and not chunked:
+            self._end_at = _AFTER_HEAD  # located if a pipelined request follows
         if upgrade:
             self._set_read(_UPGRADE)
         elif expect_continue and content_length != 0:
