@@ -124,6 +124,8 @@ def _moves(table: Mapping[_S, tuple[_S, ...]]) -> tuple[int, ...]:
     return tuple(sum(1 << new for new in table.get(state, ())) for state in type(next(iter(table))))
 
 
+# Module-level names for the members: the hot path compares identities
+# without an attribute lookup on the enum class.
 _OPEN, _IDLE, _CLOSING, _HALF_CLOSED, _CLOSED = ConnState
 _AWAIT, _HEAD, _BODY, _CONTINUE, _UPGRADE = ReadState
 _NONE, _PENDING, _STREAMING, _CHUNKING = AnswerState
