@@ -184,10 +184,11 @@ def with_usage(
     """Keep the usage of a cached response beside it, so a hit counts as saved cost."""
     if usage is None:
         return headers
-    value = b"%d,%d,%d,%s" % (
+    value = b"%d,%d,%d,%d,%s" % (
         usage.prompt_tokens,
         usage.completion_tokens,
         usage.cached_tokens,
+        usage.cache_write_tokens,
         usage.model.encode("utf-8", "replace").replace(b",", b"_")[:128],
     )
     return (*headers, (USAGE_HEADER, value))
@@ -198,9 +199,13 @@ def stored_usage(entry: CacheEntry) -> Usage | None:
     for name, value in entry.headers:
         if name == USAGE_HEADER:
             try:
-                prompt, completion, cached, model = value.split(b",", 3)
+                prompt, completion, cached, written, model = value.split(b",", 4)
                 return Usage(
-                    model.decode("utf-8", "replace"), int(prompt), int(completion), int(cached)
+                    model.decode("utf-8", "replace"),
+                    int(prompt),
+                    int(completion),
+                    int(cached),
+                    cache_write_tokens=int(written),
                 )
             except ValueError:
                 return None

@@ -107,6 +107,7 @@ class ModelPrice:
     input: float
     output: float
     cached_input: float | None = None
+    cache_write_input: float | None = None  # Anthropic cache_creation_input_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -686,7 +687,7 @@ def _check_routes(raw: Any, file: str, problems: list[Problem]) -> tuple[Route, 
     return tuple(routes)
 
 
-_PRICE_KEYS = ("input", "output", "cached_input")
+_PRICE_KEYS = ("input", "output", "cached_input", "cache_write_input")
 
 
 def _price(value: Any, shape_hint: str = "") -> float:
@@ -736,7 +737,7 @@ def _check_models(raw: Any, file: str, problems: list[Problem]) -> dict[str, Mod
                 models[name] = ModelPrice(**prices)
             continue
         try:
-            price = _price(spec, " (or a mapping {input, output, cached_input})")
+            price = _price(spec, " (or a mapping {input, output, cached_input, cache_write_input})")
         except _Invalid as exc:
             problems.append(Problem(file, where, str(exc)))
             continue

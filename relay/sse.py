@@ -54,6 +54,17 @@ class SSESplitter:
         if not chunk:
             return []
         buf = self._buf
+        if (
+            not buf
+            and chunk[-1] == _LF
+            and chunk[0] != _LF
+            and chunk.find(b"\n\n") == len(chunk) - 2
+            and not self._saw_cr
+            and _CR not in chunk
+        ):
+            # The usual read: exactly one whole event. Handed back as the
+            # same object, no copy.
+            return [chunk]
         buf += chunk
         if not self._saw_cr and _CR in chunk:
             self._saw_cr = True

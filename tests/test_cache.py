@@ -90,7 +90,7 @@ def test_from_bytes_never_raises(data: bytes) -> None:
 
 @pytest.mark.parametrize(
     "data",
-    [b"", b"\x01", b"\x02" + entry().to_bytes()[1:], b"\xff" * 64, b"not a cache entry"],
+    [b"", b"\x01", b"\x03" + entry().to_bytes()[1:], b"\xff" * 64, b"not a cache entry"],
 )
 def test_from_bytes_corrupt(data: bytes) -> None:
     assert CacheEntry.from_bytes(data) is None

@@ -200,7 +200,7 @@ def test_anthropic_json_counts_cache_reads_and_writes_as_prompt() -> None:
             },
         }
     ).encode()
-    assert usage_from_json(body) == Usage("claude-3-5-sonnet-20241022", 115, 12, 100)
+    assert usage_from_json(body) == Usage("claude-3-5-sonnet-20241022", 115, 12, 100, cache_write_tokens=5)
 
 
 def test_anthropic_json_without_cache_fields() -> None:
@@ -400,7 +400,7 @@ def test_anthropic_stream_usage(provider: str) -> None:
     stream = StreamUsage("claude-3-5-sonnet", provider)
     assert [stream.on_event(e) for e in anthropic_stream()] == [False] * 8
     assert stream.has_usage
-    assert stream.result(CharCounter(), "x") == Usage("claude-3-5-sonnet-20241022", 115, 12, 100)
+    assert stream.result(CharCounter(), "x") == Usage("claude-3-5-sonnet-20241022", 115, 12, 100, cache_write_tokens=5)
 
 
 def test_anthropic_stream_cut_before_message_delta() -> None:
@@ -409,7 +409,9 @@ def test_anthropic_stream_cut_before_message_delta() -> None:
         stream.on_event(e)
     assert not stream.has_usage
     usage = stream.result(CharCounter(), "not needed: input counts are exact")
-    assert usage == Usage("claude-3-5-sonnet-20241022", 115, len("Hello there"), 100, True)
+    assert usage == Usage(
+        "claude-3-5-sonnet-20241022", 115, len("Hello there"), 100, True, cache_write_tokens=5
+    )
 
 
 def test_anthropic_stream_cumulative_delta_with_input_counts() -> None:
@@ -423,7 +425,7 @@ def test_anthropic_stream_cumulative_delta_with_input_counts() -> None:
     )
     for e in events:
         stream.on_event(e)
-    assert stream.result() == Usage("claude-3-5-sonnet-20241022", 105, 40, 90)
+    assert stream.result() == Usage("claude-3-5-sonnet-20241022", 105, 40, 90, cache_write_tokens=5)
 
 
 def test_anthropic_stream_crlf_and_no_event_names() -> None:
@@ -435,7 +437,7 @@ def test_anthropic_stream_crlf_and_no_event_names() -> None:
     for i in range(0, len(raw), 7):
         for e in splitter.feed(raw[i : i + 7]):
             stream.on_event(e)
-    assert stream.result() == Usage("claude-3-5-sonnet-20241022", 115, 12, 100)
+    assert stream.result() == Usage("claude-3-5-sonnet-20241022", 115, 12, 100, cache_write_tokens=5)
 
 
 def test_unknown_provider_rejected() -> None:
