@@ -29,7 +29,7 @@ from .http.protocol import ClientConnection
 from .http.request import Request
 from .runtime import Runtime, Upstream
 from .upstream.protocol import UpstreamConnection, UpstreamError
-from .usage import inject_include_usage
+from .usage import Usage, inject_include_usage
 
 __all__ = ["Pipeline"]
 
@@ -400,7 +400,13 @@ class Pipeline:
             # Tokenizer data (~40 MB) is loaded on first need, in a thread;
             # the client already has its response.
             await estimator.ensure_loaded(self.config.models)
-        self._finish(request, client, upstream, exchange, extra, breaker, leader, cache_key, body)
+        # Counted before _finish, off the loop when a large estimate is needed.
+        usage = None
+        if exchange.outcome != Outcome.FAILED:
+            usage = await self._accounting.usage_async(request, exchange, body)
+        self._finish(
+            request, client, upstream, exchange, extra, breaker, leader, cache_key, body, usage
+        )
 
     def _not_sent(
         self,
@@ -465,6 +471,7 @@ class Pipeline:
         leader: Leader | None,
         cache_key: bytes | None,
         body: bytes,
+        usage: Usage | None,
     ) -> None:
         outcome = exchange.outcome
         runtime = self.runtime
@@ -476,7 +483,6 @@ class Pipeline:
         if status:
             self._metrics.observe_upstream_latency(upstream.label, exchange.upstream_latency)
 
-        usage = self._accounting.usage_of(request, exchange, body)
         if (
             cache_key is not None
             and outcome == Outcome.OK
