@@ -231,6 +231,9 @@ def test_http10_without_host_is_served(
         pytest.param(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n", id="get"),
         pytest.param(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 18\r\n\r\n{\"model\":\"gpt-4o\"}", id="post"),
+        pytest.param(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n8;ext=1\r\n{\"model\"\r\nA\r\n:\"gpt-4o\"}\r\n"
+                     b"0\r\nX-Trailer: 1\r\n\r\n", id="post-chunked"),
     ],
 )
 def test_bad_request_line_pipelined_in_the_same_packet_is_caught(

@@ -1087,3 +1087,35 @@ def test_eof_before_the_answer_counts_as_gone(run: Callable[[Awaitable[Any]], An
         assert answered.transport.closed
 
     run(body())
+
+
+@pytest.mark.parametrize("bytewise", [False, True])
+@pytest.mark.parametrize(
+    "good",
+    [
+        b"GET /a HTTP/1.1\r\nHost: t\r\n\r\n",
+        b"POST /a HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc",
+        b"POST /a HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2;x=y\r\nab\r\n1\r\nc\r\n0\r\nX-T: 1\r\n\r\n",
+    ],
+)
+@pytest.mark.parametrize(
+    ("bad", "status"),
+    [
+        (b"GET  /b HTTP/1.1\r\nHost: t\r\n\r\n", 400),
+        (b"GET /b\r\n", 400),
+        (b"GET /b HTTP/2.0\r\nHost: t\r\n\r\n", 505),
+    ],
+)
+def test_every_pipelined_request_line_is_checked(
+    run: Callable[[Awaitable[Any]], Any], bytewise: bool, good: bytes, bad: bytes, status: int,
+) -> None:
+    async def body() -> None:
+        server = Server()
+        server.feed(good + good + bad, bytewise=bytewise)
+        await server.settle()
+        responses = parse(server.transport.take())
+        assert [r.status for r in responses] == [200, 200, status]
+        assert len(server.requests) == 2 and server.transport.closed
+
+    run(body())

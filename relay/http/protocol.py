@@ -400,8 +400,32 @@ class ClientConnection(asyncio.Protocol):
 
     def _previous_end(self) -> int:
         """Where the request just completed in this read ends (the next begins)."""
-        end = self._data.find(b"\r\n\r\n", self._head_at - 2)
-        return end + 4 + self._length if end >= 0 else -1
+        data = self._data
+        end = data.find(b"\r\n\r\n", self._head_at - 2)
+        if end < 0:
+            return -1
+        pos = end + 4
+        if self._length >= 0:
+            return pos + self._length
+        # A chunked body llhttp has accepted: size[;ext] CRLF data CRLF ...
+        # 0 CRLF, trailer lines, CRLF.
+        try:
+            while True:
+                eol = data.find(b"\r\n", pos)
+                size = int(data[pos:eol].partition(b";")[0], 16)
+                pos = eol + 2
+                if not size:
+                    break
+                pos += size + 2
+        except ValueError:
+            return -1
+        while True:
+            eol = data.find(b"\r\n", pos)
+            if eol < 0:
+                return -1
+            if eol == pos:
+                return pos + 2
+            pos = eol + 2
 
     def _line_ended(self, data: bytes) -> bool:
         """The rest of a cut request line arrived (or not yet): check it first."""
@@ -482,8 +506,8 @@ class ClientConnection(asyncio.Protocol):
             else:
                 self._check_line(data, start)
         else:
-            # Behind a request whose end in this read is not known (a
-            # chunked body, a head cut across reads): llhttp's own checks
+            # Behind a request whose end in this read is not known (its head
+            # or chunked body began in an earlier read): llhttp's own checks
             # and the version check in on_headers_complete still apply.
             self._head_at = -1
 
@@ -587,7 +611,7 @@ class ClientConnection(asyncio.Protocol):
         self._req = request
         self._head_raw = 0
         self._length = -1 if chunked else content_length if content_length > 0 else 0
-        if self._head_at >= 0 and not chunked:
+        if self._head_at >= 0:
             self._end_at = _AFTER_HEAD  # located if a pipelined request follows
         if upgrade:
             self._set_read(_UPGRADE)
