@@ -33,7 +33,7 @@ from .http.request import Request
 from .metrics import NO_COUNT as _NO_COUNT
 from .runtime import Runtime, Upstream
 from .upstream.balance import Balancer
-from .upstream.protocol import UpstreamError
+from .upstream.protocol import UpstreamConnection, UpstreamError
 from .usage import Usage, inject_include_usage
 
 __all__ = ["Pipeline"]
@@ -520,8 +520,9 @@ class Pipeline:
                     await asyncio.sleep(left + 0.002)
                 wait = 0.0
                 started = time.monotonic()
-            if client.is_lost and (leader is None or not leader.followers):
-                # Nobody is waiting for an answer any more: never send it.
+            if client.is_lost:
+                # Gone (during a Retry-After wait, say): never sent, never
+                # billed; followers of its flight go upstream on their own.
                 if breaker is not None:
                     breaker.release_probe()
                 if leader is not None:
@@ -557,13 +558,11 @@ class Pipeline:
                         continue
                     self._upstream_failed(request, client, upstream, exc, extra, leader)
                     return
-                if client.is_lost and (leader is None or not leader.followers):
-                    upstream.pool.release_unused(conn)
-                    if breaker is not None:
-                        breaker.release_probe()
-                    if leader is not None:
-                        leader.fail()
-                    self._accounting.done(request, upstream, 499)
+                if client.is_lost:
+                    # Gone behind an await above (limiter, cache, a failed
+                    # leader, the connect, a Retry-After wait): never sent,
+                    # never billed.
+                    self._not_sent(request, upstream, conn, breaker, leader)
                     return
                 if answered_by is not None:
                     extra.append(answered_by)
@@ -768,6 +767,22 @@ class Pipeline:
             ),
             extra,
         )
+
+    def _not_sent(
+        self,
+        request: Request,
+        upstream: Upstream,
+        conn: UpstreamConnection,
+        breaker: _fast.CircuitBreaker | None,
+        leader: Leader | None,
+    ) -> None:
+        """The client left before its request went upstream: 499, no usage."""
+        upstream.pool.release_unused(conn)
+        if breaker is not None:
+            breaker.release_probe()
+        if leader is not None:
+            leader.fail()  # its followers go upstream on their own
+        self._accounting.done(request, upstream, 499)
 
     def _upstream_failed(
         self,
