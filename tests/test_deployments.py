@@ -625,3 +625,36 @@ def test_bad_deployment_edits_are_refused_at_reload(fakes: Fakes, tmp_path: Any,
             assert any(key in m and path in m for m in refused), (key, refused)
     finally:
         relay.stop()
+
+
+def test_targets_and_strategy_change_live_and_breakers_survive_the_reload(
+    fakes: Fakes, tmp_path: Any
+):
+    from tests.test_reload import start, until, write
+
+    bad, first, second = fakes(), fakes(), fakes()
+    bad.set_faults({"x-fake-status": 500})
+    path = str(tmp_path / "relay.yaml")
+    config = {"server": {"port": "127.0.0.1:0", "shutdown_timeout": 2},
+              "proxy": {"target": first.url}, "cache": {"enabled": False},
+              "ratelimit": {"enabled": False},
+              "circuit_breaker": {"enabled": True, "failure_threshold": 1, "recovery_timeout": 60},
+              "retries": {"attempts": 1},
+              "routes": [route({"url": bad.url, "name": "bad", "weight": 1_000_000},
+                               {"url": first.url, "name": "first"})]}
+    relay = start(path, config)
+    try:
+        assert ask(relay.port, "opens bad")[1]["x-relay-upstream"] == "first"
+        assert chats(bad) == 1
+        edited = dict(config, routes=[route(
+            {"url": bad.url, "name": "bad", "weight": 1_000_000},
+            {"url": first.url, "name": "first"}, {"url": second.url, "name": "second"},
+            strategy="least_busy")])
+        write(path, edited)
+        until(lambda: ask(relay.port, "new target?")[1]["x-relay-upstream"] == "second")
+        # The breaker opened before the reload is still open after it.
+        for i in range(10):
+            assert ask(relay.port, f"after reload {i}")[1]["x-relay-upstream"] in ("first", "second")
+        assert chats(bad) == 1
+    finally:
+        relay.stop()
