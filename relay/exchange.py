@@ -372,9 +372,12 @@ class ProxyExchange:
                 self.json_body = []
         if self._strip_usage:
             length = None  # the body will be shorter than the upstream's
-        if self._record_limit and 200 <= status < 300 and (
+        if self._record_limit and (200 <= status < 300 or self._retry is not None) and (
             length is None or length <= self._record_limit
         ):
+            # With an attempt chain the final answer goes to the coalesced
+            # followers whatever its status (only 2xx is cached): they must not
+            # each start a chain of their own against a failing upstream.
             self.recorded = []
         client = self._client
         lines = [b"%s: %s\r\n" % pair for pair in kept]

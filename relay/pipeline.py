@@ -379,10 +379,14 @@ class Pipeline:
         if head is None:
             return False
         status, headers = head
-        self._metrics.cache_hits.inc()
+        # A failure the leader's attempt chain ended with is shared too (with
+        # retries or fallbacks configured), but it is no hit.
+        shared_hit = 200 <= status < 300
+        if shared_hit:
+            self._metrics.cache_hits.inc()
         lines = [b"%s: %s\r\n" % pair for pair in headers]
         lines.extend(extra)
-        lines.append(_HIT)
+        lines.append(_HIT if shared_hit else _MISS)
         client.start_response(status, lines, None)
         # The leader's own bytes objects, kept up to the cache's size bound (a
         # follower already relaying goes on past it; its usage is then lost).
@@ -414,6 +418,9 @@ class Pipeline:
             if chunks and not client.is_lost:
                 if self._usage_on:
                     usage = await self._accounting.shared_usage(request, status, headers, chunks)
+        if not shared_hit:
+            self._accounting.done(request, upstream, status, "MISS")
+            return True
         # Served without going upstream: a hit, counted as saved cost.
         self._accounting.done(request, upstream, status, "HIT", usage, saved=True)
         return True
@@ -747,8 +754,6 @@ class Pipeline:
         if error is not None:
             self._upstream_failed(request, client, upstream, error, extra, leader)
             return
-        if leader is not None:
-            leader.fail()
         now = time.monotonic()
         waits = [t.breaker.retry_after(now) for t in route.balancer.targets]
         retry = max(1, math.ceil(min(waits)))
@@ -756,17 +761,16 @@ class Pipeline:
             message = f"Upstream {upstream.origin} is unavailable (circuit breaker open)"
         else:
             message = "Every upstream target is unavailable (circuit breakers open)"
-        self._reject(
-            request, client, upstream,
-            errors.GatewayError(
-                503,
-                message,
-                "upstream_unavailable",
-                "circuit_breaker_open",
-                headers=((b"Retry-After", b"%d" % retry),),
-            ),
-            extra,
+        unavailable = errors.GatewayError(
+            503,
+            message,
+            "upstream_unavailable",
+            "circuit_breaker_open",
+            headers=((b"Retry-After", b"%d" % retry),),
         )
+        if leader is not None:
+            self._share_failure(leader, unavailable)
+        self._reject(request, client, upstream, unavailable, extra)
 
     def _not_sent(
         self,
@@ -793,25 +797,39 @@ class Pipeline:
         extra: list[bytes],
         leader: Leader | None,
     ) -> None:
+        gateway_error = self._gateway_error(error)
         if leader is not None:
-            leader.fail()
+            self._share_failure(leader, gateway_error)
         if client.is_lost:
             self._accounting.done(request, upstream, 499)
             return
         extra.append(upstream.relay_header)  # who was tried last
+        self._reject(request, client, upstream, gateway_error, extra)
+
+    @staticmethod
+    def _gateway_error(error: UpstreamError) -> errors.GatewayError:
         if error.exhausted:
-            gateway_error = errors.GatewayError(
+            return errors.GatewayError(
                 503,
                 error.reason,
                 "upstream_unavailable",
                 "upstream_connections_exhausted",
                 headers=((b"Retry-After", b"1"),),
             )
-        elif error.timeout:
-            gateway_error = errors.gateway_timeout(error.reason)
-        else:
-            gateway_error = errors.bad_gateway(error.reason)
-        self._reject(request, client, upstream, gateway_error, extra)
+        if error.timeout:
+            return errors.gateway_timeout(error.reason)
+        return errors.bad_gateway(error.reason)
+
+    def _share_failure(self, leader: Leader, error: errors.GatewayError) -> None:
+        """End the flight with relay's own error when an attempt chain ran:
+        its followers get that answer instead of each retrying the failing
+        upstreams on their own. Without retries, they go on their own."""
+        if not self._chained or not leader.followers:
+            leader.fail()
+            return
+        leader.start(error.status, ((b"Content-Type", b"application/json"), *error.headers))
+        leader.chunk(error.body())
+        leader.finish()
 
     def _judge(
         self, upstream: Upstream, breaker: _fast.CircuitBreaker, exchange: ProxyExchange

@@ -419,6 +419,43 @@ def test_followers_wait_while_the_leader_fails_over(relay_factory: RelayFactory,
     assert chats(bad) == 1 and chats(good) == 1
 
 
+@pytest.mark.parametrize(("faults", "proxy", "status"), [
+    ({"x-fake-status": 503, "x-fake-delay": 0.4}, {}, 503),
+    ({"x-fake-delay": 5}, {"first_byte_timeout": 0.4}, 504),
+], ids=["upstream-503", "first-byte-timeout"])
+def test_followers_share_the_failure_a_chain_ended_with(
+    relay_factory: RelayFactory, fakes: Fakes, faults: dict[str, Any], proxy: dict[str, Any],
+    status: int,
+):
+    one_bad, other_bad = fakes(), fakes()
+    for fake in (one_bad, other_bad):
+        fake.set_faults(faults)
+    relay = relay_factory(one_bad.url, cache={"enabled": True}, proxy=proxy,
+                          retries={"attempts": 1},
+                          routes=[route({"url": one_bad.url}, {"url": other_bad.url})])
+    results: list[tuple[int, str]] = []
+
+    def one() -> None:
+        got, headers, body = ask(relay.port, "everyone fails")
+        assert json.loads(body)["error"]
+        results.append((got, headers["x-relay-cache"]))
+
+    threads = [threading.Thread(target=one) for _ in range(4)]
+    threads[0].start()
+    deadline = time.monotonic() + 5
+    while chats(one_bad) + chats(other_bad) == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    for thread in threads[1:]:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    # One chain for the flight: two attempts in all, every caller the same answer.
+    assert results == [(status, "MISS")] * 4
+    assert chats(one_bad) + chats(other_bad) == 2
+    _, samples, _ = scrape(relay.port)
+    assert sample(samples, "relay_cache_hits_total") == 0
+
+
 # --------------------------------------------------------------------------- #
 # pools: a stale socket's retry opens a new connection; connections bounded
 # --------------------------------------------------------------------------- #
