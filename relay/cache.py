@@ -453,13 +453,6 @@ class Leader:
         self._coalescer._detach(flight)
         flight.notify()
 
-    def body(self) -> bytes | None:
-        """The complete body after finish(), for the CacheEntry; None if overflowed."""
-        flight = self._flight
-        if flight.state != _DONE or flight.overflowed:
-            return None
-        return b"".join(flight.chunks)
-
     def close(self) -> None:
         self.fail()
         self._coalescer._detach(self._flight)

@@ -28,8 +28,8 @@ from .http import errors
 from .http.protocol import ClientConnection
 from .http.request import Request
 from .runtime import Runtime, Upstream
-from .upstream.protocol import UpstreamError
-from .usage import inject_include_usage
+from .upstream.protocol import UpstreamConnection, UpstreamError
+from .usage import Usage, inject_include_usage
 
 __all__ = ["Pipeline"]
 
@@ -357,13 +357,11 @@ class Pipeline:
                 except UpstreamError as exc:
                     self._upstream_failed(request, client, upstream, exc, extra, breaker, leader)
                     return
-                if client.is_lost:
-                    pool.release_unused(conn)
-                    if breaker is not None:
-                        breaker.release_probe()
-                    if leader is not None:
-                        leader.fail()
-                    return
+            if client.is_lost:
+                # Gone behind an await above (limiter, cache, a failed
+                # leader, the connect): never sent, never billed.
+                self._not_sent(request, upstream, conn, breaker, leader)
+                return
             exchange = ProxyExchange(
                 client,
                 conn,
@@ -402,7 +400,29 @@ class Pipeline:
             # Tokenizer data (~40 MB) is loaded on first need, in a thread;
             # the client already has its response.
             await estimator.ensure_loaded(self.config.models)
-        self._finish(request, client, upstream, exchange, extra, breaker, leader, cache_key, body)
+        # Counted before _finish, off the loop when a large estimate is needed.
+        usage = None
+        if exchange.outcome != Outcome.FAILED:
+            usage = await self._accounting.usage_async(request, exchange, body)
+        self._finish(
+            request, client, upstream, exchange, extra, breaker, leader, cache_key, body, usage
+        )
+
+    def _not_sent(
+        self,
+        request: Request,
+        upstream: Upstream,
+        conn: UpstreamConnection,
+        breaker: _fast.CircuitBreaker | None,
+        leader: Leader | None,
+    ) -> None:
+        """The client left before its request went upstream: 499, no usage."""
+        upstream.pool.release_unused(conn)
+        if breaker is not None:
+            breaker.release_probe()
+        if leader is not None:
+            leader.fail()  # its followers go upstream on their own
+        self._accounting.done(request, upstream, 499)
 
     def _upstream_failed(
         self,
@@ -451,6 +471,7 @@ class Pipeline:
         leader: Leader | None,
         cache_key: bytes | None,
         body: bytes,
+        usage: Usage | None,
     ) -> None:
         outcome = exchange.outcome
         runtime = self.runtime
@@ -462,7 +483,6 @@ class Pipeline:
         if status:
             self._metrics.observe_upstream_latency(upstream.label, exchange.upstream_latency)
 
-        usage = self._accounting.usage_of(request, exchange, body)
         if (
             cache_key is not None
             and outcome == Outcome.OK

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["SSESplitter", "event_data", "event_fields"]
+__all__ = ["SSESplitter", "event_fields"]
 
 # Two consecutive line terminators. The groups are atomic so that "\r\n" is
 # never re-read as "\r" followed by a separate "\n" line (which would be a
@@ -139,8 +139,3 @@ def event_fields(raw: bytes) -> tuple[bytes | None, bytes | None]:
         elif field == b"event":
             name = value
     return name, (b"\n".join(data) if data else None)
-
-
-def event_data(raw: bytes) -> bytes | None:
-    """The ``data`` payload of one raw event (see :func:`event_fields`)."""
-    return event_fields(raw)[1]

@@ -941,8 +941,3 @@ def test_stop_ends_polling_and_callback_errors_do_not(tmp_path: pathlib.Path, ru
 
     run(main())
 
-
-def test_watcher_available_from_relay_config() -> None:
-    import relay.config
-
-    assert relay.config.ConfigWatcher is ConfigWatcher

@@ -5,7 +5,7 @@ import re
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.sse import SSESplitter, event_data, event_fields
+from relay.sse import SSESplitter, event_fields
 
 
 def split_all(data: bytes, cuts: list[int]) -> tuple[list[bytes], bytes]:
@@ -140,7 +140,7 @@ def test_arbitrary_bytes_roundtrip(data: bytes, cuts: list[int]) -> None:
 
 def test_event_fields_common_shape() -> None:
     assert event_fields(b'data: {"a":1}\n\n') == (None, b'{"a":1}')
-    assert event_data(b"data: [DONE]\n\n") == b"[DONE]"
+    assert event_fields(b"data: [DONE]\n\n") == (None, b"[DONE]")
 
 
 def test_event_fields_named_and_multiline() -> None:

@@ -723,8 +723,33 @@ def test_ensure_loaded_runs_off_the_loop(monkeypatch) -> None:
         loop_thread.append(threading.get_ident())
         await asyncio.gather(estimator.ensure_loaded(), estimator.ensure_loaded())
         await estimator.ensure_loaded()
-        return await estimator.count_async("x" * 40000, "gpt-4o")
+        return estimator.count("x" * 40000, "gpt-4o")
 
     tokens = asyncio.run(main())
     assert len(load_thread) == 1 and load_thread[0] != loop_thread[0]
     assert estimator.loaded and 0 < tokens < 40000
+
+
+def test_large_estimates_run_in_the_estimators_thread() -> None:
+    import threading
+
+    from relay.tokens import OFFLOAD_CHARS
+
+    estimator = TokenEstimator()
+    estimator.load_blocking()
+
+    def where(text: str) -> tuple[int, int]:
+        return threading.get_ident(), estimator.count(text, "gpt-4o")
+
+    async def main() -> tuple[int, list[tuple[int, int]]]:
+        small = await estimator.run(OFFLOAD_CHARS, where, "x" * OFFLOAD_CHARS)
+        large = await estimator.run(OFFLOAD_CHARS + 1, where, "x" * 40000)
+        again = await estimator.run(50000, where, "y" * 50000)
+        estimator.close()
+        return threading.get_ident(), [small, large, again]
+
+    loop_thread, results = asyncio.run(main())
+    (small_thread, _), (large_thread, large_tokens), (again_thread, _) = results
+    assert small_thread == loop_thread  # cheaper inline than a hand-off
+    assert large_thread != loop_thread and again_thread == large_thread  # one thread
+    assert large_tokens == estimator.count("x" * 40000, "gpt-4o")
