@@ -421,6 +421,29 @@ def test_generated_documents_give_the_facts_of_json_loads(body: bytes) -> None:
         assert _jsonscan_c.decides_alone(body), body  # no constant, BOM or deep nesting here
 
 
+@st.composite
+def responses(draw: st.DrawFn) -> bytes:
+    """A top-level object with a "usage" object among other members."""
+    others = st.tuples(keys.filter(lambda k: k != "usage"), values)
+    members = draw(st.lists(others, max_size=4))
+    usage = draw(st.lists(st.tuples(keys, values), max_size=6).map(Members))
+    members.insert(draw(st.integers(0, len(members))), ("usage", usage))
+    return render(draw, Members(members)).encode("utf-8")
+
+
+@SETTINGS
+@given(responses())
+def test_generated_usage_objects_decode_as_json_loads_decodes_them(body: bytes) -> None:
+    expected = reference_response(body)
+    assert expected is not None and expected.usage is not None
+    check(fast.pure, body)
+    if fast.compiled is not None:
+        from relay._fast import _jsonscan_c
+
+        assert _jsonscan_c.decides_alone(body), body
+        assert _jsonscan_c.response_usage(body) == expected
+
+
 @SETTINGS
 @given(mutated())
 def test_mutated_documents_never_crash_and_agree(body: bytes) -> None:

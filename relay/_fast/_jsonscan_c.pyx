@@ -19,6 +19,8 @@ literals longer than ``MAX_INT_LITERAL`` digits, and every invalid body
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.dict cimport PyDict_SetItem
+from cpython.list cimport PyList_Append
 from cpython.long cimport PyLong_FromLongLong
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.string cimport memcmp, memset
@@ -58,8 +60,17 @@ cdef extern from *:
         return (((v - ones * 0x20) & ~v) | ((quote - ones) & ~quote) |
                 ((backslash - ones) & ~backslash) | v) & high ? 1 : 0;
     }
+    /* Nonzero when the 8 bytes at p are all ASCII digits. */
+    static inline int relay_scan_digits8(const unsigned char *p) {
+        const uint64_t nibbles = 0xF0F0F0F0F0F0F0F0ULL;
+        const uint64_t threes = 0x3030303030303030ULL;
+        uint64_t v;
+        memcpy(&v, p, 8);
+        return (v & nibbles) == threes && ((v + 0x0606060606060606ULL) & nibbles) == threes;
+    }
     """
     int relay_scan_stop8(const unsigned char *p) noexcept nogil
+    int relay_scan_digits8(const unsigned char *p) noexcept nogil
 
 
 cdef enum:
@@ -215,6 +226,14 @@ cdef Py_ssize_t skip_string(
             i += 1
 
 
+cdef inline Py_ssize_t skip_digits(const unsigned char *s, Py_ssize_t n, Py_ssize_t i) noexcept nogil:
+    while i + 8 <= n and relay_scan_digits8(s + i):
+        i += 8  # e.g. the fractions of an embedding, 8 digits at a time
+    while i < n and is_digit(s[i]):
+        i += 1
+    return i
+
+
 cdef Py_ssize_t skip_number(
     const unsigned char *s, Py_ssize_t n, Py_ssize_t i, int *kind
 ) noexcept nogil:
@@ -233,23 +252,18 @@ cdef Py_ssize_t skip_number(
     if s[i] == 48:  # a leading 0 stands alone
         i += 1
     elif is_digit(s[i]):
-        while i < n and is_digit(s[i]):
-            i += 1
+        i = skip_digits(s, n, i + 1)
     else:
         return -1  # not a number (or "-Infinity": the reference decides)
     if i + 1 < n and s[i] == 46 and is_digit(s[i + 1]):  # .
-        i += 2
-        while i < n and is_digit(s[i]):
-            i += 1
+        i = skip_digits(s, n, i + 2)
         is_float = True
     if i < n and (s[i] == 101 or s[i] == 69):  # e E
         j = i + 1
         if j < n and (s[j] == 43 or s[j] == 45):
             j += 1
         if j < n and is_digit(s[j]):
-            i = j + 1
-            while i < n and is_digit(s[i]):
-                i += 1
+            i = skip_digits(s, n, j + 1)
             is_float = True
     if is_float:
         kind[0] = V_FLOAT
@@ -528,6 +542,64 @@ cdef object int_value(bytes body, Value *v):
     return PyLong_FromLongLong(-value if negative else value)
 
 
+cdef object decode_value(bytes body, Py_ssize_t *at):
+    """The value at body[at[0]] (no whitespace before it), ``at`` moved past it.
+
+    Only for text the walk has checked (grammar, UTF-8, nesting depth), so
+    it cannot fail; it decodes what json.loads would: integers and plain
+    strings in C, the rare float or escaped string through Python.
+    """
+    cdef const unsigned char *s = <const unsigned char *>PyBytes_AS_STRING(body)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(body)
+    cdef Py_ssize_t i = at[0]
+    cdef Value v
+    cdef dict members
+    cdef list items
+    cdef object key
+    cdef unsigned char c = s[i]
+    if c == 123 or c == 91:  # { [
+        i = skip_ws(s, n, i + 1)
+        if c == 123:
+            members = {}
+            while s[i] != 125:
+                v.start = i
+                v.escaped = False
+                v.end = skip_string(s, n, i, &v.escaped)
+                key = string_value(body, &v)
+                i = skip_ws(s, n, skip_ws(s, n, v.end) + 1)  # past ':'
+                at[0] = i
+                PyDict_SetItem(members, key, decode_value(body, at))
+                i = skip_ws(s, n, at[0])
+                if s[i] == 44:
+                    i = skip_ws(s, n, i + 1)
+            at[0] = i + 1
+            return members
+        items = []
+        while s[i] != 93:
+            at[0] = i
+            PyList_Append(items, decode_value(body, at))
+            i = skip_ws(s, n, at[0])
+            if s[i] == 44:
+                i = skip_ws(s, n, i + 1)
+        at[0] = i + 1
+        return items
+    v.start = i
+    v.escaped = False
+    v.end = skip_scalar(s, n, i, &v.kind, &v.escaped)
+    at[0] = v.end
+    if v.kind == V_STRING:
+        return string_value(body, &v)
+    if v.kind == V_INT:
+        return int_value(body, &v)
+    if v.kind == V_FLOAT:
+        return float(body[v.start:v.end])  # as json.loads: float() of the literal
+    if v.kind == V_TRUE:
+        return True
+    if v.kind == V_FALSE:
+        return False
+    return None
+
+
 cdef object request_from(bytes body, Found *found):
     """The RequestFacts of a scanned body, or None when the reference must decide."""
     cdef Value *v
@@ -592,6 +664,7 @@ def response_usage(bytes body not None):
     cdef Found found
     cdef int outcome = scan(body, &found)
     cdef Value *v
+    cdef Py_ssize_t start
     cdef object usage = None
     cdef object model = None
     if outcome == NOT_OBJECT:
@@ -600,7 +673,8 @@ def response_usage(bytes body not None):
         return reference_response_usage(body)
     v = &found.member[M_USAGE]
     if v.kind == V_OBJECT:
-        usage = loads(body[v.start:v.end])  # only the usage object is decoded
+        start = v.start
+        usage = decode_value(body, &start)  # only the usage object is decoded
     v = &found.member[M_MODEL]
     if v.kind == V_STRING:
         model = string_value(body, v)
