@@ -309,6 +309,12 @@ def test_facts_are_named_tuples_of_the_same_type(impl) -> None:
     assert type(usage) is ResponseUsage
 
 
+def test_a_bytearray_body_gets_the_same_facts(impl) -> None:
+    for body in (CHAT, b'{"usage":{"a":1},"model":"m"}', b"[]", b"{"):
+        assert impl.request_facts(bytearray(body)) == reference_request(body)
+        assert impl.response_usage(bytearray(body)) == reference_response(body)
+
+
 # --------------------------------------------------------------- generated documents
 
 KEYS = [
@@ -332,12 +338,12 @@ class Members(list):  # type: ignore[type-arg]
     """An object as its (key, value) pairs in order, duplicates allowed."""
 
 
-values = st.recursive(
-    scalars,
-    lambda children: st.lists(children, max_size=4)
-    | st.lists(st.tuples(keys, children), max_size=4).map(Members),
-    max_leaves=20,
-)
+def _containers(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    arrays = st.lists(children, max_size=4)
+    return arrays | st.lists(st.tuples(keys, children), max_size=4).map(Members)
+
+
+values = st.recursive(scalars, _containers, max_leaves=20)
 top_level = st.lists(st.tuples(keys, values), max_size=8).map(Members)
 
 _WHITESPACE = st.sampled_from(["", "", "", " ", "\n", "\t", "\r\n  "])

@@ -645,11 +645,14 @@ cdef object request_from(bytes body, Found *found):
     )
 
 
-def request_facts(bytes body not None):
+def request_facts(body):
     """The RequestFacts of a request body (``NOT_AN_OBJECT`` if none)."""
     cdef Found found
-    cdef int outcome = scan(body, &found)
+    cdef int outcome
     cdef object facts
+    if not isinstance(body, bytes):
+        return reference_request_facts(body)  # a bytearray: as rare as it is slow
+    outcome = scan(body, &found)
     if outcome == SCANNED:
         facts = request_from(body, &found)
         if facts is not None:
@@ -659,14 +662,17 @@ def request_facts(bytes body not None):
     return reference_request_facts(body)
 
 
-def response_usage(bytes body not None):
+def response_usage(body):
     """The top-level ``usage`` and ``model`` of a response body; None if not an object."""
     cdef Found found
-    cdef int outcome = scan(body, &found)
+    cdef int outcome
     cdef Value *v
     cdef Py_ssize_t start
     cdef object usage = None
     cdef object model = None
+    if not isinstance(body, bytes):
+        return reference_response_usage(body)
+    outcome = scan(body, &found)
     if outcome == NOT_OBJECT:
         return None
     if outcome == FALL_BACK:

@@ -74,7 +74,7 @@ _JSON_WHITESPACE = b" \t\n\r"
 _OPEN_BRACE = ord("{")
 
 
-def _decoded_object(body: bytes) -> dict[str, Any] | None:
+def _decoded_object(body: bytes | bytearray) -> dict[str, Any] | None:
     if not body:
         return None
     try:
@@ -88,7 +88,7 @@ def _int_or_none(value: Any) -> int | None:
     return value if type(value) is int else None
 
 
-def request_facts(body: bytes) -> RequestFacts:
+def request_facts(body: bytes | bytearray) -> RequestFacts:
     """The :class:`RequestFacts` of a request body (``NOT_AN_OBJECT`` if none)."""
     doc = _decoded_object(body)
     if doc is None:
@@ -96,7 +96,7 @@ def request_facts(body: bytes) -> RequestFacts:
     return request_facts_of(doc, body)
 
 
-def request_facts_of(doc: dict[str, Any], body: bytes) -> RequestFacts:
+def request_facts_of(doc: dict[str, Any], body: bytes | bytearray) -> RequestFacts:
     """The :class:`RequestFacts` of ``body`` already decoded to the object ``doc``."""
     stream = doc.get("stream")
     model = doc.get("model")
@@ -130,7 +130,7 @@ def request_facts_of(doc: dict[str, Any], body: bytes) -> RequestFacts:
     )
 
 
-def response_usage(body: bytes) -> ResponseUsage | None:
+def response_usage(body: bytes | bytearray) -> ResponseUsage | None:
     """The top-level ``usage`` and ``model`` of a response body; None if not an object."""
     doc = _decoded_object(body)
     if doc is None:
