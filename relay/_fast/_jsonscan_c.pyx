@@ -327,8 +327,8 @@ cdef Py_ssize_t skip_container(
     cdef unsigned char is_object[MAX_DEPTH]
     cdef Py_ssize_t top = 0  # containers open in this call
     cdef unsigned char c
-    cdef int kind
-    cdef bint escaped
+    cdef int kind = V_ABSENT
+    cdef bint escaped = False
     while True:
         # A value begins at s[i] (i < n).
         c = s[i]
@@ -428,7 +428,8 @@ cdef int scan_members(
     cdef const unsigned char *s = <const unsigned char *>PyBytes_AS_STRING(body)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(body)
     cdef Py_ssize_t key_start, start
-    cdef int member, kind
+    cdef int member
+    cdef int kind = V_ABSENT
     cdef bint escaped
     cdef unsigned char c
     i = skip_ws(s, n, i + 1)
@@ -490,7 +491,8 @@ cdef int scan(bytes body, Found *found) except -2:
     """SCANNED, NOT_OBJECT or FALL_BACK for a whole body."""
     cdef const unsigned char *s = <const unsigned char *>PyBytes_AS_STRING(body)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(body)
-    cdef Py_ssize_t i, end
+    cdef Py_ssize_t i
+    cdef Py_ssize_t end = 0
     cdef unsigned char c
     memset(found, 0, sizeof(Found))
     i = skip_ws(s, n, 0)
@@ -604,7 +606,7 @@ cdef object request_from(bytes body, Found *found):
     """The RequestFacts of a scanned body, or None when the reference must decide."""
     cdef Value *v
     cdef Found inner
-    cdef Py_ssize_t end
+    cdef Py_ssize_t end = 0
     cdef object stream = None
     cdef object model = None
     cdef object options = STREAM_OPTIONS_ABSENT
