@@ -462,8 +462,10 @@ class Pipeline:
         head_only = request.method == b"HEAD"
         record_limit = self._cache_max if cache_key is not None else 0
         chain = _Chain(self, route) if self._chained else None
-        if chain is not None and chain.fallbacks and not isinstance(request.json(), dict):
-            chain.fallbacks = ()  # no JSON "model" to replace
+        if chain is not None and chain.fallbacks and not request.facts().is_object:
+            # No JSON object whose "model" could be replaced (the scan is
+            # the one routing by model already made: nothing is decoded).
+            chain.fallbacks = ()
         balancer = route.balancer
         index = 0
         wait = 0.0
