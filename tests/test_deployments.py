@@ -93,7 +93,7 @@ def test_least_busy_steers_away_from_a_target_holding_slow_requests(
     relay_factory: RelayFactory, fakes: Fakes
 ):
     slow, fast = fakes(), fakes()
-    slow.set_faults({"x-fake-delay": 3})
+    slow.set_faults({"x-fake-delay": 6})  # far longer than the 20 requests below
     relay = relay_factory(slow.url, routes=[route(
         {"url": slow.url}, {"url": fast.url}, strategy="least_busy")])
     # Send requests until one is parked on the slow target (ties between
@@ -118,13 +118,13 @@ def test_least_busy_steers_away_from_a_target_holding_slow_requests(
     # One in flight there, none on the fast one: nothing more went to the busy one.
     assert chats(slow) == parked
     for thread in held:
-        thread.join(10)
+        thread.join(20)
     assert answers and all(status == 200 for status in answers)
 
 
 def test_latency_strategy_prefers_the_faster_target(relay_factory: RelayFactory, fakes: Fakes):
     slow, fast = fakes(), fakes()
-    slow.set_faults({"x-fake-delay": 0.5})
+    slow.set_faults({"x-fake-delay": 0.8})
     relay = relay_factory(slow.url, routes=[route(
         {"url": slow.url}, {"url": fast.url}, strategy="latency")])
     for i in range(40):
@@ -148,7 +148,8 @@ def failing_first(bad_url: str, good: ThreadedFakeUpstream) -> dict[str, Any]:
 FAILOVERS = {
     "5xx": ({"x-fake-status": 503}, {}),
     "429": ({"x-fake-status": 429, "x-fake-retry-after": 120}, {}),
-    "timeout": ({"x-fake-delay": 5}, {"first_byte_timeout": 0.3}),
+    # The good target must answer within it too, on a busy machine: 1 s.
+    "timeout": ({"x-fake-delay": 5}, {"first_byte_timeout": 1.0}),
 }
 
 
@@ -395,7 +396,7 @@ def test_every_target_open_is_503_with_retry_after(relay_factory: RelayFactory):
 # --------------------------------------------------------------------------- #
 def test_followers_wait_while_the_leader_fails_over(relay_factory: RelayFactory, fakes: Fakes):
     bad, good = fakes(), fakes()
-    bad.set_faults({"x-fake-status": 503, "x-fake-delay": 0.5})
+    bad.set_faults({"x-fake-status": 503, "x-fake-delay": 1.5})
     relay = relay_factory(good.url, cache={"enabled": True}, retries={"attempts": 1},
                           routes=[failing_first(bad.url, good)])
     results: list[tuple[int, str]] = []
@@ -420,8 +421,8 @@ def test_followers_wait_while_the_leader_fails_over(relay_factory: RelayFactory,
 
 
 @pytest.mark.parametrize(("faults", "proxy", "status"), [
-    ({"x-fake-status": 503, "x-fake-delay": 0.4}, {}, 503),
-    ({"x-fake-delay": 5}, {"first_byte_timeout": 0.4}, 504),
+    ({"x-fake-status": 503, "x-fake-delay": 1.0}, {}, 503),
+    ({"x-fake-delay": 5}, {"first_byte_timeout": 1.0}, 504),
 ], ids=["upstream-503", "first-byte-timeout"])
 def test_followers_share_the_failure_a_chain_ended_with(
     relay_factory: RelayFactory, fakes: Fakes, faults: dict[str, Any], proxy: dict[str, Any],
@@ -509,7 +510,7 @@ def test_followers_wait_for_the_stale_socket_retry(relay_factory: RelayFactory, 
 def test_connections_per_upstream_are_bounded(relay_factory: RelayFactory, fakes: Fakes):
     up = fakes()
     relay = relay_factory(up.url, proxy={"max_connections": 1, "connect_timeout": 0.5})
-    slow = threading.Thread(target=ask, args=(relay.port, "holds it"), kwargs={"x-fake-delay": "2"})
+    slow = threading.Thread(target=ask, args=(relay.port, "holds it"), kwargs={"x-fake-delay": "3"})
     slow.start()
     deadline = time.monotonic() + 5
     while not up.requests and time.monotonic() < deadline:
