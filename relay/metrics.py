@@ -1,30 +1,40 @@
-"""Prometheus metrics of the contract, owned by one :class:`Metrics` object.
+"""Prometheus metrics of the contract, kept by relay itself.
 
-Several workers: prometheus-client keeps each process's values in mmap
-files under ``PROMETHEUS_MULTIPROC_DIR`` and ``/metrics`` sums them. The
-client picks file-backed values when ``prometheus_client.values`` is first
-imported, so the launcher calls :func:`prepare_multiprocess_dir` before any
-worker exists; it also re-selects the value class in case prometheus_client
-was imported earlier, and this module imports prometheus_client only inside
-functions so that importing relay.metrics decides nothing.
+Every value (a counter, a gauge, one histogram bucket or sum) is one slot
+of a preallocated array of doubles owned by the process. An update is an
+index into that array: no lock (one event loop writes it), no dict lookup
+(label children are resolved once and kept by whoever owns the label, e.g.
+an upstream target), and a histogram finds its bucket with ``bisect``.
+``/metrics`` reads the arrays at scrape time through a custom collector
+and renders them with prometheus-client's text format.
+
+Several workers: the array is an mmap of a file in the metrics directory
+(``PROMETHEUS_MULTIPROC_DIR``, set by the launcher), beside a catalogue
+file naming each slot (family, labels), appended once per new child. Any
+worker's scrape reads every process's files, so totals are exact right
+after a request. Counters and histograms of exited workers keep counting
+(they happened); :func:`mark_worker_dead` marks a worker's files so its
+gauges are dropped. ``relay_circuit_breaker_state`` is the worst state
+among the live workers (any worker open -> 2), as each worker has its own
+breaker. One process without the directory keeps the array in memory.
 
 Label values are bounded by construction: ``route`` is the matched route's
 target host or ``default``; ``upstream`` a configured upstream host[:port];
 ``model`` comes from :class:`relay.cost.ModelLabels`; ``key_type`` is
 ``api_key``, ``ip`` or ``global``; ``method``/``status`` are what the HTTP
 parser accepts. Never a key, a prompt or a client-chosen string.
-
-``relay_circuit_breaker_state`` uses ``multiprocess_mode="livemax"``: each
-worker has its own breaker, and the worst state among the live workers is
-the useful single number per upstream (any worker open -> 2). ``max`` would
-keep reporting a dead worker's last state forever (its file stays), and
-``liveall`` would add a ``pid`` label the contract does not have.
 """
 
 from __future__ import annotations
 
 import glob
+import json
+import mmap
 import os
+import secrets
+import threading
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 __all__ = [
@@ -35,6 +45,7 @@ __all__ = [
     "mark_worker_dead",
     "multiprocess_dir",
     "prepare_multiprocess_dir",
+    "render_files",
 ]
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -54,55 +65,388 @@ TOKEN_BUCKETS = (
 # against a bug feeding unbounded values (the metric itself keeps them).
 _CHILD_CACHE_MAX = 4096
 
+# Slots per process. Label values are bounded, so this is far more than a
+# deployment uses (a histogram child takes its buckets + 2); the file is
+# sparse, so only the pages written take memory or disk.
+_SLOTS = 1 << 17
+_FILE_PREFIX = "relay-metrics-"
+_VALUES = ".values"
+_CATALOGUE = ".labels"
+_DEAD = ".dead"
+
 
 def multiprocess_dir() -> str | None:
     """The multiprocess directory in effect, or None (single process)."""
     return os.environ.get(MULTIPROC_ENV) or None
 
 
-def _select_value_class() -> None:
-    """Make prometheus_client use file-backed values if the env says so.
-
-    The client chooses at import time; if it was imported before the
-    directory was set, choose again (metrics read ``values.ValueClass``
-    when they are created).
-    """
-    from prometheus_client import values
-
-    want_files = multiprocess_dir() is not None
-    has_files = getattr(values.ValueClass, "_multiprocess", False)
-    if want_files != has_files:
-        values.ValueClass = values.get_value_class()
-
-
 def prepare_multiprocess_dir(path: str) -> None:
-    """Set up ``path`` for multi-worker metrics; call before any metric exists.
+    """Set up ``path`` for multi-worker metrics; call before any worker exists.
 
-    Creates the directory, removes the ``*.db`` files a previous run left
-    (stale counters would otherwise be added to this run's) and the workers'
-    ``usage-*.json`` totals, and sets ``PROMETHEUS_MULTIPROC_DIR`` for this
-    process and the workers it starts. Only those files are removed: the
-    directory may be shared with other things by the operator.
+    Creates the directory, removes the metric files a previous run left
+    (stale counters would otherwise be added to this run's; ``*.db`` are
+    older releases' files) and the workers' ``usage-*.json`` totals, and
+    sets ``PROMETHEUS_MULTIPROC_DIR`` for this process and the workers it
+    starts. Only those files are removed: the directory may be shared with
+    other things by the operator.
     """
     os.makedirs(path, exist_ok=True)
-    stale = glob.glob(os.path.join(path, "*.db")) + glob.glob(os.path.join(path, "usage-*.json"))
+    stale = (
+        glob.glob(os.path.join(path, _FILE_PREFIX + "*"))
+        + glob.glob(os.path.join(path, "*.db"))
+        + glob.glob(os.path.join(path, "usage-*.json"))
+    )
     for name in stale:
         try:
             os.remove(name)
         except FileNotFoundError:
             pass
     os.environ[MULTIPROC_ENV] = path
-    _select_value_class()
 
 
 def mark_worker_dead(pid: int) -> None:
-    """Drop a dead worker's live gauges (its counters stay: they happened)."""
+    """Drop a dead worker's gauges (its counters stay: they happened)."""
     path = multiprocess_dir()
     if path is None:
         return
-    from prometheus_client import multiprocess
+    for values in glob.glob(os.path.join(path, f"{_FILE_PREFIX}{pid}-*{_VALUES}")):
+        with open(values[: -len(_VALUES)] + _DEAD, "wb"):
+            pass
 
-    multiprocess.mark_process_dead(pid, path)
+
+# --------------------------------------------------------------------------- #
+# one process's values
+# --------------------------------------------------------------------------- #
+class _Store:
+    """This process's slots: an array of doubles and who each slot is.
+
+    ``values`` is a ``memoryview`` cast to ``'d'``; children keep it and
+    their slot index. With a directory the array is an mmap of this
+    process's values file and each new child appends one catalogue line
+    (``[family, [labels...], first slot]``) before its first update.
+    """
+
+    def __init__(self, directory: str | None) -> None:
+        self.directory = directory
+        self.entries: list[tuple[str, tuple[str, ...], int]] = []
+        self._next = 0
+        self._lock = threading.Lock()  # new children only (scrape threads may add none)
+        self._catalogue_fd = -1
+        self._mmap: mmap.mmap | None = None
+        if directory is None:
+            self.values = memoryview(bytearray(_SLOTS * 8)).cast("d")
+            return
+        base = os.path.join(directory, f"{_FILE_PREFIX}{os.getpid()}-{secrets.token_hex(4)}")
+        self.path = base + _VALUES
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.ftruncate(fd, _SLOTS * 8)
+            self._mmap = mmap.mmap(fd, _SLOTS * 8)
+        finally:
+            os.close(fd)
+        self.values = memoryview(self._mmap).cast("d")
+        self._catalogue_fd = os.open(
+            base + _CATALOGUE, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_TRUNC, 0o644
+        )
+
+    def allocate(self, family: str, labels: tuple[str, ...], width: int) -> int:
+        """First slot of ``width`` new zeroed slots for one child, or -1 if full."""
+        with self._lock:
+            first = self._next
+            if first + width > _SLOTS:
+                return -1
+            self._next = first + width
+            self.entries.append((family, labels, first))
+            if self._catalogue_fd >= 0:
+                line = json.dumps([family, list(labels), first], separators=(",", ":"))
+                os.write(self._catalogue_fd, line.encode() + b"\n")
+            return first
+
+    def close(self) -> None:
+        if self._catalogue_fd >= 0:
+            os.close(self._catalogue_fd)
+            self._catalogue_fd = -1
+
+
+_SPARE = memoryview(bytearray(64 * 8)).cast("d")  # where children past the bound write
+
+
+# --------------------------------------------------------------------------- #
+# families and children
+# --------------------------------------------------------------------------- #
+class CounterChild:
+    """One labelled counter: ``inc`` adds to its slot."""
+
+    __slots__ = ("_values", "_slot")
+
+    def __init__(self, values: memoryview[float], slot: int) -> None:
+        self._values = values
+        self._slot = slot
+
+    def inc(self, amount: float = 1.0) -> None:
+        self._values[self._slot] += amount
+
+    def get(self) -> float:
+        return float(self._values[self._slot])
+
+
+class GaugeChild(CounterChild):
+    __slots__ = ()
+
+    def set(self, value: float) -> None:
+        self._values[self._slot] = value
+
+    def dec(self, amount: float = 1.0) -> None:
+        self._values[self._slot] -= amount
+
+
+class HistogramChild:
+    """One labelled histogram: a slot per bucket (+Inf last), then the sum.
+
+    Buckets are stored non-cumulative (one add per observation) and made
+    cumulative at scrape time.
+    """
+
+    __slots__ = ("_values", "_slot", "_bounds", "_sum")
+
+    def __init__(self, values: memoryview[float], slot: int, bounds: tuple[float, ...]) -> None:
+        self._values = values
+        self._slot = slot
+        self._bounds = bounds
+        self._sum = slot + len(bounds) + 1
+
+    def observe(self, amount: float) -> None:
+        values = self._values
+        # bucket ``le`` bound i holds amount <= bound: the first bound >= amount
+        values[self._slot + bisect_left(self._bounds, amount)] += 1.0
+        values[self._sum] += amount
+
+
+class _Family:
+    """A metric family of the contract; ``labels(...)`` gives a cached child."""
+
+    kind = ""
+
+    def __init__(
+        self, store: _Store, name: str, documentation: str, labelnames: Sequence[str] = ()
+    ) -> None:
+        self._store = store
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._children: dict[tuple[str, ...], Any] = {}
+        self._default: Any = None
+        if not self.labelnames:
+            self._default = self.labels()
+
+    def width(self) -> int:
+        return 1
+
+    def _make(self, values: memoryview[float], slot: int) -> Any:
+        raise NotImplementedError
+
+    def labels(self, *values: str) -> Any:
+        key = tuple(str(v) for v in values)
+        child = self._children.get(key)
+        if child is None:
+            if len(key) != len(self.labelnames):
+                raise ValueError(f"{self.name}: labels {self.labelnames}, got {key}")
+            slot = self._store.allocate(self.name, key, self.width())
+            if slot < 0:  # over the bound (a bug upstream): counted nowhere
+                child = self._make(_SPARE, 0)
+            else:
+                child = self._make(self._store.values, slot)
+            self._children[key] = child
+        return child
+
+    # label-free families are their own child
+    def inc(self, amount: float = 1.0) -> None:
+        self._default.inc(amount)
+
+
+class Counter(_Family):
+    kind = "counter"
+
+    def _make(self, values: memoryview[float], slot: int) -> CounterChild:
+        return CounterChild(values, slot)
+
+
+class Gauge(_Family):
+    kind = "gauge"
+
+    def _make(self, values: memoryview[float], slot: int) -> GaugeChild:
+        return GaugeChild(values, slot)
+
+    def set(self, value: float) -> None:
+        self._default.set(value)
+
+
+class Histogram(_Family):
+    kind = "histogram"
+
+    def __init__(
+        self,
+        store: _Store,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        buckets: Iterable[float],
+    ) -> None:
+        self.bounds = tuple(float(b) for b in buckets)
+        super().__init__(store, name, documentation, labelnames)
+
+    def width(self) -> int:
+        return len(self.bounds) + 2  # buckets, +Inf, sum
+
+    def _make(self, values: memoryview[float], slot: int) -> HistogramChild:
+        return HistogramChild(values, slot, self.bounds)
+
+    def observe(self, amount: float) -> None:
+        self._default.observe(amount)
+
+
+# --------------------------------------------------------------------------- #
+# exposition
+# --------------------------------------------------------------------------- #
+class _ProcessFile:
+    """Another (or this) process's values file and catalogue, read-only."""
+
+    def __init__(self, values_path: str) -> None:
+        self.values_path = values_path
+        self.catalogue_path = values_path[: -len(_VALUES)] + _CATALOGUE
+        self.dead_path = values_path[: -len(_VALUES)] + _DEAD
+        with open(values_path, "rb") as f:
+            self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.values = memoryview(self._mmap).cast("d")
+        self.entries: list[tuple[str, tuple[str, ...], int]] = []
+        self._offset = 0
+
+    def refresh(self) -> None:
+        """Read catalogue lines appended since the last scrape (whole lines only)."""
+        try:
+            with open(self.catalogue_path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return
+        end = data.rfind(b"\n") + 1
+        for line in data[:end].splitlines():
+            family, labels, slot = json.loads(line)
+            self.entries.append((family, tuple(labels), int(slot)))
+        self._offset += end
+
+    def alive(self) -> bool:
+        return not os.path.exists(self.dead_path)
+
+
+class _Collector:
+    """prometheus-client collector: the families summed over every process."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._files: dict[str, _ProcessFile] = {}
+        self._lock = threading.Lock()  # scrapes run in executor threads
+
+    def sources(self, only: Sequence[str] | None = None) -> list[tuple[Any, list[Any], bool]]:
+        """``(values, entries, alive)`` per process whose slots are summed."""
+        store = self._metrics.store
+        directory = store.directory
+        if directory is None and only is None:
+            return [(store.values, list(store.entries), True)]
+        paths = (
+            list(only)
+            if only is not None
+            else sorted(glob.glob(os.path.join(directory or "", f"{_FILE_PREFIX}*{_VALUES}")))
+        )
+        out = []
+        for path in paths:
+            source = self._files.get(path)
+            if source is None:
+                try:
+                    source = self._files[path] = _ProcessFile(path)
+                except (FileNotFoundError, ValueError):
+                    continue  # removed meanwhile, or still empty
+            source.refresh()
+            out.append((source.values, list(source.entries), source.alive()))
+        return out
+
+    def collect(self, only: Sequence[str] | None = None) -> Iterator[Any]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+        from prometheus_client.utils import floatToGoString
+
+        with self._lock:
+            sources = self.sources(only)
+        families = self._metrics.families
+        # family name -> label tuple -> summed values (one list per child)
+        sums: dict[str, dict[tuple[str, ...], list[float]]] = {f.name: {} for f in families}
+        widths = {f.name: f.width() for f in families}
+        gauges = {f.name for f in families if f.kind == "gauge"}
+        for values, entries, alive in sources:
+            for name, labels, slot in entries:
+                width = widths.get(name)
+                if width is None:
+                    continue  # a family this version does not define
+                got = [float(v) for v in values[slot : slot + width]]
+                per_child = sums[name]
+                if name in gauges:
+                    if not alive:
+                        continue
+                    if labels in per_child:
+                        per_child[labels][0] = max(per_child[labels][0], got[0])
+                    else:
+                        per_child[labels] = got
+                elif labels in per_child:
+                    total = per_child[labels]
+                    for i, v in enumerate(got):
+                        total[i] += v
+                else:
+                    per_child[labels] = got
+        for family in families:
+            labelnames = list(family.labelnames)
+            children = sums[family.name]
+            if isinstance(family, Histogram):
+                hist = HistogramMetricFamily(family.name, family.documentation, labels=labelnames)
+                les = [floatToGoString(b) for b in family.bounds] + ["+Inf"]
+                for labels, got in sorted(children.items()):
+                    cumulative, running = [], 0.0
+                    for le, count in zip(les, got[:-1], strict=True):
+                        running += count
+                        cumulative.append((le, running))
+                    hist.add_metric(list(labels), cumulative, got[-1])
+                yield hist
+            elif family.kind == "gauge":
+                gauge = GaugeMetricFamily(family.name, family.documentation, labels=labelnames)
+                for labels, got in sorted(children.items()):
+                    gauge.add_metric(list(labels), got[0])
+                yield gauge
+            else:
+                counter = CounterMetricFamily(family.name, family.documentation, labels=labelnames)
+                for labels, got in sorted(children.items()):
+                    counter.add_metric(list(labels), got[0])
+                yield counter
+
+
+class _FilesCollector:
+    def __init__(self, collector: _Collector, paths: Sequence[str]) -> None:
+        self._collector = collector
+        self._paths = paths
+
+    def collect(self) -> Iterator[Any]:
+        return self._collector.collect(self._paths)
+
+
+def render_files(paths: Sequence[str]) -> bytes:
+    """The exposition of some processes' values files only (e.g. one worker's)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    reader = Metrics(directory=None)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_FilesCollector(reader._collector, paths))  # type: ignore[arg-type]
+    return generate_latest(registry)
 
 
 class _Children:
@@ -124,102 +468,107 @@ class _Children:
         return child
 
 
-class Metrics:
-    """Every metric of the contract, on a registry of its own.
+_UNSET: Any = object()
 
-    Create one per process (after :func:`prepare_multiprocess_dir` when
-    running several workers). The ``record_*``/``observe_*`` helpers are
-    cheap: label children are looked up once per distinct label tuple and
-    label-free counters are exposed directly (e.g. ``cache_hits.inc()``).
+
+class Metrics:
+    """Every metric of the contract, with values of this process's own.
+
+    Create one per process, in the process that updates it (a worker
+    creates its own after the fork; with several workers, after
+    :func:`prepare_multiprocess_dir`). The ``record_*``/``observe_*``
+    helpers look label children up once per distinct label tuple; callers
+    on the hot path keep the child itself (e.g. ``attempts_child``) and
+    label-free counters are exposed directly (``cache_hits.inc()``).
+    ``registry`` is a prometheus-client registry whose collector reads the
+    values at scrape time (every worker's, with a directory).
     """
 
-    def __init__(self) -> None:
-        _select_value_class()
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+    def __init__(self, directory: str | None = _UNSET) -> None:
+        from prometheus_client import CollectorRegistry
 
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
+        self.store = _Store(multiprocess_dir() if directory is _UNSET else directory)
+        s = self.store
         self.requests = Counter(
+            s,
             "relay_requests_total",
             "Requests answered, by route target, method and status.",
             ("route", "method", "status"),
-            registry=r,
         )
         self.request_duration = Histogram(
+            s,
             "relay_request_duration_seconds",
             "Time from the request head to the last response byte, as the client sees it.",
             ("route",),
-            buckets=DURATION_BUCKETS,
-            registry=r,
+            DURATION_BUCKETS,
         )
         self.upstream_latency = Histogram(
+            s,
             "relay_upstream_latency_seconds",
             "Time from sending a request upstream to its first response byte.",
             ("upstream",),
-            buckets=DURATION_BUCKETS,
-            registry=r,
+            DURATION_BUCKETS,
         )
         self.upstream_attempts = Counter(
+            s,
             "relay_upstream_attempts_total",
             "Requests sent to an upstream target (retries and fallbacks each count), "
             "by target and outcome (ok|429|5xx|connect|timeout|reset).",
             ("upstream", "outcome"),
-            registry=r,
         )
-        self.cache_hits = Counter(
-            "relay_cache_hits_total", "Responses served from the cache.", registry=r
-        )
+        self.cache_hits = Counter(s, "relay_cache_hits_total", "Responses served from the cache.")
         self.cache_misses = Counter(
+            s,
             "relay_cache_misses_total",
             "Cacheable requests not found in the cache (sent upstream).",
-            registry=r,
         )
         self.request_tokens = Histogram(
+            s,
             "relay_request_tokens",
             "Tokens per request, by model and kind (prompt|completion).",
             ("model", "kind"),
-            buckets=TOKEN_BUCKETS,
-            registry=r,
+            TOKEN_BUCKETS,
         )
         self.tokens = Counter(
+            s,
             "relay_tokens_total",
             "Tokens used, by model and kind (prompt|completion).",
             ("model", "kind"),
-            registry=r,
         )
         self.cost = Counter(
-            "relay_cost_usd_total", "Upstream cost in USD, by model.", ("model",), registry=r
+            s, "relay_cost_usd_total", "Upstream cost in USD, by model.", ("model",)
         )
         self.cost_saved = Counter(
+            s,
             "relay_cost_saved_usd_total",
             "Cost in USD avoided by cache hits, by model.",
             ("model",),
-            registry=r,
         )
         self.ratelimit_rejected = Counter(
+            s,
             "relay_ratelimit_rejected_total",
             "Requests rejected by the rate limiter, by key type.",
             ("key_type",),
-            registry=r,
         )
         self.breaker_state = Gauge(
+            s,
             "relay_circuit_breaker_state",
             "Circuit breaker state per upstream: 0 closed, 1 half-open, 2 open "
             "(worst of the live workers).",
             ("upstream",),
-            multiprocess_mode="livemax",
-            registry=r,
         )
         self.redis_errors = Counter(
+            s,
             "relay_redis_errors_total",
             "Failed or timed-out Redis calls (relay fell back to memory).",
-            registry=r,
         )
         self.config_reload_errors = Counter(
+            s,
             "relay_config_reload_errors_total",
             "Config file edits refused as invalid (the last good config stays).",
-            registry=r,
         )
+        # Exposition order: as defined above.
+        self.families: list[_Family] = [v for v in vars(self).values() if isinstance(v, _Family)]
         self._requests = _Children(self.requests)
         self._duration = _Children(self.request_duration)
         self._upstream = _Children(self.upstream_latency)
@@ -230,7 +579,9 @@ class Metrics:
         self._saved = _Children(self.cost_saved)
         self._rejected = _Children(self.ratelimit_rejected)
         self._breaker = _Children(self.breaker_state)
-        self._render_registry: Any = None
+        self._collector = _Collector(self)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self._collector)  # type: ignore[arg-type]
 
     # -- hot-path helpers -------------------------------------------------
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
@@ -276,23 +627,12 @@ class Metrics:
     def render(self) -> tuple[bytes, str]:
         """``(body, content type)`` for ``GET /metrics``; all workers summed.
 
-        With ``PROMETHEUS_MULTIPROC_DIR`` set, reads every worker's files
-        (so any worker can answer); else this process's registry.
+        With a metrics directory, reads every worker's files (so any worker
+        can answer); else this process's values.
         """
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        path = multiprocess_dir()
-        if path is None:
-            return generate_latest(self.registry), CONTENT_TYPE_LATEST
-        registry = self._render_registry
-        if registry is None:
-            from prometheus_client import CollectorRegistry
-            from prometheus_client.multiprocess import MultiProcessCollector
-
-            registry = CollectorRegistry()
-            MultiProcessCollector(registry, path=path)
-            self._render_registry = registry
-        return generate_latest(registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
 class _NoCount:

@@ -143,6 +143,8 @@ WORKER = textwrap.dedent(
     m.record_tokens("gpt-4o", 100, 20, 0.25)
     m.record_saved("gpt-4o", 0.125)
     m.set_breaker_state("api.openai.com", int(sys.argv[1]))
+    import os
+    print(os.getpid())
     """
 )
 
@@ -153,24 +155,16 @@ LAUNCHER = textwrap.dedent(
     from relay.metrics import Metrics, mark_worker_dead, prepare_multiprocess_dir
     path, worker = sys.argv[1], sys.argv[2]
     prepare_multiprocess_dir(path)
-    pids = []
+    pids = {}
     for state in ("2", "0"):
-        proc = subprocess.run([sys.executable, "-c", worker, state], timeout=60)
-        assert proc.returncode == 0
-    # the workers' pids are in their file names
-    for name in os.listdir(path):
-        if name.startswith("gauge_livemax_"):
-            pids.append(int(name[len("gauge_livemax_"):-3]))
+        proc = subprocess.run([sys.executable, "-c", worker, state], timeout=60, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        pids[state] = int(proc.stdout)
     m = Metrics()
     m.cache_hits.inc()  # the launcher's own value is summed too
     before = m.render()[0].decode()
     # the worker that saw the breaker open exits: its live gauge goes away
-    from prometheus_client.multiprocess import MultiProcessCollector
-    for pid in pids:
-        files = [os.path.join(path, f"gauge_livemax_{pid}.db")]
-        values = [s.value for metric in MultiProcessCollector.merge(files) for s in metric.samples]
-        if values == [2.0]:
-            mark_worker_dead(pid)
+    mark_worker_dead(pids["2"])
     after = m.render()[0].decode()
     print(json.dumps({"before": before, "after": after, "files": sorted(os.listdir(path))}))
     """
@@ -180,7 +174,9 @@ LAUNCHER = textwrap.dedent(
 def run_launcher(tmp_path) -> dict:
     path = tmp_path / "metrics"
     path.mkdir()
-    (path / "counter_99999.db").write_bytes(b"stale file from a previous run")
+    (path / "counter_99999.db").write_bytes(b"stale file from an older release")
+    (path / "relay-metrics-99999-0badcafe.values").write_bytes(b"\x00" * 8)
+    (path / "relay-metrics-99999-0badcafe.labels").write_text('["relay_cache_hits_total",[],0]\n')
     (path / "keep.txt").write_text("not ours")
     env = {k: v for k, v in os.environ.items() if k != MULTIPROC_ENV}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
@@ -212,19 +208,94 @@ def test_multiprocess_values_are_summed(tmp_path) -> None:
     assert after[("relay_cache_hits_total", ())] == 3  # counters of dead workers stay
     # the stale file was wiped, the operator's other file left alone
     assert "counter_99999.db" not in out["files"]
+    assert not any("99999" in name for name in out["files"])
     assert "keep.txt" in out["files"]
 
 
 def test_mark_worker_dead_without_multiprocess_is_a_no_op(monkeypatch, tmp_path) -> None:
-    from prometheus_client import multiprocess
-
     from relay.metrics import mark_worker_dead
 
-    marked: list[tuple[int, str]] = []
-    monkeypatch.setattr(multiprocess, "mark_process_dead", lambda pid, path: marked.append((pid, path)))
     monkeypatch.delenv(MULTIPROC_ENV, raising=False)
+    (tmp_path / "relay-metrics-12345-00000000.values").write_bytes(b"")
     mark_worker_dead(12345)
-    assert marked == []  # no directory: nothing to clean up, nothing touched
+    assert sorted(os.listdir(tmp_path)) == [
+        "relay-metrics-12345-00000000.values"
+    ]  # nothing touched
     monkeypatch.setenv(MULTIPROC_ENV, str(tmp_path))
     mark_worker_dead(12345)
-    assert marked == [(12345, str(tmp_path))]
+    mark_worker_dead(54321)  # no files of that worker: nothing to mark
+    assert sorted(os.listdir(tmp_path)) == [
+        "relay-metrics-12345-00000000.dead",
+        "relay-metrics-12345-00000000.values",
+    ]
+
+
+def _prometheus_client_twin() -> Metrics:
+    """A :class:`Metrics` whose families are prometheus-client's own metrics
+    (what relay used before it kept its own values), same names, help,
+    labels and buckets, driven by the same recording helpers."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+    from relay import metrics as metrics_module
+
+    ours = Metrics(directory=None)
+    twin = Metrics.__new__(Metrics)
+    registry = CollectorRegistry()
+    for attr, family in vars(ours).items():
+        if not isinstance(family, metrics_module._Family):
+            continue
+        if family.kind == "histogram":
+            made: object = Histogram(
+                family.name, family.documentation, family.labelnames,
+                buckets=family.bounds, registry=registry,
+            )  # fmt: skip
+        elif family.kind == "gauge":
+            made = Gauge(family.name, family.documentation, family.labelnames, registry=registry)
+        else:
+            made = Counter(family.name, family.documentation, family.labelnames, registry=registry)
+        setattr(twin, attr, made)
+    for attr, children in vars(ours).items():
+        if isinstance(children, metrics_module._Children):
+            metric = getattr(twin, next(a for a, f in vars(ours).items() if f is children._metric))
+            setattr(twin, attr, metrics_module._Children(metric))
+    twin.registry = registry
+    return twin
+
+
+def _exposition_lines(text: str) -> list[str]:
+    # prometheus-client's in-process metrics add *_created series; relay's
+    # multi-worker output never had them, so they are not part of the format.
+    return sorted(line for line in text.splitlines() if "_created" not in line)
+
+
+def test_exposition_is_the_same_as_prometheus_clients(metrics: Metrics) -> None:
+    from prometheus_client import generate_latest
+
+    twin = _prometheus_client_twin()
+    for m in (metrics, twin):
+        exercise(m)
+        m.upstream_attempt("api.openai.com", "ok")
+        m.upstream_attempt("api.openai.com", "5xx")
+        m.attempts_child("api.openai.com", "ok").inc()
+        m.observe_upstream_latency("api.openai.com", 0.0005)  # on a bucket bound
+        m.observe_upstream_latency("api.openai.com", 99.0)  # past the last bound: +Inf
+        m.record_tokens("claude-3-5-sonnet", 16, 1048577, 1.5)
+    ours = metrics.render()[0].decode()
+    theirs = generate_latest(twin.registry).decode()
+    assert _exposition_lines(ours) == _exposition_lines(theirs)
+
+
+def test_histogram_bucket_edges(metrics: Metrics) -> None:
+    for value in (0.0, 0.0005, 0.00050001, 60.0, 60.5):
+        metrics.observe_upstream_latency("u", value)
+    v = samples(metrics.render()[0].decode())
+
+    def bucket(le: str) -> float:
+        return v[("relay_upstream_latency_seconds_bucket", (("le", le), ("upstream", "u")))]
+
+    assert bucket("0.0005") == 2  # le is inclusive
+    assert bucket("0.001") == 3
+    assert bucket("30.0") == 3
+    assert bucket("60.0") == 4
+    assert bucket("+Inf") == 5
+    assert v[("relay_upstream_latency_seconds_count", (("upstream", "u"),))] == 5

@@ -8,17 +8,15 @@ import dataclasses
 import glob
 import json
 import os
-import shutil
 import signal
 import subprocess
 import threading
 import time
 
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
+from relay.metrics import render_files
 from relay.testing.fake_upstream import ThreadedFakeUpstream
 from tests.support import (
     RelayThread,
@@ -223,18 +221,12 @@ def test_unreachable_redis_is_counted_and_requests_still_served(upstream):
         assert sample(samples, "relay_tokens_total", model="gpt-4o", kind="prompt") == 3 * 3
 
 
-def _per_worker(metrics_dir: str, tmp_path) -> dict[str, float]:
-    """POST 200 count per worker, read from each worker's own counter file."""
+def _per_worker(metrics_dir: str) -> dict[str, float]:
+    """POST 200 count per worker, read from each worker's own values file."""
     shares = {}
-    tmp_path.mkdir()
-    for path in glob.glob(os.path.join(metrics_dir, "counter_*.db")):
-        one = tmp_path / os.path.basename(path)
-        one.mkdir()
-        shutil.copy(path, one)
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=str(one))
+    for path in glob.glob(os.path.join(metrics_dir, "relay-metrics-*.values")):
         total = 0.0
-        for family in text_string_to_metric_families(generate_latest(registry).decode()):
+        for family in text_string_to_metric_families(render_files([path]).decode()):
             for s in family.samples:
                 if s.name == "relay_requests_total" and s.labels["status"] == "200":
                     total += s.value
@@ -264,7 +256,7 @@ def test_two_workers_metrics_are_summed(upstream, tmp_path):
         # A worker counts a request just after its client has the response.
         deadline = time.monotonic() + 5
         while True:
-            shares = _per_worker(metrics_dir, tmp_path / f"read-{time.monotonic_ns()}")
+            shares = _per_worker(metrics_dir)
             if sum(shares.values()) == n or time.monotonic() > deadline:
                 break
             time.sleep(0.02)
