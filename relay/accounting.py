@@ -37,9 +37,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Accounting", "stored_usage", "with_usage"]
 
-_METHOD_LABELS = {
-    m: m.decode() for m in (b"GET", b"POST", b"PUT", b"PATCH", b"DELETE", b"HEAD", b"OPTIONS")
-}
 # Internal header that carries a cached response's usage; never replayed.
 USAGE_HEADER = b"x-relay-usage"
 
@@ -185,9 +182,7 @@ class Accounting:
         """Count a finished request: metrics, usage and cost, request log."""
         runtime = self.runtime
         elapsed = runtime.loop.time() - request.started
-        self.metrics.observe_request(
-            upstream.route_label, _METHOD_LABELS.get(request.method, "OTHER"), status, elapsed
-        )
+        upstream.meters.request(request.method, status, elapsed)
         cost = 0.0
         model = None
         if usage is not None:

@@ -470,6 +470,79 @@ class _Children:
 
 _UNSET: Any = object()
 
+_METHOD_LABELS = {
+    m: m.decode() for m in (b"GET", b"POST", b"PUT", b"PATCH", b"DELETE", b"HEAD", b"OPTIONS")
+}
+
+
+class _ModelMeters:
+    """The children of one model label: one lookup per response, not five."""
+
+    __slots__ = (
+        "prompt_tokens", "completion_tokens", "prompt_total", "completion_total", "cost", "saved"
+    )  # fmt: skip
+
+    def __init__(self, metrics: Metrics, model: str) -> None:
+        self.prompt_tokens = metrics.request_tokens.labels(model, "prompt")
+        self.completion_tokens = metrics.request_tokens.labels(model, "completion")
+        self.prompt_total = metrics.tokens.labels(model, "prompt")
+        self.completion_total = metrics.tokens.labels(model, "completion")
+        self.cost = metrics.cost.labels(model)
+        self.saved = metrics.cost_saved.labels(model)
+
+
+class TargetMeters:
+    """The metric children of one upstream target, kept by the target.
+
+    Resolved once when a pipeline is built, so a request's updates are
+    attribute reads and array adds: its latency, its "ok" attempts, its
+    route's duration; request counts by (method, status) and failed
+    attempts by outcome are resolved on first use and kept here.
+    """
+
+    __slots__ = (
+        "ok_attempts",
+        "latency",
+        "duration",
+        "_metrics",
+        "_label",
+        "_route",
+        "_requests",
+        "_failed",
+    )
+
+    def __init__(self, metrics: Metrics, label: str, route_label: str) -> None:
+        self._metrics = metrics
+        self._label = label
+        self._route = route_label
+        self.ok_attempts = metrics.upstream_attempts.labels(label, "ok")
+        self.latency = metrics.upstream_latency.labels(label)
+        self.duration = metrics.request_duration.labels(route_label)
+        self._requests: dict[tuple[bytes, int], Any] = {}
+        self._failed: dict[str, Any] = {}
+
+    def request(self, method: bytes, status: int, seconds: float) -> None:
+        """One answered request routed to this target: count it, observe its duration."""
+        child = self._requests.get((method, status))
+        if child is None:
+            if len(self._requests) >= _CHILD_CACHE_MAX:
+                self._requests.clear()
+            child = self._metrics.requests.labels(
+                self._route, _METHOD_LABELS.get(method, "OTHER"), str(status)
+            )
+            self._requests[(method, status)] = child
+        child.inc()
+        self.duration.observe(seconds)
+
+    def attempt(self, outcome: str) -> None:
+        """A failed attempt (429|5xx|connect|timeout|reset) on this target."""
+        child = self._failed.get(outcome)
+        if child is None:
+            child = self._failed[outcome] = self._metrics.upstream_attempts.labels(
+                self._label, outcome
+            )
+        child.inc()
+
 
 class Metrics:
     """Every metric of the contract, with values of this process's own.
@@ -579,6 +652,7 @@ class Metrics:
         self._saved = _Children(self.cost_saved)
         self._rejected = _Children(self.ratelimit_rejected)
         self._breaker = _Children(self.breaker_state)
+        self._models: dict[str, _ModelMeters] = {}
         self._collector = _Collector(self)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self._collector)  # type: ignore[arg-type]
@@ -595,6 +669,10 @@ class Metrics:
     def upstream_attempt(self, upstream: str, outcome: str) -> None:
         self._attempts.get((upstream, outcome)).inc()
 
+    def target_meters(self, upstream: str, route: str | None = None) -> TargetMeters:
+        """The children one upstream target keeps (``route`` defaults to its label)."""
+        return TargetMeters(self, upstream, upstream if route is None else route)
+
     def attempts_child(self, upstream: str, outcome: str) -> Any:
         """The counter child itself, for a caller that keeps it (per target)."""
         return self._attempts.get((upstream, outcome))
@@ -603,19 +681,31 @@ class Metrics:
         self, model: str, prompt_tokens: int, completion_tokens: int, cost_usd: float
     ) -> None:
         """Tokens and cost of one upstream response (``model`` already a label)."""
-        self._req_tokens.get((model, "prompt")).observe(prompt_tokens)
-        self._req_tokens.get((model, "completion")).observe(completion_tokens)
+        meters = self._models.get(model)
+        if meters is None:
+            meters = self._model_meters(model)
+        meters.prompt_tokens.observe(prompt_tokens)
+        meters.completion_tokens.observe(completion_tokens)
         if prompt_tokens:
-            self._tokens.get((model, "prompt")).inc(prompt_tokens)
+            meters.prompt_total.inc(prompt_tokens)
         if completion_tokens:
-            self._tokens.get((model, "completion")).inc(completion_tokens)
+            meters.completion_total.inc(completion_tokens)
         if cost_usd:
-            self._cost.get((model,)).inc(cost_usd)
+            meters.cost.inc(cost_usd)
 
     def record_saved(self, model: str, saved_usd: float) -> None:
         """Cost a cache hit avoided."""
         if saved_usd:
-            self._saved.get((model,)).inc(saved_usd)
+            meters = self._models.get(model)
+            if meters is None:
+                meters = self._model_meters(model)
+            meters.saved.inc(saved_usd)
+
+    def _model_meters(self, model: str) -> _ModelMeters:
+        if len(self._models) >= _CHILD_CACHE_MAX:
+            self._models.clear()
+        meters = self._models[model] = _ModelMeters(self, model)
+        return meters
 
     def ratelimit_reject(self, key_type: str) -> None:
         self._rejected.get((key_type,)).inc()
@@ -641,8 +731,29 @@ class _NoCount:
     def inc(self, amount: float = 1) -> None:
         pass
 
+    def observe(self, amount: float) -> None:
+        pass
+
 
 NO_COUNT = _NoCount()
+
+
+class _NoMeters:
+    """:class:`TargetMeters` with metrics off."""
+
+    __slots__ = ()
+
+    ok_attempts = NO_COUNT
+    latency = NO_COUNT
+
+    def request(self, method: bytes, status: int, seconds: float) -> None:
+        pass
+
+    def attempt(self, outcome: str) -> None:
+        pass
+
+
+NO_METERS = _NoMeters()
 
 
 class RequestMetricsOff:

@@ -30,7 +30,7 @@ from .exchange import ACCEPT_IDENTITY, Outcome, ProxyExchange, stream_cut_event
 from .http import errors
 from .http.protocol import ClientConnection
 from .http.request import Request
-from .metrics import NO_COUNT as _NO_COUNT
+from .metrics import NO_METERS as _NO_METERS
 from .runtime import Runtime, Upstream
 from .upstream.balance import Balancer
 from .upstream.protocol import UpstreamConnection, UpstreamError
@@ -191,9 +191,8 @@ class Pipeline:
         metrics = runtime.metrics if config.metrics.enabled else None
         for route in (self._default, *self._routes):
             for target in route.balancer.targets:
-                target.ok_attempts = (
-                    metrics.attempts_child(target.label, "ok") if metrics else _NO_COUNT
-                )
+                # Resolved once here: a request's updates need no label lookup.
+                target.meters = metrics.target_meters(target.label) if metrics else _NO_METERS
         retries = config.retries
         self._attempts = retries.attempts
         self._retry_statuses = frozenset(int(c) for c in retries.on if c.isdigit())
@@ -558,7 +557,7 @@ class Pipeline:
                         failed_at = time.monotonic()
                         if balancer.measures:  # what the failure cost counts as latency
                             state.observe(failed_at - started, failed_at)
-                        self._metrics.upstream_attempt(upstream.label, "connect")
+                        upstream.meters.attempt("connect")
                         if breaker is not None:
                             breaker.record_failure(failed_at)
                             runtime.breaker_changed(upstream)
@@ -613,7 +612,7 @@ class Pipeline:
                 extra.pop()
             if outcome == Outcome.RETRY:
                 kind = "429" if exchange.status == 429 else "5xx"
-                self._metrics.upstream_attempt(upstream.label, kind)
+                upstream.meters.attempt(kind)
                 if breaker is not None:
                     if exchange.status >= 500:
                         breaker.record_failure(time.monotonic())
@@ -644,7 +643,7 @@ class Pipeline:
             failed_at = time.monotonic()
             if balancer.measures:
                 state.observe(failed_at - started, failed_at)
-            self._metrics.upstream_attempt(upstream.label, kind)
+            upstream.meters.attempt(kind)
             if breaker is not None:
                 breaker.record_failure(failed_at)
                 runtime.breaker_changed(upstream)
@@ -657,14 +656,12 @@ class Pipeline:
         status = exchange.status
         if outcome == Outcome.BROKEN:
             cut = exchange.error
-            self._metrics.upstream_attempt(
-                upstream.label, "timeout" if cut is not None and cut.timeout else "reset"
-            )
+            upstream.meters.attempt("timeout" if cut is not None and cut.timeout else "reset")
         elif status:
             if status < 429 or 429 < status < 500:
-                upstream.ok_attempts.inc()  # the usual case: no label lookup
+                upstream.meters.ok_attempts.inc()  # the usual case: no label lookup
             else:
-                self._metrics.upstream_attempt(upstream.label, "429" if status == 429 else "5xx")
+                upstream.meters.attempt("429" if status == 429 else "5xx")
         breaker = upstream.breaker if breakers else None
         if breaker is not None:
             # Judged now: a first-time tokenizer load below can take seconds,
@@ -863,7 +860,7 @@ class Pipeline:
         runtime = self.runtime
         status = exchange.status
         if status:
-            self._metrics.observe_upstream_latency(upstream.label, exchange.upstream_latency)
+            upstream.meters.latency.observe(exchange.upstream_latency)
 
         if (
             cache_key is not None

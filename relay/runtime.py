@@ -65,7 +65,8 @@ class Upstream:
     # The upstream's own credential as a header line; b"" = the client's passes.
     auth_line: bytes = b""
     relay_header: bytes = b""  # "X-Relay-Upstream: <label>\r\n"
-    ok_attempts: Any = None  # relay_upstream_attempts_total{upstream=label, outcome="ok"}
+    # Its metric children (relay.metrics.TargetMeters), set by the pipeline.
+    meters: Any = None
 
     @property
     def route_label(self) -> str:

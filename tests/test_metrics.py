@@ -258,6 +258,7 @@ def _prometheus_client_twin() -> Metrics:
         if isinstance(children, metrics_module._Children):
             metric = getattr(twin, next(a for a, f in vars(ours).items() if f is children._metric))
             setattr(twin, attr, metrics_module._Children(metric))
+    twin._models = {}
     twin.registry = registry
     return twin
 
@@ -280,6 +281,12 @@ def test_exposition_is_the_same_as_prometheus_clients(metrics: Metrics) -> None:
         m.observe_upstream_latency("api.openai.com", 0.0005)  # on a bucket bound
         m.observe_upstream_latency("api.openai.com", 99.0)  # past the last bound: +Inf
         m.record_tokens("claude-3-5-sonnet", 16, 1048577, 1.5)
+        target = m.target_meters("api.openai.com", "default")  # what a pipeline keeps
+        target.request(b"POST", 200, 0.3)
+        target.request(b"BREW", 418, 0.01)
+        target.attempt("timeout")
+        target.ok_attempts.inc()
+        target.latency.observe(0.02)
     ours = metrics.render()[0].decode()
     theirs = generate_latest(twin.registry).decode()
     assert _exposition_lines(ours) == _exposition_lines(theirs)

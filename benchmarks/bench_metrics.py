@@ -1,0 +1,110 @@
+"""Micro-benchmark: the metric updates of one proxied request.
+
+One chat completion that misses the cache records, in this order: the
+cache miss, the upstream attempt ("ok"), the upstream latency, the
+request count and duration, tokens (two histogram observations, two
+counters) and cost: 10 updates plus the label lookups around them.
+
+``prometheus-client`` is what relay used before it kept its own values:
+the same helpers driving prometheus-client's metrics (a lock per update,
+a linear scan for a histogram bucket). ``relay`` is relay's own array.
+Both run with and without a multi-worker directory (mmap'd files).
+
+Run with ``python -m benchmarks.bench_metrics`` (prints ns per request
+and the ratio from one run) or ``pytest benchmarks/bench_metrics.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import timeit
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from relay import metrics as metrics_module
+from relay.metrics import Metrics
+
+
+def prometheus_client_metrics() -> Metrics:
+    """A Metrics whose families are prometheus-client's (the former design)."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
+
+    values.ValueClass = values.get_value_class()  # file-backed if the directory is set
+    ours = Metrics(directory=None)
+    twin = Metrics.__new__(Metrics)
+    registry = CollectorRegistry()
+    made: dict[int, Any] = {}
+    for attr, family in vars(ours).items():
+        if not isinstance(family, metrics_module._Family):
+            continue
+        if family.kind == "histogram":
+            metric: Any = Histogram(
+                family.name, family.documentation, family.labelnames,
+                buckets=family.bounds, registry=registry,
+            )  # fmt: skip
+        elif family.kind == "gauge":
+            metric = Gauge(
+                family.name, family.documentation, family.labelnames,
+                multiprocess_mode="livemax", registry=registry,
+            )  # fmt: skip
+        else:
+            metric = Counter(family.name, family.documentation, family.labelnames, registry=registry)
+        setattr(twin, attr, metric)
+        made[id(family)] = metric
+    for attr, children in vars(ours).items():
+        if isinstance(children, metrics_module._Children):
+            setattr(twin, attr, metrics_module._Children(made[id(children._metric)]))
+    twin._models = {}
+    twin.registry = registry
+    return twin
+
+
+def one_request(m: Metrics) -> Callable[[], None]:
+    """The updates of one cache-missing completion, as the pipeline makes them."""
+    meters = m.target_meters("api.openai.com")
+    cache_misses = m.cache_misses
+
+    def run() -> None:
+        cache_misses.inc()
+        meters.ok_attempts.inc()
+        meters.latency.observe(0.21)
+        meters.request(b"POST", 200, 0.2345)
+        m.record_tokens("gpt-4o", 812, 133, 0.00336)
+
+    return run
+
+
+def per_request_ns(fn: Callable[[], None], number: int = 20000, repeat: int = 5) -> float:
+    return min(timeit.repeat(fn, number=number, repeat=repeat)) / number * 1e9
+
+
+@pytest.mark.parametrize("kind", ["relay", "prometheus-client"])
+def test_metric_updates_per_request(benchmark, kind: str) -> None:
+    m = Metrics(directory=None) if kind == "relay" else prometheus_client_metrics()
+    benchmark(one_request(m))
+
+
+def main() -> None:
+    rows = []
+    for mode in ("one process", "workers (mmap files)"):
+        with tempfile.TemporaryDirectory() as directory:
+            if mode.startswith("workers"):
+                os.environ[metrics_module.MULTIPROC_ENV] = directory
+            else:
+                os.environ.pop(metrics_module.MULTIPROC_ENV, None)
+            theirs = per_request_ns(one_request(prometheus_client_metrics()))
+            ours = per_request_ns(one_request(Metrics()))
+            rows.append((mode, theirs, ours))
+    os.environ.pop(metrics_module.MULTIPROC_ENV, None)
+    print(f"{'mode':<22} {'prometheus-client':>18} {'relay':>8} {'ratio':>6}")
+    for mode, theirs, ours in rows:
+        print(f"{mode:<22} {theirs:>15.0f} ns {ours:>5.0f} ns {theirs / ours:>5.1f}x")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
