@@ -52,7 +52,9 @@ def prometheus_client_metrics() -> Metrics:
                 multiprocess_mode="livemax", registry=registry,
             )  # fmt: skip
         else:
-            metric = Counter(family.name, family.documentation, family.labelnames, registry=registry)
+            metric = Counter(
+                family.name, family.documentation, family.labelnames, registry=registry
+            )
         setattr(twin, attr, metric)
         made[id(family)] = metric
     for attr, children in vars(ours).items():
@@ -104,6 +106,66 @@ def main() -> None:
     for mode, theirs, ours in rows:
         print(f"{mode:<22} {theirs:>15.0f} ns {ours:>5.0f} ns {theirs / ours:>5.1f}x")
     sys.stdout.flush()
+    if "--cpu" in sys.argv:
+        on = [relay_cpu_per_request(True) for _ in range(3)]
+        off = [relay_cpu_per_request(False) for _ in range(3)]
+        print(
+            f"relay thread CPU per request: metrics on {min(on):.1f} µs, off {min(off):.1f} µs "
+            f"(metrics cost {min(on) - min(off):.1f} µs; best of 3)"
+        )
+
+
+# ----------------------------------------------------------- whole requests
+
+_CPU_BODY = (
+    b'{"model":"gpt-4o","messages":[{"role":"user","content":"Say hi in three words."}],'
+    b'"max_tokens":16}'
+)
+
+
+def relay_cpu_per_request(metrics_on: bool, requests: int = 1500, loop: str = "uvloop") -> float:
+    """CPU of relay's own thread (µs) per keep-alive completion, in-process.
+
+    relay serves from a thread (as in the tests) against the fake upstream
+    on another thread; the client is a blocking socket. Only the relay
+    thread's CPU clock is read, so client and upstream costs are not in it.
+    """
+    import socket
+    import time
+
+    from relay.testing.fake_upstream import ThreadedFakeUpstream
+    from tests.support import RelayThread, make_config
+
+    with ThreadedFakeUpstream(record=False) as upstream:
+        config = make_config(upstream.url, metrics={"enabled": metrics_on}, usage={"enabled": True})
+        with RelayThread(config, loop=loop) as relay:
+            clock = time.pthread_getcpuclockid(relay._thread.ident or 0)
+            head = (
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/json\r\nAuthorization: Bearer sk-bench\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(_CPU_BODY)
+            )
+            with socket.create_connection(("127.0.0.1", relay.port), timeout=10) as sock:
+
+                def one() -> None:
+                    sock.sendall(head + _CPU_BODY)
+                    data = b""
+                    while True:
+                        data += sock.recv(65536)
+                        end = data.find(b"\r\n\r\n")
+                        if end >= 0:
+                            length = int(
+                                data.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0]
+                            )
+                            if len(data) >= end + 4 + length:
+                                return
+
+                for _ in range(200):  # warm up: pools, children, tokenizer
+                    one()
+                start = time.clock_gettime(clock)
+                for _ in range(requests):
+                    one()
+                return (time.clock_gettime(clock) - start) / requests * 1e6
 
 
 if __name__ == "__main__":
