@@ -133,6 +133,7 @@ class _Store:
         self._lock = threading.Lock()  # new children only (scrape threads may add none)
         self._catalogue_fd = -1
         self._mmap: mmap.mmap | None = None
+        self.collector: _Collector | None = None  # set by the Metrics owning it
         if directory is None:
             self.values = memoryview(bytearray(_SLOTS * 8)).cast("d")
             return
@@ -238,6 +239,12 @@ class _Family:
         self._default: Any = None
         if not self.labelnames:
             self._default = self.labels()
+            # A label-free family is its own child: its update methods are
+            # the child's bound methods (one call, not two).
+            for method in ("inc", "set", "dec", "observe"):
+                bound = getattr(self._default, method, None)
+                if bound is not None:
+                    setattr(self, method, bound)
 
     def width(self) -> int:
         return 1
@@ -259,9 +266,26 @@ class _Family:
             self._children[key] = child
         return child
 
-    # label-free families are their own child
+    # label-free families are their own child (replaced per instance above)
     def inc(self, amount: float = 1.0) -> None:
         self._default.inc(amount)
+
+    def collect(self) -> list[Any]:
+        """This family as prometheus-client metric families (as ``Counter.collect()``),
+        summed over every worker."""
+        return [f for f in self._metrics_collector().collect() if f.name == self._exposed_name()]
+
+    def _exposed_name(self) -> str:
+        # prometheus-client names a counter family without its _total suffix
+        if self.kind == "counter" and self.name.endswith("_total"):
+            return self.name[: -len("_total")]
+        return self.name
+
+    def _metrics_collector(self) -> _Collector:
+        collector = self._store.collector
+        if collector is None:
+            raise RuntimeError(f"{self.name}: not part of a Metrics object")
+        return collector
 
 
 class Counter(_Family):
@@ -653,7 +677,7 @@ class Metrics:
         self._rejected = _Children(self.ratelimit_rejected)
         self._breaker = _Children(self.breaker_state)
         self._models: dict[str, _ModelMeters] = {}
-        self._collector = _Collector(self)
+        self._collector = s.collector = _Collector(self)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self._collector)  # type: ignore[arg-type]
 

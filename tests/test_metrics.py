@@ -306,3 +306,13 @@ def test_histogram_bucket_edges(metrics: Metrics) -> None:
     assert bucket("60.0") == 4
     assert bucket("+Inf") == 5
     assert v[("relay_upstream_latency_seconds_count", (("upstream", "u"),))] == 5
+
+
+def test_family_collect_reads_the_summed_values(metrics: Metrics) -> None:
+    exercise(metrics)
+    (hits,) = metrics.cache_hits.collect()
+    assert [(s.name, s.value) for s in hits.samples] == [("relay_cache_hits_total", 1.0)]
+    (durations,) = metrics.request_duration.collect()
+    counts = {s.labels["route"]: s.value for s in durations.samples if s.name.endswith("_count")}
+    assert counts == {"default": 2.0, "api.anthropic.com": 1.0}
+    assert metrics.registry.get_sample_value("relay_cache_misses_total") == 2.0
