@@ -135,7 +135,9 @@ class _Store:
         self._mmap: mmap.mmap | None = None
         self.collector: _Collector | None = None  # set by the Metrics owning it
         if directory is None:
-            self.values = memoryview(bytearray(_SLOTS * 8)).cast("d")
+            # Anonymous and zero-filled by the OS: untouched pages cost no memory.
+            self._mmap = mmap.mmap(-1, _SLOTS * 8)
+            self.values = memoryview(self._mmap).cast("d")
             return
         base = os.path.join(directory, f"{_FILE_PREFIX}{os.getpid()}-{secrets.token_hex(4)}")
         self.path = base + _VALUES
