@@ -27,6 +27,8 @@ from .exchange import Outcome, ProxyExchange
 from .http import errors
 from .http.protocol import ClientConnection
 from .http.request import Request
+from .keys.admin import ADMIN_PREFIX, AdminAPI
+from .keys.admission import Admission
 from .runtime import Runtime, Upstream
 from .upstream.protocol import UpstreamError
 from .usage import inject_include_usage
@@ -83,6 +85,7 @@ class Pipeline:
         self._metrics = accounting.metrics
         self._usage_on = accounting.enabled
         self._own = own_endpoints(self)
+        self._admission, self._admin = _keys_hooks(config, runtime, accounting)
 
     # ------------------------------------------------------------------ #
     # entry point
@@ -92,6 +95,25 @@ class Pipeline:
         if own is not None:
             await own(request, client)
             return
+        if request.path.startswith(ADMIN_PREFIX):
+            await self._admin.handle(request, client)
+            return
+        admission = self._admission
+        if admission is not None:
+            # Virtual keys: admitted (and reserved) before rate limit and cache.
+            ticket = await admission.admit(request)
+            if isinstance(ticket, errors.GatewayError):
+                self._reject(request, client, self._route(request), ticket, [_BYPASS])
+                return
+            request.relay_key = ticket
+            try:
+                await self._proxy(request, client)
+            finally:
+                ticket.release()  # unless settled: nothing was sent upstream
+            return
+        await self._proxy(request, client)
+
+    async def _proxy(self, request: Request, client: ClientConnection) -> None:
         upstream = self._route(request)
         extra: list[bytes] = []
 
@@ -131,7 +153,11 @@ class Pipeline:
                 request.body,
                 # The raw credential only feeds the SHA-256 of the key and is
                 # never stored: a short hash here could be collided with.
-                b"" if self._cache_global else (request.credential or b""),
+                # A virtual key's caller is its id (stable across rotations).
+                b"" if self._cache_global else (
+                    request.relay_key.identity if request.relay_key is not None
+                    else request.credential or b""
+                ),
             )
             if not no_cache:
                 entry = await cache.get(key)
@@ -478,6 +504,19 @@ class Pipeline:
 
     def upstreams(self) -> list[Upstream]:
         return [self._default, *(r.upstream for r in self._routes)]
+
+
+def _keys_hooks(
+    config: Config, runtime: Runtime, accounting: Accounting
+) -> tuple[Admission | None, AdminAPI]:
+    """Virtual-key admission (when keys.enabled) and the admin API."""
+    keys = runtime.keys()
+    admission = None
+    if keys is not None and config.keys.enabled:
+        admission = Admission(
+            keys[0], runtime.prices(config), config.keys.default_reserve_tokens, accounting.metrics
+        )
+    return admission, AdminAPI(config.keys.admin_key, keys[1] if keys is not None else None)
 
 
 def _cache_status(extra: list[bytes]) -> str:

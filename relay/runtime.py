@@ -94,6 +94,9 @@ class Runtime:
         # Read once: the launcher sets it before any worker starts.
         self._shared_dir = multiprocess_dir()
         self._key_hashes: dict[bytes, str] = {}
+        # Virtual keys: (store settings, service, manager), static keys applied.
+        self._keys: tuple[tuple[Any, ...], Any, Any] | None = None
+        self._static_keys: tuple[Any, ...] | None = None
         self.draining = False
 
     # ------------------------------------------------------------------ #
@@ -112,6 +115,33 @@ class Runtime:
         if self._prices is None or self._prices[0] != config.models:
             # Keep the labels already given out: the bound is per process.
             self.labels.reserve(config.models)
+        self._apply_keys(config)
+
+    def _apply_keys(self, config: Config) -> None:
+        k = config.keys
+        if not (k.enabled or k.admin_key or k.static):
+            return
+        settings = (k.store, k.path, self.redis if k.store == "redis" else None)
+        if self._keys is None or self._keys[0] != settings:
+            from .keys.manage import KeyManager
+            from .keys.service import KeyService
+            from .keys.stores import open_store
+
+            store = open_store(k, self.redis)  # KeyStoreError names the file
+            service = KeyService(store, self.loop)
+            old, self._keys = self._keys, (settings, service, KeyManager(store, service))
+            self._static_keys = None
+            if old is not None:
+                self.loop.call_later(5.0, self.spawn, old[1].close())
+        if k.static != self._static_keys:
+            from .keys.stores import static_records
+
+            self._static_keys = k.static
+            self.spawn(self._keys[2].apply_static(static_records(k)))
+
+    def keys(self) -> tuple[Any, Any] | None:
+        """(KeyService, KeyManager) of the configured key store, if any."""
+        return None if self._keys is None else (self._keys[1], self._keys[2])
 
     def _apply_redis(self, config: Config) -> None:
         r = config.redis
@@ -274,6 +304,7 @@ class Runtime:
         if logger is None:
             return
         credential = request.credential
+        ticket = request.relay_key
         logger.log(
             method=request.method,
             path=request.path,
@@ -285,7 +316,9 @@ class Runtime:
             cache=cache,
             latency_ms=seconds * 1000.0,
             upstream=upstream.label,
-            key=self.key_hash(credential) if credential else None,
+            key=ticket.name if ticket is not None else (
+                self.key_hash(credential) if credential else None
+            ),
         )
 
     def not_ready_reason(self, pipeline: Pipeline) -> str | None:
@@ -349,6 +382,8 @@ class Runtime:
 
     async def close(self) -> None:
         self._write_usage_file()  # the last totals of this worker stay counted
+        if self._keys is not None:
+            await self._keys[1].close()  # settlements on their way land first
         self.pools.close()
         if self.request_log is not None:
             self.request_log.close()

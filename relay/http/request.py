@@ -35,6 +35,7 @@ class Request:
         "forwarded_for",
         "forward_headers",
         "started",
+        "relay_key",
         "_json",
     )
 
@@ -66,6 +67,8 @@ class Request:
         # End-to-end headers rendered as "Name: value\r\n" lines, ready to be
         # written upstream (hop-by-hop, Host, Expect, X-Forwarded-* removed).
         self.forward_headers = b""
+        # The admitted virtual key (relay.keys.admission.KeyTicket), if any.
+        self.relay_key: Any = None
         self._json: Any = _UNPARSED
 
     @property
