@@ -245,7 +245,9 @@ class Admission:
         settlement = Settlement(
             self.service.new_id(),
             record.id,
-            reservation.id if reservation is not None and not ticket.local else "",
+            # Passed even when admitted locally: a reserve that timed out may
+            # still have reached the store, and this releases it there too.
+            reservation.id if reservation is not None else "",
             cost,
             prompt,
             completion,
