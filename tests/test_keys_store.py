@@ -87,8 +87,9 @@ def _res(n: int, tokens: int, cost: float, period: int = 0) -> Reservation:
 
 def _settle(n: int, key: KeyRecord, cost: float, prompt: int, completion: int,
             reservation: str | None = None, period: int = 0) -> Settlement:
-    return Settlement(f"s{n}", key.id, f"r{n}" if reservation is None else reservation, cost,
-                      prompt, completion, period, key.tpm or 0)
+    reservations = (f"r{n}",) if reservation is None else ((reservation,) if reservation else ())
+    return Settlement(f"s{n}", key.id, reservations, cost, prompt, completion, 1, period,
+                      key.tpm or 0)
 
 
 def test_store_records_round_trip(backend, run):
@@ -160,6 +161,28 @@ def test_store_settle_applies_once(backend, run):
             assert (spend.prompt_tokens, spend.completion_tokens, spend.requests) == (8, 4, 2)
             # Nothing stays held: the whole budget minus spend is free.
             assert (await store.reserve(key, _res(3, 10, 0.93))).reason is None
+
+    run(main())
+
+
+def test_store_one_settlement_for_many_requests(backend, run):
+    async def main() -> None:
+        async with backend() as (store, _):
+            key, _ = _key(budget_usd=0.1, tpm=1000)
+            await store.create(key)
+            for n in range(3):
+                assert (await store.reserve(key, _res(n, 100, 0.03))).reason is None
+            assert (await store.reserve(key, _res(9, 100, 0.03))).reason == "budget"
+            # The three requests settled together; one reservation is unknown.
+            await store.settle(Settlement("batch", key.id, ("r0", "r1", "r2", "r-gone"), 0.015,
+                                          30, 15, 3, 0, 1000))
+            spend = await store.spend(key.id, 0)
+            assert spend.spend_usd == pytest.approx(0.015) and spend.requests == 3
+            assert (spend.prompt_tokens, spend.completion_tokens) == (30, 15)
+            granted = await store.reserve(key, _res(10, 100, 0.085))
+            assert granted.reason is None
+            # 1000 - 3 x 100 reserved + 300 given back - 45 used - 100 now.
+            assert granted.tpm_remaining == 855
 
     run(main())
 

@@ -29,7 +29,7 @@ from relay.usage import Usage, request_text_for_estimate
 
 from .model import KeyRecord, period_start
 from .service import KeyService
-from .store import Reservation, ReserveResult, Settlement
+from .store import Reservation, ReserveResult
 
 if TYPE_CHECKING:
     from relay.http.request import Request
@@ -237,22 +237,15 @@ class Admission:
 
     def settle(self, ticket: KeyTicket, usage: Usage | None, cost: float) -> None:
         record = ticket.record
-        reservation = ticket.reservation
-        prompt = usage.prompt_tokens if usage is not None else 0
-        completion = usage.completion_tokens if usage is not None else 0
         if cost:
             self._metrics.key_spend(record.name, cost)
-        settlement = Settlement(
-            self.service.new_id(),
+        self.service.settle(
             record.id,
-            # Passed even when admitted locally: a reserve that timed out may
-            # still have reached the store, and this releases it there too.
-            reservation.id if reservation is not None else "",
+            ticket.reservation,
+            ticket.local,
             cost,
-            prompt,
-            completion,
-            period_start(record.budget_period, time.time()),
+            usage.prompt_tokens if usage is not None else 0,
+            usage.completion_tokens if usage is not None else 0,
+            period_start(record.budget_period, time.time()) if record.budget_period else 0,
             record.tpm or 0,
         )
-        held = (reservation.cost, reservation.tokens) if reservation is not None else None
-        self.service.settle(settlement, ticket.local, held)

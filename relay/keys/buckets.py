@@ -99,18 +99,22 @@ def apply_settlement(
     completion: int,
     period: int,
     tpm: int,
+    requests: int = 1,
 ) -> None:
-    """Replace a reservation (``held`` = its cost and tokens, None when there
-    was none or it lapsed) by the exact usage."""
+    """Replace reservations (``held`` = their summed cost and tokens, None
+    when none was found) by the exact usage."""
+    held_tokens = 0
     if held is not None:
         held_cost, held_tokens = held
         state.reserved = max(0.0, state.reserved - held_cost)
-        if tpm and state.tpm_ts != 0.0:
-            state.tpm_tokens = min(float(tpm), state.tpm_tokens + held_tokens - (prompt + completion))
+    if tpm and state.tpm_ts != 0.0:
+        # Unused reserved tokens go back; tokens used beyond (or without) a
+        # reservation are taken now.
+        state.tpm_tokens = min(float(tpm), state.tpm_tokens + held_tokens - (prompt + completion))
     if state.period != period:
         state.period = period
         state.spend = 0.0
     state.spend += cost
     state.prompt += prompt
     state.completion += completion
-    state.requests += 1
+    state.requests += requests

@@ -47,10 +47,6 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _num(text: str) -> str:
-    return repr(float(text)) if not isinstance(text, str) else text
-
-
 def _record(key_id: str, fields: dict[Any, Any]) -> KeyRecord | None:
     if not fields:
         return None
@@ -217,13 +213,14 @@ class RedisKeyStore:
                 self._k(key_id, "done:" + settlement.id),
             ),
             (
-                settlement.reservation_id,
                 repr(float(settlement.cost)),
                 settlement.prompt_tokens,
                 settlement.completion_tokens,
+                settlement.requests,
                 settlement.period,
                 settlement.tpm,
                 _MARKER_TTL,
+                *settlement.reservation_ids,
             ),
         )
 

@@ -13,9 +13,13 @@
   answer, this process decides alone from the last state it saw, so
   admission keeps working (each instance then enforces limits on its own
   until the store is back).
-- **Settle** goes to the store in the background; a settlement the store
-  could not take is kept and merged back when it answers again. Each has a
-  unique id and the store applies an id once, so a retry never doubles.
+- **Settle** adds a finished request's exact usage to a per-key sum that is
+  written every ``FLUSH_INTERVAL`` seconds as one settlement (which also
+  releases the requests' reservations: until then they still hold their
+  reserved amount, which only errs on the safe side). A settlement the
+  store could not take is kept and merged back when it answers again. Each
+  has a unique id and the store applies an id once, so a retry never
+  doubles.
 """
 
 from __future__ import annotations
@@ -37,10 +41,27 @@ __all__ = ["KeyService"]
 log = logging.getLogger("relay.keys")
 
 REFRESH_INTERVAL = 0.3  # seconds between generation checks
+# Settled usage is written this often, one write per key: the store's load
+# does not grow with the request rate, and a kill -9 loses at most this much.
+FLUSH_INTERVAL = 0.2
 MERGE_INTERVAL = 0.5  # seconds between merge-back attempts while some wait
 _MISS_TTL = 0.5  # an unknown hash is asked again after this
 _MISS_MAX = 4096
 _PENDING_MAX = 200_000
+
+
+class _Delta:
+    """What one key's finished requests used since the last flush."""
+
+    __slots__ = ("cost", "prompt", "completion", "requests", "reservations", "tpm")
+
+    def __init__(self, tpm: int) -> None:
+        self.cost = 0.0
+        self.prompt = 0
+        self.completion = 0
+        self.requests = 0
+        self.reservations: list[str] = []
+        self.tpm = tpm
 
 
 class KeyService:
@@ -60,6 +81,8 @@ class KeyService:
         self._misses: dict[str, float] = {}
         self._generation: int | None = None
         self._pending: list[Settlement] = []
+        self._deltas: dict[tuple[str, int], _Delta] = {}
+        self._flush_timer: asyncio.TimerHandle | None = None
         self._merging = False
         self._local: dict[str, KeyState] = {}  # while the store is away
         self._seen: dict[str, float] = {}  # committed USD per key, as last seen
@@ -148,19 +171,53 @@ class KeyService:
             )
         return decide(state, record.budget_usd, record.rpm, record.tpm, reservation, self._clock())
 
-    def settle(self, settlement: Settlement, local: bool, held: tuple[float, int] | None) -> None:
-        """Record the exact outcome (in the background)."""
+    def settle(
+        self,
+        key_id: str,
+        reservation: Reservation | None,
+        local: bool,
+        cost: float,
+        prompt: int,
+        completion: int,
+        period: int,
+        tpm: int,
+    ) -> None:
+        """Count one finished request; written to the store within
+        ``FLUSH_INTERVAL`` seconds, together with this key's others."""
         if local:
-            state = self._local.get(settlement.key_id)
+            state = self._local.get(key_id)
             if state is not None:
-                apply_settlement(
-                    state, held, settlement.cost, settlement.prompt_tokens,
-                    settlement.completion_tokens, settlement.period, settlement.tpm,
-                )
-        if self._pending:
-            self._queue(settlement)
-            return
-        self._spawn(self._settle(settlement))
+                held = (reservation.cost, reservation.tokens) if reservation is not None else None
+                apply_settlement(state, held, cost, prompt, completion, period, tpm)
+        slot = (key_id, period)
+        delta = self._deltas.get(slot)
+        if delta is None:
+            delta = self._deltas[slot] = _Delta(tpm)
+        delta.cost += cost
+        delta.prompt += prompt
+        delta.completion += completion
+        delta.requests += 1
+        delta.tpm = tpm
+        if reservation is not None:
+            # Named even when admitted locally: a reserve that timed out may
+            # still have reached the store, and this releases it there too.
+            delta.reservations.append(reservation.id)
+        if self._flush_timer is None and not self._closed:
+            self._flush_timer = self.loop.call_later(FLUSH_INTERVAL, self._flush)
+
+    def _flush(self) -> None:
+        """Write what the requests of the last interval used, one settlement per key."""
+        self._flush_timer = None
+        deltas, self._deltas = self._deltas, {}
+        for (key_id, period), d in deltas.items():
+            settlement = Settlement(
+                self.new_id(), key_id, tuple(d.reservations), d.cost, d.prompt, d.completion,
+                d.requests, period, d.tpm,
+            )
+            if self._pending:
+                self._queue(settlement)  # keep order behind what waits already
+            else:
+                self._spawn(self._settle(settlement))
 
     async def _settle(self, settlement: Settlement) -> None:
         try:
@@ -216,7 +273,7 @@ class KeyService:
         return uuid.uuid4().hex
 
     async def flush(self, timeout: float = 5.0) -> None:
-        """Wait (bounded) until waiting settlements reached the store."""
+        """Wait (bounded) until settlements that wait for the store reached it."""
         deadline = time.monotonic() + timeout
         while self._pending and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -224,6 +281,9 @@ class KeyService:
     async def close(self) -> None:
         # Settlements on their way finish first (bounded): spend answered
         # before a stop is never lost.
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+        self._flush()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5.0)
         await self.flush(timeout=2.0)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -120,25 +121,70 @@ class SQLiteKeyStore:
         self._clock = clock
         self._conn = open_sqlite(path)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="relay-keys-sqlite")
+        self._lock = threading.Lock()
+        self._queue: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        self._busy = False
+        self._closed = False
 
     # -- plumbing -----------------------------------------------------------
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._thread, fn, *args)
-        except sqlite3.OperationalError as exc:  # locked beyond busy_timeout, disk full
-            raise StoreUnavailable(f"{self.path}: {exc}") from exc
+    # Group commit: operations queue up while the thread works; each round
+    # runs everything queued in ONE transaction (one savepoint per
+    # operation, so one failing statement spoils nothing else) and hands all
+    # results back to the loop in one callback. An idle store answers at
+    # once; a busy one pays one commit and one thread hop per round, not
+    # per request.
+    def _submit(self, op: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        with self._lock:
+            if self._closed:
+                raise StoreUnavailable(f"{self.path}: the key store is closed")
+            self._queue.append((op, future))
+            if self._busy:
+                return future
+            self._busy = True
+        self._thread.submit(self._drain)
+        return future
 
-    def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def _run(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._submit(op)
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                batch, self._queue = self._queue, []
+                if not batch:
+                    self._busy = False
+                    return
+            results = self._round(batch)
+            loop = batch[0][1].get_loop()
+            try:
+                loop.call_soon_threadsafe(_deliver, results)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                pass
+
+    def _round(self, batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]]) -> list[Any]:
         conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
+        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         try:
-            result = fn(conn)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-        return result
+            conn.execute("BEGIN IMMEDIATE")
+            for op, future in batch:
+                conn.execute("SAVEPOINT op")
+                try:
+                    value = op(conn)
+                except Exception as exc:  # that operation only: undone, reported to its caller
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    results.append((future, None, exc))
+                    continue
+                conn.execute("RELEASE op")
+                results.append((future, value, None))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:  # locked beyond busy_timeout, disk full, I/O error
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            error = StoreUnavailable(f"{self.path}: {exc}")
+            results = [(future, None, error) for _, future in batch]
+        return results
 
     @staticmethod
     def _bump(conn: sqlite3.Connection) -> None:
@@ -155,7 +201,7 @@ class SQLiteKeyStore:
             )
             self._bump(conn)
 
-        await self._run(self._write, write)
+        await self._run(write)
 
     async def update(self, record: KeyRecord, old_hash: str | None = None) -> None:
         def write(conn: sqlite3.Connection) -> None:
@@ -167,7 +213,7 @@ class SQLiteKeyStore:
             )
             self._bump(conn)
 
-        await self._run(self._write, write)
+        await self._run(write)
 
     async def delete(self, key_id: str) -> None:
         def write(conn: sqlite3.Connection) -> None:
@@ -176,36 +222,37 @@ class SQLiteKeyStore:
             conn.execute("DELETE FROM reservations WHERE key_id = ?", (key_id,))
             self._bump(conn)
 
-        await self._run(self._write, write)
+        await self._run(write)
 
-    def _select(self, where: str, args: tuple[Any, ...]) -> list[KeyRecord]:
-        rows = self._conn.execute(
+    @staticmethod
+    def _select(conn: sqlite3.Connection, where: str, args: tuple[Any, ...]) -> list[KeyRecord]:
+        rows = conn.execute(
             "SELECT id, secret_sha256, settings, created_at, revoked, static FROM keys " + where,
             args,
         ).fetchall()
         return [_record(row) for row in rows]
 
     async def get(self, key_id: str) -> KeyRecord | None:
-        rows = await self._run(self._select, "WHERE id = ?", (key_id,))
+        rows = await self._run(lambda c: self._select(c, "WHERE id = ?", (key_id,)))
         return rows[0] if rows else None
 
     async def by_hash(self, secret_sha256: str) -> KeyRecord | None:
-        rows = await self._run(self._select, "WHERE secret_sha256 = ?", (secret_sha256,))
+        rows = await self._run(lambda c: self._select(c, "WHERE secret_sha256 = ?", (secret_sha256,)))
         return rows[0] if rows else None
 
     async def list(self) -> list[KeyRecord]:
-        return await self._run(self._select, "ORDER BY created_at, id", ())
+        return await self._run(lambda c: self._select(c, "ORDER BY created_at, id", ()))
 
     async def generation(self) -> int:
-        def read() -> int:
-            row = self._conn.execute("SELECT value FROM meta WHERE name = 'generation'").fetchone()
+        def read(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT value FROM meta WHERE name = 'generation'").fetchone()
             return int(row[0])
 
         return await self._run(read)
 
     async def spend(self, key_id: str, period: int) -> KeySpend:
-        def read() -> KeySpend:
-            row = self._conn.execute(
+        def read(conn: sqlite3.Connection) -> KeySpend:
+            row = conn.execute(
                 "SELECT " + _STATE_COLUMNS + " FROM state WHERE key_id = ?", (key_id,)
             ).fetchone()
             state = _state(row)
@@ -256,7 +303,7 @@ class SQLiteKeyStore:
                 self._save_state(conn, record.id, state)
             return result
 
-        return await self._run(self._write, write)
+        return await self._run(write)
 
     async def settle(self, settlement: Settlement) -> None:
         def write(conn: sqlite3.Connection) -> None:
@@ -266,29 +313,42 @@ class SQLiteKeyStore:
             except sqlite3.IntegrityError:
                 return  # applied before (a retried merge): nothing twice
             held = None
-            if settlement.reservation_id:
+            for reservation_id in settlement.reservation_ids:
                 row = conn.execute(
                     "DELETE FROM reservations WHERE id = ? RETURNING cost, tokens",
-                    (settlement.reservation_id,),
+                    (reservation_id,),
                 ).fetchone()
                 if row is not None:
-                    held = (float(row[0]), int(row[1]))
+                    cost, tokens = held or (0.0, 0)
+                    held = (cost + float(row[0]), tokens + int(row[1]))
             state = self._load_state(conn, settlement.key_id)
             apply_settlement(
                 state, held, settlement.cost, settlement.prompt_tokens,
                 settlement.completion_tokens, settlement.period, settlement.tpm,
+                settlement.requests,
             )
             self._save_state(conn, settlement.key_id, state)
             if now % 64 < 0.05:  # now and then, forget settlements too old to be retried
                 conn.execute("DELETE FROM settled WHERE at < ?", (now - _SETTLED_KEEP,))
 
-        await self._run(self._write, write)
+        await self._run(write)
 
     async def close(self) -> None:
-        def shut() -> None:
-            self._conn.close()
+        with self._lock:
+            self._closed = True
+            waiting = self._busy
+        if waiting:
+            # What is queued (settlements) is written before the file closes.
+            await asyncio.get_running_loop().run_in_executor(self._thread, lambda: None)
+        self._thread.submit(self._conn.close)
+        self._thread.shutdown(wait=True)
 
-        try:
-            await self._run(shut)
-        finally:
-            self._thread.shutdown(wait=False)
+
+def _deliver(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for future, value, error in results:
+        if future.done():
+            continue  # its caller gave up (cancelled)
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)

@@ -60,17 +60,25 @@ class ReserveResult:
 
 @dataclass(frozen=True, slots=True)
 class Settlement:
-    """The exact outcome replacing a reservation (``reservation_id`` "" when
-    the request was admitted without one, e.g. while the store was away)."""
+    """The exact outcome of one or more finished requests of one key,
+    replacing their reservations.
+
+    A process adds up what its requests used and writes it every fraction
+    of a second as one settlement per key (``requests`` of them), so the
+    store takes one write per key and interval, not one per request.
+    ``reservation_ids`` are the reservations to release (unknown or lapsed
+    ones are skipped: a request admitted while the store was away had none).
+    """
 
     id: str  # unique per settlement: applying it twice changes nothing
     key_id: str
-    reservation_id: str
+    reservation_ids: tuple[str, ...]
     cost: float
     prompt_tokens: int
     completion_tokens: int
+    requests: int
     period: int
-    tpm: int  # the key's tpm (0: none), to give back the unused reservation
+    tpm: int  # the key's tpm (0: none), to give back what was reserved but not used
 
 
 class KeyStore(Protocol):
