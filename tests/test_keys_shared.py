@@ -37,9 +37,9 @@ from tests.test_keys import (
 
 pytestmark = pytest.mark.redis
 
-# At PRICES, one chat of MESSAGES with max_tokens=5 reserves 14 prompt + 5
-# output tokens ($0.024) and costs 2 prompt + 5 completion tokens ($0.012).
-RESERVED_TOKENS = 19
+# At PRICES, one chat of MESSAGES with max_tokens=5 reserves about 38 prompt
+# + 5 output tokens ($0.048) and costs 2 prompt + 5 completion tokens ($0.012).
+RESERVED_TOKENS = 43
 ANSWER_TOKENS = 7
 ANSWER_COST = 0.012
 
@@ -135,6 +135,23 @@ def test_keys_tpm_holds_across_two_instances_at_40_concurrent(two_relays):
     assert used <= 100 + 100 / 60 * (elapsed + 1)
 
 
+def test_keys_rpm_holds_across_two_instances_with_process_allowances(two_relays):
+    a, b = two_relays()
+    # rpm 100: each process reserves room for 5 requests at a time (1/20 of
+    # the limit) and draws from it without asking Redis each time.
+    key = create_key(a.port, rpm=100)
+    started = time.monotonic()
+    results = _fire([a, b], key["secret"], 40) + _fire([a, b], key["secret"], 40) + _fire(
+        [a, b], key["secret"], 40)
+    elapsed = time.monotonic() - started
+    answered = [r for r in results if not isinstance(r, Exception)]
+    refused = [r for r in results if isinstance(r, Exception)]
+    assert all(r.status_code == 429 for r in refused)
+    assert refused and 100 - 2 * 5 <= len(answered) <= 100 + 100 / 60 * (elapsed + 1)
+    shown = until(lambda: (k := show_key(b.port, key["id"]))["requests"] == len(answered) and k)
+    assert shown["tokens"]["completion"] == 5 * len(answered)
+
+
 def test_keys_rotation_and_revocation_reach_the_other_instance_within_1s(two_relays):
     a, b = two_relays()
     key = create_key(a.port)
@@ -203,7 +220,7 @@ def test_keys_redis_outage_admits_from_cache_and_merges_spend_once(two_relays, r
     assert shown["tokens"] == {"prompt": 12, "completion": 30}
     # Nothing stays reserved: the rest of the budget fits one reservation.
     status, _, _ = http_json(a.port, "PATCH", f"/relay/admin/keys/{key['id']}",
-                             {"budget_usd": 6 * ANSWER_COST + 0.0241})
+                             {"budget_usd": 6 * ANSWER_COST + 0.05})
     assert status == 200
     until(lambda: show_key(a.port, key["id"])["budget_usd"] > 0.09)
     time.sleep(0.5)

@@ -28,7 +28,7 @@ from relay.http import errors
 from relay.usage import Usage, request_text_for_estimate
 
 from .model import KeyRecord, period_start
-from .service import KeyService
+from .service import Allowance, KeyService
 from .store import Reservation, ReserveResult
 
 if TYPE_CHECKING:
@@ -42,6 +42,7 @@ _CREDENTIAL_HEADERS = (b"authorization", b"x-api-key", b"api-key")
 _EMBEDDINGS = b"/embeddings"
 _OUTPUT_FIELDS = ("max_completion_tokens", "max_output_tokens", "max_tokens")
 _HASH_MEMO_MAX = 4096
+_WHOLE_BODY_ESTIMATE = 16384
 
 
 def _invalid(message: str) -> errors.GatewayError:
@@ -61,31 +62,35 @@ def reset_text(seconds: float) -> str:
 
 def strip_relay_key(headers: bytes) -> bytes:
     """The forwarded header lines without those carrying a relay key."""
-    if _PREFIX not in headers:
-        return headers
-    kept = []
-    for line in headers.split(b"\r\n"):
-        if not line:
-            continue
-        name, _, value = line.partition(b":")
-        if name.strip().lower() in _CREDENTIAL_HEADERS and _PREFIX in value:
-            continue
-        kept.append(line + b"\r\n")
-    return b"".join(kept)
+    at = headers.find(_PREFIX)
+    while at >= 0:
+        start = headers.rfind(b"\n", 0, at) + 1  # lines end with CRLF
+        end = headers.find(b"\n", at) + 1 or len(headers)
+        name = headers[start:headers.find(b":", start, end)].strip().lower()
+        if name in _CREDENTIAL_HEADERS:
+            headers = headers[:start] + headers[end:]
+            at = headers.find(_PREFIX, start)
+        else:
+            at = headers.find(_PREFIX, end)
+    return headers
 
 
 class KeyTicket:
     """One admitted request's key and reservation, settled exactly once."""
 
-    __slots__ = ("record", "reservation", "local", "settled", "identity", "_admission")
+    __slots__ = ("record", "allowance", "local", "settled", "identity", "_admission")
 
     def __init__(
-        self, admission: Admission, record: KeyRecord, reservation: Reservation | None, local: bool
+        self,
+        admission: Admission,
+        record: KeyRecord,
+        allowance: Allowance | None,
+        local: Reservation | None,
     ) -> None:
         self._admission = admission
         self.record = record
-        self.reservation = reservation
-        self.local = local
+        self.allowance = allowance  # the process allowance it was drawn from
+        self.local = local  # what was held locally while the store was away
         self.settled = False
         # The caller identity for the cache scope and rate limits: the key's
         # id (stable across rotations), never the secret.
@@ -166,18 +171,15 @@ class Admission:
                     "permission_error",
                     "model_not_allowed",
                 ))
-        reservation = None
-        local = False
+        allowance = local = None
         if record.budget_usd is not None or record.rpm is not None or record.tpm is not None:
             tokens, cost = self._estimate(request, doc, model)
-            reservation = Reservation(
-                service.new_id(), tokens, cost, period_start(record.budget_period, now)
-            )
-            result, local = await service.reserve(record, reservation)
-            if result.reason is not None:
-                return self._refusal(record, result)
+            period = period_start(record.budget_period, now) if record.budget_period else 0
+            refusal, allowance, local = await service.reserve(record, tokens, cost, period)
+            if refusal is not None:
+                return self._refusal(record, refusal)
         request.forward_headers = strip_relay_key(request.forward_headers)
-        return KeyTicket(self, record, reservation, local)
+        return KeyTicket(self, record, allowance, local)
 
     def _estimate(self, request: Request, doc: Any, model: str | None) -> tuple[int, float]:
         """Prompt tokens (a generous byte-based estimate) plus the most output
@@ -191,11 +193,17 @@ class Admission:
                     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
                         output = value
                         break
-        text = request_text_for_estimate(request.body, doc) if request.body else ""
-        # About three bytes of UTF-8 per token is more than tokenizers use
-        # for ordinary text, so the reservation rarely falls short; the
-        # exact usage replaces it at the end anyway.
-        prompt = (len(text.encode("utf-8", "replace")) + 2) // 3 + 8 if text else 0
+        body = request.body
+        # About three bytes per token is more than tokenizers use for
+        # ordinary text, so the reservation rarely falls short; the exact
+        # usage replaces it at the end anyway. A small body is measured
+        # whole (JSON syntax included: an overestimate, at no cost); a large
+        # one by its text only, so images and files do not count.
+        if len(body) <= _WHOLE_BODY_ESTIMATE:
+            size = len(body)
+        else:
+            size = len(request_text_for_estimate(body, doc).encode("utf-8", "replace"))
+        prompt = (size + 2) // 3 + 8 if size else 0
         cost = 0.0
         if model:
             price = self._prices.lookup(model)
@@ -240,12 +248,11 @@ class Admission:
         if cost:
             self._metrics.key_spend(record.name, cost)
         self.service.settle(
-            record.id,
-            ticket.reservation,
+            record,
+            ticket.allowance,
             ticket.local,
             cost,
             usage.prompt_tokens if usage is not None else 0,
             usage.completion_tokens if usage is not None else 0,
             period_start(record.budget_period, time.time()) if record.budget_period else 0,
-            record.tpm or 0,
         )

@@ -49,7 +49,9 @@ def decide(
     now: float,
 ) -> ReserveResult:
     """Grant (and apply to ``state``) or refuse one reservation."""
-    spend = state.spend if state.period == reservation.period else 0.0
+    # A newer period starts from zero; a request stamped with an older one
+    # (a clock behind the store's) counts against the current period.
+    spend = state.spend if state.period >= reservation.period else 0.0
     committed = spend + state.reserved
     rpm_left = tpm_left = -1
     rpm_reset = tpm_reset = 0.0
@@ -65,8 +67,8 @@ def decide(
         tpm_reset = (tpm - tpm_tokens) * 60.0 / tpm
     if budget is not None and committed + reservation.cost > budget + _EPSILON:
         return ReserveResult("budget", 0.0, rpm_left, tpm_left, rpm_reset, tpm_reset, committed)
-    if rpm and rpm_tokens < 1:
-        retry = (1 - rpm_tokens) * 60.0 / rpm
+    if rpm and rpm_tokens < reservation.requests:
+        retry = (min(reservation.requests, rpm) - rpm_tokens) * 60.0 / rpm
         return ReserveResult("rpm", retry, 0, tpm_left, rpm_reset, tpm_reset, committed)
     if tpm and tpm_tokens < reservation.tokens:
         need = min(float(reservation.tokens), float(tpm))
@@ -74,11 +76,11 @@ def decide(
         if reservation.tokens > tpm:
             retry = 60.0  # never fits: the most a client should wait before giving up
         return ReserveResult("tpm", retry, rpm_left, tpm_left, rpm_reset, tpm_reset, committed)
-    if state.period != reservation.period:
+    if reservation.period > state.period:
         state.period = reservation.period
         state.spend = 0.0
     if rpm:
-        rpm_tokens -= 1
+        rpm_tokens -= reservation.requests
         rpm_left = max(0, math.floor(rpm_tokens))
         rpm_reset = (rpm - rpm_tokens) * 60.0 / rpm
     if tpm:
@@ -100,6 +102,8 @@ def apply_settlement(
     period: int,
     tpm: int,
     requests: int = 1,
+    rpm: int = 0,
+    rpm_refund: int = 0,
 ) -> None:
     """Replace reservations (``held`` = their summed cost and tokens, None
     when none was found) by the exact usage."""
@@ -111,10 +115,12 @@ def apply_settlement(
         # Unused reserved tokens go back; tokens used beyond (or without) a
         # reservation are taken now.
         state.tpm_tokens = min(float(tpm), state.tpm_tokens + held_tokens - (prompt + completion))
-    if state.period != period:
+    if rpm and rpm_refund and state.rpm_ts != 0.0:
+        state.rpm_tokens = min(float(rpm), state.rpm_tokens + rpm_refund)
+    if period > state.period:
         state.period = period
         state.spend = 0.0
-    state.spend += cost
+    state.spend += cost  # late usage of an older period counts in the current one
     state.prompt += prompt
     state.completion += completion
     state.requests += requests

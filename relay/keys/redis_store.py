@@ -186,6 +186,7 @@ class RedisKeyStore:
                 record.tpm or 0,
                 repr(LEASE_SECONDS),
                 now,
+                reservation.requests,
             ),
         )
         try:
@@ -220,6 +221,8 @@ class RedisKeyStore:
                 settlement.period,
                 settlement.tpm,
                 _MARKER_TTL,
+                settlement.rpm,
+                settlement.rpm_refund,
                 *settlement.reservation_ids,
             ),
         )

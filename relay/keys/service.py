@@ -53,15 +53,75 @@ _PENDING_MAX = 200_000
 class _Delta:
     """What one key's finished requests used since the last flush."""
 
-    __slots__ = ("cost", "prompt", "completion", "requests", "reservations", "tpm")
+    __slots__ = ("cost", "prompt", "completion", "requests", "reservations", "tpm", "rpm",
+                 "rpm_refund")
 
-    def __init__(self, tpm: int) -> None:
+    def __init__(self, tpm: int, rpm: int) -> None:
         self.cost = 0.0
         self.prompt = 0
         self.completion = 0
         self.requests = 0
         self.reservations: list[str] = []
         self.tpm = tpm
+        self.rpm = rpm
+        self.rpm_refund = 0
+
+
+class Allowance:
+    """Room this process reserved in the store for several requests of one key.
+
+    Requests draw from it without a store round trip; when it cannot cover
+    one, a new allowance is reserved and this one is released (store-side)
+    once its last request settled. Its size is a small part of each limit
+    (see ``_allowance_size``), so what one process holds and does not use
+    is bounded, and it is given back within ``FLUSH_INTERVAL`` when idle.
+    """
+
+    __slots__ = ("reservation", "cost", "tokens", "requests", "outstanding", "open",
+                 "released", "rpm", "tpm")
+
+    def __init__(self, reservation: Reservation, rpm: int, tpm: int) -> None:
+        self.reservation = reservation
+        self.cost = reservation.cost
+        self.tokens = reservation.tokens
+        self.requests = reservation.requests
+        self.outstanding = 0
+        self.open = True
+        self.released = False
+        self.rpm = rpm
+        self.tpm = tpm
+
+    def take(self, tokens: int, cost: float, period: int) -> bool:
+        if (
+            not self.open
+            or self.requests < 1
+            or tokens > self.tokens
+            or cost > self.cost + 1e-12
+            or period != self.reservation.period
+        ):
+            return False
+        self.requests -= 1
+        self.tokens -= tokens
+        self.cost -= cost
+        self.outstanding += 1
+        return True
+
+
+# An allowance covers at most this many requests, and at most this part of
+# the key's rpm, tpm or budget: small limits are checked request by request.
+_ALLOWANCE_MAX = 64
+_ALLOWANCE_SHARE = 20
+
+
+def _allowance_size(record: KeyRecord, tokens: int, cost: float) -> int:
+    size = _ALLOWANCE_MAX
+    if record.rpm:
+        size = min(size, record.rpm // _ALLOWANCE_SHARE)
+    if record.tpm and tokens:
+        size = min(size, record.tpm // (_ALLOWANCE_SHARE * tokens))
+    if record.budget_usd is not None and cost > 0:
+        size = min(size, int(record.budget_usd / (_ALLOWANCE_SHARE * cost)))
+    return max(1, size)
 
 
 class KeyService:
@@ -82,6 +142,7 @@ class KeyService:
         self._generation: int | None = None
         self._pending: list[Settlement] = []
         self._deltas: dict[tuple[str, int], _Delta] = {}
+        self._allowances: dict[str, Allowance] = {}
         self._flush_timer: asyncio.TimerHandle | None = None
         self._merging = False
         self._local: dict[str, KeyState] = {}  # while the store is away
@@ -149,17 +210,48 @@ class KeyService:
         self._by_hash.pop(record.secret_sha256, None)
 
     # -- reserve / settle ---------------------------------------------------
-    async def reserve(self, record: KeyRecord, reservation: Reservation) -> tuple[ReserveResult, bool]:
-        """``(result, local)``; ``local`` when decided without the store."""
+    async def reserve(
+        self, record: KeyRecord, tokens: int, cost: float, period: int
+    ) -> tuple[ReserveResult | None, Allowance | None, Reservation | None]:
+        """Admit one request of ``tokens`` and ``cost``.
+
+        Returns ``(refusal, allowance, local_reservation)``: a refusal (None
+        when admitted); the allowance it was drawn from (None when decided
+        locally because the store could not answer, then
+        ``local_reservation`` is what was held locally).
+        """
+        allowance = self._allowances.get(record.id)
+        if allowance is not None and allowance.take(tokens, cost, period):
+            return None, allowance, None
+        size = _allowance_size(record, tokens, cost)
+        reservation = Reservation(self.new_id(), tokens * size, cost * size, period, size)
         try:
             result = await self.store.reserve(record, reservation)
+            if result.reason is not None and size > 1:
+                # Not room for a whole allowance: this one request may still fit.
+                size = 1
+                reservation = Reservation(self.new_id(), tokens, cost, period, 1)
+                result = await self.store.reserve(record, reservation)
         except StoreUnavailable as exc:
             self._store_down(exc)
-            return self._reserve_locally(record, reservation), True
+            # A reserve that timed out may still have reached the store:
+            # release it there with the next settlement.
+            self._orphan(record, reservation.id, period)
+            one = Reservation(reservation.id, tokens, cost, period, 1)
+            refusal = self._reserve_locally(record, one)
+            return (refusal if refusal.reason is not None else None), None, one
         self._seen[record.id] = result.committed
         if self._local and not self._pending:
             self._local.pop(record.id, None)
-        return result, False
+        if result.reason is not None:
+            return result, None, None
+        fresh = Allowance(reservation, record.rpm or 0, record.tpm or 0)
+        fresh.take(tokens, cost, period)
+        previous = self._allowances.get(record.id)
+        self._allowances[record.id] = fresh
+        if previous is not None:
+            self._retire(record.id, previous)
+        return None, fresh, None
 
     def _reserve_locally(self, record: KeyRecord, reservation: Reservation) -> ReserveResult:
         state = self._local.get(record.id)
@@ -171,48 +263,79 @@ class KeyService:
             )
         return decide(state, record.budget_usd, record.rpm, record.tpm, reservation, self._clock())
 
+    def _retire(self, key_id: str, allowance: Allowance) -> None:
+        """No new request draws from it; released once its last one settled."""
+        allowance.open = False
+        if allowance.outstanding == 0:
+            self._release(key_id, allowance)
+
+    def _release(self, key_id: str, allowance: Allowance) -> None:
+        if allowance.released:
+            return
+        allowance.released = True
+        delta = self._delta(key_id, allowance.reservation.period, allowance.tpm, allowance.rpm)
+        delta.reservations.append(allowance.reservation.id)
+        delta.rpm_refund += allowance.requests
+
+    def _orphan(self, record: KeyRecord, reservation_id: str, period: int) -> None:
+        delta = self._delta(record.id, period, record.tpm or 0, record.rpm or 0)
+        delta.reservations.append(reservation_id)
+
+    def _delta(self, key_id: str, period: int, tpm: int, rpm: int) -> _Delta:
+        slot = (key_id, period)
+        delta = self._deltas.get(slot)
+        if delta is None:
+            delta = self._deltas[slot] = _Delta(tpm, rpm)
+        if self._flush_timer is None and not self._closed:
+            self._flush_timer = self.loop.call_later(FLUSH_INTERVAL, self._flush)
+        return delta
+
     def settle(
         self,
-        key_id: str,
-        reservation: Reservation | None,
-        local: bool,
+        record: KeyRecord,
+        allowance: Allowance | None,
+        local: Reservation | None,
         cost: float,
         prompt: int,
         completion: int,
         period: int,
-        tpm: int,
     ) -> None:
         """Count one finished request; written to the store within
         ``FLUSH_INTERVAL`` seconds, together with this key's others."""
-        if local:
-            state = self._local.get(key_id)
+        tpm = record.tpm or 0
+        if local is not None:
+            state = self._local.get(record.id)
             if state is not None:
-                held = (reservation.cost, reservation.tokens) if reservation is not None else None
-                apply_settlement(state, held, cost, prompt, completion, period, tpm)
-        slot = (key_id, period)
-        delta = self._deltas.get(slot)
-        if delta is None:
-            delta = self._deltas[slot] = _Delta(tpm)
+                apply_settlement(state, (local.cost, local.tokens), cost, prompt, completion,
+                                 period, tpm)
+        delta = self._delta(record.id, period, tpm, record.rpm or 0)
         delta.cost += cost
         delta.prompt += prompt
         delta.completion += completion
         delta.requests += 1
-        delta.tpm = tpm
-        if reservation is not None:
-            # Named even when admitted locally: a reserve that timed out may
-            # still have reached the store, and this releases it there too.
-            delta.reservations.append(reservation.id)
-        if self._flush_timer is None and not self._closed:
-            self._flush_timer = self.loop.call_later(FLUSH_INTERVAL, self._flush)
+        if allowance is not None:
+            allowance.outstanding -= 1
+            if not allowance.open and allowance.outstanding == 0:
+                self._release(record.id, allowance)
 
     def _flush(self) -> None:
         """Write what the requests of the last interval used, one settlement per key."""
-        self._flush_timer = None
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        # Idle allowances go back now, so other instances can use their room.
+        for key_id, allowance in list(self._allowances.items()):
+            if allowance.outstanding == 0:
+                del self._allowances[key_id]
+                self._retire(key_id, allowance)
+        if self._flush_timer is not None:  # _retire scheduled one: this flush covers it
+            self._flush_timer.cancel()
+            self._flush_timer = None
         deltas, self._deltas = self._deltas, {}
         for (key_id, period), d in deltas.items():
             settlement = Settlement(
                 self.new_id(), key_id, tuple(d.reservations), d.cost, d.prompt, d.completion,
-                d.requests, period, d.tpm,
+                d.requests, period, d.tpm, d.rpm, d.rpm_refund,
             )
             if self._pending:
                 self._queue(settlement)  # keep order behind what waits already
@@ -283,6 +406,10 @@ class KeyService:
         # before a stop is never lost.
         if self._flush_timer is not None:
             self._flush_timer.cancel()
+        self._flush()
+        for key_id, allowance in list(self._allowances.items()):
+            self._retire(key_id, allowance)  # whatever is still open goes back
+        self._allowances.clear()
         self._flush()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5.0)

@@ -325,7 +325,7 @@ class SQLiteKeyStore:
             apply_settlement(
                 state, held, settlement.cost, settlement.prompt_tokens,
                 settlement.completion_tokens, settlement.period, settlement.tpm,
-                settlement.requests,
+                settlement.requests, settlement.rpm, settlement.rpm_refund,
             )
             self._save_state(conn, settlement.key_id, state)
             if now % 64 < 0.05:  # now and then, forget settlements too old to be retried

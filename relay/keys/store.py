@@ -37,6 +37,7 @@ class Reservation:
     tokens: int
     cost: float
     period: int  # start of the budget period it was made in (0: lifetime)
+    requests: int = 1  # rpm tokens taken (a process's allowance holds several)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +80,8 @@ class Settlement:
     requests: int
     period: int
     tpm: int  # the key's tpm (0: none), to give back what was reserved but not used
+    rpm: int = 0  # the key's rpm (0: none)
+    rpm_refund: int = 0  # requests reserved but never made, given back to the rpm bucket
 
 
 class KeyStore(Protocol):

@@ -15,6 +15,7 @@
 --   [1] reservation id  [2] tokens  [3] cost (USD)  [4] period start
 --   [5] budget (USD, "" = none)  [6] rpm (0 = none)  [7] tpm (0 = none)
 --   [8] lease seconds  [9] optional now (tests); "" = server time
+--   [10] requests (rpm tokens to take; a process's allowance holds several)
 -- Returns {granted (1|0), reason ("" | budget | rpm | tpm), retry_after_ms,
 --          rpm_remaining, tpm_remaining, rpm_reset_ms, tpm_reset_ms,
 --          committed (USD, as a string)}
@@ -32,6 +33,7 @@ local period = tonumber(ARGV[4])
 local budget = tonumber(ARGV[5])
 local rpm = tonumber(ARGV[6])
 local tpm = tonumber(ARGV[7])
+local requests = tonumber(ARGV[10]) or 1
 
 local s = redis.call('HMGET', KEYS[1], 'period', 'spend', 'rpm_t', 'rpm_ts', 'tpm_t', 'tpm_ts', 'reserved')
 local s_period = tonumber(s[1]) or 0
@@ -57,7 +59,9 @@ if #lapsed > 0 then
   redis.call('HSET', KEYS[1], 'reserved', string.format('%.17g', reserved))
 end
 
-if s_period ~= period then spend = 0 end
+-- A newer period starts from zero; a request stamped with an older one
+-- counts against the current period.
+if period > s_period then spend = 0 end
 local committed = spend + reserved
 
 local function refill(t, ts, cap)
@@ -86,8 +90,8 @@ local shown = string.format('%.17g', committed)
 if budget ~= nil and committed + cost > budget + 1e-9 then
   return {0, 'budget', 0, rpm_left, tpm_left, rpm_reset, tpm_reset, shown}
 end
-if rpm > 0 and rpm_t < 1 then
-  return {0, 'rpm', math.ceil((1 - rpm_t) * 60000 / rpm), 0, tpm_left, rpm_reset, tpm_reset, shown}
+if rpm > 0 and rpm_t < requests then
+  return {0, 'rpm', math.ceil((math.min(requests, rpm) - rpm_t) * 60000 / rpm), 0, tpm_left, rpm_reset, tpm_reset, shown}
 end
 if tpm > 0 and tpm_t < tokens then
   local retry
@@ -99,11 +103,11 @@ if tpm > 0 and tpm_t < tokens then
   return {0, 'tpm', retry, rpm_left, tpm_left, rpm_reset, tpm_reset, shown}
 end
 
-if s_period ~= period then
+if period > s_period then
   redis.call('HSET', KEYS[1], 'period', period, 'spend', '0')
 end
 if rpm > 0 then
-  rpm_t = rpm_t - 1
+  rpm_t = rpm_t - requests
   rpm_left = math.max(0, math.floor(rpm_t))
   rpm_reset = math.ceil((rpm - rpm_t) * 60000 / rpm)
   redis.call('HSET', KEYS[1], 'rpm_t', string.format('%.17g', rpm_t), 'rpm_ts', string.format('%.17g', rpm_ts))

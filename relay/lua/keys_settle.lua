@@ -11,7 +11,9 @@
 --                       [3] reservations hash  [4] settlement marker
 -- ARGV: [1] cost (USD)  [2] prompt tokens  [3] completion tokens
 --       [4] requests  [5] period start  [6] tpm (0 = none)
---       [7] marker TTL seconds  [8...] reservation ids to release
+--       [7] marker TTL seconds  [8] rpm (0 = none)  [9] requests reserved
+--       but never made (given back to the rpm bucket)
+--       [10...] reservation ids to release
 -- Returns 1 when applied, 0 when it had been applied before.
 
 if not redis.call('SET', KEYS[4], '1', 'NX', 'EX', tonumber(ARGV[7])) then
@@ -23,7 +25,7 @@ local period = tonumber(ARGV[5])
 local tpm = tonumber(ARGV[6])
 
 local held_cost, held_tokens, found = 0, 0, false
-for i = 8, #ARGV do
+for i = 10, #ARGV do
   local held = redis.call('HGET', KEYS[3], ARGV[i])
   if held then
     local c, t = string.match(held, '^(%S+) (%S+)$')
@@ -47,8 +49,15 @@ if tpm > 0 and tpm_t ~= nil then
   tpm_t = math.min(tpm, tpm_t + held_tokens - (prompt + completion))
   redis.call('HSET', KEYS[1], 'tpm_t', string.format('%.17g', tpm_t))
 end
+local rpm = tonumber(ARGV[8])
+local refund = tonumber(ARGV[9])
+local rpm_t = tonumber(redis.call('HGET', KEYS[1], 'rpm_t'))
+if rpm > 0 and refund > 0 and rpm_t ~= nil then
+  redis.call('HSET', KEYS[1], 'rpm_t', string.format('%.17g', math.min(rpm, rpm_t + refund)))
+end
 local s_period = tonumber(redis.call('HGET', KEYS[1], 'period') or '0')
-if s_period ~= period then
+-- Late usage of an older period counts in the current one.
+if period > s_period then
   redis.call('HSET', KEYS[1], 'period', period, 'spend', '0')
 end
 redis.call('HINCRBYFLOAT', KEYS[1], 'spend', ARGV[1])
