@@ -143,6 +143,7 @@ class KeyService:
         self._pending: list[Settlement] = []
         self._deltas: dict[tuple[str, int], _Delta] = {}
         self._allowances: dict[str, Allowance] = {}
+        self._acquiring: dict[str, asyncio.Future[None]] = {}
         self._flush_timer: asyncio.TimerHandle | None = None
         self._merging = False
         self._local: dict[str, KeyState] = {}  # while the store is away
@@ -220,9 +221,30 @@ class KeyService:
         locally because the store could not answer, then
         ``local_reservation`` is what was held locally).
         """
-        allowance = self._allowances.get(record.id)
+        key_id = record.id
+        allowance = self._allowances.get(key_id)
         if allowance is not None and allowance.take(tokens, cost, period):
             return None, allowance, None
+        # One new allowance at a time per key: a burst of requests that find
+        # the old one spent waits for the one being reserved instead of each
+        # reserving its own (which would hold far more than the burst needs).
+        acquiring = self._acquiring.get(key_id)
+        while acquiring is not None:
+            await asyncio.shield(acquiring)
+            allowance = self._allowances.get(key_id)
+            if allowance is not None and allowance.take(tokens, cost, period):
+                return None, allowance, None
+            acquiring = self._acquiring.get(key_id)
+        done = self._acquiring[key_id] = self.loop.create_future()
+        try:
+            return await self._new_allowance(record, tokens, cost, period)
+        finally:
+            del self._acquiring[key_id]
+            done.set_result(None)
+
+    async def _new_allowance(
+        self, record: KeyRecord, tokens: int, cost: float, period: int
+    ) -> tuple[ReserveResult | None, Allowance | None, Reservation | None]:
         size = _allowance_size(record, tokens, cost)
         reservation = Reservation(self.new_id(), tokens * size, cost * size, period, size)
         try:
