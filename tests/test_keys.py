@@ -576,3 +576,22 @@ def test_keys_static_keys_apply_on_hot_reload(upstream, tmp_path):
         write(base)  # removed from the file: revoked
         until(lambda: _refused(relay, secret), 5.0)
         assert show_key(relay.port, "static-app")["revoked"] is True
+
+
+def test_keys_request_log_names_the_key(relay_with_keys, capfd):
+    relay = relay_with_keys(log={"requests": True})
+    key = create_key(relay.port, name="logged-app")
+    chat(openai_client(relay, key["secret"]))
+    settled(relay, key["id"], 1)
+    seen: list[str] = []
+
+    def logged() -> list[dict[str, Any]]:  # the log is written in batches
+        seen.append(capfd.readouterr().err)
+        lines = [json.loads(line) for line in "".join(seen).splitlines()
+                 if line.startswith("{") and '"status"' in line]
+        return [e for e in lines if e.get("path") == "/v1/chat/completions"]
+
+    (entry,) = until(logged)
+    lines = logged()
+    assert entry["key"] == "logged-app" and entry["status"] == 200
+    assert key["secret"] not in json.dumps(lines)

@@ -302,3 +302,21 @@ def test_keys_sqlite_store_shared_by_two_workers(upstream, tmp_path):
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
     assert proc.returncode == 0
+
+
+def test_keys_cli_on_the_redis_store_reaches_running_instances(two_relays, redis_server, tmp_path):
+    a, b = two_relays()
+    path = str(tmp_path / "redis-keys.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump({"redis": {"enabled": True, "address": redis_server.address},
+                        "keys": {"enabled": True, "store": "redis"}}, f)
+    made = run_cli("create", "--name", "from-shell", "--rpm", "100", config=path)
+    assert made.returncode == 0, made.stderr
+    key = json.loads(made.stdout)
+    for relay in (a, b):
+        chat(openai_client(relay, key["secret"]))
+    shown = until(lambda: (k := show_key(a.port, key["id"]))["requests"] == 2 and k)
+    assert shown["name"] == "from-shell" and shown["rpm"] == 100
+    assert run_cli("revoke", key["id"], config=path).returncode == 0
+    revoked = time.monotonic()
+    _refused_by(b, key["secret"], revoked)
