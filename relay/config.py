@@ -493,7 +493,7 @@ _SECTIONS: Mapping[str, Mapping[str, _Key]] = types.MappingProxyType(
             "store": _Key("str", _one_of("sqlite", "redis")),
             "path": _Key("str", _non_empty),
             "admin_key": _Key("str", secret=True),
-            "default_reserve_tokens": _Key("int", _at_least(0)),
+            "default_reserve_tokens": bounded("int", 0, MAX_COUNT),
         },
     }
 )

@@ -175,6 +175,10 @@ class KeyService:
         records = await self.store.list()
         self._by_hash = {r.secret_sha256: r for r in records}
         self._misses.clear()
+        if self._generation is not None:
+            # Some key changed: allowances reserved under its old settings
+            # (a larger budget, a higher rpm) must not outlive the edit.
+            self._retire_all()
         self._generation = generation
 
     def cached(self, secret_sha256: str) -> KeyRecord | None:
@@ -206,9 +210,14 @@ class KeyService:
             self._by_hash.pop(old_hash, None)
         self._by_hash[record.secret_sha256] = record
         self._misses.pop(record.secret_sha256, None)
+        allowance = self._allowances.pop(record.id, None)
+        if allowance is not None:
+            self._retire(record.id, allowance)
 
-    def forget(self, record: KeyRecord) -> None:
-        self._by_hash.pop(record.secret_sha256, None)
+    def _retire_all(self) -> None:
+        for key_id, allowance in list(self._allowances.items()):
+            del self._allowances[key_id]
+            self._retire(key_id, allowance)
 
     # -- reserve / settle ---------------------------------------------------
     async def reserve(
@@ -429,9 +438,7 @@ class KeyService:
         if self._flush_timer is not None:
             self._flush_timer.cancel()
         self._flush()
-        for key_id, allowance in list(self._allowances.items()):
-            self._retire(key_id, allowance)  # whatever is still open goes back
-        self._allowances.clear()
+        self._retire_all()  # whatever is still open goes back
         self._flush()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5.0)
