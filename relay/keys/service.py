@@ -91,6 +91,16 @@ class Allowance:
         self.rpm = rpm
         self.tpm = tpm
 
+    @property
+    def running_low(self) -> bool:
+        """A quarter or less left of a sizeable allowance: time to get the next."""
+        full = self.reservation
+        return full.requests >= 4 and (
+            self.requests * 4 <= full.requests
+            or (full.tokens > 0 and self.tokens * 4 <= full.tokens)
+            or (full.cost > 0 and self.cost * 4 <= full.cost)
+        )
+
     def take(self, tokens: int, cost: float, period: int) -> bool:
         if (
             not self.open
@@ -233,6 +243,10 @@ class KeyService:
         key_id = record.id
         allowance = self._allowances.get(key_id)
         if allowance is not None and allowance.take(tokens, cost, period):
+            if allowance.running_low and key_id not in self._acquiring:
+                # Reserve the next one while this one still serves, so a
+                # steady stream of requests never waits for the store.
+                self._spawn(self._prefetch(record, tokens, cost, period))
             return None, allowance, None
         # One new allowance at a time per key: a burst of requests that find
         # the old one spent waits for the one being reserved instead of each
@@ -251,14 +265,25 @@ class KeyService:
             del self._acquiring[key_id]
             done.set_result(None)
 
+    async def _prefetch(self, record: KeyRecord, tokens: int, cost: float, period: int) -> None:
+        key_id = record.id
+        if key_id in self._acquiring:
+            return
+        done = self._acquiring[key_id] = self.loop.create_future()
+        try:
+            await self._new_allowance(record, tokens, cost, period, for_request=False)
+        finally:
+            del self._acquiring[key_id]
+            done.set_result(None)
+
     async def _new_allowance(
-        self, record: KeyRecord, tokens: int, cost: float, period: int
+        self, record: KeyRecord, tokens: int, cost: float, period: int, for_request: bool = True
     ) -> tuple[ReserveResult | None, Allowance | None, Reservation | None]:
         size = _allowance_size(record, tokens, cost)
         reservation = Reservation(self.new_id(), tokens * size, cost * size, period, size)
         try:
             result = await self.store.reserve(record, reservation)
-            if result.reason is not None and size > 1:
+            if result.reason is not None and size > 1 and for_request:
                 # Not room for a whole allowance: this one request may still fit.
                 size = 1
                 reservation = Reservation(self.new_id(), tokens, cost, period, 1)
@@ -268,6 +293,8 @@ class KeyService:
             # A reserve that timed out may still have reached the store:
             # release it there with the next settlement.
             self._orphan(record, reservation.id, period)
+            if not for_request:
+                return None, None, None
             one = Reservation(reservation.id, tokens, cost, period, 1)
             refusal = self._reserve_locally(record, one)
             return (refusal if refusal.reason is not None else None), None, one
@@ -277,7 +304,8 @@ class KeyService:
         if result.reason is not None:
             return result, None, None
         fresh = Allowance(reservation, record.rpm or 0, record.tpm or 0)
-        fresh.take(tokens, cost, period)
+        if for_request:
+            fresh.take(tokens, cost, period)
         previous = self._allowances.get(record.id)
         self._allowances[record.id] = fresh
         if previous is not None:
