@@ -305,3 +305,29 @@ def test_secrets_are_long_random_and_stored_hashed():
     assert secret_hash(one) == __import__("hashlib").sha256(one.encode()).hexdigest()
     fields = parse_fields({"name": "x", "expires_at": "2030-01-01T00:00:00Z"}, creating=True)
     assert fields["expires_at"] == calendar.timegm((2030, 1, 1, 0, 0, 0))
+
+
+def test_allowance_sizes_stay_a_small_part_of_each_limit():
+    from relay.keys.service import _allowance_size
+
+    def size(**limits: Any) -> int:
+        record, _ = _key(**limits)
+        return _allowance_size(record, 100, 0.01)
+
+    assert size() == 64  # no limit: at most 64 requests
+    assert size(rpm=100) == 5 and size(rpm=19) == 1  # 1/20 of rpm
+    assert size(tpm=100_000) == 50  # 1/20 of tpm at 100 tokens a request
+    assert size(budget_usd=1.0) == 5  # 1/20 of the budget at $0.01 a request
+    assert size(budget_usd=0.01, rpm=10_000) == 1  # small limits: request by request
+
+
+def test_relay_key_lines_are_removed_from_forwarded_headers():
+    from relay.keys.admission import strip_relay_key
+
+    headers = (b"Content-Type: application/json\r\nAuthorization: Bearer rk-abc\r\n"
+               b"x-api-key: rk-abc\r\nX-Note: mentions rk-abc\r\napi-key: rk-abc\r\nAccept: */*\r\n")
+    assert strip_relay_key(headers) == (
+        b"Content-Type: application/json\r\nX-Note: mentions rk-abc\r\nAccept: */*\r\n"
+    )
+    plain = b"Authorization: Bearer sk-provider\r\n"
+    assert strip_relay_key(plain) is plain
