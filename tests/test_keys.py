@@ -595,3 +595,23 @@ def test_keys_request_log_names_the_key(relay_with_keys, capfd):
     lines = logged()
     assert entry["key"] == "logged-app" and entry["status"] == 200
     assert key["secret"] not in json.dumps(lines)
+
+
+def test_keys_provider_sees_only_the_configured_provider_key(relay_with_keys, upstream):
+    relay = relay_with_keys(
+        proxy={"target": upstream.url, "api_key": "sk-provider-openai"},
+        routes=[{"path": "/v1/messages", "target": upstream.url, "api_key": "sk-ant-provider",
+                 "auth": "x-api-key"}],
+    )
+    key = create_key(relay.port)
+    chat(openai_client(relay, key["secret"]))
+    anthropic.Anthropic(base_url=relay.url, api_key=key["secret"], max_retries=0).messages.create(
+        model="claude-3-haiku", max_tokens=8, messages=MESSAGES  # type: ignore[arg-type]
+    )
+    openai_req, anthropic_req = upstream.requests
+    assert openai_req.header("authorization") == "Bearer sk-provider-openai"
+    assert openai_req.header("x-api-key") is None
+    assert anthropic_req.header("x-api-key") == "sk-ant-provider"
+    assert anthropic_req.header("authorization") is None
+    for recorded in upstream.requests:
+        assert not any(key["secret"] in value or "rk-" in value for _, value in recorded.headers)

@@ -320,14 +320,3 @@ def test_allowance_sizes_stay_a_small_part_of_each_limit():
     assert size(budget_usd=1.0) == 5  # 1/20 of the budget at $0.01 a request
     assert size(budget_usd=0.01, rpm=10_000) == 1  # small limits: request by request
 
-
-def test_relay_key_lines_are_removed_from_forwarded_headers():
-    from relay.keys.admission import strip_relay_key
-
-    headers = (b"Content-Type: application/json\r\nAuthorization: Bearer rk-abc\r\n"
-               b"x-api-key: rk-abc\r\nX-Note: mentions rk-abc\r\napi-key: rk-abc\r\nAccept: */*\r\n")
-    assert strip_relay_key(headers) == (
-        b"Content-Type: application/json\r\nX-Note: mentions rk-abc\r\nAccept: */*\r\n"
-    )
-    plain = b"Authorization: Bearer sk-provider\r\n"
-    assert strip_relay_key(plain) is plain

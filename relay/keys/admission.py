@@ -9,7 +9,8 @@ Per request, when ``keys.enabled``::
       -> reserve estimated prompt tokens + max output tokens and their cost
          (403 budget_exceeded; 429 over rpm/tpm with Retry-After and
          OpenAI's x-ratelimit-* headers)
-      -> the relay key's header lines are removed from what goes upstream
+      -> the client's credential headers (the relay key) are dropped from
+         what goes upstream
 
 At the end :meth:`KeyTicket.settle` replaces the reservation with the
 exact usage (a cache hit: nothing); :meth:`KeyTicket.release` gives back a
@@ -35,10 +36,9 @@ if TYPE_CHECKING:
     from relay.http.request import Request
     from relay.metrics import Metrics, RequestMetricsOff
 
-__all__ = ["Admission", "KeyTicket", "strip_relay_key"]
+__all__ = ["Admission", "KeyTicket"]
 
 _PREFIX = b"rk-"
-_CREDENTIAL_HEADERS = (b"authorization", b"x-api-key", b"api-key")
 _EMBEDDINGS = b"/embeddings"
 _OUTPUT_FIELDS = ("max_completion_tokens", "max_output_tokens", "max_tokens")
 _HASH_MEMO_MAX = 4096
@@ -58,21 +58,6 @@ def reset_text(seconds: float) -> str:
     minutes, rest = divmod(seconds, 60.0)
     rest_text = f"{round(rest, 3):g}s"
     return f"{int(minutes)}m{rest_text}" if minutes else rest_text
-
-
-def strip_relay_key(headers: bytes) -> bytes:
-    """The forwarded header lines without those carrying a relay key."""
-    at = headers.find(_PREFIX)
-    while at >= 0:
-        start = headers.rfind(b"\n", 0, at) + 1  # lines end with CRLF
-        end = headers.find(b"\n", at) + 1 or len(headers)
-        name = headers[start:headers.find(b":", start, end)].strip().lower()
-        if name in _CREDENTIAL_HEADERS:
-            headers = headers[:start] + headers[end:]
-            at = headers.find(_PREFIX, start)
-        else:
-            at = headers.find(_PREFIX, end)
-    return headers
 
 
 class KeyTicket:
@@ -178,7 +163,9 @@ class Admission:
             refusal, allowance, local = await service.reserve(record, tokens, cost, period)
             if refusal is not None:
                 return self._refusal(record, refusal)
-        request.forward_headers = strip_relay_key(request.forward_headers)
+        # The relay key is consumed here: the client's credential headers
+        # never go upstream (the upstream's own key, if any, is sent instead).
+        request.credential_headers = b""
         return KeyTicket(self, record, allowance, local)
 
     def _estimate(self, request: Request, doc: Any, model: str | None) -> tuple[int, float]:
