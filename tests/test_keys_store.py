@@ -320,3 +320,39 @@ def test_allowance_sizes_stay_a_small_part_of_each_limit():
     assert size(budget_usd=1.0) == 5  # 1/20 of the budget at $0.01 a request
     assert size(budget_usd=0.01, rpm=10_000) == 1  # small limits: request by request
 
+
+
+def test_service_repeats_a_fresh_refusal_without_asking_the_store(tmp_path, run):
+    import asyncio
+
+    from relay.keys.service import KeyService
+
+    async def main() -> None:
+        store = SQLiteKeyStore(os.path.join(str(tmp_path), "keys.db"))
+        service = KeyService(store, asyncio.get_running_loop())
+        calls = 0
+        reserve = store.reserve
+
+        async def counted(record: KeyRecord, reservation: Reservation) -> Any:
+            nonlocal calls
+            calls += 1
+            return await reserve(record, reservation)
+
+        store.reserve = counted  # type: ignore[method-assign]
+        key, _ = _key(rpm=1)
+        await store.create(key)
+        try:
+            assert (await service.reserve(key, 0, 0.0, 0))[0] is None
+            first = (await service.reserve(key, 0, 0.0, 0))[0]
+            assert first is not None and first.reason == "rpm" and calls == 2
+            for _ in range(50):  # a flood of over-limit requests
+                again = (await service.reserve(key, 0, 0.0, 0))[0]
+                assert again is not None and again.reason == "rpm"
+            assert calls == 2
+            await asyncio.sleep(0.15)  # the refusal is repeated for 0.1 s only
+            assert (await service.reserve(key, 0, 0.0, 0))[0] is not None
+            assert calls == 3
+        finally:
+            await service.close()
+
+    run(main())

@@ -48,6 +48,7 @@ MERGE_INTERVAL = 0.5  # seconds between merge-back attempts while some wait
 _MISS_TTL = 0.5  # an unknown hash is asked again after this
 _MISS_MAX = 4096
 _PENDING_MAX = 200_000
+_REFUSAL_HOLD = 0.1  # seconds a store refusal is repeated without asking again
 
 
 class _Delta:
@@ -154,6 +155,9 @@ class KeyService:
         self._deltas: dict[tuple[str, int], _Delta] = {}
         self._allowances: dict[str, Allowance] = {}
         self._acquiring: dict[str, asyncio.Future[None]] = {}
+        # key id -> (until, refusal, its tokens, its cost): a store refusal
+        # repeated for a moment to requests at least as large.
+        self._refused: dict[str, tuple[float, ReserveResult, int, float]] = {}
         self._flush_timer: asyncio.TimerHandle | None = None
         self._merging = False
         self._local: dict[str, KeyState] = {}  # while the store is away
@@ -220,11 +224,13 @@ class KeyService:
             self._by_hash.pop(old_hash, None)
         self._by_hash[record.secret_sha256] = record
         self._misses.pop(record.secret_sha256, None)
+        self._refused.pop(record.id, None)
         allowance = self._allowances.pop(record.id, None)
         if allowance is not None:
             self._retire(record.id, allowance)
 
     def _retire_all(self) -> None:
+        self._refused.clear()
         for key_id, allowance in list(self._allowances.items()):
             del self._allowances[key_id]
             self._retire(key_id, allowance)
@@ -248,6 +254,17 @@ class KeyService:
                 # steady stream of requests never waits for the store.
                 self._spawn(self._prefetch(record, tokens, cost, period))
             return None, allowance, None
+        refused = self._refused.get(key_id)
+        if refused is not None:
+            until, refusal, least_tokens, least_cost = refused
+            if time.monotonic() < until and (
+                refusal.reason == "rpm" or (tokens >= least_tokens and cost >= least_cost)
+            ):
+                # Refused a moment ago and nothing this small got in since:
+                # answer the same without asking the store again, so a flood
+                # of over-limit requests costs the store nothing.
+                return refusal, None, None
+            del self._refused[key_id]
         # One new allowance at a time per key: a burst of requests that find
         # the old one spent waits for the one being reserved instead of each
         # reserving its own (which would hold far more than the burst needs).
@@ -302,7 +319,11 @@ class KeyService:
         if self._local and not self._pending:
             self._local.pop(record.id, None)
         if result.reason is not None:
+            if for_request:
+                hold = min(_REFUSAL_HOLD, result.retry_after or _REFUSAL_HOLD)
+                self._refused[record.id] = (time.monotonic() + hold, result, tokens, cost)
             return result, None, None
+        self._refused.pop(record.id, None)
         fresh = Allowance(reservation, record.rpm or 0, record.tpm or 0)
         if for_request:
             fresh.take(tokens, cost, period)
