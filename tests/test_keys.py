@@ -615,3 +615,25 @@ def test_keys_provider_sees_only_the_configured_provider_key(relay_with_keys, up
     assert anthropic_req.header("authorization") is None
     for recorded in upstream.requests:
         assert not any(key["secret"] in value or "rk-" in value for _, value in recorded.headers)
+
+
+def test_keys_reservation_reads_each_apis_output_limit(relay_with_keys):
+    relay = relay_with_keys()
+    key = create_key(relay.port, tpm=400)
+    big, small = 1000, 10  # a reservation over the whole tpm can never fit: 429, Retry-After 60
+    cases = [
+        ("/v1/chat/completions", {"model": "gpt-4o-mini", "messages": MESSAGES}, "max_completion_tokens"),
+        ("/v1/responses", {"model": "gpt-4o-mini", "input": "hello there"}, "max_output_tokens"),
+        ("/v1/messages", {"model": "claude-3-haiku", "messages": MESSAGES}, "max_tokens"),
+    ]
+    for path, body, field in cases:
+        status, error, headers = http_json(relay.port, "POST", path, {**body, field: big},
+                                           token=key["secret"])
+        assert status == 429 and headers["retry-after"] == "60", (path, error)
+        status, _, _ = http_json(relay.port, "POST", path, {**body, field: small},
+                                 token=key["secret"])
+        assert status != 429, path
+    # Without any limit the default reservation (4096 output tokens) applies.
+    status, _, headers = http_json(relay.port, "POST", "/v1/chat/completions",
+                                   {"model": "gpt-4o-mini", "messages": MESSAGES}, token=key["secret"])
+    assert status == 429 and headers["retry-after"] == "60"

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from relay.cost import PriceTable, price_cost
 from relay.http import errors
@@ -40,7 +40,6 @@ __all__ = ["Admission", "KeyTicket"]
 
 _PREFIX = b"rk-"
 _EMBEDDINGS = b"/embeddings"
-_OUTPUT_FIELDS = ("max_completion_tokens", "max_output_tokens", "max_tokens")
 _HASH_MEMO_MAX = 4096
 _WHOLE_BODY_ESTIMATE = 16384
 
@@ -144,10 +143,10 @@ class Admission:
                 "expired" if record is not None else "unknown"
             )
             return self._reject(None, "invalid", _invalid(f"Invalid relay key ({why})"))
-        doc: Any = None
         model: str | None = None
         if record.models is not None or record.budget_usd is not None or record.tpm is not None:
-            doc = request.json()
+            # From the body's facts scan (what json.loads would give, without
+            # decoding the rest of the body).
             model = request.model()
             if not record.model_allowed(model):
                 return self._reject(record, "model", errors.GatewayError(
@@ -158,7 +157,7 @@ class Admission:
                 ))
         allowance = local = None
         if record.budget_usd is not None or record.rpm is not None or record.tpm is not None:
-            tokens, cost = self._estimate(request, doc, model)
+            tokens, cost = self._estimate(request, model)
             period = period_start(record.budget_period, now) if record.budget_period else 0
             refusal, allowance, local = await service.reserve(record, tokens, cost, period)
             if refusal is not None:
@@ -168,18 +167,19 @@ class Admission:
         request.credential_headers = b""
         return KeyTicket(self, record, allowance, local)
 
-    def _estimate(self, request: Request, doc: Any, model: str | None) -> tuple[int, float]:
+    def _estimate(self, request: Request, model: str | None) -> tuple[int, float]:
         """Prompt tokens (a generous byte-based estimate) plus the most output
         the request allows, and what they would cost."""
         output = 0
         if not request.path.endswith(_EMBEDDINGS):
             output = self._default_reserve
-            if isinstance(doc, dict):
-                for name in _OUTPUT_FIELDS:
-                    value = doc.get(name)
-                    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-                        output = value
-                        break
+            facts = request.facts()
+            # The first limit given, in this order (Chat's newer name, the
+            # Responses API's, then max_tokens of Chat and Anthropic).
+            for value in (facts.max_completion_tokens, facts.max_output_tokens, facts.max_tokens):
+                if value is not None and value >= 0:
+                    output = value
+                    break
         body = request.body
         # About three bytes per token is more than tokenizers use for
         # ordinary text, so the reservation rarely falls short; the exact
@@ -189,7 +189,7 @@ class Admission:
         if len(body) <= _WHOLE_BODY_ESTIMATE:
             size = len(body)
         else:
-            size = len(request_text_for_estimate(body, doc).encode("utf-8", "replace"))
+            size = len(request_text_for_estimate(body, request.json()).encode("utf-8", "replace"))
         prompt = (size + 2) // 3 + 8 if size else 0
         cost = 0.0
         if model:
