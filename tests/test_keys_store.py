@@ -314,7 +314,7 @@ def test_allowance_sizes_stay_a_small_part_of_each_limit():
         record, _ = _key(**limits)
         return _allowance_size(record, 100, 0.01)
 
-    assert size() == 64  # no limit: at most 64 requests
+    assert size() == 256  # no limit: at most 256 requests
     assert size(rpm=100) == 5 and size(rpm=19) == 1  # 1/20 of rpm
     assert size(tpm=100_000) == 50  # 1/20 of tpm at 100 tokens a request
     assert size(budget_usd=1.0) == 5  # 1/20 of the budget at $0.01 a request

@@ -120,7 +120,7 @@ class Allowance:
 
 # An allowance covers at most this many requests, and at most this part of
 # the key's rpm, tpm or budget: small limits are checked request by request.
-_ALLOWANCE_MAX = 64
+_ALLOWANCE_MAX = 256
 _ALLOWANCE_SHARE = 20
 
 
