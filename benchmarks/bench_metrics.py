@@ -60,7 +60,7 @@ def prometheus_client_metrics() -> Metrics:
     for attr, children in vars(ours).items():
         if isinstance(children, metrics_module._Children):
             setattr(twin, attr, metrics_module._Children(made[id(children._metric)]))
-    twin._models = {}
+    twin._models, twin._key_spend = {}, {}
     twin.registry = registry
     return twin
 

@@ -21,8 +21,9 @@ breaker. One process without the directory keeps the array in memory.
 Label values are bounded by construction: ``route`` is the matched route's
 target host or ``default``; ``upstream`` a configured upstream host[:port];
 ``model`` comes from :class:`relay.cost.ModelLabels`; ``key_type`` is
-``api_key``, ``ip`` or ``global``; ``method``/``status`` are what the HTTP
-parser accepts. Never a key, a prompt or a client-chosen string.
+``api_key``, ``ip`` or ``global``; ``key`` a virtual key's name (set by
+its admin, ``unknown`` for a secret that matched no key); ``method``/``status``
+are what the HTTP parser accepts. Never a key, a prompt or a client-chosen string.
 """
 
 from __future__ import annotations
@@ -666,6 +667,19 @@ class Metrics:
             "relay_config_reload_errors_total",
             "Config file edits refused as invalid (the last good config stays).",
         )
+        self.key_spend_usd = Counter(
+            s,
+            "relay_key_spend_usd_total",
+            "Upstream cost in USD charged to each virtual key, by key name.",
+            ("key",),
+        )
+        self.key_rejected = Counter(
+            s,
+            "relay_key_rejected_total",
+            "Requests refused by virtual-key admission, by key name and reason "
+            "(invalid|model|budget|rpm|tpm; key=unknown for invalid).",
+            ("key", "reason"),
+        )
         # Exposition order: as defined above.
         self.families: list[_Family] = [v for v in vars(self).values() if isinstance(v, _Family)]
         self._requests = _Children(self.requests)
@@ -679,6 +693,8 @@ class Metrics:
         self._rejected = _Children(self.ratelimit_rejected)
         self._breaker = _Children(self.breaker_state)
         self._models: dict[str, _ModelMeters] = {}
+        self._key_spend: dict[str, Any] = {}  # by key name: one lookup per settled request
+        self._key_rejected = _Children(self.key_rejected)
         self._collector = s.collector = _Collector(self)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self._collector)  # type: ignore[arg-type]
@@ -738,6 +754,18 @@ class Metrics:
 
     def set_breaker_state(self, upstream: str, state: int) -> None:
         self._breaker.get((upstream,)).set(state)
+
+    def key_spend(self, key: str, cost_usd: float) -> None:
+        """Cost charged to a virtual key (``key`` is its name, never its secret)."""
+        child = self._key_spend.get(key)
+        if child is None:
+            if len(self._key_spend) >= _CHILD_CACHE_MAX:
+                self._key_spend.clear()
+            child = self._key_spend[key] = self.key_spend_usd.labels(key)
+        child.inc(cost_usd)
+
+    def key_reject(self, key: str, reason: str) -> None:
+        self._key_rejected.get((key, reason)).inc()
 
     # -- exposition -------------------------------------------------------
     def render(self) -> tuple[bytes, str]:
@@ -810,4 +838,10 @@ class RequestMetricsOff:
         pass
 
     def ratelimit_reject(self, key_type: str) -> None:
+        pass
+
+    def key_spend(self, key: str, cost_usd: float) -> None:
+        pass
+
+    def key_reject(self, key: str, reason: str) -> None:
         pass

@@ -258,7 +258,7 @@ def _prometheus_client_twin() -> Metrics:
         if isinstance(children, metrics_module._Children):
             metric = getattr(twin, next(a for a, f in vars(ours).items() if f is children._metric))
             setattr(twin, attr, metrics_module._Children(metric))
-    twin._models = {}
+    twin._models, twin._key_spend = {}, {}
     twin.registry = registry
     return twin
 
@@ -287,6 +287,9 @@ def test_exposition_is_the_same_as_prometheus_clients(metrics: Metrics) -> None:
         target.attempt("timeout")
         target.ok_attempts.inc()
         target.latency.observe(0.02)
+        m.key_spend("billing-app", 0.25)
+        m.key_spend("billing-app", 0.5)
+        m.key_reject("unknown", "invalid")
     ours = metrics.render()[0].decode()
     theirs = generate_latest(twin.registry).decode()
     assert _exposition_lines(ours) == _exposition_lines(theirs)
