@@ -4,7 +4,9 @@ Every value (a counter, a gauge, one histogram bucket or sum) is one slot
 of a preallocated array of doubles owned by the process. An update is an
 index into that array: no lock (one event loop writes it), no dict lookup
 (label children are resolved once and kept by whoever owns the label, e.g.
-an upstream target), and a histogram finds its bucket with ``bisect``.
+an upstream target), and a histogram finds its bucket by bisection. The
+children are ``relay._fast``'s (compiled: a C store through a typed
+memoryview; pure twin beside it).
 ``/metrics`` reads the arrays at scrape time through a custom collector
 and renders them with prometheus-client's text format.
 
@@ -34,9 +36,10 @@ import mmap
 import os
 import secrets
 import threading
-from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
+
+from . import _fast
 
 __all__ = [
     "DURATION_BUCKETS",
@@ -178,54 +181,6 @@ _SPARE = memoryview(bytearray(64 * 8)).cast("d")  # where children past the boun
 # --------------------------------------------------------------------------- #
 # families and children
 # --------------------------------------------------------------------------- #
-class CounterChild:
-    """One labelled counter: ``inc`` adds to its slot."""
-
-    __slots__ = ("_values", "_slot")
-
-    def __init__(self, values: memoryview[float], slot: int) -> None:
-        self._values = values
-        self._slot = slot
-
-    def inc(self, amount: float = 1.0) -> None:
-        self._values[self._slot] += amount
-
-    def get(self) -> float:
-        return float(self._values[self._slot])
-
-
-class GaugeChild(CounterChild):
-    __slots__ = ()
-
-    def set(self, value: float) -> None:
-        self._values[self._slot] = value
-
-    def dec(self, amount: float = 1.0) -> None:
-        self._values[self._slot] -= amount
-
-
-class HistogramChild:
-    """One labelled histogram: a slot per bucket (+Inf last), then the sum.
-
-    Buckets are stored non-cumulative (one add per observation) and made
-    cumulative at scrape time.
-    """
-
-    __slots__ = ("_values", "_slot", "_bounds", "_sum")
-
-    def __init__(self, values: memoryview[float], slot: int, bounds: tuple[float, ...]) -> None:
-        self._values = values
-        self._slot = slot
-        self._bounds = bounds
-        self._sum = slot + len(bounds) + 1
-
-    def observe(self, amount: float) -> None:
-        values = self._values
-        # bucket ``le`` bound i holds amount <= bound: the first bound >= amount
-        values[self._slot + bisect_left(self._bounds, amount)] += 1.0
-        values[self._sum] += amount
-
-
 class _Family:
     """A metric family of the contract; ``labels(...)`` gives a cached child."""
 
@@ -294,15 +249,15 @@ class _Family:
 class Counter(_Family):
     kind = "counter"
 
-    def _make(self, values: memoryview[float], slot: int) -> CounterChild:
-        return CounterChild(values, slot)
+    def _make(self, values: memoryview[float], slot: int) -> _fast.CounterChild:
+        return _fast.CounterChild(values, slot)
 
 
 class Gauge(_Family):
     kind = "gauge"
 
-    def _make(self, values: memoryview[float], slot: int) -> GaugeChild:
-        return GaugeChild(values, slot)
+    def _make(self, values: memoryview[float], slot: int) -> _fast.GaugeChild:
+        return _fast.GaugeChild(values, slot)
 
     def set(self, value: float) -> None:
         self._default.set(value)
@@ -325,8 +280,8 @@ class Histogram(_Family):
     def width(self) -> int:
         return len(self.bounds) + 2  # buckets, +Inf, sum
 
-    def _make(self, values: memoryview[float], slot: int) -> HistogramChild:
-        return HistogramChild(values, slot, self.bounds)
+    def _make(self, values: memoryview[float], slot: int) -> _fast.HistogramChild:
+        return _fast.HistogramChild(values, slot, self.bounds)
 
     def observe(self, amount: float) -> None:
         self._default.observe(amount)

@@ -66,6 +66,9 @@ def test_compiled_extensions_loaded_when_expected() -> None:
     assert fast.request_facts is fast.compiled.request_facts
     assert fast.response_usage is fast.compiled.response_usage
     assert fast.request_facts.__module__ == "relay._fast._jsonscan_c"
+    # So are the metric children.
+    assert fast.CounterChild is fast.compiled.CounterChild
+    assert fast.HistogramChild.__module__ == "relay._fast._meters_c"
 
 
 @pytest.mark.parametrize(
@@ -99,11 +102,12 @@ def test_compiled_chosen_when_built(value: str | None) -> None:
     assert result["error"] is None
     assert result["bucket_module"] == "relay._fast._bucket_c"
     assert result["imported"] == sorted(
-        f"relay._fast.{name}" for name in ("_breaker_c", "_bucket_c", "_cachekey_c", "_jsonscan_c")
+        f"relay._fast.{name}"
+        for name in ("_breaker_c", "_bucket_c", "_cachekey_c", "_jsonscan_c", "_meters_c")
     )
 
 
-@pytest.mark.parametrize("module", ["_breaker_c", "_jsonscan_c"])
+@pytest.mark.parametrize("module", ["_breaker_c", "_jsonscan_c", "_meters_c"])
 def test_any_missing_compiled_module_falls_back_to_pure(module: str) -> None:
     # None in sys.modules makes that import fail, as a missing build would.
     result = probe(None, prelude=f"sys.modules['relay._fast.{module}'] = None")
@@ -133,12 +137,17 @@ def test_chosen_names_come_from_one_implementation() -> None:
     assert fast.CircuitBreaker is chosen.CircuitBreaker
     assert fast.request_facts is chosen.request_facts
     assert fast.response_usage is chosen.response_usage
+    assert fast.CounterChild is chosen.CounterChild
+    assert fast.GaugeChild is chosen.GaugeChild
+    assert fast.HistogramChild is chosen.HistogramChild
 
 
 def test_twins_expose_the_same_public_api() -> None:
     if fast.compiled is None:
         pytest.skip(f"compiled relay._fast not loaded: {fast.COMPILED_IMPORT_ERROR}")
-    for name in ("TokenBucket", "BucketTable", "CircuitBreaker"):
+    for name in (
+        "TokenBucket", "BucketTable", "CircuitBreaker", "CounterChild", "GaugeChild", "HistogramChild"
+    ):  # fmt: skip
         pure_api = {a for a in dir(getattr(fast.pure, name)) if not a.startswith("_")}
         compiled_api = {a for a in dir(getattr(fast.compiled, name)) if not a.startswith("_")}
         assert pure_api == compiled_api, name

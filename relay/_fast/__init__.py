@@ -2,7 +2,7 @@
 
 This is the one place that chooses. Everything else imports from here:
 
-    from relay._fast import cache_key, BucketTable, CircuitBreaker, request_facts
+    from relay._fast import cache_key, BucketTable, CircuitBreaker, request_facts, CounterChild
 
 * ``RELAY_NO_EXTENSIONS`` set to anything but "" or "0" forces the pure
   twins (the compiled modules are then not even imported).
@@ -26,7 +26,7 @@ from importlib.machinery import EXTENSION_SUFFIXES
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from . import _breaker_py, _bucket_py, _cachekey_py, _jsonscan_py
+from . import _breaker_py, _bucket_py, _cachekey_py, _jsonscan_py, _meters_py
 from ._breaker_states import CLOSED, HALF_OPEN, OPEN, STATE_NAMES, BreakerTransitionError
 from ._jsonscan_py import (
     NOT_AN_OBJECT,
@@ -61,6 +61,9 @@ __all__ = [
     "ResponseUsage",
     "TokenBucket",
     "cache_key",
+    "CounterChild",
+    "GaugeChild",
+    "HistogramChild",
     "compiled",
     "credential_hash",
     "pure",
@@ -75,6 +78,7 @@ _COMPILED_MODULES = {
     "_bucket_c": _bucket_py,
     "_breaker_c": _breaker_py,
     "_jsonscan_c": _jsonscan_py,
+    "_meters_c": _meters_py,
 }
 
 
@@ -91,6 +95,9 @@ class Implementation:
     CircuitBreaker: Any
     request_facts: Any
     response_usage: Any
+    CounterChild: Any
+    GaugeChild: Any
+    HistogramChild: Any
 
 
 def extensions_disabled(value: str | None) -> bool:
@@ -114,11 +121,12 @@ def _load_compiled() -> tuple[Implementation | None, str | None]:
         if not _is_extension(module):
             return None, f"{name}: not a compiled extension ({module.__file__})"
         modules[name] = module
-    cachekey, bucket, breaker, jsonscan = (
+    cachekey, bucket, breaker, jsonscan, meters = (
         modules["_cachekey_c"],
         modules["_bucket_c"],
         modules["_breaker_c"],
         modules["_jsonscan_c"],
+        modules["_meters_c"],
     )
     return (
         Implementation(
@@ -131,6 +139,9 @@ def _load_compiled() -> tuple[Implementation | None, str | None]:
             CircuitBreaker=breaker.CircuitBreaker,
             request_facts=jsonscan.request_facts,
             response_usage=jsonscan.response_usage,
+            CounterChild=meters.CounterChild,
+            GaugeChild=meters.GaugeChild,
+            HistogramChild=meters.HistogramChild,
         ),
         None,
     )
@@ -146,6 +157,9 @@ pure = Implementation(
     CircuitBreaker=_breaker_py.CircuitBreaker,
     request_facts=_jsonscan_py.request_facts,
     response_usage=_jsonscan_py.response_usage,
+    CounterChild=_meters_py.CounterChild,
+    GaugeChild=_meters_py.GaugeChild,
+    HistogramChild=_meters_py.HistogramChild,
 )
 
 NO_EXTENSIONS: bool = extensions_disabled(os.environ.get("RELAY_NO_EXTENSIONS"))
@@ -167,6 +181,7 @@ if TYPE_CHECKING:
     from ._bucket_py import BucketTable, TokenBucket
     from ._cachekey_py import cache_key, credential_hash
     from ._jsonscan_py import request_facts, response_usage
+    from ._meters_py import CounterChild, GaugeChild, HistogramChild
 else:
     cache_key = _chosen.cache_key
     credential_hash = _chosen.credential_hash
@@ -175,5 +190,8 @@ else:
     CircuitBreaker = _chosen.CircuitBreaker
     request_facts = _chosen.request_facts
     response_usage = _chosen.response_usage
+    CounterChild = _chosen.CounterChild
+    GaugeChild = _chosen.GaugeChild
+    HistogramChild = _chosen.HistogramChild
 
 del _chosen
