@@ -138,6 +138,8 @@ class _Store:
         self._catalogue_fd = -1
         self._mmap: mmap.mmap | None = None
         self.collector: _Collector | None = None  # set by the Metrics owning it
+        # Where children past the slot bound write (never exposed).
+        self.spare = memoryview(bytearray(64 * 8)).cast("d")
         if directory is None:
             # Anonymous and zero-filled by the OS: untouched pages cost no memory.
             self._mmap = mmap.mmap(-1, _SLOTS * 8)
@@ -173,9 +175,6 @@ class _Store:
         if self._catalogue_fd >= 0:
             os.close(self._catalogue_fd)
             self._catalogue_fd = -1
-
-
-_SPARE = memoryview(bytearray(64 * 8)).cast("d")  # where children past the bound write
 
 
 # --------------------------------------------------------------------------- #
@@ -218,7 +217,7 @@ class _Family:
                 raise ValueError(f"{self.name}: labels {self.labelnames}, got {key}")
             slot = self._store.allocate(self.name, key, self.width())
             if slot < 0:  # over the bound (a bug upstream): counted nowhere
-                child = self._make(_SPARE, 0)
+                child = self._make(self._store.spare, 0)
             else:
                 child = self._make(self._store.values, slot)
             self._children[key] = child

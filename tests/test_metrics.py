@@ -319,3 +319,14 @@ def test_family_collect_reads_the_summed_values(metrics: Metrics) -> None:
     counts = {s.labels["route"]: s.value for s in durations.samples if s.name.endswith("_count")}
     assert counts == {"default": 2.0, "api.anthropic.com": 1.0}
     assert metrics.registry.get_sample_value("relay_cache_misses_total") == 2.0
+
+
+def test_children_past_the_slot_bound_are_not_exposed(metrics: Metrics, monkeypatch) -> None:
+    from relay import metrics as metrics_module
+
+    monkeypatch.setattr(metrics_module, "_SLOTS", metrics.store._next + 1)
+    metrics.ratelimit_reject("api_key")  # one slot left: it fits
+    metrics.observe_upstream_latency("api.openai.com", 0.1)  # a histogram does not
+    v = samples(metrics.render()[0].decode())
+    assert v[("relay_ratelimit_rejected_total", (("key_type", "api_key"),))] == 1
+    assert not any(name.startswith("relay_upstream_latency") for name, _ in v)
