@@ -89,6 +89,12 @@ class RedisConfig:
     password: str = ""
     db: int = 0
     timeout: float = 0.25
+    # Topology: standalone uses `address`; sentinel asks the sentinels in
+    # `addresses` for the master named `master_name`; cluster discovers the
+    # nodes from the seeds in `addresses` (`address` when that is empty).
+    mode: str = "standalone"
+    addresses: tuple[str, ...] = ()
+    master_name: str = "mymaster"
 
     def __repr__(self) -> str:
         # Written by hand so the password never reaches a log line or a
@@ -96,8 +102,18 @@ class RedisConfig:
         password = '"***"' if self.password else '""'
         return (
             f"RedisConfig(enabled={self.enabled!r}, address={self.address!r}, "
-            f"password={password}, db={self.db!r}, timeout={self.timeout!r})"
+            f"password={password}, db={self.db!r}, timeout={self.timeout!r}, "
+            f"mode={self.mode!r}, addresses={self.addresses!r}, "
+            f"master_name={self.master_name!r})"
         )
+
+    @property
+    def seeds(self) -> tuple[str, ...]:
+        """The addresses relay connects to first: the sentinels, the cluster
+        seed nodes, or the one standalone server."""
+        if self.mode == "standalone":
+            return (self.address,)
+        return self.addresses or (self.address,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,6 +345,29 @@ def _host_port(value: Any) -> str:
     return str(value).strip()
 
 
+def _host_ports(value: Any) -> tuple[str, ...]:
+    """redis.addresses: a list of "host:port" (the environment: comma-separated)."""
+    items = [part for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+    addresses = []
+    for index, item in enumerate(items):
+        if not isinstance(item, str):
+            raise _Invalid(f'item {index} must be a "host:port" string, got {_describe(item)}')
+        try:
+            addresses.append(_host_port(item))
+        except _Invalid as exc:
+            raise _Invalid(f"item {index} {exc}") from None
+    if len(set(addresses)) != len(addresses):
+        raise _Invalid("lists an address twice")
+    return tuple(addresses)
+
+
+def _master_name(value: Any) -> str:
+    name = value.strip()
+    if not name or any(c.isspace() for c in name):
+        raise _Invalid(f"must be a name without spaces, got {_describe(value)}")
+    return str(name)
+
+
 # --------------------------------------------------------------------------
 # Schema: one entry per scalar key. `kind` decides which YAML types are
 # accepted and how an environment string is parsed; `check` validates.
@@ -336,7 +375,7 @@ def _host_port(value: Any) -> str:
 
 @dataclass(frozen=True, slots=True)
 class _Key:
-    kind: str  # "bool" | "int" | "float" | "str" | "listen"
+    kind: str  # "bool" | "int" | "float" | "str" | "listen" | "list" (of strings)
     check: Callable[[Any], Any] = _same
     secret: bool = False
 
@@ -379,6 +418,9 @@ _SECTIONS: Mapping[str, Mapping[str, _Key]] = types.MappingProxyType(
         "redis": {
             "enabled": _Key("bool"),
             "address": _Key("str", _host_port),
+            "mode": _Key("str", _one_of("standalone", "sentinel", "cluster")),
+            "addresses": _Key("list", _host_ports),
+            "master_name": _Key("str", _master_name),
             "password": _Key("str", secret=True),
             "db": _Key("int", _at_least(0)),
             "timeout": _Key("float", _above(0)),
@@ -462,6 +504,9 @@ def _from_yaml(spec: _Key, value: Any) -> Any:
     elif spec.kind == "str":
         if not isinstance(value, str):
             raise _Invalid(f"must be a string (quote it), got {_describe(value, secret)}")
+    elif spec.kind == "list":
+        if not isinstance(value, list):
+            raise _Invalid(f"must be a list, got {_describe(value, secret)}")
     return spec.check(value)
 
 
@@ -757,6 +802,24 @@ def _apply_env(
             problems.append(Problem(f"${name}", f"{section}.{key}", str(exc)))
 
 
+def _check_redis_topology(
+    redis: dict[str, Any], file: str, problems: list[Problem]
+) -> None:
+    """Keys that are only valid together (after the environment is applied)."""
+    mode = redis.get("mode", RedisConfig.mode)
+    if mode == "sentinel" and not redis.get("addresses"):
+        problems.append(
+            Problem(
+                file,
+                "redis.addresses",
+                'must list the sentinels ("host:port", usually port 26379) '
+                "when redis.mode is sentinel",
+            )
+        )
+    if mode == "cluster" and redis.get("db", 0) != 0:
+        problems.append(Problem(file, "redis.db", "must be 0 when redis.mode is cluster"))
+
+
 def _build(
     values: dict[str, dict[str, Any]],
     routes: tuple[Route, ...],
@@ -795,6 +858,7 @@ def load_config(path: str | None, env: Mapping[str, str] | None = None) -> Confi
     routes = _check_routes(raw_routes, file, problems)
     models = _check_models(raw_models, file, problems)
     _apply_env(env, values, problems)
+    _check_redis_topology(values["redis"], file, problems)
     if problems:
         raise ConfigError(problems)
     return _build(values, routes, models, path)
