@@ -806,7 +806,7 @@ def _check_redis_topology(
     redis: dict[str, Any], file: str, problems: list[Problem]
 ) -> None:
     """Keys that are only valid together (after the environment is applied)."""
-    mode = redis.get("mode", RedisConfig.mode)
+    mode = redis.get("mode", "standalone")
     if mode == "sentinel" and not redis.get("addresses"):
         problems.append(
             Problem(

@@ -144,7 +144,10 @@ class RedisUsageLedger:
     has not seen before costs one extra round trip (is there room for
     it?); once the set is full the process reads it (it is bounded) and
     answers from that copy for a minute. With many instances adding keys
-    at the same moment the bound can be overshot by a few.
+    at the same moment the bound can be overshot by a few. The prefix
+    carries a hash tag (``relay:{usage}``): every key of the ledger lives
+    in one hash slot, so the transaction and the snapshot's reads run
+    unchanged on a Redis Cluster (one node holds the totals).
 
     Every call is bounded by ``timeout`` seconds; any Redis error or
     timeout propagates, for the caller to fall back to memory and count it.
@@ -157,7 +160,7 @@ class RedisUsageLedger:
     def __init__(
         self,
         client: Any,
-        prefix: str = "relay:usage",
+        prefix: str = "relay:{usage}",
         timeout: float | None = 0.25,
         max_keys: int = 10000,
         runner: Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]] | None = None,

@@ -115,7 +115,9 @@ class Runtime:
 
     def _apply_redis(self, config: Config) -> None:
         r = config.redis
-        settings = (r.enabled, r.address, r.password, r.db, r.timeout)
+        settings = (
+            r.enabled, r.address, r.password, r.db, r.timeout, r.mode, r.addresses, r.master_name,
+        )  # fmt: skip
         if settings == self._redis_settings:
             return
         self._redis_settings = settings
@@ -130,7 +132,13 @@ class Runtime:
                 r.timeout,
                 on_error=self.metrics.redis_errors.inc,
                 logger=logging.getLogger("relay.redis"),
+                mode=r.mode,
+                addresses=r.addresses,
+                master_name=r.master_name,
             )
+            if r.mode == "cluster":
+                # Learn the slot table now rather than in the first request's call.
+                self.spawn(self.redis.check())
             self._redis_ledger = RedisUsageLedger(self.redis.client, timeout=r.timeout)
         if old is not None:
             # Requests of the previous generation may still hold it: close later.
