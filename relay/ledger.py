@@ -149,6 +149,14 @@ class RedisUsageLedger:
     in one hash slot, so the transaction and the snapshot's reads run
     unchanged on a Redis Cluster (one node holds the totals).
 
+    On a Redis Cluster (``client`` a ``RedisCluster``) the same commands go
+    as one plain pipeline to the node holding the slot, not as MULTI/EXEC:
+    redis-py's asyncio cluster client runs each command queued in a
+    transaction on a helper thread that blocks the event loop, which a
+    gateway cannot afford per request. The counts are the same; a reader
+    racing a write may see a request in the totals a moment before it
+    shows per model.
+
     Every call is bounded by ``timeout`` seconds; any Redis error or
     timeout propagates, for the caller to fall back to memory and count it.
     ``runner`` replaces that: each Redis round trip is then made as
@@ -174,6 +182,8 @@ class RedisUsageLedger:
         self._k_keys = f"{prefix}:keys"
         self._k_keyset = f"{prefix}:keyset"
         self._k_since = f"{prefix}:since"
+        # A cluster client has a nodes_manager; plain and Sentinel clients do not.
+        self._atomic = not hasattr(client, "nodes_manager")
         # Key hashes known to have a slot in Redis (bounded like Redis's set).
         self._known: set[str] = set()
         self._full_until = 0.0
@@ -218,7 +228,7 @@ class RedisUsageLedger:
         hit: bool = False,
     ) -> None:
         key = await self._slot(key_hash or ANONYMOUS)
-        pipe = self._client.pipeline(transaction=True)
+        pipe = self._client.pipeline(transaction=self._atomic)
         pipe.set(self._k_since, _iso(time.time()), nx=True)
         if key != OTHER:
             pipe.sadd(self._k_keyset, key)
@@ -234,7 +244,7 @@ class RedisUsageLedger:
         await self._call(pipe.execute)
 
     async def snapshot(self) -> dict[str, Any]:
-        pipe = self._client.pipeline(transaction=True)
+        pipe = self._client.pipeline(transaction=self._atomic)
         pipe.get(self._k_since)
         pipe.hgetall(self._k_totals)
         pipe.hgetall(self._k_models)

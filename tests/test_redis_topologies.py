@@ -1,0 +1,394 @@
+"""relay on the three Redis topologies: standalone, Sentinel and Cluster.
+
+Real topologies from redis-server binaries on free 127.0.0.1 ports (never
+6379): one master, one replica and three sentinels; a three-master cluster.
+They are started once per session (a few seconds each) and shared by the
+tests here; every test works on keys of its own and flushes what it reads.
+Under CI a missing binary fails instead of skipping.
+
+What is shown, on each topology, with two relay instances (one per loop):
+cache hits, rate limits and usage totals are shared; a Sentinel failover
+mid-traffic leaves every request answered promptly and shared state
+working on the promoted master; a cluster slot migration (ASK, then MOVED)
+is followed by redis-py without an error, a fallback or a lost count.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from relay.testing import ThreadedFakeUpstream
+from tests.redis_server import ClusterSetup, RedisServer, SentinelSetup, command, wait_until
+from tests.support import RelayThread, make_config
+from tests.test_features import CHAT, Reply, call, metric
+
+pytestmark = pytest.mark.redis
+
+TIMEOUT = 0.25  # redis.timeout of the relays under test
+# A request makes a handful of Redis calls (bucket, cache read, cache write),
+# each cut off at TIMEOUT; this bound leaves room for a busy 2-core machine
+# and still tells a fallback from a hang on a dead master.
+REQUEST_BOUND = 2.5
+
+
+# --------------------------------------------------------------------------- #
+# topologies
+# --------------------------------------------------------------------------- #
+@pytest.fixture(scope="session")
+def standalone_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def sentinel_setup() -> Iterator[SentinelSetup]:
+    with SentinelSetup() as setup:
+        yield setup
+
+
+@pytest.fixture(scope="session")
+def cluster_setup() -> Iterator[ClusterSetup]:
+    with ClusterSetup() as setup:
+        yield setup
+
+
+@dataclass
+class Topology:
+    """How relay is pointed at a topology, and how a test looks inside it."""
+
+    name: str
+    redis: dict[str, Any]
+    masters: Callable[[], list[int]]  # ports of the nodes holding data now
+
+    def keys(self, pattern: str) -> list[bytes]:
+        found: list[bytes] = []
+        for port in self.masters():
+            found.extend(command(port, "KEYS", pattern))
+        return found
+
+    def flush(self) -> None:
+        for port in self.masters():
+            command(port, "FLUSHALL")
+
+
+def standalone(server: RedisServer) -> Topology:
+    section = {"enabled": True, "address": server.address, "timeout": TIMEOUT}
+    return Topology("standalone", section, lambda: [server.port])
+
+
+def sentinel(setup: SentinelSetup) -> Topology:
+    section = {
+        "enabled": True,
+        "mode": "sentinel",
+        "addresses": setup.addresses,
+        "master_name": setup.master_name,
+        "timeout": TIMEOUT,
+    }
+    return Topology("sentinel", section, lambda: [setup.master_port()])
+
+
+def cluster(setup: ClusterSetup) -> Topology:
+    # One seed is enough: the rest of the cluster is discovered from it.
+    section = {"enabled": True, "mode": "cluster", "addresses": setup.addresses[:1],
+               "timeout": TIMEOUT}  # fmt: skip
+    return Topology("cluster", section, lambda: [n.port for n in setup.nodes])
+
+
+@pytest.fixture(params=["standalone", "sentinel", "cluster"])
+def topology(request: pytest.FixtureRequest) -> Topology:
+    name = request.param
+    if name == "standalone":
+        return standalone(request.getfixturevalue("standalone_server"))
+    if name == "sentinel":
+        return sentinel(request.getfixturevalue("sentinel_setup"))
+    return cluster(request.getfixturevalue("cluster_setup"))
+
+
+# --------------------------------------------------------------------------- #
+# relay instances
+# --------------------------------------------------------------------------- #
+@pytest.fixture
+def upstream(fake_upstream: ThreadedFakeUpstream) -> ThreadedFakeUpstream:
+    fake_upstream.reset_stats()
+    return fake_upstream
+
+
+@dataclass
+class Pair:
+    a: RelayThread
+    b: RelayThread
+    started: list[RelayThread] = field(default_factory=list)
+
+
+@pytest.fixture
+def make_pair(upstream: ThreadedFakeUpstream) -> Iterator[Callable[..., Pair]]:
+    """``make(topology, **sections)``: two relays (uvloop and asyncio) on it,
+    returned once both use Redis."""
+    started: list[RelayThread] = []
+
+    def make(topo: Topology, **sections: Any) -> Pair:
+        sections.setdefault("circuit_breaker", {"enabled": False})
+        sections.setdefault("server", {"shutdown_timeout": 1})
+        sections["redis"] = topo.redis
+        config = make_config(upstream.url, **sections)
+        relays = []
+        for loop in ("uvloop", "asyncio"):
+            relay = RelayThread(config, loop=loop)
+            relay.start()
+            started.append(relay)
+            relays.append(relay)
+        for relay in relays:
+            wait_until(lambda r=relay: usage(r)["backend"] == "redis", "relay uses Redis", 15)
+        return Pair(relays[0], relays[1])
+
+    yield make
+    for relay in started:
+        relay.stop()
+
+
+def get_json(relay: RelayThread, path: str) -> Any:
+    conn = http.client.HTTPConnection("127.0.0.1", relay.port, timeout=10)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        assert resp.status == 200
+        return json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def usage(relay: RelayThread) -> dict[str, Any]:
+    snapshot: dict[str, Any] = get_json(relay, "/relay/usage")
+    return snapshot
+
+
+def prompt(text: str) -> dict[str, Any]:
+    return {**CHAT, "messages": [{"role": "user", "content": text}]}
+
+
+def fresh_key() -> dict[str, str]:
+    return {"Authorization": f"Bearer sk-{uuid.uuid4().hex}"}
+
+
+def timed(relay: RelayThread, body: Any, headers: dict[str, str]) -> tuple[Reply, float]:
+    started = time.monotonic()
+    reply = call(relay, body, headers=headers)
+    return reply, time.monotonic() - started
+
+
+def redis_errors(pair: Pair) -> float:
+    return metric(pair.a, "relay_redis_errors_total") + metric(pair.b, "relay_redis_errors_total")
+
+
+# --------------------------------------------------------------------------- #
+# shared state on each topology
+# --------------------------------------------------------------------------- #
+def test_two_instances_share_cache_limits_and_usage_on_each_topology(
+    topology, make_pair, upstream
+):
+    topology.flush()
+    pair = make_pair(
+        topology,
+        cache={"enabled": True, "ttl": 60},
+        ratelimit={"enabled": True, "requests_per_second": 0.01, "burst": 4},
+    )
+    a, b = pair.a, pair.b
+    errors = redis_errors(pair)
+
+    # cache: filled by one instance, hit on the other
+    cached = fresh_key()
+    first = call(a, prompt("shared entry"), headers=cached)
+    assert (first.status, first.cache) == (200, "MISS")
+    wait_until(lambda: len(topology.keys("relay:cache:*")) == 1, "entry in Redis", 5)
+    hit = call(b, prompt("shared entry"), headers=cached)
+    assert (hit.cache, hit.body) == ("HIT", first.body)
+
+    # rate limit: one bucket for both instances
+    limited = fresh_key()
+    replies = [call(r, prompt(f"limit {i}"), headers=limited) for i, r in enumerate([a, b] * 3)]
+    assert [r.status for r in replies] == [200] * 4 + [429] * 2
+    assert [r.header("x-ratelimit-remaining") for r in replies[:4]] == ["3", "2", "1", "0"]
+    assert len(topology.keys("relay:rl:*")) == 2  # the two callers' buckets
+
+    # usage totals: five answers came from upstream, one from the cache
+    assert len(upstream.requests) == 5
+
+    def totals_agree() -> bool:
+        views = [usage(r) for r in (a, b)]
+        return all(
+            v["backend"] == "redis"
+            and v["totals"]["requests"] == 5
+            and v["totals"]["cache_hits"] == 1
+            for v in views
+        ) and views[0]["totals"] == views[1]["totals"]
+
+    wait_until(totals_agree, "both instances report the shared totals", 10)
+    assert topology.keys("relay:{usage}:*")
+    assert redis_errors(pair) == errors  # nothing fell back on the way
+
+
+# --------------------------------------------------------------------------- #
+# Sentinel failover
+# --------------------------------------------------------------------------- #
+def test_sentinel_failover_mid_traffic_answers_every_request(
+    sentinel_setup, make_pair, upstream, caplog
+):
+    caplog.set_level(logging.INFO, logger="relay.redis")
+    setup = sentinel_setup
+    topo = sentinel(setup)
+    topo.flush()
+    pair = make_pair(
+        topo,
+        cache={"enabled": True, "ttl": 60},
+        # Slow refill, large burst: nobody is refused, and the remaining
+        # count shows whether both instances draw from one bucket.
+        ratelimit={"enabled": True, "requests_per_second": 0.01, "burst": 5000},
+    )
+    a, b = pair.a, pair.b
+    traffic = fresh_key()
+    for i in range(4):
+        assert call((a, b)[i % 2], prompt(f"before {i}"), headers=traffic).status == 200
+    wait_until(lambda: usage(a)["totals"]["requests"] == 4, "usage recorded", 10)
+    setup.wait_replicated()  # what was acknowledged before the kill is on the replica
+    old_master = setup.current_master()
+
+    promoted: list[RedisServer] = []
+    killer = threading.Thread(target=lambda: promoted.append(setup.fail_over()), daemon=True)
+    slowest = 0.0
+    answered = 0
+    try:
+        killer.start()
+        # A bounded loop: every request gets a normal answer in bounded time
+        # while the master is dead, unelected, and then replaced.
+        for i in range(600):
+            reply, seconds = timed((a, b)[i % 2], prompt(f"during {i}"), traffic)
+            assert reply.status == 200, reply.body
+            slowest = max(slowest, seconds)
+            answered += 1
+            if not killer.is_alive() and i >= 20:
+                break
+        killer.join(60)
+        assert promoted, "the failover did not complete"
+        assert slowest < REQUEST_BOUND, slowest
+        assert redis_errors(pair) >= 1  # the dead master was noticed and counted
+
+        # Shared state resumes on the promoted replica: a cache entry written
+        # by one instance is a hit on the other, one bucket again for both.
+        new_master = promoted[0]
+
+        def shared_again() -> bool:
+            key = fresh_key()
+            text = f"after {uuid.uuid4().hex}"
+            if call(a, prompt(text), headers=key).cache != "MISS":
+                return False
+            time.sleep(0.1)  # the entry is written just after the response
+            return call(b, prompt(text), headers=key).cache == "HIT"
+
+        wait_until(shared_again, "cache shared on the new master", 20)
+        assert command(new_master.port, "KEYS", "relay:cache:*")
+        limited = fresh_key()
+        remaining = [
+            call(relay, prompt(f"limit {i}"), headers=limited).header("x-ratelimit-remaining")
+            for i, relay in enumerate((a, b) * 3)
+        ]
+        assert remaining == [str(4999 - i) for i in range(6)]
+        assert command(new_master.port, "KEYS", "relay:rl:*")
+
+        # Usage totals recorded (and replicated) before the kill survived it,
+        # and nothing is counted twice.
+        views = [usage(r) for r in (a, b)]
+        assert [v["backend"] for v in views] == ["redis", "redis"]
+        assert views[0]["totals"] == views[1]["totals"]
+        assert 4 <= views[0]["totals"]["requests"] <= len(upstream.requests)
+        back = [r.getMessage() for r in caplog.records if "is back" in r.getMessage()]
+        assert any(f"master at 127.0.0.1:{new_master.port}" in m for m in back), back
+    finally:
+        killer.join(60)
+        setup.restore_old_master(old_master)
+    assert answered >= 20
+
+
+# --------------------------------------------------------------------------- #
+# Cluster slot migration
+# --------------------------------------------------------------------------- #
+def test_cluster_slot_migration_is_followed_without_a_fallback(cluster_setup, make_pair, upstream):
+    """The slots holding a bucket, a cache entry and the usage totals move to
+    other nodes while both instances keep sending: first half-moved (the
+    source answers ASK for keys it no longer has), then owned by the target
+    (MOVED). redis-py follows both within each call: no call fails, no
+    instance falls back to memory, and no count is lost or restarted."""
+    setup = cluster_setup
+    topo = cluster(setup)
+    topo.flush()
+    pair = make_pair(
+        topo,
+        cache={"enabled": True, "ttl": 60},
+        ratelimit={"enabled": True, "requests_per_second": 0.01, "burst": 1000},
+    )
+    a, b = pair.a, pair.b
+    key = fresh_key()
+    first = call(a, prompt("entry that moves"), headers=key)
+    assert (first.cache, first.header("x-ratelimit-remaining")) == ("MISS", "999")
+    wait_until(lambda: topo.keys("relay:cache:*"), "entry in Redis", 5)
+    wait_until(lambda: usage(b)["totals"]["requests"] == 1, "usage recorded", 10)
+    [bucket] = topo.keys("relay:rl:*")
+    [entry] = topo.keys("relay:cache:*")
+    slots = {setup.slot_of(k) for k in (bucket, entry, b"relay:{usage}:totals")}
+    moves = {}
+    for slot in slots:
+        owner = setup.owner(slot)
+        moves[slot] = (owner, setup.nodes[(setup.nodes.index(owner) + 1) % len(setup.nodes)])
+    errors = redis_errors(pair)
+    expected_remaining = 998
+    served = 1
+    hits = 0
+
+    def traffic(phase: str) -> None:
+        nonlocal expected_remaining, served, hits
+        for i in range(6):
+            relay = (a, b)[i % 2]
+            reply = call(relay, prompt(f"{phase} {i}"), headers=key)
+            assert (reply.status, reply.cache) == (200, "MISS")
+            assert reply.header("x-ratelimit-remaining") == str(expected_remaining)
+            expected_remaining -= 1
+            served += 1
+        hit = call(b, prompt("entry that moves"), headers=key)
+        assert (hit.cache, hit.body) == ("HIT", first.body)
+        assert hit.header("x-ratelimit-remaining") == str(expected_remaining)
+        expected_remaining -= 1
+        hits += 1
+
+    for slot, (_source, target) in moves.items():
+        setup.begin_move(slot, target)
+    traffic("importing")  # keys still on the source, which serves them
+    for slot, (source, target) in moves.items():
+        assert setup.migrate_keys(slot, source, target) >= 1
+    traffic("migrated")  # keys on the target: ASK redirects
+    for slot, (_source, target) in moves.items():
+        setup.finish_move(slot, target)
+    traffic("moved")  # the target owns the slots: MOVED, then the new slot table
+    for slot, (_source, target) in moves.items():
+        assert setup.owner(slot) is target
+    for k in (bucket, entry):
+        assert command(moves[setup.slot_of(k)][1].port, "EXISTS", k) == 1
+
+    def totals_complete() -> bool:
+        views = [usage(r)["totals"] for r in (a, b)]
+        return views[0] == views[1] and (views[0]["requests"], views[0]["cache_hits"]) == (
+            served,
+            hits,
+        )
+
+    wait_until(totals_complete, "usage totals complete on both instances", 10)
+    assert len(upstream.requests) == served
+    assert redis_errors(pair) == errors
