@@ -350,8 +350,15 @@ class ClusterSetup:
         return [n.address for n in self.nodes]
 
     def start(self) -> None:
+        self.start_nodes()
+        self.create()
+
+    def start_nodes(self) -> None:
+        """The nodes alone, not yet joined (each one knows only itself)."""
         for node in self.nodes:
             node.start()
+
+    def create(self) -> None:
         result = subprocess.run(
             [self.cli, "--cluster", "create", *self.addresses, "--cluster-replicas", "0",
              "--cluster-yes"],
