@@ -2,8 +2,9 @@
 
 The chart passes redis.mode, redis.addresses and redis.master_name through
 to relay's config (which relay itself validates) and refuses sentinel or
-cluster mode with its bundled single Redis. The Compose file's optional
-profiles start a Sentinel set or a Cluster; their commands are run here
+cluster mode with its bundled single Redis. deploy/compose/redis-topologies.yml
+adds optional Compose profiles on top of docker-compose.yml that start a
+Sentinel set or a Cluster; their commands are run here
 against real redis-server processes (with hostnames swapped for local
 ports), so a broken sentinel config or cluster bootstrap fails a test.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.redis_server import (
     ClusterSetup,
@@ -38,6 +40,7 @@ from tests.test_deploy_files import (
     validate_k8s,
 )
 
+TOPOLOGIES = Path(__file__).resolve().parent.parent / "deploy" / "compose" / "redis-topologies.yml"
 SENTINELS = ["redis-sentinel-0.redis-sentinel:26379", "redis-sentinel-1.redis-sentinel:26379",
              "redis-sentinel-2.redis-sentinel:26379"]  # fmt: skip
 CLUSTER_SEEDS = ["redis-cluster-0.redis-cluster:6379", "redis-cluster-1.redis-cluster:6379"]
@@ -91,33 +94,42 @@ def test_helm_refuses_a_topology_it_cannot_serve(values: dict[str, Any], reason:
 # Compose
 
 
+def topologies() -> dict[str, Any]:
+    return dict(yaml.safe_load(TOPOLOGIES.read_text())["services"])
+
+
 def test_compose_profiles_wire_sentinel_and_cluster():
-    services = compose()["services"]
-    env = services["relay"]["environment"]
+    main = compose()["services"]
+    env = main["relay"]["environment"]
     # standalone unless the operator says otherwise
     assert env["REDIS_MODE"] == "${REDIS_MODE:-standalone}"
     assert env["REDIS_ADDRESSES"] == "${REDIS_ADDRESSES:-}"
     assert env["REDIS_MASTER_NAME"] == "${REDIS_MASTER_NAME:-mymaster}"
+    services = topologies()
     sentinel = ["redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"]
     cluster = ["redis-node-1", "redis-node-2", "redis-node-3", "redis-cluster-init"]
+    assert sorted(services) == sorted(sentinel + cluster)
     for name in sentinel:
         assert services[name]["profiles"] == ["sentinel"], name
     for name in cluster:
         assert services[name]["profiles"] == ["cluster"], name
-    # services without a profile are what `docker compose up` starts, as before
-    assert {n for n, s in services.items() if "profiles" not in s} == {
-        "relay", "redis", "prometheus", "grafana",
-    }  # fmt: skip
+    # the main file stays without them (a stack deploys every service it lists)
+    assert not set(services) & set(main)
     assert services["redis-replica"]["command"][-3:] == ["--replicaof", "redis", "6379"]
-    text = Path(compose.__globals__["COMPOSE"]).read_text()
-    # the commands the comments give name the services that exist
-    for line in re.findall(r"REDIS_ADDRESSES=(\S+)", text):
+    # the sentinels watch the main file's Redis under relay's default master name
+    assert "sentinel monitor mymaster redis 6379 2" in _sentinel_script()
+    assert "redis" in main
+    text = TOPOLOGIES.read_text()
+    # the commands the comments give name services that exist
+    commands = re.findall(r"REDIS_ADDRESSES=(\S+)", text)
+    assert len(commands) == 2
+    for line in commands:
         for address in line.split(","):
             assert address.split(":")[0] in services, address
 
 
 def _sentinel_script() -> str:
-    return str(compose()["services"]["sentinel-1"]["command"][2])
+    return str(topologies()["sentinel-1"]["command"][2])
 
 
 def test_compose_sentinel_command_starts_a_working_sentinel():
@@ -154,7 +166,7 @@ def test_compose_cluster_init_creates_the_cluster_once():
     setup = ClusterSetup()
     try:
         setup.start_nodes()
-        script = str(compose()["services"]["redis-cluster-init"]["command"][2])
+        script = str(topologies()["redis-cluster-init"]["command"][2])
         first = setup.nodes[0].port
         script = script.replace("redis-cli -h redis-node-1", f"{cli} -h 127.0.0.1 -p {first}")
         script = script.replace("redis-cli --cluster", f"{cli} --cluster")

@@ -20,7 +20,7 @@ from typing import Any, Protocol, cast
 import httptools
 
 from . import errors
-from .request import Request
+from .request import VARYING_HEADERS, Request
 
 __all__ = ["HOP_BY_HOP", "ClientConnection", "ConnectionLimits", "FlowListener", "Handler"]
 
@@ -42,9 +42,12 @@ HOP_BY_HOP = frozenset(
 )
 
 # Request headers relay does not pass upstream: hop-by-hop ones, and those it
-# sets itself (Host, framing, X-Forwarded-*), plus Expect (the body is read
-# before forwarding, so upstream never needs to say 100 Continue).
-NOT_FORWARDED = HOP_BY_HOP | {b"host", b"expect", b"x-forwarded-for", b"x-forwarded-proto"}
+# sets itself (Host, framing, X-Forwarded-*, Accept-Encoding: relay asks for
+# identity, see relay/exchange.py), plus Expect (the body is read before
+# forwarding, so upstream never needs to say 100 Continue).
+NOT_FORWARDED = HOP_BY_HOP | {
+    b"host", b"expect", b"x-forwarded-for", b"x-forwarded-proto", b"accept-encoding"
+}
 
 MAX_HEADERS = 128            # aiohttp's default; AI SDKs send ~20
 MAX_PIPELINED = 32           # queued requests before the socket stops being read
@@ -323,6 +326,8 @@ class ClientConnection(asyncio.Protocol):
                 host_seen = True
             elif lname == b"x-forwarded-for":
                 request.forwarded_for = value
+            elif lname in VARYING_HEADERS:
+                request.add_varying(lname, value)
             elif lname == b"connection":
                 tokens = {t.strip().lower() for t in value.split(b",")}
                 tokens -= {b"close", b"keep-alive", b""}

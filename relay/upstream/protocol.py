@@ -160,8 +160,9 @@ class UpstreamConnection(asyncio.Protocol):
         sink = self._sink
         if sink is None:
             return
-        if self._head_done and self._close_delimited:
-            # A response without length ends when the connection does.
+        if self._head_done and self._close_delimited and exc is None:
+            # A response without length ends when the connection does, but
+            # only a clean close (FIN) proves the end: a reset may have cut it.
             self._sink = None
             sink.on_complete()
         else:
