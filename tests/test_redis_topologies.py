@@ -269,14 +269,18 @@ def test_sentinel_failover_mid_traffic_answers_every_request(
     try:
         killer.start()
         # A bounded loop: every request gets a normal answer in bounded time
-        # while the master is dead, unelected, and then replaced.
-        for i in range(600):
+        # while the master is dead, unelected, and then replaced; it runs on
+        # for a few requests after the promotion.
+        after_promotion = 0
+        for i in range(5000):
             reply, seconds = timed((a, b)[i % 2], prompt(f"during {i}"), traffic)
             assert reply.status == 200, reply.body
             slowest = max(slowest, seconds)
             answered += 1
-            if not killer.is_alive() and i >= 20:
-                break
+            if not killer.is_alive():
+                after_promotion += 1
+                if after_promotion >= 20:
+                    break
         killer.join(60)
         assert promoted, "the failover did not complete"
         assert slowest < REQUEST_BOUND, slowest
@@ -304,12 +308,24 @@ def test_sentinel_failover_mid_traffic_answers_every_request(
         assert remaining == [str(4999 - i) for i in range(6)]
         assert command(new_master.port, "KEYS", "relay:rl:*")
 
-        # Usage totals recorded (and replicated) before the kill survived it,
-        # and nothing is counted twice.
-        views = [usage(r) for r in (a, b)]
-        assert [v["backend"] for v in views] == ["redis", "redis"]
-        assert views[0]["totals"] == views[1]["totals"]
-        assert 4 <= views[0]["totals"]["requests"] <= len(upstream.requests)
+        # Usage totals: what each instance could not send while the master
+        # was gone is sent to the new one, once; nothing is counted twice.
+        # The one loss Redis allows: a batch the old master acknowledged in
+        # the instant before the kill, before replicating it (asynchronous
+        # replication); traffic here is one request at a time, so that is
+        # at most the one-record batch each instance had just sent.
+        served = len(upstream.requests)
+
+        def totals_settled() -> bool:
+            views = [usage(r) for r in (a, b)]
+            requests = views[0]["totals"]["requests"]
+            return (
+                [v["backend"] for v in views] == ["redis", "redis"]
+                and views[0]["totals"] == views[1]["totals"]
+                and served - 2 <= requests <= served
+            )
+
+        wait_until(totals_settled, "usage totals complete on the new master", 20)
         back = [r.getMessage() for r in caplog.records if "is back" in r.getMessage()]
         assert any(f"master at 127.0.0.1:{new_master.port}" in m for m in back), back
     finally:
