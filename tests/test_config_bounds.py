@@ -154,7 +154,8 @@ def test_every_numeric_key_has_its_edges_listed() -> None:
     numeric = {
         k for k in known_keys()
         if k.split(".")[1] not in ("enabled", "port", "target", "scope", "key", "address",
-                                   "password", "level", "requests")
+                                   "password", "level", "requests", "mode", "addresses",
+                                   "master_name")
     }  # fmt: skip
     assert numeric == set(EDGES)
 
