@@ -185,6 +185,7 @@ class RedisConnection:
         self._log = logger or logging.getLogger("relay.redis")
         self._sentinel: Any = None
         self._pool: Any = None
+        self._gate: asyncio.Semaphore | None = None  # cluster: bounds calls in flight
         self.client: Any = self._make_client(password, db, timeout, max_connections)
         self._up = True
         self._closed = False
@@ -213,14 +214,18 @@ class RedisConnection:
             from redis.asyncio.cluster import ClusterNode, RedisCluster
 
             # A cluster node's pool does not queue: past max_connections a
-            # call fails with MaxConnectionsError (a fallback, not an outage).
+            # call would fail with MaxConnectionsError. The gate in execute()
+            # lets at most that many calls run at once (each holds at most
+            # one socket per node), so a burst queues within its deadline,
+            # as on the blocking pool of the other modes.
             # One retry lets a call that met a failed node rediscover the
             # slots and try the new owner, still within the call's deadline.
             del common["retry"]
+            self._gate = asyncio.Semaphore(max_connections)
             return RedisCluster(
                 startup_nodes=[ClusterNode(host, port) for host, port in self._seeds],
                 retry=Retry(NoBackoff(), 1),
-                max_connections=max_connections * 4,
+                max_connections=max_connections,
                 **common,
             )
         if self.mode == "sentinel":
@@ -270,7 +275,10 @@ class RedisConnection:
         try:
             # asyncio.timeout is wait_for's deadline without the extra Task per call.
             async with asyncio.timeout(self.timeout):
-                return await fn(*args, **kwargs)
+                if self._gate is None:
+                    return await fn(*args, **kwargs)
+                async with self._gate:
+                    return await fn(*args, **kwargs)
         except self._call_errors as exc:
             self._failed(exc)
             raise RedisUnavailable(type(exc).__name__) from exc

@@ -15,6 +15,7 @@ is followed by redis-py without an error, a fallback or a lost count.
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import logging
@@ -27,6 +28,7 @@ from typing import Any
 
 import pytest
 
+from relay.redisconn import RedisConnection
 from relay.testing import ThreadedFakeUpstream
 from tests.redis_server import ClusterSetup, RedisServer, SentinelSetup, command, wait_until
 from tests.support import RelayThread, make_config
@@ -408,3 +410,33 @@ def test_cluster_slot_migration_is_followed_without_a_fallback(cluster_setup, ma
     wait_until(totals_complete, "usage totals complete on both instances", 10)
     assert len(upstream.requests) == served
     assert redis_errors(pair) == errors
+
+
+# --------------------------------------------------------------------------- #
+# bursts
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("name", ["sentinel", "cluster"])
+def test_a_burst_beyond_the_pool_queues_instead_of_failing(name, request, run):
+    """More calls at once than sockets: they wait (within the deadline) for
+    one, as on the standalone blocking pool; none fails, none falls back."""
+    topo = (sentinel if name == "sentinel" else cluster)(request.getfixturevalue(f"{name}_setup"))
+    section = topo.redis
+    errors = []
+
+    async def main() -> list[bytes | None]:
+        conn = RedisConnection(
+            "localhost:1", timeout=5.0, on_error=lambda: errors.append(1), mode=name,
+            addresses=section["addresses"], master_name=section.get("master_name", "mymaster"),
+            max_connections=2,
+        )  # fmt: skip
+        try:
+            assert await conn.check()
+            keys = [f"relay:burst:{name}:{i}".encode() for i in range(40)]
+            await asyncio.gather(*(conn.execute(conn.client.set, k, k, px=60000) for k in keys))
+            return await asyncio.gather(*(conn.execute(conn.client.get, k) for k in keys))
+        finally:
+            await conn.close()
+
+    values = run(main())
+    assert values == [f"relay:burst:{name}:{i}".encode() for i in range(40)]
+    assert errors == []
