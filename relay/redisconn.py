@@ -143,6 +143,7 @@ class RedisConnection:
             raise ValueError(f"unknown redis mode {mode!r}; use one of {MODES}")
         from redis.exceptions import (
             ClusterDownError,
+            ClusterError,
             MaxConnectionsError,
             RedisClusterException,
             RedisError,
@@ -156,9 +157,14 @@ class RedisConnection:
         self._call_errors: tuple[type[BaseException], ...] = (
             RedisError, RedisClusterException, OSError, TimeoutError,
         )  # fmt: skip
-        # The server answered (or refused to route) but is reachable.
+        # The server answered (or refused to route) but is reachable. A
+        # cluster's ClusterError ("TTL exhausted": 16 redirects without an
+        # answer) concerns one slot, typically one being migrated: redis-py
+        # 8.1's asyncio client sends ASKING on one pooled socket and the
+        # command on another, so the target answers MOVED and the source ASK
+        # again. Only that call falls back; the other slots keep using Redis.
         self._reply_errors: tuple[type[BaseException], ...] = (
-            ResponseError, RedisClusterException,
+            ResponseError, RedisClusterException, ClusterError,
         )  # fmt: skip
         # ...except these, which mean the data cannot be reached right now.
         self._outage_replies: tuple[type[BaseException], ...] = (
