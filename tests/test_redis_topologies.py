@@ -20,6 +20,7 @@ import asyncio
 import http.client
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -28,7 +29,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+import yaml
 
+from relay.config import load_config
 from relay.redisconn import RedisConnection
 from relay.testing import ThreadedFakeUpstream
 from tests.redis_server import ClusterSetup, RedisServer, SentinelSetup, command, wait_until
@@ -448,3 +451,50 @@ def test_a_burst_beyond_the_pool_queues_instead_of_failing(name, request, run):
     values = run(main())
     assert values == [f"relay:burst:{name}:{i}".encode() for i in range(40)]
     assert errors == []
+
+
+# --------------------------------------------------------------------------- #
+# hot reload between topologies
+# --------------------------------------------------------------------------- #
+def test_an_edit_moves_relay_from_standalone_to_cluster_without_a_restart(
+    standalone_server, cluster_setup, upstream, tmp_path
+):
+    """redis.mode and redis.addresses are hot-reloadable like every redis.*
+    key: the running process opens the cluster connection and its buckets
+    and cache entries go there from then on."""
+    alone = standalone(standalone_server)
+    clustered = cluster(cluster_setup)
+    alone.flush()
+    clustered.flush()
+    path = str(tmp_path / "relay.yaml")
+    data: dict[str, Any] = {
+        "server": {"port": "127.0.0.1:0", "shutdown_timeout": 1},
+        "proxy": {"target": upstream.url},
+        "cache": {"enabled": True, "ttl": 60},
+        "ratelimit": {"enabled": True, "requests_per_second": 0.01, "burst": 100},
+        "circuit_breaker": {"enabled": False},
+        "redis": alone.redis,
+    }
+    with open(path, "w") as f:
+        yaml.safe_dump(data, f)
+    relay = RelayThread(load_config(path, env={}))
+    relay.start()
+    try:
+        assert call(relay, prompt("before the edit"), headers=fresh_key()).status == 200
+        wait_until(lambda: alone.keys("relay:rl:*"), "bucket in the standalone Redis", 5)
+        with open(path + ".new", "w") as f:
+            yaml.safe_dump({**data, "redis": clustered.redis}, f)
+        os.replace(path + ".new", path)
+
+        def on_cluster() -> bool:
+            reply = call(relay, prompt(f"after {uuid.uuid4().hex}"), headers=fresh_key())
+            assert reply.status == 200
+            return bool(clustered.keys("relay:rl:*"))
+
+        wait_until(on_cluster, "buckets written to the cluster", 10)
+        assert metric(relay, "relay_config_reload_errors_total") == 0
+        before = len(alone.keys("relay:rl:*"))
+        assert call(relay, prompt("on the cluster"), headers=fresh_key()).status == 200
+        assert len(alone.keys("relay:rl:*")) == before  # the old Redis is left alone
+    finally:
+        relay.stop()
