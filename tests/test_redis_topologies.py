@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import openai
 import pytest
 import yaml
 
@@ -37,6 +38,17 @@ from relay.testing import ThreadedFakeUpstream
 from tests.redis_server import ClusterSetup, RedisServer, SentinelSetup, command, wait_until
 from tests.support import RelayThread, make_config
 from tests.test_features import CHAT, Reply, call, metric
+from tests.test_keys import (
+    PRICES,
+    chat,
+    create_key,
+    http_json,
+    keys_section,
+    openai_client,
+    show_key,
+    until,
+)
+from tests.test_keys_shared import ANSWER_COST, _fire
 
 pytestmark = pytest.mark.redis
 
@@ -498,3 +510,117 @@ def test_an_edit_moves_relay_from_standalone_to_cluster_without_a_restart(
         assert len(alone.keys("relay:rl:*")) == before  # the old Redis is left alone
     finally:
         relay.stop()
+
+
+# --------------------------------------------------------------------------- #
+# virtual keys: budgets on each topology and across a failover
+# --------------------------------------------------------------------------- #
+BUDGET = 0.1
+
+
+def test_key_budget_holds_across_two_instances_on_each_topology(topology, make_pair, tmp_path):
+    topology.flush()
+    pair = make_pair(topology, keys=keys_section(tmp_path, store="redis"), models=PRICES)
+    a, b = pair.a, pair.b
+    key = create_key(a.port, budget_usd=BUDGET)
+    results = _fire([a, b], key["secret"], 20)
+    answered = [r for r in results if not isinstance(r, Exception)]
+    refused = [r for r in results if isinstance(r, Exception)]
+    assert len(answered) >= 2 and refused
+    assert all(r.status_code == 403 and r.code == "budget_exceeded" for r in refused)
+    shown = until(lambda: (k := show_key(b.port, key["id"]))["requests"] == len(answered) and k)
+    assert shown["spend_usd"] <= BUDGET
+    assert shown["spend_usd"] == pytest.approx(len(answered) * ANSWER_COST)
+    # Every record of the key shares its id's hash tag: one slot on a cluster.
+    records = topology.keys(f"relay:{{{key['id']}}}:*")
+    assert records
+    if topology.name == "cluster":
+        slots = {int(command(p, "CLUSTER", "KEYSLOT", r)) for r in records for p in topology.masters()[:1]}
+        assert len(slots) == 1
+
+
+def test_key_budget_holds_across_a_sentinel_failover(sentinel_setup, make_pair, tmp_path):
+    """Requests against one budget from two instances while the master is
+    killed and a replica promoted: each is answered or refused in bounded
+    time; afterwards the key admits exactly what its budget has left, and
+    the recorded spend never exceeds the budget."""
+    setup = sentinel_setup
+    topo = sentinel(setup)
+    topo.flush()
+    pair = make_pair(topo, keys=keys_section(tmp_path, store="redis"), models=PRICES)
+    a, b = pair.a, pair.b
+    key = create_key(a.port, budget_usd=BUDGET)
+    clients = [openai_client(r, key["secret"]) for r in (a, b)]
+    answered = 0
+    for client in clients:
+        chat(client)
+        answered += 1
+    until(lambda: show_key(b.port, key["id"])["requests"] == answered)
+    setup.wait_replicated()
+    old_master = setup.current_master()
+    promoted: list[RedisServer] = []
+    killer = threading.Thread(target=lambda: promoted.append(setup.fail_over()), daemon=True)
+    outcomes: list[Any] = []
+    slowest = 0.0
+
+    def attempt(index: int) -> Any:
+        nonlocal answered, slowest
+        started = time.monotonic()
+        try:
+            chat(clients[index % 2])
+            answered += 1
+            outcome: Any = "ok"
+        except openai.APIStatusError as exc:
+            outcome = exc.status_code
+        slowest = max(slowest, time.monotonic() - started)
+        outcomes.append(outcome)
+        return outcome
+
+    try:
+        killer.start()
+        # While the master is dead and until it is replaced: every request
+        # answered or refused (the store's rules while it cannot be asked).
+        for i in range(3000):
+            attempt(i)
+            if not killer.is_alive():
+                break
+            time.sleep(0.01)
+        killer.join(60)
+        assert promoted, "the failover did not complete"
+        for relay in (a, b):
+            until(lambda r=relay: http_json(r.port, "GET", "/relay/usage")[1]["backend"] == "redis",
+                  20)  # fmt: skip
+        # On the new master: admitted until the budget is spent, then refused.
+        # (An instance may still refuse from what it cached during the outage
+        # for up to a second, so a refusal counts once it persists.)
+        refused_since: float | None = None
+        for i in range(60):
+            if attempt(i) != 403:
+                refused_since = None
+                continue
+            refused_since = refused_since or time.monotonic()
+            if time.monotonic() - refused_since > 2.0:
+                break
+            time.sleep(0.25)
+        assert outcomes[-1] == 403
+        assert set(outcomes) <= {"ok", 403, 503}, outcomes
+        assert slowest < 5.0, slowest
+
+        def settled() -> dict[str, Any] | None:
+            # 503 store_unavailable until this instance sees Redis again.
+            status, shown, _ = http_json(a.port, "GET", f"/relay/admin/keys/{key['id']}")
+            return shown if status == 200 and shown["requests"] >= answered - 1 else None
+
+        shown = until(settled, 20)
+        # Never beyond the budget; each recorded answer counted once. At most
+        # the one answer settled on the old master in the instant before the
+        # kill can be missing (asynchronous replication).
+        assert shown["spend_usd"] <= BUDGET + 1e-9
+        assert shown["spend_usd"] == pytest.approx(shown["requests"] * ANSWER_COST)
+        assert answered - 1 <= shown["requests"] <= answered
+        # The whole budget was usable: the answers a budget of 0.1 allows one
+        # at a time (each reserves $0.048 and costs $0.012), failover or not.
+        assert shown["requests"] >= 5
+    finally:
+        killer.join(60)
+        setup.restore_old_master(old_master)
