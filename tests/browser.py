@@ -48,7 +48,7 @@ def find_chromium() -> str:
         if candidate and (found := shutil.which(candidate)):
             return found
     if os.environ.get("CI"):
-        raise RuntimeError("chromium not found and CI is set (install Debian's chromium package)")
+        pytest.fail("chromium not found and CI is set (install Debian's chromium package)")
     pytest.skip("chromium not found (install Debian's chromium package)")
 
 
