@@ -207,6 +207,16 @@ def test_console_creates_a_key_that_works_until_revoked(browser, upstream, tmp_p
             assert carries == request["url"].startswith(relay.url + "/relay/admin/keys")
         assert any(e["request"]["method"] == "DELETE" for e in sent)
 
+        # A key whose budget cannot cover a request: refused before it goes
+        # upstream, and counted on the page as a budget rejection.
+        tiny = create_in_console(page, "tiny-budget", budget="0.000001")
+        with pytest.raises(openai.PermissionDeniedError) as refused:
+            ask(sdk(relay.url, tiny), "over budget")
+        assert refused.value.code == "budget_exceeded"
+        page.wait_for("document.getElementById('budget-rejected').textContent === '1'")
+        status = json.loads(urllib.request.urlopen(relay.url + "/relay/status", timeout=10).read())
+        assert status["keys"]["by_reason"]["budget"] == 1
+
         for width in (1280, 390):
             page.set_viewport(width, 900)
             before = page.evaluate("Number(document.body.dataset.updates)")

@@ -197,3 +197,11 @@ def test_histogram_quantile_interpolates_like_prometheus():
     assert histogram_quantile(0.95, buckets) == pytest.approx(0.195)
     # A rank in the +Inf bucket answers the largest finite bound.
     assert histogram_quantile(0.99, [(0.1, 1.0), (inf, 10.0)]) == 0.1
+
+
+def test_status_says_when_metrics_are_off(relay_factory, upstream):
+    relay = relay_factory(upstream.url, metrics={"enabled": False})
+    assert post(relay.port, "/v1/chat/completions", chat("metrics off"))[0] == 200
+    status = status_json(relay.port)
+    assert status["metrics_enabled"] is False
+    assert status["requests"]["total"] == 0 and status["cache"] == {"hits": 0, "misses": 0}
