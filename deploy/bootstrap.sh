@@ -57,7 +57,7 @@ setup_venv() {
     if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ]; then
         say "installing relay and its dependencies ($spec)"
         .venv/bin/python -m pip install -q --upgrade pip >&2
-        .venv/bin/python -m pip install -q "cython>=3.0" "setuptools>=68" wheel >&2
+        .venv/bin/python -m pip install -q "cython>=3.0" "setuptools>=77" wheel >&2
         .venv/bin/python -m pip install -q -e "$spec" >&2
         touch "$stamp"
     fi

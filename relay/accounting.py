@@ -21,6 +21,7 @@ from .exchange import ProxyExchange
 from .http.request import Request
 from .metrics import Metrics, RequestMetricsOff
 from .sse import SSESplitter
+from .tokens import OFFLOAD_CHARS
 from .usage import (
     StreamUsage,
     Usage,
@@ -97,6 +98,21 @@ class Accounting:
             request.model() or "", estimator, request_text, response_text_for_estimate(response)
         )
 
+    async def usage_async(
+        self, request: Request, exchange: ProxyExchange, body: bytes
+    ) -> Usage | None:
+        """:meth:`usage_of`, with a large estimate run off the event loop."""
+        if not self.needs_estimate(request, exchange):
+            return self.usage_of(request, exchange, body)  # read from the response: cheap
+        estimator = self.runtime.estimator
+        if exchange.splitter is not None:
+            # A stream's kept text is not measured without walking it, and
+            # a stream without usage is rare: always off the loop.
+            size = OFFLOAD_CHARS + 1
+        else:
+            size = len(body) + len(exchange.body())
+        return await estimator.run(size, self.usage_of, request, exchange, body)
+
     async def shared_usage(
         self,
         request: Request,
@@ -125,20 +141,32 @@ class Accounting:
             rest = splitter.flush()
             if rest:
                 stream.on_event(rest)
-            if not stream.has_usage:
-                await estimator.ensure_loaded(self.models)
-            return stream.result(
-                estimator, lambda: request_text_for_estimate(request.body, request.json())
+            if stream.has_usage:
+                return stream.result(estimator)
+            await estimator.ensure_loaded(self.models)
+            return await estimator.run(
+                len(body) + len(request.body),
+                stream.result,
+                estimator,
+                lambda: request_text_for_estimate(request.body, request.json()),
             )
         usage = usage_from_json(body)
         if usage is not None:
             return usage
+        await estimator.ensure_loaded(self.models)
+        return await estimator.run(
+            len(body) + len(request.body), self._estimate_shared, request, body
+        )
+
+    def _estimate_shared(self, request: Request, body: bytes) -> Usage | None:
         request_text = request_text_for_estimate(request.body, request.json())
         if not request_text:
             return None
-        await estimator.ensure_loaded(self.models)
         return estimate_usage(
-            request.model() or "", estimator, request_text, response_text_for_estimate(body)
+            request.model() or "",
+            self.runtime.estimator,
+            request_text,
+            response_text_for_estimate(body),
         )
 
     # ------------------------------------------------------------------ #
@@ -184,10 +212,11 @@ def with_usage(
     """Keep the usage of a cached response beside it, so a hit counts as saved cost."""
     if usage is None:
         return headers
-    value = b"%d,%d,%d,%s" % (
+    value = b"%d,%d,%d,%d,%s" % (
         usage.prompt_tokens,
         usage.completion_tokens,
         usage.cached_tokens,
+        usage.cache_write_tokens,
         usage.model.encode("utf-8", "replace").replace(b",", b"_")[:128],
     )
     return (*headers, (USAGE_HEADER, value))
@@ -198,9 +227,13 @@ def stored_usage(entry: CacheEntry) -> Usage | None:
     for name, value in entry.headers:
         if name == USAGE_HEADER:
             try:
-                prompt, completion, cached, model = value.split(b",", 3)
+                prompt, completion, cached, written, model = value.split(b",", 4)
                 return Usage(
-                    model.decode("utf-8", "replace"), int(prompt), int(completion), int(cached)
+                    model.decode("utf-8", "replace"),
+                    int(prompt),
+                    int(completion),
+                    int(cached),
+                    cache_write_tokens=int(written),
                 )
             except ValueError:
                 return None

@@ -58,8 +58,7 @@ class Gateway:
         self.runtime = Runtime(
             loop, metrics or Metrics(), count_reload_errors=worker_index == 0
         )
-        self.runtime.apply(config)
-        self.pipeline = Pipeline(config, self.runtime)
+        self.pipeline = self.runtime.apply(config, lambda: Pipeline(config, self.runtime))
         self.server = RelayServer(self.dispatch, _limits(config), loop)
         self._watcher: ConfigWatcher | None = None
         self._stopping: asyncio.Future[None] = loop.create_future()
@@ -84,15 +83,18 @@ class Gateway:
             log.warning("config: %s changed; it takes effect after a restart", key)
         config = keep_restart_values(self.config, new)
         try:
-            self.runtime.apply(config)
-            pipeline = Pipeline(config, self.runtime)
+            limits = _limits(config)
+            pipeline = self.runtime.apply(config, lambda: Pipeline(config, self.runtime))
         except Exception as exc:  # a config that validates but cannot be built
+            # Runtime.apply undid everything of it. Every worker sees the
+            # same edit fail; one of them counts it.
             log.error("config: reload of %s failed, keeping the running config: %s", new.source, exc)
-            self.runtime.metrics.config_reload_errors.inc()
+            if self.runtime.count_reload_errors:
+                self.runtime.metrics.config_reload_errors.inc()
             return
         self.config = config
         self.pipeline = pipeline
-        self.server.set_limits(_limits(config))
+        self.server.set_limits(limits)
         log.info("config: reloaded %s", new.source)
 
     def _reload_failed(self, error: ConfigError) -> None:

@@ -28,24 +28,50 @@ __all__ = [
     "FlightAborted",
     "Follower",
     "Leader",
+    "PER_CALLER_HEADERS",
     "MemoryCache",
     "RedisCache",
     "replay_headers",
+    "shared_headers",
 ]
 
 Headers = tuple[tuple[bytes, bytes], ...]
 
+# Response headers that belong to the one caller whose request produced the
+# response: session cookies and authentication state. They never reach
+# another caller, neither from the cache nor as a coalesced follower.
+# (WWW-Authenticate and Proxy-Authenticate answer that caller's credentials;
+# Proxy-Authenticate is hop-by-hop anyway.)
+PER_CALLER_HEADERS = frozenset(
+    {
+        b"set-cookie",
+        b"set-cookie2",
+        b"authentication-info",
+        b"proxy-authentication-info",
+        b"www-authenticate",
+    }
+)
+
 # Never replayed from the cache: hop-by-hop headers (RFC 9110 7.6.1), the
-# framing the server recomputes for the replay, cookies (one client's cookie
-# must not reach another) and relay's own marker, which the server sets.
-_DROPPED_HEADERS = HOP_BY_HOP | {b"set-cookie", b"x-relay-cache"}
+# framing the server recomputes for the replay, per-caller headers and
+# relay's own marker, which the server sets.
+_DROPPED_HEADERS = HOP_BY_HOP | PER_CALLER_HEADERS | {b"x-relay-cache", b"content-encoding"}
+
+
+def shared_headers(headers: Headers) -> Headers:
+    """``headers`` without :data:`PER_CALLER_HEADERS` (for another caller)."""
+    for name, _ in headers:
+        if name.lower() in PER_CALLER_HEADERS:
+            return tuple(pair for pair in headers if pair[0].lower() not in PER_CALLER_HEADERS)
+    return headers
 
 
 def replay_headers(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
     """The subset of upstream response headers worth storing in a CacheEntry.
 
     Drops hop-by-hop headers (also those a ``Connection`` header names),
-    Content-Length / Transfer-Encoding, Set-Cookie and X-Relay-Cache.
+    Content-Length / Transfer-Encoding, the per-caller headers, X-Relay-Cache
+    and Content-Encoding (entries are stored decoded, as identity).
     """
     headers = tuple(headers)
     dropped = _DROPPED_HEADERS
@@ -59,7 +85,9 @@ def replay_headers(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
 
 # -- the stored entry -------------------------------------------------------
 
-_FORMAT_VERSION = 1
+# 2: bodies are stored decoded (identity); a version-1 entry may hold a body
+# in a Content-Encoding some client did not accept, so it reads as a miss.
+_FORMAT_VERSION = 2
 _FLAG_STREAMED = 0x01
 # version, flags, status, created (wall-clock seconds), header count
 _HEAD = struct.Struct(">BBHdH")
@@ -424,13 +452,6 @@ class Leader:
         flight.state = _FAILED
         self._coalescer._detach(flight)
         flight.notify()
-
-    def body(self) -> bytes | None:
-        """The complete body after finish(), for the CacheEntry; None if overflowed."""
-        flight = self._flight
-        if flight.state != _DONE or flight.overflowed:
-            return None
-        return b"".join(flight.chunks)
 
     def close(self) -> None:
         self.fail()

@@ -21,6 +21,7 @@ import time
 from collections.abc import Sequence
 
 from .config import (
+    MAX_WORKERS,
     Config,
     ConfigError,
     check_config,
@@ -71,8 +72,8 @@ def _load(args: argparse.Namespace) -> tuple[Config, Config]:
         host, port = parse_listen_address(args.port)
         server = dataclasses.replace(server, host=host, port=port)
     if args.workers is not None:
-        if args.workers < 1:
-            raise ValueError("--workers must be at least 1")
+        if not 1 <= args.workers <= MAX_WORKERS:
+            raise ValueError(f"--workers must be from 1 to {MAX_WORKERS}")
         server = dataclasses.replace(server, workers=args.workers)
     return dataclasses.replace(config, server=server), file_config
 

@@ -107,6 +107,7 @@ class ModelPrice:
     input: float
     output: float
     cached_input: float | None = None
+    cache_write_input: float | None = None  # Anthropic cache_creation_input_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +193,9 @@ def _describe(value: Any, secret: bool = False) -> str:
         kind, text = "a boolean", "true" if value else "false"
     elif value is None:
         return "nothing (null)"
-    elif isinstance(value, int | float):
+    elif isinstance(value, int):
+        kind, text = "a number", _short(value)
+    elif isinstance(value, float):
         kind, text = "a number", repr(value)
     elif isinstance(value, str):
         shown = value if len(value) <= 60 else value[:57] + "..."
@@ -207,7 +210,9 @@ def _describe(value: Any, secret: bool = False) -> str:
 
 
 def _number(text: float) -> str:
-    return repr(int(text)) if float(text).is_integer() else repr(text)
+    if isinstance(text, int):
+        return repr(text)
+    return repr(int(text)) if text.is_integer() and abs(text) < 1e16 else repr(text)
 
 
 def _above(limit: float) -> Callable[[Any], Any]:
@@ -223,6 +228,20 @@ def _at_least(limit: float) -> Callable[[Any], Any]:
     def check(value: Any) -> Any:
         if not value >= limit:
             raise _Invalid(f"must be >= {_number(limit)}, got {_describe(value)}")
+        return value
+
+    return check
+
+
+def _between(low: float, high: float, *, above: bool = False) -> Callable[[Any], Any]:
+    """``low <= value <= high`` (``low < value`` with ``above``)."""
+    low_text = f"> {_number(low)}" if above else f">= {_number(low)}"
+
+    def check(value: Any) -> Any:
+        if not (value > low if above else value >= low):
+            raise _Invalid(f"must be {low_text}, got {_describe(value)}")
+        if not value <= high:  # also refuses NaN
+            raise _Invalid(f"must be <= {_number(high)}, got {_describe(value)}")
         return value
 
     return check
@@ -341,47 +360,78 @@ class _Key:
     secret: bool = False
 
 
+# Upper bounds that every value must respect, so that a value the loader
+# accepts is one every consumer accepts too (asyncio timers, socket timeouts,
+# Redis expiry times, the C types of relay._fast). A reload whose values
+# passed these checks cannot be refused later by an object refusing to be
+# built from them, which would leave it half applied.
+MAX_SECONDS = 31_536_000.0  # one year: durations, timeouts, TTLs
+MAX_COUNT = 2**31 - 1  # counts held in a C int (failure_threshold) or similar
+MAX_EXACT = 2**53  # largest integer a double (token buckets, Lua) holds exactly
+MAX_BYTES = 2**53  # byte sizes
+MAX_RATE = 1e9  # requests per second
+MAX_REFILL_SECONDS = 1e12  # burst / rate: Redis expiry in ms must fit 64 bits
+MAX_WORKERS = 1024
+# Backstops by type, for keys without a bound of their own.
+_INT_LIMIT = 2**63 - 1  # what C long long, Redis integers and SQLite hold
+_FLOAT_LIMIT = 1e15
+
+
+def bounded(kind: str, low: float, high: float, *, above: bool = False) -> _Key:
+    """A numeric key (``kind`` "int" or "float") valid from ``low`` to ``high``
+    inclusive (``above=True``: strictly more than ``low``). The one way to
+    declare a number: every numeric key has both bounds."""
+    if kind not in ("int", "float"):
+        raise ValueError(f"bounded() is for int and float keys, not {kind!r}")
+    return _Key(kind, _between(low, high, above=above))
+
+
+def seconds(low: float = 0.0, high: float = MAX_SECONDS) -> _Key:
+    """A duration in seconds, more than ``low`` (default: any positive)."""
+    return bounded("float", low, high, above=True)
+
+
 _SECTIONS: Mapping[str, Mapping[str, _Key]] = types.MappingProxyType(
     {
         "server": {
             "port": _Key("listen", _listen),  # -> ServerConfig.host + .port
-            "workers": _Key("int", _at_least(1)),
-            "max_body_bytes": _Key("int", _above(0)),
-            "max_header_bytes": _Key("int", _above(0)),
-            "header_timeout": _Key("float", _above(0)),
-            "idle_timeout": _Key("float", _above(0)),
-            "shutdown_timeout": _Key("float", _above(0)),
+            "workers": bounded("int", 1, MAX_WORKERS),
+            "max_body_bytes": bounded("int", 0, MAX_BYTES, above=True),
+            "max_header_bytes": bounded("int", 0, MAX_BYTES, above=True),
+            "header_timeout": seconds(),
+            "idle_timeout": seconds(),
+            "shutdown_timeout": seconds(),
         },
         "proxy": {
             "target": _Key("str", _target_url),
-            "connect_timeout": _Key("float", _above(0)),
-            "read_timeout": _Key("float", _above(0)),
-            "pool_size": _Key("int", _above(0)),
+            "connect_timeout": seconds(),
+            "read_timeout": seconds(),
+            "pool_size": bounded("int", 0, MAX_COUNT, above=True),
         },
         "cache": {
             "enabled": _Key("bool"),
-            "ttl": _Key("float", _above(0)),
-            "max_entries": _Key("int", _above(0)),
-            "max_body_bytes": _Key("int", _above(0)),
+            "ttl": seconds(),
+            "max_entries": bounded("int", 0, MAX_COUNT, above=True),
+            "max_body_bytes": bounded("int", 0, MAX_BYTES, above=True),
             "scope": _Key("str", _one_of("api_key", "global")),
         },
         "ratelimit": {
             "enabled": _Key("bool"),
-            "requests_per_second": _Key("float", _above(0)),
-            "burst": _Key("int", _at_least(1)),
+            "requests_per_second": bounded("float", 0, MAX_RATE, above=True),
+            "burst": bounded("int", 1, MAX_EXACT),
             "key": _Key("str", _one_of("api_key", "ip", "global")),
         },
         "circuit_breaker": {
             "enabled": _Key("bool"),
-            "failure_threshold": _Key("int", _at_least(1)),
-            "recovery_timeout": _Key("float", _above(0)),
+            "failure_threshold": bounded("int", 1, MAX_COUNT),
+            "recovery_timeout": seconds(),
         },
         "redis": {
             "enabled": _Key("bool"),
             "address": _Key("str", _host_port),
             "password": _Key("str", secret=True),
-            "db": _Key("int", _at_least(0)),
-            "timeout": _Key("float", _above(0)),
+            "db": bounded("int", 0, MAX_COUNT),
+            "timeout": seconds(),
         },
         "log": {
             "level": _Key(
@@ -456,13 +506,11 @@ def _from_yaml(spec: _Key, value: Any) -> Any:
     elif spec.kind == "float":
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise _Invalid(f"must be a number, got {_describe(value, secret)}")
-        value = float(value)
-        if not math.isfinite(value):
-            raise _Invalid(f"must be a finite number, got {_describe(value)}")
+        value = _finite(value)
     elif spec.kind == "str":
         if not isinstance(value, str):
             raise _Invalid(f"must be a string (quote it), got {_describe(value, secret)}")
-    return spec.check(value)
+    return _backstop(spec, spec.check(value))
 
 
 def _from_env(spec: _Key, text: str) -> Any:
@@ -487,9 +535,32 @@ def _from_env(spec: _Key, text: str) -> Any:
             value = float(stripped)
         except ValueError:
             raise _Invalid(f"must be a number, got {_describe(text)}") from None
-        if not math.isfinite(value):
-            raise _Invalid(f"must be a finite number, got {_describe(text)}")
-    return spec.check(value)
+        value = _finite(value)
+    return _backstop(spec, spec.check(value))
+
+
+def _finite(value: float) -> float:
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond any double
+        raise _Invalid(f"must be a finite number, got {_short(int(value))}") from None
+    if not math.isfinite(number):
+        raise _Invalid(f"must be a finite number, got {_describe(number)}")
+    return number
+
+
+def _backstop(spec: _Key, value: Any) -> Any:
+    """The bound by type, for a key whose own check has none."""
+    if spec.kind == "int" and not -_INT_LIMIT <= value <= _INT_LIMIT:
+        raise _Invalid(f"must be an integer between -(2**63 - 1) and 2**63 - 1, got {_short(value)}")
+    if spec.kind == "float" and not -_FLOAT_LIMIT <= value <= _FLOAT_LIMIT:
+        raise _Invalid(f"must be between -1e15 and 1e15, got {_describe(value)}")
+    return value
+
+
+def _short(value: int) -> str:
+    text = str(value) if value.bit_length() < 4000 else "a very long integer"
+    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} digits)"
 
 
 # --------------------------------------------------------------------------
@@ -546,6 +617,10 @@ def _read_yaml(path: str, problems: list[Problem]) -> Any:
         return None
     except yaml.YAMLError as exc:
         problems.append(Problem(path, "", f"YAML error: {type(exc).__name__}"))
+        return None
+    except ValueError:
+        # e.g. an integer of more digits than Python converts (4300)
+        problems.append(Problem(path, "", "YAML error: a value cannot be read (a number too long?)"))
         return None
     finally:
         loader.dispose()
@@ -686,14 +761,20 @@ def _check_routes(raw: Any, file: str, problems: list[Problem]) -> tuple[Route, 
     return tuple(routes)
 
 
-_PRICE_KEYS = ("input", "output", "cached_input")
+_PRICE_KEYS = ("input", "output", "cached_input", "cache_write_input")
+# USD per 1K tokens. Far above any real price; keeps every cost sum finite.
+MAX_PRICE = 1_000_000.0
 
 
 def _price(value: Any, shape_hint: str = "") -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise _Invalid(f"must be a price in USD per 1K tokens{shape_hint}, got {_describe(value)}")
+    if isinstance(value, int) and not -_INT_LIMIT <= value <= _INT_LIMIT:
+        raise _Invalid(f"must be <= {_number(MAX_PRICE)}, got {_short(value)}")
     if not math.isfinite(value) or value < 0:
         raise _Invalid(f"must be >= 0, got {_describe(value)}")
+    if value > MAX_PRICE:
+        raise _Invalid(f"must be <= {_number(MAX_PRICE)}, got {_describe(value)}")
     return float(value)
 
 
@@ -736,7 +817,7 @@ def _check_models(raw: Any, file: str, problems: list[Problem]) -> dict[str, Mod
                 models[name] = ModelPrice(**prices)
             continue
         try:
-            price = _price(spec, " (or a mapping {input, output, cached_input})")
+            price = _price(spec, " (or a mapping {input, output, cached_input, cache_write_input})")
         except _Invalid as exc:
             problems.append(Problem(file, where, str(exc)))
             continue
@@ -755,6 +836,27 @@ def _apply_env(
             values[section][key] = _from_env(_SECTIONS[section][key], text)
         except _Invalid as exc:
             problems.append(Problem(f"${name}", f"{section}.{key}", str(exc)))
+
+
+def _check_combinations(
+    values: dict[str, dict[str, Any]], file: str, problems: list[Problem]
+) -> None:
+    """Bounds that depend on more than one key."""
+    limits = values["ratelimit"]
+    defaults = RateLimitConfig()
+    burst = limits.get("burst", defaults.burst)
+    rate = limits.get("requests_per_second", defaults.requests_per_second)
+    if isinstance(burst, int) and isinstance(rate, float) and burst / rate > MAX_REFILL_SECONDS:
+        # The time an empty bucket takes to refill is also how long Redis
+        # keeps an idle bucket; beyond this its expiry in ms overflows.
+        problems.append(
+            Problem(
+                file,
+                "ratelimit.burst",
+                f"burst / requests_per_second (the time to refill an empty bucket) must be "
+                f"<= {_number(MAX_REFILL_SECONDS)} s, got {burst / rate:.4g} s",
+            )
+        )
 
 
 def _build(
@@ -795,6 +897,7 @@ def load_config(path: str | None, env: Mapping[str, str] | None = None) -> Confi
     routes = _check_routes(raw_routes, file, problems)
     models = _check_models(raw_models, file, problems)
     _apply_env(env, values, problems)
+    _check_combinations(values, file, problems)
     if problems:
         raise ConfigError(problems)
     return _build(values, routes, models, path)
@@ -852,13 +955,3 @@ def keep_restart_values(running: Config, new: Config) -> Config:
     )
     return dataclasses.replace(new, server=server)
 
-
-def __getattr__(name: str) -> Any:
-    # ConfigWatcher lives in relay.configwatch (it needs asyncio); exposed
-    # here lazily so `from relay.config import ConfigWatcher` works without
-    # an import cycle.
-    if name == "ConfigWatcher":
-        from relay.configwatch import ConfigWatcher
-
-        return ConfigWatcher
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

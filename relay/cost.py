@@ -33,6 +33,9 @@ class PriceLike(Protocol):
     @property
     def cached_input(self) -> float | None: ...
 
+    @property
+    def cache_write_input(self) -> float | None: ...
+
 
 class PriceTable:
     """Model prices with exact-then-longest-prefix lookup, memoized.
@@ -74,24 +77,41 @@ class PriceTable:
         return price
 
     def cost(self, usage: Usage) -> float:
-        """USD for ``usage``; cached prompt tokens at ``cached_input`` if set."""
+        """USD for ``usage``; cache reads at ``cached_input``, cache writes at
+        ``cache_write_input``, where set."""
         price = self.lookup(usage.model)
         if price is None:
             return 0.0
-        return price_cost(price, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+        return price_cost(
+            price,
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.cached_tokens,
+            usage.cache_write_tokens,
+        )
 
 
-def price_cost(price: PriceLike, prompt: int, completion: int, cached: int = 0) -> float:
-    """(prompt - cached)/1000*input + cached/1000*cached_input + completion/1000*output.
+def price_cost(
+    price: PriceLike, prompt: int, completion: int, cached: int = 0, written: int = 0
+) -> float:
+    """The USD cost of one request's tokens.
 
-    ``cached`` is clamped to ``[0, prompt]``; without ``cached_input`` the
-    cached tokens cost the ordinary input price.
+    (prompt - cached - written)/1000*input + cached/1000*cached_input
+    + written/1000*cache_write_input + completion/1000*output.
+
+    ``cached`` (cache reads) and ``written`` (cache writes, Anthropic's
+    ``cache_creation_input_tokens``) are part of ``prompt`` and clamped to
+    it; without ``cached_input`` / ``cache_write_input`` they cost the
+    ordinary input price.
     """
     cached = min(max(cached, 0), prompt)
+    written = min(max(written, 0), prompt - cached)
     cached_price = price.cached_input if price.cached_input is not None else price.input
+    write_price = price.cache_write_input if price.cache_write_input is not None else price.input
     return (
-        (prompt - cached) / 1000 * price.input
+        (prompt - cached - written) / 1000 * price.input
         + cached / 1000 * cached_price
+        + written / 1000 * write_price
         + completion / 1000 * price.output
     )
 

@@ -4,34 +4,119 @@
 of an upstream connection. Bytes go from the upstream parser's ``on_body``
 straight to the client transport; the features that need to see them
 (cache recording, usage from the SSE events, followers of a coalesced miss)
-look at the same ``bytes`` objects without copying them. Only when relay
-must remove the usage-only chunk it asked for does it forward whole events
-instead of raw chunks.
+look at the same ``bytes`` objects without copying them. A stream goes as
+the whole events the SSE splitter cuts; a read that holds exactly one event,
+the usual case, is that same object, and only reads holding several events
+or a part of one are copied.
 
 Flow control: when the client's write buffer is above its high-water mark
 the client connection pauses this upstream connection's reading, so a slow
 reader holds back the upstream instead of filling relay's memory.
+
+Content coding: relay asks upstreams for ``identity``; a body that comes
+encoded anyway (``gzip``/``deflate``, a CDN that compresses regardless) is
+decoded here, incrementally, before anything else looks at it, so usage,
+cost, the cache and every client see identity bytes. A coding relay cannot
+decode is refused (502) before any byte reaches the client.
+
+A stream is forwarded event by event (whole events only), so when the
+upstream breaks off mid-way the client can be sent one clean SSE error
+event before its connection is cut: SDKs raise instead of returning a
+silently truncated answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import zlib
 from collections.abc import Callable
 from typing import Protocol
 
+from .cache import shared_headers
 from .http.protocol import HOP_BY_HOP, ClientConnection
-from .sse import SSESplitter
+from .sse import SSESplitter, event_fields
 from .upstream.protocol import UpstreamConnection, UpstreamError
-from .usage import StreamUsage
+from .usage import ANTHROPIC, StreamUsage, provider_for_path
 
-__all__ = ["ExchangeObserver", "Outcome", "ProxyExchange"]
+__all__ = [
+    "ACCEPT_IDENTITY",
+    "ExchangeObserver",
+    "Outcome",
+    "ProxyExchange",
+    "stream_cut_event",
+]
 
 _EVENT_STREAM = b"text/event-stream"
 # relay sets X-Relay-Cache on every response itself; one from an upstream
 # (another relay in front of the origin) would make two, contradicting ones.
-_NOT_RELAYED = HOP_BY_HOP | {b"x-relay-cache"}
+# Content-Encoding is relay's to set: bodies reach clients as identity.
+_NOT_RELAYED = HOP_BY_HOP | {b"x-relay-cache", b"content-encoding"}
 _JSON = b"json"
+
+# Sent upstream in place of the client's Accept-Encoding (see module doc).
+ACCEPT_IDENTITY = b"Accept-Encoding: identity\r\n"
+_GZIP = frozenset({b"gzip", b"x-gzip"})
+_DEFLATE = b"deflate"
+_IDENTITY = b"identity"
+
+_CUT_MESSAGE = "The upstream connection broke off before the response was complete"
+_OPENAI_CUT_EVENT = b"data: " + json.dumps(
+    {"error": {"message": _CUT_MESSAGE, "type": "upstream_error", "code": "upstream_incomplete"}},
+    separators=(",", ":"),
+).encode() + b"\n\n"
+_ANTHROPIC_CUT_EVENT = b"event: error\ndata: " + json.dumps(
+    {"type": "error", "error": {"type": "api_error", "message": _CUT_MESSAGE}},
+    separators=(",", ":"),
+).encode() + b"\n\n"
+
+
+def stream_cut_event(path: bytes, content_type: bytes | None) -> bytes | None:
+    """The SSE error event that ends a stream cut mid-way, None for other bodies.
+
+    In the shape the client's SDK raises on: Anthropic's ``event: error`` on
+    the Messages API, OpenAI's ``data: {"error": ...}`` elsewhere.
+    """
+    if content_type is None or not content_type.startswith(_EVENT_STREAM):
+        return None
+    return _ANTHROPIC_CUT_EVENT if provider_for_path(path) == ANTHROPIC else _OPENAI_CUT_EVENT
+
+
+class _Decoder:
+    """Incremental gzip / deflate decoding of one response body."""
+
+    __slots__ = ("_z", "_gzip", "_started")
+
+    def __init__(self, gzip: bool) -> None:
+        self._gzip = gzip
+        self._started = False
+        # gzip: header and trailer checked (wbits 16 + 15). deflate: chosen
+        # on the first bytes, since servers send both the zlib format the
+        # RFC means and bare deflate.
+        self._z = zlib.decompressobj(31) if gzip else None
+
+    def feed(self, data: bytes) -> bytes:
+        self._started = True
+        z = self._z
+        if z is None:
+            zlib_header = len(data) >= 2 and data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
+            z = self._z = zlib.decompressobj(15 if zlib_header else -15)
+        out = z.decompress(data)
+        while self._gzip and z.eof and z.unused_data:
+            # Another gzip member follows (concatenated gzip is valid gzip).
+            rest = z.unused_data
+            z = self._z = zlib.decompressobj(31)
+            out += z.decompress(rest)
+        return out
+
+    def finish(self) -> bytes | None:
+        """The last decoded bytes; None when the coded body ended early."""
+        z = self._z
+        if z is None or not self._started:
+            return b""  # an empty body: nothing was coded
+        out = z.flush()
+        return out if z.eof else None
 
 
 def _without_null_usage(event: bytes) -> bytes:
@@ -51,6 +136,20 @@ def _without_null_usage(event: bytes) -> bytes:
     return event
 
 
+def _without_usage_object(event: bytes) -> bytes:
+    """A chunk carrying both ``choices`` and the usage relay asked for, without
+    the usage (rare: OpenAI itself sends usage in a chunk of its own)."""
+    _, data = event_fields(event)
+    try:
+        doc = json.loads(data or b"")
+    except (ValueError, UnicodeDecodeError):
+        return event
+    if not isinstance(doc, dict):
+        return event
+    doc.pop("usage", None)
+    return b"data: " + json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
 _NULL_USAGE_TAIL = b',"usage":null}\n\n'
 _SPACED_NULL_USAGE = re.compile(rb',\s*"usage"\s*:\s*null(?=\s*[,}])|"usage"\s*:\s*null\s*,\s*')
 
@@ -68,20 +167,34 @@ class ExchangeObserver(Protocol):
 
 
 class Outcome:
-    """How the exchange ended."""
+    """How the exchange ended.
 
-    OK = 0            # response relayed whole
-    FAILED = 1        # upstream failed before the response head: answer 502/504
-    BROKEN = 2        # upstream failed mid-body: the client stream was cut
+    FAILED means nothing reached the client (``response_started`` is False):
+    the caller answers, and may try again elsewhere. Every other outcome
+    means the response head was handed to the client.
+    """
+
+    OK = 0            # response relayed whole, its end proven
+    FAILED = 1        # upstream failed (or sent an undecodable coding) before
+                      # the response head: answer 502/504
+    BROKEN = 2        # upstream failed mid-body (reset, early close, a coded
+                      # body that ended early): the client response was
+                      # aborted (a stream after an SSE error event); never
+                      # cached, a breaker failure
     CLIENT_GONE = 3   # the client left first
 
 
 def response_headers(
     headers: list[tuple[bytes, bytes]],
-) -> tuple[tuple[tuple[bytes, bytes], ...], bytes | None]:
-    """End-to-end headers of an upstream response, and its content type."""
+) -> tuple[tuple[tuple[bytes, bytes], ...], bytes | None, bytes | None]:
+    """End-to-end headers of an upstream response, its content type and coding.
+
+    The coding is None for identity (absent or ``identity``), else the
+    lowercased ``Content-Encoding`` value.
+    """
     drop: frozenset[bytes] | set[bytes] = _NOT_RELAYED
     content_type = None
+    coding = None
     for name, value in headers:
         lname = name.lower()
         if lname == b"connection":
@@ -90,8 +203,12 @@ def response_headers(
             drop.update(t.strip().lower() for t in value.split(b","))
         elif lname == b"content-type":
             content_type = value.lower()
+        elif lname == b"content-encoding":
+            value = value.strip().lower()
+            if value and value != _IDENTITY:
+                coding = value if coding is None else coding + b", " + value
     kept = tuple((n, v) for n, v in headers if n.lower() not in drop)
-    return kept, content_type
+    return kept, content_type, coding
 
 
 class ProxyExchange:
@@ -123,6 +240,10 @@ class ProxyExchange:
         "error",
         "bytes_sent",
         "_first_event_pending",
+        "_decoder",
+        "_cut_event",
+        "_path",
+        "_started",
     )
 
     def __init__(
@@ -139,6 +260,7 @@ class ProxyExchange:
         observer: ExchangeObserver | None,
         loop: asyncio.AbstractEventLoop,
         head_only: bool = False,
+        path: bytes = b"",
     ) -> None:
         self._client = client
         self._upstream = upstream
@@ -165,6 +287,10 @@ class ProxyExchange:
         self.error: UpstreamError | None = None
         self.bytes_sent = 0
         self._first_event_pending = True
+        self._decoder: _Decoder | None = None
+        self._cut_event: bytes | None = None
+        self._path = path  # the request's path: which SSE error shape a cut stream gets
+        self._started = False
         # Until the head arrives, a client that leaves must still close the
         # upstream request.
         client.on_lost = self._client_lost
@@ -174,22 +300,55 @@ class ProxyExchange:
         """Seconds from sending the request to the response head."""
         return self.first_byte_at - self._sent_at
 
+    @property
+    def response_started(self) -> bool:
+        """True once the response head was handed to the client: from then on
+        the answer is committed (no retry, no other target can take over)."""
+        return self._started
+
     # ------------------------------------------------------------------ #
     # ResponseSink
     # ------------------------------------------------------------------ #
     def on_head(self, status: int, headers: list[tuple[bytes, bytes]], length: int | None) -> None:
         self.first_byte_at = self._loop.time()
+        kept, content_type, coding = response_headers(headers)
+        bodyless = self._head_only or status in (204, 304)
+        if coding is not None and not bodyless:
+            if coding in _GZIP:
+                self._decoder = _Decoder(gzip=True)
+            elif coding == _DEFLATE:
+                self._decoder = _Decoder(gzip=False)
+            else:
+                # br, zstd, stacked codings: relay asked for identity and has
+                # no decoder for these, and must not pass on bytes it can
+                # neither account for nor be sure the client accepts.
+                self._upstream.detach()
+                self.error = UpstreamError(
+                    f"Upstream answered with Content-Encoding {coding.decode('latin-1')!r}, "
+                    "which relay cannot decode (it asks upstreams for identity)"
+                )
+                if self._observer is not None:
+                    self._observer.fail()
+                    self._observer = None
+                self._settle(Outcome.FAILED)
+                return
+            length = None  # the decoded size is known only at the end
         self.status = status
-        kept, content_type = response_headers(headers)
         self.headers = kept
         self.content_type = content_type
         is_stream = content_type is not None and content_type.startswith(_EVENT_STREAM)
-        if is_stream and self.stream_usage is not None:
+        if is_stream:
             self.splitter = SSESplitter()
-        else:
+            self._cut_event = stream_cut_event(self._path, content_type)
+        if not is_stream or self.stream_usage is None:
             self._strip_usage = False
             self.stream_usage = None
-            if content_type is not None and _JSON in content_type and 200 <= status < 300:
+            if (
+                not is_stream
+                and content_type is not None
+                and _JSON in content_type
+                and 200 <= status < 300
+            ):
                 self.json_body = []
         if self._strip_usage:
             length = None  # the body will be shorter than the upstream's
@@ -200,14 +359,14 @@ class ProxyExchange:
         client = self._client
         lines = [b"%s: %s\r\n" % pair for pair in kept]
         lines.extend(self._extra_headers)
-        bodyless = self._head_only or status in (204, 304)
-        if self._head_only:
+        if self._head_only and coding is None:
             # A HEAD response tells the size of what a GET would return.
             lines.extend(
                 b"Content-Length: %s\r\n" % v for n, v in headers if n.lower() == b"content-length"
             )
         client.hold()
         client.start_response(status, lines, length, bodyless=bodyless)
+        self._started = True
         client.flow = self._upstream
         client.on_lost = self._client_lost
         if client.writing_paused:
@@ -218,41 +377,98 @@ class ProxyExchange:
                 self._observer.fail()
                 self._observer = None
             else:
-                self._observer.start(status, kept)
+                # Followers are other callers: never hand them this caller's
+                # cookies or authentication state.
+                self._observer.start(status, shared_headers(kept))
 
     def on_body(self, chunk: bytes) -> None:
+        decoder = self._decoder
+        if decoder is not None:
+            try:
+                chunk = decoder.feed(chunk)
+            except zlib.error as exc:
+                self._upstream.detach()  # nothing more of this body is wanted
+                self.on_error(UpstreamError(f"Upstream's encoded body is corrupt: {exc}"))
+                return
+            if not chunk:
+                return
         splitter = self.splitter
-        if splitter is not None:
-            events = splitter.feed(chunk)
-            usage = self.stream_usage
+        if splitter is None:
+            self._forward(chunk)
+            return
+        events = splitter.feed(chunk)
+        if events:
+            self._relay_events(events)
+
+    def on_body_decoded(self, chunk: bytes) -> None:
+        """Identity bytes (the decoder's last output) on their way on."""
+        splitter = self.splitter
+        if splitter is None:
+            self._forward(chunk)
+            return
+        events = splitter.feed(chunk)
+        if events:
+            self._relay_events(events)
+
+    def _relay_events(self, events: list[bytes]) -> None:
+        """Forward complete SSE events (a partial one waits in the splitter)."""
+        usage = self.stream_usage
+        if self._strip_usage:
             assert usage is not None
-            if self._strip_usage:
-                out = [_without_null_usage(e) for e in events if not usage.on_event(e)]
-                if out:
-                    self._forward_many(out)
-            else:
+            out = []
+            for event in events:
+                if usage.on_event(event):
+                    continue  # the usage-only chunk relay asked for
+                if usage.usage_beside_text:
+                    usage.usage_beside_text = False
+                    event = _without_usage_object(event)
+                out.append(_without_null_usage(event))
+            if out:
+                self._forward_many(out)
+        else:
+            if usage is not None:
                 for event in events:
                     usage.on_event(event)
-                self._forward(chunk)
-            if self._first_event_pending and self.bytes_sent:
-                # The first event leaves now rather than with the rest of
-                # this read: a stream's first token is what users wait for.
-                self._first_event_pending = False
-                self._client.release()
-                self._client.hold()
-            return
-        self._forward(chunk)
+            if len(events) == 1:
+                self._forward(events[0])  # the usual read: one event
+            else:
+                self._forward_many(events)
+        if self._first_event_pending and self.bytes_sent:
+            # The first event leaves now rather than with the rest of
+            # this read: a stream's first token is what users wait for.
+            self._first_event_pending = False
+            self._client.release()
+            self._client.hold()
 
     def on_complete(self) -> None:
+        decoder = self._decoder
+        if decoder is not None:
+            try:
+                rest = decoder.finish()
+            except zlib.error:
+                rest = None
+            if rest is None:
+                # The framing ended but the coded body did not: cut.
+                self._upstream.close()
+                self.on_error(UpstreamError("Upstream's encoded body ended before its end"))
+                return
+            if rest:
+                self.on_body_decoded(rest)
         splitter = self.splitter
         if splitter is not None:
-            rest = splitter.flush()
-            if rest:
-                if self._strip_usage:
-                    self._forward(rest)
-                else:
-                    assert self.stream_usage is not None
-                    self.stream_usage.on_event(rest)
+            tail = splitter.flush()
+            if tail:
+                # A last event without its blank line: pass it on as it came
+                # (unless it is the usage-only chunk relay asked for itself).
+                usage = self.stream_usage
+                dropped = usage is not None and usage.on_event(tail) and self._strip_usage
+                if not dropped:
+                    if self._strip_usage:
+                        assert usage is not None
+                        if usage.usage_beside_text:
+                            tail = _without_usage_object(tail)
+                        tail = _without_null_usage(tail)
+                    self._forward(tail)
         self._client.finish()
         self._release(self._upstream)
         if self._observer is not None:
@@ -266,9 +482,11 @@ class ProxyExchange:
         self.error = error
         if self._observer is not None:
             self._observer.fail()
-        if self.status:
+        if self._started:
             # Part of the body is out: the only honest signal left is to cut
-            # the client's stream.
+            # the client's stream (after an SSE error event, so SDKs raise).
+            if self._cut_event is not None:
+                self._client.write(self._cut_event)
             self._client.abort()
             self._settle(Outcome.BROKEN)
         else:

@@ -28,14 +28,23 @@ disagree with the provider's invoice and with ``relay_tokens_total``.
 from __future__ import annotations
 
 import asyncio
+import importlib.resources
 import time
+import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from relay.usage import Usage
 
-__all__ = ["ANONYMOUS", "FIELDS", "OTHER", "RedisUsageLedger", "UsageLedger"]
+if TYPE_CHECKING:
+    from relay.redisconn import RedisConnection
+
+__all__ = [
+    "ANONYMOUS", "FIELDS", "OTHER", "RedisUsageLedger", "SharedUsage", "UsageKeys", "UsageLedger",
+    "usage_keys",
+]  # fmt: skip
 
 OTHER = "other"
 ANONYMOUS = "anonymous"
@@ -49,7 +58,6 @@ INT_FIELDS = (
 )
 FLOAT_FIELDS = ("cost_usd", "saved_usd")
 FIELDS = INT_FIELDS + FLOAT_FIELDS
-_FULL_RECHECK = 60.0  # seconds
 
 
 def _iso(ts: float) -> str:
@@ -122,6 +130,44 @@ class UsageLedger:
             model_row[name] += amount
             row[name] += amount
 
+    @property
+    def empty(self) -> bool:
+        """True while nothing was recorded (every record adds a request or a hit)."""
+        totals = self._totals
+        return not totals["requests"] and not totals["cache_hits"]
+
+    @property
+    def since_time(self) -> float:
+        return self._since
+
+    def rows(self, group: str) -> list[tuple[str, dict[str, int | float]]]:
+        """(owner, counters) of ``group``: "totals" (owner ""), "models" or "keys"."""
+        if group == "totals":
+            return [("", self._totals)]
+        return list((self._models if group == "models" else self._keys).items())
+
+    def merge(self, other: UsageLedger) -> None:
+        """Add ``other``'s totals to these (keys beyond the bound go to other)."""
+        self._since = min(self._since, other._since)
+        for name, amount in other._totals.items():
+            self._totals[name] += amount
+        for label, row in other._models.items():
+            into = self._models.get(label)
+            if into is None:
+                into = self._models[label] = _empty()
+            for name, amount in row.items():
+                into[name] += amount
+        for key, row in other._keys.items():
+            into = self._keys.get(key)
+            if into is None:
+                if len(self._keys) >= self.max_keys:
+                    key = OTHER
+                    into = self._keys.get(OTHER)
+                if into is None:
+                    into = self._keys[key] = _empty()
+            for name, amount in row.items():
+                into[name] += amount
+
     def snapshot(self) -> dict[str, Any]:
         """A JSON-ready copy of the totals."""
         return {
@@ -132,22 +178,58 @@ class UsageLedger:
         }
 
 
+def usage_keys(prefix: str = "relay") -> UsageKeys:
+    """The Redis keys of the usage totals under ``prefix``.
+
+    The one place that names them. All of them carry the hash tag
+    ``{usage}``, so they sit in one Redis Cluster slot and one script may
+    touch them all.
+    """
+    base = f"{prefix}:{{usage}}"
+    return UsageKeys(
+        totals=f"{base}:totals",
+        models=f"{base}:models",
+        keys=f"{base}:keys",
+        keyset=f"{base}:keyset",
+        since=f"{base}:since",
+        writers=f"{base}:writer:",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class UsageKeys:
+    totals: str  # hash: counter -> amount
+    models: str  # hash: "<label>|<counter>" -> amount
+    keys: str  # hash: "<key hash>|<counter>" -> amount
+    keyset: str  # set: the key hashes that have a row (bounded)
+    since: str  # string: when counting began
+    writers: str  # prefix of "<writer id>" -> last batch number applied
+
+    def writer(self, writer_id: str) -> str:
+        return self.writers + writer_id
+
+
+# How long Redis remembers a writer's last batch number after its last
+# batch. A batch whose reply was lost is resent when Redis answers again; an
+# outage longer than this could count that one batch twice.
+WRITER_MEMORY_SECONDS = 7 * 86400
+_HASHES = (("totals", 1), ("models", 2), ("keys", 3))
+
+
 class RedisUsageLedger:
     """The same totals in Redis, shared by every instance using it.
 
-    Layout (``P`` = prefix): hash ``P:totals`` (field per counter), hashes
-    ``P:models`` and ``P:keys`` (field ``<name>|<counter>``; model labels
-    and key hashes never contain ``|``), set ``P:keyset`` (the bound on key
-    hashes), string ``P:since``. One ``record()`` is one MULTI/EXEC
-    pipeline of HINCRBY/HINCRBYFLOAT, so a reader never sees a request
-    counted in the totals but not yet per model. A key hash this process
-    has not seen before costs one extra round trip (is there room for
-    it?); once the set is full the process reads it (it is bounded) and
-    answers from that copy for a minute. With many instances adding keys
-    at the same moment the bound can be overshot by a few.
+    Layout: see :func:`usage_keys` (hash ``totals``, hashes ``models`` and
+    ``keys`` with fields ``<name>|<counter>``, set ``keyset`` bounding the
+    key hashes, string ``since``). Totals are added in batches (a
+    :class:`UsageLedger` of any number of records) by one server-side script
+    (``lua/usage_batch.lua``): a reader never sees a request counted in the
+    totals but not per model, the key bound is checked in the same step, and
+    a batch carries its writer's id and sequence number so that sending it
+    again after an ambiguous failure applies it once.
 
     Every call is bounded by ``timeout`` seconds; any Redis error or
-    timeout propagates, for the caller to fall back to memory and count it.
+    timeout propagates, for the caller to keep the batch and retry it.
     ``runner`` replaces that: each Redis round trip is then made as
     ``await runner(fn)`` with a zero-argument coroutine function ``fn``
     (e.g. ``RedisConnection.execute``, which adds its own deadline, health
@@ -157,7 +239,7 @@ class RedisUsageLedger:
     def __init__(
         self,
         client: Any,
-        prefix: str = "relay:usage",
+        prefix: str = "relay",
         timeout: float | None = 0.25,
         max_keys: int = 10000,
         runner: Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]] | None = None,
@@ -166,14 +248,12 @@ class RedisUsageLedger:
         self._timeout = timeout
         self._runner = runner
         self.max_keys = max_keys
-        self._k_totals = f"{prefix}:totals"
-        self._k_models = f"{prefix}:models"
-        self._k_keys = f"{prefix}:keys"
-        self._k_keyset = f"{prefix}:keyset"
-        self._k_since = f"{prefix}:since"
-        # Key hashes known to have a slot in Redis (bounded like Redis's set).
-        self._known: set[str] = set()
-        self._full_until = 0.0
+        self.keys = usage_keys(prefix)
+        self._script = client.register_script(_load_script())
+        # For record(): this ledger as a writer of one-record batches.
+        self._writer_id = uuid.uuid4().hex
+        self._seq = 0
+        self._record_lock = asyncio.Lock()
 
     async def _call(self, fn: Callable[[], Awaitable[Any]]) -> Any:
         """One round trip, bounded by the timeout (or made by the runner)."""
@@ -184,26 +264,24 @@ class RedisUsageLedger:
         async with asyncio.timeout(self._timeout):
             return await fn()
 
-    async def _slot(self, key: str) -> str:
-        """``key`` if it has (or gets) a place within the bound, else other."""
-        if key in self._known:
-            return key
-        if time.monotonic() < self._full_until:
-            return OTHER
-        pipe = self._client.pipeline(transaction=False)
-        pipe.sismember(self._k_keyset, key)
-        pipe.scard(self._k_keyset)
-        member, size = await self._call(pipe.execute)
-        if not member and int(size) >= self.max_keys:
-            # Full: learn the whole (bounded) set once, then answer from it
-            # without a round trip for a while; keys never leave the set.
-            members = await self._call(partial(self._client.smembers, self._k_keyset))
-            self._known = {_text(m) for m in members}
-            self._full_until = time.monotonic() + _FULL_RECHECK
-            return OTHER
-        if len(self._known) < self.max_keys:
-            self._known.add(key)
-        return key
+    async def add(self, batch: UsageLedger, writer_id: str, seq: int) -> bool:
+        """Add ``batch`` unless batch ``seq`` of ``writer_id`` was added
+        before; True when this call added it. A writer sends its batches in
+        order, one at a time, and resends a batch (same ``seq``) until a
+        call returns."""
+        k = self.keys
+        args: list[str | int] = [
+            seq, WRITER_MEMORY_SECONDS, self.max_keys, _iso(time.time()), OTHER
+        ]
+        for group, index in _HASHES:
+            for owner, row in batch.rows(group):
+                for name, amount in row.items():
+                    if amount:
+                        kind = "f" if name in FLOAT_FIELDS else "i"
+                        args += (kind, index, owner, name, repr(amount))
+        keys = (k.totals, k.models, k.keys, k.keyset, k.since, k.writer(writer_id))
+        applied = await self._call(partial(self._script, keys, args))
+        return int(applied) == 1
 
     async def record(
         self,
@@ -214,28 +292,21 @@ class RedisUsageLedger:
         saved: float = 0.0,
         hit: bool = False,
     ) -> None:
-        key = await self._slot(key_hash or ANONYMOUS)
-        pipe = self._client.pipeline(transaction=True)
-        pipe.set(self._k_since, _iso(time.time()), nx=True)
-        if key != OTHER:
-            pipe.sadd(self._k_keyset, key)
-        for name, amount in _increments(usage, cost, saved, hit):
-            if isinstance(amount, int):
-                pipe.hincrby(self._k_totals, name, amount)
-                pipe.hincrby(self._k_models, f"{model_label}|{name}", amount)
-                pipe.hincrby(self._k_keys, f"{key}|{name}", amount)
-            else:
-                pipe.hincrbyfloat(self._k_totals, name, amount)
-                pipe.hincrbyfloat(self._k_models, f"{model_label}|{name}", amount)
-                pipe.hincrbyfloat(self._k_keys, f"{key}|{name}", amount)
-        await self._call(pipe.execute)
+        """Add one request now (a batch of one). Calls are made one at a time:
+        batch numbers must reach Redis in order."""
+        batch = UsageLedger(max_keys=self.max_keys)
+        batch.record(model_label, key_hash, usage, cost, saved, hit)
+        async with self._record_lock:
+            self._seq += 1
+            await self.add(batch, self._writer_id, self._seq)
 
     async def snapshot(self) -> dict[str, Any]:
+        k = self.keys
         pipe = self._client.pipeline(transaction=True)
-        pipe.get(self._k_since)
-        pipe.hgetall(self._k_totals)
-        pipe.hgetall(self._k_models)
-        pipe.hgetall(self._k_keys)
+        pipe.get(k.since)
+        pipe.hgetall(k.totals)
+        pipe.hgetall(k.models)
+        pipe.hgetall(k.keys)
         since, totals, models, keys = await self._call(pipe.execute)
         return {
             "since": _text(since) if since else _iso(time.time()),
@@ -243,6 +314,202 @@ class RedisUsageLedger:
             "models": _grouped(models),
             "keys": _grouped(keys),
         }
+
+
+def _load_script() -> str:
+    return (
+        importlib.resources.files("relay")
+        .joinpath("lua", "usage_batch.lua")
+        .read_text(encoding="utf-8")
+    )
+
+
+class SharedUsage:
+    """What one process records into Redis: sent there exactly once, and
+    kept in memory until Redis confirmed it.
+
+    ``record()`` never awaits: it adds to the batch being gathered and, when
+    no send is under way, starts one (one task per send, not per request;
+    under load a send carries every record made during the previous one).
+    A send that fails, however it fails (refused, timed out before or after
+    the server applied it), keeps its batch and its sequence number; it is
+    sent again, unchanged, once Redis answers (checked every
+    ``retry_interval`` seconds while something waits), and the script
+    applies it only if it was not applied before. Meanwhile new records
+    gather in the next batch. So totals recorded during an outage reach
+    Redis when it returns, once, and nothing is lost or doubled.
+    ``unconfirmed()`` is what Redis may not have yet (the memory view during
+    an outage).
+
+    ``on_outage_change`` is called when the unconfirmed part changes while
+    Redis is unreachable, and once more when it has all been confirmed (the
+    caller mirrors it to a file other workers read).
+    """
+
+    def __init__(
+        self,
+        ledger: RedisUsageLedger,
+        conn: RedisConnection,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        retry_interval: float = 1.0,
+        on_outage_change: Callable[[], None] | None = None,
+    ) -> None:
+        self.ledger = ledger
+        self.conn = conn
+        self.loop = loop
+        self.retry_interval = retry_interval
+        self._on_outage_change = on_outage_change
+        self._writer_id = uuid.uuid4().hex
+        self._seq = 0
+        self._pending = UsageLedger(max_keys=ledger.max_keys)
+        # The batch sent and not confirmed: (writer id, seq, batch).
+        self._sent: tuple[str, int, UsageLedger] | None = None
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[bool] | None = None
+        self._retry: asyncio.TimerHandle | None = None
+        self._outage_reported = False
+        self._closed = False
+
+    # -- recording -----------------------------------------------------------
+
+    def record(
+        self,
+        model_label: str,
+        key_hash: str,
+        usage: Usage,
+        cost: float,
+        saved: float = 0.0,
+        hit: bool = False,
+    ) -> None:
+        self._pending.record(model_label, key_hash, usage, cost, saved, hit)
+        if self.conn.up:
+            self._kick()
+        else:
+            self._outage_changed()
+            self._schedule_retry()
+
+    def _kick(self) -> None:
+        if self._task is None and not self._closed:
+            self._task = self.loop.create_task(self._send_all(), name="relay-usage-send")
+
+    async def _send_all(self) -> bool:
+        try:
+            return await self.flush()
+        finally:
+            self._task = None
+
+    def _schedule_retry(self) -> None:
+        if self._retry is None and not self._closed:
+            self._retry = self.loop.call_later(self.retry_interval, self._retry_now)
+
+    def _retry_now(self) -> None:
+        self._retry = None
+        if not self.has_unconfirmed():
+            return
+        if self.conn.up:
+            self._kick()
+        else:
+            self._schedule_retry()
+
+    async def flush(self) -> bool:
+        """Send everything recorded so far; True when Redis has all of it."""
+        async with self._lock:
+            return await self._flush_locked()
+
+    async def _flush_locked(self) -> bool:
+        while True:
+            if self._sent is None:
+                if self._pending.empty:
+                    break
+                self._seq += 1
+                self._sent = (self._writer_id, self._seq, self._pending)
+                self._pending = UsageLedger(max_keys=self.ledger.max_keys)
+            writer_id, seq, batch = self._sent
+            try:
+                await self.ledger.add(batch, writer_id, seq)
+            except Exception:
+                # Unknown whether it was applied: keep it, resend it as is.
+                self._schedule_retry()
+                return False
+            self._sent = None
+        if self._outage_reported:
+            self._outage_reported = False
+            self._notify()
+        return True
+
+    # -- reading ---------------------------------------------------------------
+
+    def has_unconfirmed(self) -> bool:
+        return self._sent is not None or not self._pending.empty
+
+    def unconfirmed(self) -> dict[str, Any]:
+        """A snapshot of what Redis may not have yet."""
+        parts = [self._pending.snapshot()]
+        if self._sent is not None:
+            parts.append(self._sent[2].snapshot())
+        return merge_snapshots(parts)
+
+    async def snapshot(self) -> dict[str, Any] | None:
+        """Redis' totals including everything this process recorded, or
+        None when Redis cannot answer (use :meth:`unconfirmed`)."""
+        if not self.conn.up:
+            return None
+        async with self._lock:
+            if not await self._flush_locked():
+                return None
+            try:
+                shared = await self.ledger.snapshot()
+            except Exception:
+                return None
+        # Records made while the snapshot was read are in no batch yet.
+        if self._pending.empty:
+            return shared
+        merged = merge_snapshots([shared, self._pending.snapshot()])
+        merged["since"] = shared["since"]
+        return merged
+
+    # -- hand-over -------------------------------------------------------------
+
+    def adopt(self, previous: SharedUsage) -> None:
+        """Take over what ``previous`` (the writer of a replaced connection)
+        had not confirmed; its batch in flight keeps its id and number."""
+        previous.close()
+        if previous._sent is not None and self._sent is None:
+            # Resent under its own writer id and number: if the new
+            # connection reaches the same Redis, it is not applied twice.
+            self._sent = previous._sent
+        elif previous._sent is not None:  # not for a fresh writer (the only use)
+            self._pending.merge(previous._sent[2])
+        self._pending.merge(previous._pending)
+        previous._sent = None
+        previous._pending = UsageLedger(max_keys=previous.ledger.max_keys)
+        if self.has_unconfirmed():
+            self._retry_now()
+
+    def take_unconfirmed(self) -> UsageLedger:
+        """Remove and return what Redis may not have (to keep it in memory)."""
+        taken = self._pending
+        if self._sent is not None:
+            taken.merge(self._sent[2])
+        self._sent = None
+        self._pending = UsageLedger(max_keys=self.ledger.max_keys)
+        return taken
+
+    def close(self) -> None:
+        """Stop sending (what is left stays readable through unconfirmed())."""
+        self._closed = True
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+
+    def _outage_changed(self) -> None:
+        self._outage_reported = True
+        self._notify()
+
+    def _notify(self) -> None:
+        if self._on_outage_change is not None:
+            self._on_outage_change()
 
 
 def _text(value: bytes | str) -> str:

@@ -23,13 +23,13 @@ from .accounting import USAGE_HEADER, Accounting, stored_usage, with_usage
 from .cache import CacheEntry, FlightAborted, Follower, Leader, replay_headers
 from .config import Config
 from .endpoints import own_endpoints
-from .exchange import Outcome, ProxyExchange
+from .exchange import ACCEPT_IDENTITY, Outcome, ProxyExchange, stream_cut_event
 from .http import errors
 from .http.protocol import ClientConnection
 from .http.request import Request
 from .runtime import Runtime, Upstream
-from .upstream.protocol import UpstreamError
-from .usage import inject_include_usage
+from .upstream.protocol import UpstreamConnection, UpstreamError
+from .usage import Usage, inject_include_usage
 
 __all__ = ["Pipeline"]
 
@@ -132,6 +132,7 @@ class Pipeline:
                 # The raw credential only feeds the SHA-256 of the key and is
                 # never stored: a short hash here could be collided with.
                 b"" if self._cache_global else (request.credential or b""),
+                request.varying_key(),
             )
             if not no_cache:
                 entry = await cache.get(key)
@@ -261,6 +262,11 @@ class Pipeline:
                 if client.is_lost:
                     break
         except FlightAborted:
+            # Cut for the leader too: this caller sees the same abort (and,
+            # for a stream, the same closing error event).
+            cut = stream_cut_event(request.path, _content_type(headers))
+            if cut is not None:
+                client.write(cut)
             client.abort()
         else:
             client.finish()
@@ -330,6 +336,7 @@ class Pipeline:
                 request.forwarded_for + b", " if request.forwarded_for else b"",
                 request.client_ip.encode(), b"\r\n",
                 _PROTO_HTTP,
+                ACCEPT_IDENTITY,
                 b"Content-Length: %d\r\n\r\n" % len(body)
                 if body or request.method in _BODY_METHODS
                 else b"\r\n",
@@ -350,13 +357,11 @@ class Pipeline:
                 except UpstreamError as exc:
                     self._upstream_failed(request, client, upstream, exc, extra, breaker, leader)
                     return
-                if client.is_lost:
-                    pool.release_unused(conn)
-                    if breaker is not None:
-                        breaker.release_probe()
-                    if leader is not None:
-                        leader.fail()
-                    return
+            if client.is_lost:
+                # Gone behind an await above (limiter, cache, a failed
+                # leader, the connect): never sent, never billed.
+                self._not_sent(request, upstream, conn, breaker, leader)
+                return
             exchange = ProxyExchange(
                 client,
                 conn,
@@ -369,6 +374,7 @@ class Pipeline:
                 observer=leader,
                 loop=runtime.loop,
                 head_only=head_only,
+                path=request.path,
             )
             conn.send(parts, exchange, head_only=head_only)
             outcome = await exchange.done
@@ -394,7 +400,29 @@ class Pipeline:
             # Tokenizer data (~40 MB) is loaded on first need, in a thread;
             # the client already has its response.
             await estimator.ensure_loaded(self.config.models)
-        self._finish(request, client, upstream, exchange, extra, breaker, leader, cache_key, body)
+        # Counted before _finish, off the loop when a large estimate is needed.
+        usage = None
+        if exchange.outcome != Outcome.FAILED:
+            usage = await self._accounting.usage_async(request, exchange, body)
+        self._finish(
+            request, client, upstream, exchange, extra, breaker, leader, cache_key, body, usage
+        )
+
+    def _not_sent(
+        self,
+        request: Request,
+        upstream: Upstream,
+        conn: UpstreamConnection,
+        breaker: _fast.CircuitBreaker | None,
+        leader: Leader | None,
+    ) -> None:
+        """The client left before its request went upstream: 499, no usage."""
+        upstream.pool.release_unused(conn)
+        if breaker is not None:
+            breaker.release_probe()
+        if leader is not None:
+            leader.fail()  # its followers go upstream on their own
+        self._accounting.done(request, upstream, 499)
 
     def _upstream_failed(
         self,
@@ -443,6 +471,7 @@ class Pipeline:
         leader: Leader | None,
         cache_key: bytes | None,
         body: bytes,
+        usage: Usage | None,
     ) -> None:
         outcome = exchange.outcome
         runtime = self.runtime
@@ -454,7 +483,6 @@ class Pipeline:
         if status:
             self._metrics.observe_upstream_latency(upstream.label, exchange.upstream_latency)
 
-        usage = self._accounting.usage_of(request, exchange, body)
         if (
             cache_key is not None
             and outcome == Outcome.OK
@@ -472,12 +500,23 @@ class Pipeline:
             assert cache is not None
             runtime.spawn(cache.set(cache_key, entry))
         # 499 (nginx's "client closed request") when the client left before
-        # the response was complete.
-        status = 499 if outcome == Outcome.CLIENT_GONE else status
+        # the response was complete; 502 when the upstream broke it off (the
+        # client saw the head, then an aborted body).
+        if outcome == Outcome.CLIENT_GONE:
+            status = 499
+        elif outcome == Outcome.BROKEN:
+            status = 502
         self._accounting.done(request, upstream, status, _cache_status(extra), usage)
 
     def upstreams(self) -> list[Upstream]:
         return [self._default, *(r.upstream for r in self._routes)]
+
+
+def _content_type(headers: tuple[tuple[bytes, bytes], ...]) -> bytes | None:
+    for name, value in headers:
+        if name.lower() == b"content-type":
+            return value.lower()
+    return None
 
 
 def _cache_status(extra: list[bytes]) -> str:

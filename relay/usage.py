@@ -98,6 +98,7 @@ class Usage:
     completion_tokens: int
     cached_tokens: int = 0
     estimated: bool = False
+    cache_write_tokens: int = 0  # part of prompt_tokens (Anthropic cache writes)
 
     @property
     def total_tokens(self) -> int:
@@ -113,21 +114,29 @@ def _n(value: Any) -> int:
     return 0
 
 
-def _counts(u: dict[str, Any]) -> tuple[int, int, int] | None:
-    """(prompt incl. cached, completion, cached) from one usage object."""
+_Counts = tuple[int, int, int, int]
+
+
+def _counts(u: dict[str, Any]) -> _Counts | None:
+    """(prompt incl. cached, completion, cached, cache writes) from one usage object."""
     if "prompt_tokens" in u:  # OpenAI chat, completions, embeddings
         details = u.get("prompt_tokens_details")
         cached = _n(details.get("cached_tokens")) if isinstance(details, dict) else 0
-        return _n(u["prompt_tokens"]), _n(u.get("completion_tokens")), cached
+        return _n(u["prompt_tokens"]), _n(u.get("completion_tokens")), cached, 0
     if "input_tokens" not in u and "output_tokens" not in u:
         return None
     if "input_tokens_details" in u or "total_tokens" in u:  # OpenAI Responses
         details = u.get("input_tokens_details")
         cached = _n(details.get("cached_tokens")) if isinstance(details, dict) else 0
-        return _n(u.get("input_tokens")), _n(u.get("output_tokens")), cached
+        return _n(u.get("input_tokens")), _n(u.get("output_tokens")), cached, 0
     read = _n(u.get("cache_read_input_tokens"))  # Anthropic: see module doc
     written = _n(u.get("cache_creation_input_tokens"))
-    return _n(u.get("input_tokens")) + read + written, _n(u.get("output_tokens")), read
+    return _n(u.get("input_tokens")) + read + written, _n(u.get("output_tokens")), read, written
+
+
+def _usage(model: str, counts: _Counts) -> Usage:
+    prompt, completion, cached, written = counts
+    return Usage(model, prompt, completion, cached, cache_write_tokens=written)
 
 
 def usage_from_mapping(obj: Any, model_hint: str = "") -> Usage | None:
@@ -141,7 +150,7 @@ def usage_from_mapping(obj: Any, model_hint: str = "") -> Usage | None:
     if counts is None:
         return None
     model = obj.get("model")
-    return Usage(model if isinstance(model, str) and model else model_hint, *counts)
+    return _usage(model if isinstance(model, str) and model else model_hint, counts)
 
 
 def usage_from_json(body: bytes, model_hint: str = "") -> Usage | None:
@@ -201,7 +210,7 @@ def _usage_tail(body: bytes, at: int, model_hint: str) -> Usage | None:
         return None
     model = _MODEL_FIELD.search(body, 0, at)
     name = model.group(1).decode("utf-8", "replace") if model is not None else model_hint
-    return Usage(name or model_hint, *counts)
+    return _usage(name or model_hint, counts)
 
 
 def provider_for_path(path: bytes | str) -> str:
@@ -235,6 +244,7 @@ class StreamUsage:
         "_overflow_bytes",
         "_pending",
         "_pending_bytes",
+        "usage_beside_text",
     )
 
     def __init__(self, model_hint: str = "", provider: str = AUTO) -> None:
@@ -243,7 +253,7 @@ class StreamUsage:
         except KeyError:
             raise ValueError(f"unknown provider {provider!r}") from None
         self.model = model_hint
-        self._counts: tuple[int, int, int] | None = None  # OpenAI usage seen
+        self._counts: _Counts | None = None  # OpenAI usage seen
         self._a_input = self._a_read = self._a_written = self._a_output = 0
         self._a_started = False  # Anthropic message_start seen
         self._a_final = False  # Anthropic message_delta usage seen
@@ -255,6 +265,10 @@ class StreamUsage:
         # an estimate needs it, or when this buffer passes _PENDING_LIMIT.
         self._pending: list[bytes] = []
         self._pending_bytes = 0
+        # Set when an event carried usage *and* choices (some servers put it
+        # on the last text chunk): a caller removing the usage it asked for
+        # must take it out of that event; the caller resets it.
+        self.usage_beside_text = False
 
     @property
     def has_usage(self) -> bool:
@@ -342,6 +356,7 @@ class StreamUsage:
         choices = obj.get("choices")
         if choices:
             self._keep_text(data)  # some servers put usage on the last text chunk
+            self.usage_beside_text = True
         return choices == []
 
     def _anthropic(self, name: bytes | None, data: bytes) -> None:
@@ -413,17 +428,23 @@ class StreamUsage:
         Without an estimator, characters / 4.
         """
         if self._counts is not None:
-            return Usage(self.model, *self._counts)
+            return _usage(self.model, self._counts)
         if self._a_started and self._a_final:
             prompt = self._a_input + self._a_read + self._a_written
-            return Usage(self.model, prompt, self._a_output, self._a_read)
+            return Usage(
+                self.model, prompt, self._a_output, self._a_read,
+                cache_write_tokens=self._a_written,
+            )
         count = estimator.count if estimator is not None else _heuristic
         completion = count(self.streamed_text(), self.model)
         if self._overflow_bytes:
             completion += (self._overflow_bytes + 3) // 4
         if self._a_started:  # Anthropic stream cut before message_delta
             prompt = self._a_input + self._a_read + self._a_written
-            return Usage(self.model, prompt, max(completion, self._a_output), self._a_read, True)
+            return Usage(
+                self.model, prompt, max(completion, self._a_output), self._a_read, True,
+                cache_write_tokens=self._a_written,
+            )
         text = request_text() if callable(request_text) else request_text
         return Usage(self.model, count(text, self.model), completion, 0, True)
 

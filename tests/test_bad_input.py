@@ -160,6 +160,97 @@ def test_error_never_echoes_credentials(
     assert "sk-" not in error["message"]
 
 
+# --------------------------------------------------------------- request line
+
+
+@pytest.mark.parametrize(
+    ("data", "status"),
+    [
+        pytest.param(b"GET /\r\n", 400, id="http09"),
+        pytest.param(b"GET /v1/models\r\n", 400, id="http09-path"),
+        pytest.param(b"GET  /v1/models HTTP/1.1\r\nHost: x\r\n\r\n", 400, id="two-spaces-before-target"),
+        pytest.param(b"GET /v1/models  HTTP/1.1\r\nHost: x\r\n\r\n", 400, id="two-spaces-before-version"),
+        pytest.param(b"GET  /  HTTP/1.1\r\nHost: x\r\n\r\n", 400, id="spaces-everywhere"),
+        pytest.param(b"GET /v1/models HTTP/2.0\r\nHost: x\r\n\r\n", 505, id="http2"),
+        pytest.param(b"GET /v1/models HTTP/1.2\r\nHost: x\r\n\r\n", 505, id="http12"),
+        pytest.param(b"GET /v1/models HTTP/3.0\r\nHost: x\r\n\r\n", 505, id="http3"),
+        pytest.param(b"GET /v1/models HTTP/0.9\r\nHost: x\r\n\r\n", 505, id="http09-versioned"),
+        pytest.param(b"GET /v1/models HTTP/1.1\r\n\r\n", 400, id="http11-without-host"),
+        pytest.param(b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", 400,
+                     id="http11-post-without-host"),
+    ],
+)
+def test_request_line_hygiene(
+    relay: RelayThread, fake_upstream: ThreadedFakeUpstream, connect: Callable[[int], RawClient],
+    data: bytes, status: int,
+) -> None:
+    """Answered at once (the client's 5 s read timeout is below the 10 s head
+    timeout: a held connection fails here), closed, and never forwarded."""
+    error = rejected(relay, fake_upstream, connect, data, status)
+    assert error["type"] == "invalid_request_error"
+    if status == 505:
+        assert error["code"] == "http_version_not_supported"
+
+
+def test_http09_line_cut_across_reads_is_refused_at_once(
+    relay: RelayThread, fake_upstream: ThreadedFakeUpstream, connect: Callable[[int], RawClient],
+) -> None:
+    untouched = Untouched(fake_upstream)
+    client = connect(relay.port)
+    client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for piece in (b"GE", b"T /v1/mo", b"dels", b"\r", b"\n"):
+        client.send(piece)
+        time.sleep(0.02)
+    error_of(client.response(), 400)
+    client.wait_closed()
+    untouched.check()
+
+
+def test_http10_without_host_is_served(
+    relay: RelayThread, fake_upstream: ThreadedFakeUpstream, connect: Callable[[int], RawClient],
+) -> None:
+    before = len(fake_upstream.requests)
+    client = connect(relay.port)
+    client.send(b"GET /v1/models HTTP/1.0\r\n\r\n")
+    response = client.response()
+    assert response.status == 200 and json.loads(response.body)["object"] == "list"
+    assert len(fake_upstream.requests) == before + 1
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param(b"GET  /v1/models  HTTP/1.1\r\nHost: x\r\n\r\n", id="extra-spaces"),
+        pytest.param(b"GET /v1/models\r\n", id="http09"),
+        pytest.param(b"GET /v1/models HTTP/1.1\r\n\r\n", id="no-host"),
+    ],
+)
+@pytest.mark.parametrize(
+    "good",
+    [
+        pytest.param(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n", id="get"),
+        pytest.param(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 18\r\n\r\n{\"model\":\"gpt-4o\"}", id="post"),
+        pytest.param(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n8;ext=1\r\n{\"model\"\r\nA\r\n:\"gpt-4o\"}\r\n"
+                     b"0\r\nX-Trailer: 1\r\n\r\n", id="post-chunked"),
+    ],
+)
+def test_bad_request_line_pipelined_in_the_same_packet_is_caught(
+    relay: RelayThread, fake_upstream: ThreadedFakeUpstream, connect: Callable[[int], RawClient],
+    good: bytes, bad: bytes,
+) -> None:
+    """The second request line starts mid-read: relay still finds and checks it."""
+    before = len(fake_upstream.requests)
+    client = connect(relay.port)
+    client.send(good + b"\r\n" + good + bad)  # an empty line between requests is allowed
+    for _ in range(2):
+        assert client.response().status == 200
+    error_of(client.response(), 400)
+    client.wait_closed()
+    assert len(fake_upstream.requests) == before + 2
+
+
 # --------------------------------------------------------------- head limits
 
 

@@ -90,7 +90,7 @@ def test_from_bytes_never_raises(data: bytes) -> None:
 
 @pytest.mark.parametrize(
     "data",
-    [b"", b"\x01", b"\x02" + entry().to_bytes()[1:], b"\xff" * 64, b"not a cache entry"],
+    [b"", b"\x01", b"\x03" + entry().to_bytes()[1:], b"\xff" * 64, b"not a cache entry"],
 )
 def test_from_bytes_corrupt(data: bytes) -> None:
     assert CacheEntry.from_bytes(data) is None
@@ -229,7 +229,6 @@ def test_coalescer_one_leader_followers_get_identical_chunks(run: Runner) -> Non
         # Still joinable until close(): the window while the entry is stored.
         after_finish = coalescer.join(b"key")
         assert isinstance(after_finish, Follower)
-        assert leader.body() == b"".join(chunks)
         leader.close()
         assert len(coalescer) == 0
 
@@ -333,7 +332,6 @@ def test_coalescer_overflow_bounds_memory(run: Runner) -> None:
         assert await started.next_chunk() == b"12345"
         leader.chunk(b"678901")  # 11 bytes > 10: not cacheable any more
         assert leader.overflowed
-        assert leader.body() is None
         # Not joinable now: a new identical request goes upstream on its own.
         assert isinstance(coalescer.join(b"k"), Leader)
         # A follower that had not started yet is told to fetch for itself ...
@@ -368,7 +366,6 @@ def test_coalescer_body_exactly_at_cap_is_shared(run: Runner) -> None:
         late = coalescer.join(b"k")
         assert isinstance(late, Follower)
         assert await relay_follower(late) == (HEAD, [b"0123456789"])
-        assert leader.body() == b"0123456789"
         leader.close()
 
     run(main())

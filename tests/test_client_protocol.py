@@ -19,11 +19,18 @@ import uvloop
 
 from relay.http import errors
 from relay.http.protocol import (
+    ANSWER_MOVES,
+    CONN_MOVES,
     MAX_PIPELINED,
+    READ_MOVES,
     WRITE_HIGH_WATER,
     WRITE_LOW_WATER,
+    AnswerState,
     ClientConnection,
     ConnectionLimits,
+    ConnState,
+    ProtocolStateError,
+    ReadState,
 )
 from relay.http.request import Request
 
@@ -257,7 +264,7 @@ def test_request_fields(run: Callable[[Awaitable[Any]], Any], bytewise: bool) ->
 def test_credential_falls_back_to_api_key(run: Callable[[Awaitable[Any]], Any]) -> None:
     async def body() -> None:
         server = Server(peer=None)
-        server.feed(b"GET /a HTTP/1.1\r\nx-api-key: sk-ant\r\n\r\nGET /b HTTP/1.1\r\n\r\n")
+        server.feed(b"GET /a HTTP/1.1\r\nHost: t\r\nx-api-key: sk-ant\r\n\r\nGET /b HTTP/1.1\r\nHost: t\r\n\r\n")
         await server.settle()
         first, second = server.requests
         assert first.credential == b"sk-ant" and first.authorization is None
@@ -271,7 +278,7 @@ def test_credential_falls_back_to_api_key(run: Callable[[Awaitable[Any]], Any]) 
 def test_chunked_body_is_assembled(run: Callable[[Awaitable[Any]], Any], bytewise: bool) -> None:
     async def body() -> None:
         server = Server()
-        server.feed(b"POST /v1/x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        server.feed(b"POST /v1/x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
                     b"5\r\nhello\r\n1;ext=1\r\n \r\n5\r\nworld\r\n0\r\nX-Trailer: t\r\n\r\n",
                     bytewise=bytewise)
         await server.settle()
@@ -303,7 +310,7 @@ def test_connection_close_is_honoured_and_later_requests_ignored(
 ) -> None:
     async def body() -> None:
         server = Server()
-        server.feed(b"GET /1 HTTP/1.1\r\nConnection: close\r\n\r\nGET /2 HTTP/1.1\r\n\r\n")
+        server.feed(b"GET /1 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\nGET /2 HTTP/1.1\r\nHost: t\r\n\r\n")
         await server.settle()
         assert [r.target for r in server.requests] == [b"/1"]
         (response,) = parse(server.transport.take())
@@ -328,9 +335,9 @@ def test_pipelined_requests_are_answered_in_order(
 
     async def body() -> None:
         server = Server(slow_first)
-        server.feed(b"GET /1 HTTP/1.1\r\n\r\n"
-                    b"POST /2 HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc"
-                    b"GET /3 HTTP/1.1\r\n\r\n", bytewise=bytewise)
+        server.feed(b"GET /1 HTTP/1.1\r\nHost: t\r\n\r\n"
+                    b"POST /2 HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc"
+                    b"GET /3 HTTP/1.1\r\nHost: t\r\n\r\n", bytewise=bytewise)
         for _ in range(100):
             await asyncio.sleep(0.01)
             if len(server.requests) == 3 and not server.conn.busy:
@@ -358,7 +365,7 @@ def test_one_request_at_a_time(run: Callable[[Awaitable[Any]], Any]) -> None:
             await echo(request, conn)
 
         server = Server(handler)
-        server.feed(b"GET /x HTTP/1.1\r\n\r\n" * 10)
+        server.feed(b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n" * 10)
         for _ in range(200):
             await asyncio.sleep(0.005)
             if len(server.requests) == 10 and not server.conn.busy:
@@ -381,7 +388,7 @@ def test_reading_pauses_when_the_pipeline_queue_is_full(
             await echo(request, conn)
 
         server = Server(handler)
-        data = b"".join(b"GET /%d HTTP/1.1\r\n\r\n" % i for i in range(MAX_PIPELINED + 1))
+        data = b"".join(b"GET /%d HTTP/1.1\r\nHost: t\r\n\r\n" % i for i in range(MAX_PIPELINED + 1))
         server.feed(data)
         await server.settle()
         assert len(server.requests) == 1
@@ -409,7 +416,7 @@ def test_bad_request_behind_a_busy_one_waits_its_turn(
             await echo(request, conn)
 
         server = Server(handler)
-        server.feed(b"GET /ok HTTP/1.1\r\n\r\nGET /bad HTTP/1.1\r\nContent-Length: 1\r\n"
+        server.feed(b"GET /ok HTTP/1.1\r\nHost: t\r\n\r\nGET /bad HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\n"
                     b"Content-Length: 2\r\n\r\n")
         await server.settle()
         assert server.transport.out == b"" and not server.transport.reading
@@ -433,14 +440,14 @@ def test_bad_request_behind_a_busy_one_waits_its_turn(
 @pytest.mark.parametrize(
     ("data", "status"),
     [
-        (b"GET / HTTP/1.1\r\n" + b"X-H: 1\r\n" * 129 + b"\r\n", 431),
-        (b"GET /" + b"a" * 2100 + b" HTTP/1.1\r\n\r\n", 431),
-        (b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 2100 + b"\r\n\r\n", 431),
-        (b"POST / HTTP/1.1\r\nContent-Length: 1001\r\n\r\n", 413),
-        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + (b"64\r\n" + b"x" * 100 + b"\r\n") * 11, 413),
-        (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: t\r\n" + b"X-H: 1\r\n" * 129 + b"\r\n", 431),
+        (b"GET /" + b"a" * 2100 + b" HTTP/1.1\r\nHost: t\r\n\r\n", 431),
+        (b"GET / HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 2100 + b"\r\n\r\n", 431),
+        (b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 1001\r\n\r\n", 413),
+        (b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n" + (b"64\r\n" + b"x" * 100 + b"\r\n") * 11, 413),
+        (b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 400),
         (b"GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n", 400),
-        (b"GET / HTTP/1.1\r\nExpect: 200-ok\r\n\r\n", 417),
+        (b"GET / HTTP/1.1\r\nHost: t\r\nExpect: 200-ok\r\n\r\n", 417),
     ],
     ids=["count", "url", "value", "content-length", "chunked", "te", "host", "expect"],
 )
@@ -459,7 +466,7 @@ def test_refusals(
         assert server.transport.closed
         assert server.transport.late == []
         # Bytes arriving after the refusal are ignored.
-        server.feed(b"GET / HTTP/1.1\r\n\r\n")
+        server.feed(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
         await server.settle()
         assert server.requests == [] and server.transport.out == b""
         assert server.transport.late == []
@@ -472,7 +479,7 @@ def test_unfinished_header_is_cut_off_near_twice_the_limit(
 ) -> None:
     async def body() -> None:
         server = Server()
-        server.feed(b"GET / HTTP/1.1\r\nX-Endless: ")
+        server.feed(b"GET / HTTP/1.1\r\nHost: t\r\nX-Endless: ")
         fed = 0
         while not server.transport.out and fed < 10 * LIMITS.max_header_bytes:
             server.feed(b"a" * 256)
@@ -484,10 +491,75 @@ def test_unfinished_header_is_cut_off_near_twice_the_limit(
     run(body())
 
 
+def test_pipelined_expect_continue_waits_for_its_turn(
+    run: Callable[[Awaitable[Any]], Any],
+) -> None:
+    gate = asyncio.Event()
+
+    async def handler(request: Request, conn: ClientConnection) -> None:
+        if request.target == b"/stream":
+            conn.start_response(200, [], None)
+            conn.write(b"data: 1\n\n")
+            await gate.wait()
+            conn.write(b"data: 2\n\n")
+            conn.finish()
+        else:
+            await echo(request, conn)
+
+    async def body() -> None:
+        server = Server(handler)
+        server.feed(b"GET /stream HTTP/1.1\r\nHost: t\r\n\r\n")
+        await server.settle()
+        server.feed(b"POST /next HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\n"
+                    b"Content-Length: 3\r\n\r\n")
+        await server.settle()
+        assert b"100 Continue" not in server.transport.out  # not inside the chunked body
+        gate.set()
+        await server.settle()
+        data = server.transport.take()
+        assert data.endswith(b"0\r\n\r\nHTTP/1.1 100 Continue\r\n\r\n")
+        first, interim = parse(data)
+        assert first.complete and first.body == b"data: 1\n\ndata: 2\n\n"
+        assert interim.status == 100
+        server.feed(b"abc")
+        await server.settle()
+        (second,) = parse(server.transport.take())
+        assert second.status == 200 and server.requests[1].body == b"abc"
+
+    run(body())
+
+
+def test_pipelined_body_sent_without_waiting_gets_no_late_100(
+    run: Callable[[Awaitable[Any]], Any],
+) -> None:
+    gate = asyncio.Event()
+
+    async def handler(request: Request, conn: ClientConnection) -> None:
+        if request.target == b"/slow":
+            await gate.wait()
+        await echo(request, conn)
+
+    async def body() -> None:
+        server = Server(handler)
+        server.feed(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n"
+                    b"POST /next HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\n"
+                    b"Content-Length: 3\r\n\r\nab")
+        await server.settle()
+        gate.set()
+        await server.settle()
+        server.feed(b"c")
+        await server.settle()
+        data = server.transport.take()
+        assert b"100 Continue" not in data
+        assert [r.status for r in parse(data)] == [200, 200]
+
+    run(body())
+
+
 def test_expect_continue_invites_the_body(run: Callable[[Awaitable[Any]], Any]) -> None:
     async def body() -> None:
         server = Server()
-        server.feed(b"POST /v1/x HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n")
+        server.feed(b"POST /v1/x HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n")
         assert server.transport.take() == b"HTTP/1.1 100 Continue\r\n\r\n"
         server.feed(b"abc")
         await server.settle()
@@ -507,7 +579,7 @@ def test_respond_frames_with_content_length(run: Callable[[Awaitable[Any]], Any]
 
     async def body() -> None:
         server = Server(handler)
-        server.feed(b"GET / HTTP/1.1\r\n\r\n")
+        server.feed(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
         await server.settle()
         assert server.transport.take() == (
             b"HTTP/1.1 201 Created\r\nX-A: 1\r\nContent-Length: 5\r\n\r\nhello")
@@ -522,7 +594,7 @@ def test_respond_close_adds_connection_close(run: Callable[[Awaitable[Any]], Any
 
     async def body() -> None:
         server = Server(handler)
-        server.feed(b"GET / HTTP/1.1\r\n\r\nGET /never HTTP/1.1\r\n\r\n")
+        server.feed(b"GET / HTTP/1.1\r\nHost: t\r\n\r\nGET /never HTTP/1.1\r\nHost: t\r\n\r\n")
         await server.settle()
         assert server.transport.take() == (
             b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
@@ -541,7 +613,7 @@ def test_streamed_response_with_known_length(run: Callable[[Awaitable[Any]], Any
 
     async def body() -> None:
         server = Server(handler)
-        server.feed(b"GET / HTTP/1.1\r\n\r\n")
+        server.feed(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
         await server.settle()
         assert server.transport.take() == (
             b"HTTP/1.1 200 OK\r\nX-A: 1\r\nContent-Length: 6\r\n\r\nabcdef")
@@ -561,7 +633,7 @@ def test_streamed_response_chunked_for_http11(run: Callable[[Awaitable[Any]], An
 
     async def body() -> None:
         server = Server(handler)
-        server.feed(b"GET /s HTTP/1.1\r\n\r\nGET /next HTTP/1.1\r\n\r\n")
+        server.feed(b"GET /s HTTP/1.1\r\nHost: t\r\n\r\nGET /next HTTP/1.1\r\nHost: t\r\n\r\n")
         for _ in range(50):
             await asyncio.sleep(0.001)
             if len(server.requests) == 2 and not server.conn.busy:
@@ -609,7 +681,7 @@ def test_no_body_status_is_not_chunked(run: Callable[[Awaitable[Any]], Any]) -> 
 
     async def body() -> None:
         server = Server(handler)
-        server.feed(b"GET / HTTP/1.1\r\n\r\n")
+        server.feed(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
         await server.settle()
         data = server.transport.take()
         assert data.startswith(b"HTTP/1.1 304 Not Modified\r\nETag: x\r\n")
@@ -633,7 +705,7 @@ def test_bodyless_response_has_no_framing_and_keeps_the_connection(
 
     async def body() -> None:
         server = Server(handler)
-        server.feed(b"HEAD / HTTP/1.1\r\n\r\nGET /next HTTP/1.1\r\n\r\n")
+        server.feed(b"HEAD / HTTP/1.1\r\nHost: t\r\n\r\nGET /next HTTP/1.1\r\nHost: t\r\n\r\n")
         for _ in range(50):
             await asyncio.sleep(0.001)
             if len(server.requests) == 2 and not server.conn.busy:
@@ -663,7 +735,7 @@ def test_handler_errors_become_error_responses(run: Callable[[Awaitable[Any]], A
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(lambda loop, context: None)  # the bug's task error
         server = Server(handler)
-        server.feed(b"GET /gateway HTTP/1.1\r\n\r\nGET /bug HTTP/1.1\r\n\r\nGET /ok HTTP/1.1\r\n\r\n")
+        server.feed(b"GET /gateway HTTP/1.1\r\nHost: t\r\n\r\nGET /bug HTTP/1.1\r\nHost: t\r\n\r\nGET /ok HTTP/1.1\r\nHost: t\r\n\r\n")
         for _ in range(50):
             await asyncio.sleep(0.001)
             if len(server.requests) == 3 and not server.conn.busy:
@@ -687,7 +759,7 @@ def test_failure_after_the_head_aborts(run: Callable[[Awaitable[Any]], Any]) -> 
 
     async def body() -> None:
         server = Server(handler)
-        server.feed(b"GET / HTTP/1.1\r\n\r\nGET /never HTTP/1.1\r\n\r\n")
+        server.feed(b"GET / HTTP/1.1\r\nHost: t\r\n\r\nGET /never HTTP/1.1\r\nHost: t\r\n\r\n")
         await server.settle()
         (response,) = parse(server.transport.take())
         assert response.status == 200 and not response.complete
@@ -708,7 +780,7 @@ def test_hold_then_abort_still_sends_what_was_held(run: Callable[[Awaitable[Any]
 
     async def body() -> None:
         server = Server(handler)
-        server.feed(b"GET / HTTP/1.1\r\n\r\n")
+        server.feed(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
         await server.settle()
         (response,) = parse(server.transport.take())
         assert response.status == 200 and response.body == b"partial"
@@ -730,7 +802,7 @@ def test_respond_after_the_client_left_writes_nothing(
             conn.finish()
 
         server = Server(handler)
-        server.feed(b"GET / HTTP/1.1\r\n\r\n")
+        server.feed(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
         await server.settle()
         server.transport.closed = True
         server.conn.connection_lost(None)
@@ -808,7 +880,7 @@ def test_flow_is_detached_after_each_response(run: Callable[[Awaitable[Any]], An
 
     async def body() -> None:
         server = Server(handler)
-        server.feed(b"GET / HTTP/1.1\r\n\r\n")
+        server.feed(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
         await server.settle()
         assert server.conn.flow is None and server.conn.on_lost is None
 
@@ -821,7 +893,7 @@ def test_flow_is_detached_after_each_response(run: Callable[[Awaitable[Any]], An
 def test_header_timeout_closes_a_silent_connection(run: Callable[[Awaitable[Any]], Any]) -> None:
     async def body() -> None:
         server = Server(limits=ConnectionLimits(1000, 2048, 0.05, 5.0))
-        server.feed(b"GET / HTTP/1.1\r\nHo")
+        server.feed(b"GET / HTTP/1.1\r\nHost: t\r\nHo")
         await asyncio.sleep(0.15)
         assert server.transport.closed and server.transport.out == b""
 
@@ -831,7 +903,7 @@ def test_header_timeout_closes_a_silent_connection(run: Callable[[Awaitable[Any]
 def test_idle_timeout_after_a_response(run: Callable[[Awaitable[Any]], Any]) -> None:
     async def body() -> None:
         server = Server(limits=ConnectionLimits(1000, 2048, 5.0, 0.05))
-        server.feed(b"GET / HTTP/1.1\r\n\r\n")
+        server.feed(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
         await server.settle()
         assert not server.transport.closed
         await asyncio.sleep(0.15)
@@ -848,7 +920,7 @@ def test_timers_do_not_cut_a_busy_request(run: Callable[[Awaitable[Any]], Any]) 
 
     async def body() -> None:
         server = Server(slow, limits=ConnectionLimits(1000, 2048, 0.05, 0.05))
-        server.feed(b"GET / HTTP/1.1\r\n\r\n")
+        server.feed(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
         await asyncio.sleep(0.2)
         assert parse(server.transport.take())[0].status == 200
 
@@ -869,7 +941,7 @@ def test_eof_while_idle_closes_and_while_busy_finishes_first(
             await echo(request, conn)
 
         busy = Server(handler)
-        busy.feed(b"GET / HTTP/1.1\r\n\r\n")
+        busy.feed(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
         await busy.settle()
         assert busy.conn.eof_received()  # keep the half-open socket for the answer
         gate.set()
@@ -896,7 +968,7 @@ def test_shutdown_closes_idle_at_once_and_busy_after_the_response(
             await echo(request, conn)
 
         busy = Server(handler)
-        busy.feed(b"GET / HTTP/1.1\r\n\r\nGET /queued HTTP/1.1\r\n\r\n")
+        busy.feed(b"GET / HTTP/1.1\r\nHost: t\r\n\r\nGET /queued HTTP/1.1\r\nHost: t\r\n\r\n")
         await busy.settle()
         busy.conn.shutdown()
         assert not busy.transport.closed
@@ -905,5 +977,145 @@ def test_shutdown_closes_idle_at_once_and_busy_after_the_response(
         (response,) = parse(busy.transport.take())
         assert response.header(b"connection") == b"close"
         assert busy.transport.closed and len(busy.requests) == 1
+
+    run(body())
+
+
+# --------------------------------------------------------------- states
+
+
+def test_transition_tables() -> None:
+    def allowed(table: tuple[int, ...], states: Any) -> dict[str, set[str]]:
+        return {old.name: {new.name for new in states if table[old] >> new & 1} for old in states}
+
+    assert allowed(CONN_MOVES, ConnState) == {
+        "OPEN": {"IDLE", "CLOSING", "HALF_CLOSED", "CLOSED"},
+        "IDLE": {"OPEN", "CLOSING", "HALF_CLOSED", "CLOSED"},
+        "CLOSING": {"HALF_CLOSED", "CLOSED"},
+        "HALF_CLOSED": {"CLOSED"},
+        "CLOSED": set(),
+    }
+    assert allowed(READ_MOVES, ReadState) == {
+        "AWAIT": {"HEAD"},
+        "HEAD": {"BODY", "CONTINUE", "UPGRADE"},
+        "BODY": {"AWAIT"},
+        "CONTINUE": {"BODY", "AWAIT"},
+        "UPGRADE": {"AWAIT"},
+    }
+    assert allowed(ANSWER_MOVES, AnswerState) == {
+        "NONE": {"PENDING"},
+        "PENDING": {"BODY", "CHUNKED", "NONE"},
+        "BODY": {"NONE"},
+        "CHUNKED": {"NONE"},
+    }
+
+
+def test_illegal_transitions_raise(run: Callable[[Awaitable[Any]], Any]) -> None:
+    async def body() -> None:
+        server = Server()
+        conn = server.conn
+        assert conn.state is ConnState.OPEN
+        with pytest.raises(ProtocolStateError, match="answer state NONE -> BODY"):
+            conn._set_answer(AnswerState.BODY)
+        with pytest.raises(ProtocolStateError, match="read state AWAIT -> BODY"):
+            conn._set_read(ReadState.BODY)
+        with pytest.raises(ProtocolStateError):
+            conn.respond(200, [], b"")  # nothing is being answered
+        conn.connection_lost(None)
+        assert conn.state is ConnState.CLOSED
+        with pytest.raises(ProtocolStateError, match="connection state CLOSED -> OPEN"):
+            conn._set_state(ConnState.OPEN)
+        assert conn.state is ConnState.CLOSED
+
+    run(body())
+
+
+def test_a_second_response_head_is_refused(run: Callable[[Awaitable[Any]], Any]) -> None:
+    errors_seen: list[BaseException] = []
+
+    async def handler(request: Request, conn: ClientConnection) -> None:
+        conn.start_response(200, [], 2)
+        try:
+            conn.start_response(200, [], 2)
+        except ProtocolStateError as exc:
+            errors_seen.append(exc)
+        conn.write(b"ok")
+        conn.finish()
+
+    async def body() -> None:
+        server = Server(handler)
+        server.feed(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        await server.settle()
+        assert len(errors_seen) == 1
+        assert server.transport.take() == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    run(body())
+
+
+def test_eof_before_the_answer_counts_as_gone(run: Callable[[Awaitable[Any]], Any]) -> None:
+    seen: list[tuple[bool, bool]] = []
+    gate = asyncio.Event()
+
+    async def handler(request: Request, conn: ClientConnection) -> None:
+        await gate.wait()
+        before = conn.is_lost
+        if request.target == b"/answer":
+            conn.start_response(200, [], 2)
+            seen.append((before, conn.is_lost))
+            conn.write(b"ok")
+            conn.finish()
+        else:
+            seen.append((before, conn.is_lost))  # gone: answers nothing, as the pipeline does
+
+    async def body() -> None:
+        gone = Server(handler)
+        gone.feed(b"GET /gone HTTP/1.1\r\nHost: t\r\n\r\n")
+        await gone.settle()
+        assert not gone.conn.is_lost
+        assert gone.conn.eof_received()
+        assert gone.conn.state is ConnState.HALF_CLOSED
+        answered = Server(handler)
+        answered.feed(b"GET /answer HTTP/1.1\r\nHost: t\r\n\r\n")
+        await answered.settle()
+        answered.conn.eof_received()
+        gate.set()
+        await gone.settle()
+        await answered.settle()
+        assert seen == [(True, True), (True, False)]
+        assert gone.transport.out == b"" and gone.transport.closed  # closed, nothing written
+        assert parse(answered.transport.take())[0].body == b"ok"  # started: written out
+        assert answered.transport.closed
+
+    run(body())
+
+
+@pytest.mark.parametrize("bytewise", [False, True])
+@pytest.mark.parametrize(
+    "good",
+    [
+        b"GET /a HTTP/1.1\r\nHost: t\r\n\r\n",
+        b"POST /a HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc",
+        b"POST /a HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2;x=y\r\nab\r\n1\r\nc\r\n0\r\nX-T: 1\r\n\r\n",
+    ],
+)
+@pytest.mark.parametrize(
+    ("bad", "status"),
+    [
+        (b"GET  /b HTTP/1.1\r\nHost: t\r\n\r\n", 400),
+        (b"GET /b\r\n", 400),
+        (b"GET /b HTTP/2.0\r\nHost: t\r\n\r\n", 505),
+    ],
+)
+def test_every_pipelined_request_line_is_checked(
+    run: Callable[[Awaitable[Any]], Any], bytewise: bool, good: bytes, bad: bytes, status: int,
+) -> None:
+    async def body() -> None:
+        server = Server()
+        server.feed(good + good + bad, bytewise=bytewise)
+        await server.settle()
+        responses = parse(server.transport.take())
+        assert [r.status for r in responses] == [200, 200, status]
+        assert len(server.requests) == 2 and server.transport.closed
 
     run(body())

@@ -463,9 +463,12 @@ def test_models(tmp_path: pathlib.Path) -> None:
         "  gpt-4: 0.03\n"
         "  gpt-4o: {input: 0.0025, output: 0.01, cached_input: 0.00125}\n"
         "  free: 0\n"
-        '  "gpt-3.5-turbo": {input: 1, output: 2}\n',
+        '  "gpt-3.5-turbo": {input: 1, output: 2}\n'
+        "  claude-sonnet-4: {input: 0.003, output: 0.015, cached_input: 0.0003,"
+        " cache_write_input: 0.00375}\n",
     )
     models = load_config(path, {}).models
+    assert models["claude-sonnet-4"] == ModelPrice(0.003, 0.015, 0.0003, 0.00375)
     assert models["gpt-4"] == ModelPrice(0.03, 0.03, None)
     assert models["gpt-4o"] == ModelPrice(0.0025, 0.01, 0.00125)
     assert models["free"] == ModelPrice(0.0, 0.0)
@@ -484,6 +487,16 @@ def test_models(tmp_path: pathlib.Path) -> None:
             "  gpt-4: {input: 1, output: 2, cahced_input: 1}\n",
             "models.gpt-4.cahced_input",
             "'cached_input'",
+        ),
+        (
+            "  gpt-4: {input: 1, output: 2, cache_write_input: -1}\n",
+            "models.gpt-4.cache_write_input",
+            "must be >= 0",
+        ),
+        (
+            "  gpt-4: {input: 1, output: 2, cache_write: 1}\n",
+            "models.gpt-4.cache_write",
+            "'cache_write_input'",
         ),
         ("  3.5: 1\n", "models.3.5", "must be a string"),
     ],
@@ -928,8 +941,3 @@ def test_stop_ends_polling_and_callback_errors_do_not(tmp_path: pathlib.Path, ru
 
     run(main())
 
-
-def test_watcher_available_from_relay_config() -> None:
-    import relay.config
-
-    assert relay.config.ConfigWatcher is ConfigWatcher

@@ -13,6 +13,7 @@ class Price:
     input: float
     output: float
     cached_input: float | None = None
+    cache_write_input: float | None = None
 
 
 TABLE = {
@@ -80,6 +81,26 @@ def test_anthropic_cache_reads() -> None:
     expected = 15 / 1000 * 0.003 + 100 / 1000 * 0.0003 + 12 / 1000 * 0.015
     assert abs(table.cost(usage) - expected) < 1e-12
     assert abs(expected - 0.000255) < 1e-12
+
+
+def test_anthropic_cache_writes_at_cache_write_price() -> None:
+    table = PriceTable({"claude-sonnet-4": Price(0.003, 0.015, 0.0003, 0.00375)})
+    # 10 uncached + 5 cache-write + 100 cache-read in, 12 out
+    usage = Usage("claude-sonnet-4-20250514", 115, 12, 100, cache_write_tokens=5)
+    expected = 10 / 1000 * 0.003 + 5 / 1000 * 0.00375 + 100 / 1000 * 0.0003 + 12 / 1000 * 0.015
+    assert table.cost(usage) == pytest.approx(expected, abs=1e-15)
+    # Without a cache_write_input price the writes cost ordinary input.
+    plain = PriceTable({"claude-sonnet-4": Price(0.003, 0.015, 0.0003)})
+    assert plain.cost(usage) == pytest.approx(
+        15 / 1000 * 0.003 + 100 / 1000 * 0.0003 + 12 / 1000 * 0.015, abs=1e-15
+    )
+
+
+def test_cache_writes_clamped_to_uncached_prompt() -> None:
+    price = Price(1.0, 2.0, 0.5, 4.0)
+    # 100 prompt of which 80 read: at most 20 can be writes.
+    assert price_cost(price, 100, 0, 80, 500) == pytest.approx(80 / 1000 * 0.5 + 20 / 1000 * 4.0)
+    assert price_cost(price, 100, 0, 0, -3) == pytest.approx(0.1)
 
 
 def test_cached_clamped_to_prompt() -> None:

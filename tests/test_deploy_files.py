@@ -646,7 +646,9 @@ def test_compose_wiring() -> None:
     assert env["REDIS_ENABLED"] == "true"
     assert env["REDIS_ADDRESS"] == "redis:6379"
     assert "8080:8080" in relay["ports"]
-    assert relay["depends_on"]["redis"]["condition"] == "service_healthy"
+    # List form (the one a Swarm stack accepts): relay needs no healthy Redis
+    # to start, it serves from memory until Redis answers.
+    assert relay["depends_on"] == ["redis"]
     assert "/tmp" in relay["tmpfs"] and relay["read_only"] is True
     assert int(relay["stop_grace_period"].rstrip("s")) > 30
     # every bind-mounted file exists in the repo
@@ -673,6 +675,59 @@ def test_compose_wiring() -> None:
     assert ds["datasources"][0]["url"] == "http://prometheus:9090"
     prov = yaml.safe_load((GRAFANA / "provisioning/dashboards/relay.yml").read_text())
     assert prov["providers"][0]["options"]["path"] == str(Path(dash_target).parent)
+
+
+def test_compose_deploys_as_a_swarm_stack() -> None:
+    """`docker stack deploy -c docker-compose.yml relay-stack`: an image any
+    node can pull beside the local build, and a deploy section per service."""
+    services = compose()["services"]
+    relay = services["relay"]
+    assert relay["build"] == "." and relay["image"] == "${RELAY_IMAGE:-relay:local}"
+    deploy = relay["deploy"]
+    assert deploy["replicas"] == "${RELAY_REPLICAS:-1}"
+    update = deploy["update_config"]
+    assert update["parallelism"] == 1 and update["order"] == "start-first"
+    assert update["failure_action"] == "rollback"
+    assert deploy["rollback_config"]["order"] == "start-first"
+    for name, svc in services.items():
+        assert "image" in svc, name
+        policy = svc["deploy"]["restart_policy"]
+        assert policy["condition"] == "any", name
+        assert isinstance(svc.get("depends_on", []), list), name  # the stack schema's form
+        if name != "relay":
+            assert svc["deploy"]["replicas"] == 1, name
+    # A stack honours stop_grace_period too: it must outlast the drain.
+    assert int(relay["stop_grace_period"].rstrip("s")) > 30
+
+
+def test_stack_config_validates() -> None:
+    """The Swarm loader itself (`docker stack config`, no engine needed),
+    with the variables a stack deployment sets."""
+    exe = shutil.which("docker")
+    if exe is None:
+        missing_tool("docker CLI")
+    assert exe is not None
+    env = dict(os.environ, RELAY_IMAGE="registry.example.com/relay:0.1.0", RELAY_REPLICAS="3")
+    out = subprocess.run([exe, "stack", "config", "-c", str(COMPOSE)], capture_output=True,
+                         text=True, timeout=60, cwd=REPO, env=env)  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "unsupported" not in out.stderr.lower(), out.stderr
+    rendered = yaml.safe_load(out.stdout)["services"]["relay"]
+    assert rendered["image"] == "registry.example.com/relay:0.1.0"
+    assert rendered["deploy"]["replicas"] == 3
+    assert rendered["deploy"]["restart_policy"]["condition"] == "any"
+
+
+def test_packaging_metadata_is_current() -> None:
+    """A first install prints no deprecation warning: the license is an SPDX
+    string (not the deprecated table) and the build needs a setuptools that
+    reads it."""
+    import tomllib
+
+    meta = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert meta["project"]["license"] == "Apache-2.0"
+    (setuptools,) = [r for r in meta["build-system"]["requires"] if r.startswith("setuptools")]
+    assert setuptools == "setuptools>=77"
 
 
 def test_compose_config_validates() -> None:

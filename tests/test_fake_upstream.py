@@ -717,3 +717,113 @@ def test_base64_embedding_matches_float_layout(up: ThreadedFakeUpstream) -> None
                                                {**body, "encoding_format": "base64"})).body)
     raw = base64.b64decode(encoded["data"][0]["embedding"])
     assert list(struct.unpack("<3f", raw)) == floats["data"][0]["embedding"]
+
+
+# ------------------------------------------------------------------ provider-like behaviours
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate"])
+def test_fake_encoding_compresses_json_and_streams_even_for_identity(
+    up: ThreadedFakeUpstream, coding: str,
+) -> None:
+    import zlib
+
+    wbits = 31 if coding == "gzip" else 15
+    plain = roundtrip(up, request("/v1/chat/completions", chat()))
+    packed = roundtrip(up, request("/v1/chat/completions", chat(), headers={
+        "accept-encoding": "identity", "x-fake-encoding": coding}))
+    assert packed.headers["content-encoding"] == coding
+    assert int(packed.headers["content-length"]) == len(packed.body)
+    assert zlib.decompress(packed.body, wbits) == plain.body
+
+    plain_stream = roundtrip(up, request("/v1/chat/completions", chat(stream=True)))
+    stream = roundtrip(up, request("/v1/chat/completions", chat(stream=True), headers={
+        "x-fake-encoding": coding}))
+    assert stream.headers["content-encoding"] == coding
+    assert stream.headers["transfer-encoding"] == "chunked"
+    # One chunk per event, each decodable as it arrives (sync flush).
+    z = zlib.decompressobj(wbits)
+    decoded = [z.decompress(c) for c in stream.chunks]
+    assert all(d.endswith(b"\n\n") for d in decoded)
+    assert b"".join(decoded) == plain_stream.body and z.eof
+
+
+def test_fake_br_label_and_bad_encoding(up: ThreadedFakeUpstream) -> None:
+    labelled = roundtrip(up, request("/v1/chat/completions", chat(),
+                                     headers={"x-fake-encoding": "br"}))
+    assert labelled.headers["content-encoding"] == "br"
+    assert json.loads(labelled.body)["object"] == "chat.completion"  # a label only
+    bad = roundtrip(up, request("/v1/chat/completions", chat(),
+                                headers={"x-fake-encoding": "lzma"}))
+    assert bad.status == 400 and b"x-fake-encoding" in bad.body
+
+
+def test_fake_set_cookie_and_close_delimited(up: ThreadedFakeUpstream) -> None:
+    with connect(up) as sock:
+        sock.sendall(request("/v1/chat/completions", chat(), headers={
+            "x-fake-set-cookie": "session=abc; Path=/", "x-fake-close-delimited": "1"}))
+        data = read_until_closed(sock)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b"set-cookie: session=abc; Path=/\r\n" in head + b"\r\n"
+    assert b"content-length" not in head and b"transfer-encoding" not in head
+    assert b"connection: close" in head
+    assert json.loads(body)["usage"]["completion_tokens"] == 5
+
+
+def test_fake_close_delimited_reset(up: ThreadedFakeUpstream) -> None:
+    with connect(up) as sock:
+        sock.sendall(request("/v1/chat/completions", chat(), headers={
+            "x-fake-close-delimited": "1", "x-fake-reset-after": "20"}))
+        data = b""
+        with pytest.raises(ConnectionResetError):
+            for _ in range(100):
+                piece = sock.recv(65536)
+                if not piece:
+                    break
+                data += piece
+    assert len(data.partition(b"\r\n\r\n")[2]) == 20
+
+
+def test_responses_api_json_and_stream(oai: openai.OpenAI) -> None:
+    faults = {"x-fake-cached-tokens": "4", "x-fake-reasoning-tokens": "7"}
+    answer = oai.responses.create(model="gpt-4o", input=PROMPT, extra_headers=faults)
+    assert answer.output_text == REPLY and answer.status == "completed"
+    assert answer.usage is not None
+    assert (answer.usage.input_tokens, answer.usage.output_tokens) == (3 + 4, 5 + 7)
+    assert answer.usage.input_tokens_details.cached_tokens == 4
+    assert answer.usage.output_tokens_details.reasoning_tokens == 7
+    events = list(oai.responses.create(model="gpt-4o", input=PROMPT, stream=True,
+                                       extra_headers=faults))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == REPLY
+    final = events[-1]
+    assert final.type == "response.completed"
+    assert final.response.usage == answer.usage
+    assert events[0].type == "response.created" and events[0].response.usage is None
+
+
+def test_chat_reasoning_tokens_and_usage_on_last_chunk(oai: openai.OpenAI) -> None:
+    chunks = list(oai.chat.completions.create(
+        model="gpt-4o", messages=MESSAGES, stream=True, stream_options={"include_usage": True},
+        extra_headers={"x-fake-reasoning-tokens": "12", "x-fake-usage-on-last-chunk": "1"}))
+    last = chunks[-1]
+    assert last.choices[0].finish_reason == "stop"
+    assert last.usage is not None and last.usage.completion_tokens == 5 + 12
+    assert last.usage.completion_tokens_details is not None
+    assert last.usage.completion_tokens_details.reasoning_tokens == 12
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_anthropic_cache_write_tokens(ant: anthropic.Anthropic) -> None:
+    faults = {"x-fake-cache-write-tokens": "100", "x-fake-cached-tokens": "20"}
+    message = ant.messages.create(model="claude-sonnet-4-5", max_tokens=64, messages=MESSAGES,
+                                  extra_headers=faults)
+    usage = message.usage
+    assert (usage.input_tokens, usage.cache_creation_input_tokens,
+            usage.cache_read_input_tokens, usage.output_tokens) == (3, 100, 20, 5)
+    with ant.messages.stream(model="claude-sonnet-4-5", max_tokens=64, messages=MESSAGES,
+                             extra_headers=faults) as stream:
+        final = stream.get_final_message()
+    assert final.usage.cache_creation_input_tokens == 100
+    assert final.usage.cache_read_input_tokens == 20 and final.usage.output_tokens == 5

@@ -547,3 +547,60 @@ def test_credential_hash_twins_agree(
 ) -> None:
     pure, compiled = both
     assert compiled.credential_hash(value) == pure.credential_hash(value)
+
+
+# ------------------------------------------------------------- varying headers
+
+
+@given(
+    st.binary(max_size=40),
+    st.binary(max_size=200) | renderings().map(lambda c: c[1]),
+    st.binary(max_size=40),
+    st.binary(max_size=80),
+)
+def test_twins_agree_with_varying_headers(
+    both: tuple[fast.Implementation, fast.Implementation],
+    target: bytes,
+    body: bytes,
+    scope: bytes,
+    varying: bytes,
+) -> None:
+    pure, compiled = both
+    assert compiled.cache_key(b"POST", target, body, scope, varying) == pure.cache_key(
+        b"POST", target, body, scope, varying
+    )
+
+
+def test_varying_headers_layout(impl: fast.Implementation) -> None:
+    method, target, scope = b"POST", b"/v1/messages", b"k"
+    varying = b"anthropic-beta:a\nanthropic-version:2023-06-01"
+    head = (
+        _cachekey_py.KEY_PREFIX
+        + struct.pack("<QQQ", len(method), len(target), len(scope))
+        + method
+        + target
+        + scope
+    )
+    tail = struct.pack("<Q", len(varying)) + varying
+    assert impl.cache_key(method, target, b'{"b":1,"a":2}', scope, varying) == (
+        hashlib.sha256(head + b"j" + tail + b'{"a":2,"b":1}').hexdigest()[:32].encode()
+    )
+    assert impl.cache_key(method, target, b"{oops", scope, varying) == (
+        hashlib.sha256(head + b"r" + tail + b"{oops").hexdigest()[:32].encode()
+    )
+    # No varying headers: the key layout (and every stored key) is unchanged.
+    assert impl.cache_key(method, target, b"{}", scope, b"") == impl.cache_key(
+        method, target, b"{}", scope
+    )
+
+
+def test_varying_headers_separate_keys(impl: fast.Implementation) -> None:
+    body = b'{"model":"claude-sonnet-4"}'
+    keys = {
+        impl.cache_key(b"POST", b"/v1/messages", body, b"", b""),
+        impl.cache_key(b"POST", b"/v1/messages", body, b"", b"anthropic-version:2023-06-01"),
+        impl.cache_key(b"POST", b"/v1/messages", body, b"", b"anthropic-version:2023-01-01"),
+        impl.cache_key(b"POST", b"/v1/messages", body, b"anthropic-version:2023-01-01", b""),
+        impl.cache_key(b"POST", b"/v1/messages", b"", b"", body),
+    }
+    assert len(keys) == 5

@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from relay.ledger import ANONYMOUS, OTHER, RedisUsageLedger, UsageLedger
+from relay.ledger import ANONYMOUS, OTHER, RedisUsageLedger, UsageLedger, usage_keys
 from relay.usage import Usage
 
 ZERO = {
@@ -200,12 +200,17 @@ def redis_port() -> Iterator[int]:
             proc.wait(10)
 
 
+# Generous: on a busy machine a Redis round trip can take far longer than
+# the production deadline; these tests check outcomes, not speed.
+CALL_TIMEOUT = 30.0
+
+
 def run(coro):
     return asyncio.run(coro)
 
 
 async def _client(port: int) -> aioredis.Redis:
-    client = aioredis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
+    client = aioredis.Redis(host="127.0.0.1", port=port, socket_timeout=CALL_TIMEOUT)
     await client.flushall()
     return client
 
@@ -215,7 +220,7 @@ def test_redis_ledger_matches_memory(redis_port: int) -> None:
     async def main() -> dict:
         client = await _client(redis_port)
         try:
-            ledger = RedisUsageLedger(client, prefix="t1")
+            ledger = RedisUsageLedger(client, prefix="t1", timeout=CALL_TIMEOUT)
             for pending in fill(ledger.record):
                 await pending
             return await ledger.snapshot()
@@ -229,16 +234,16 @@ def test_redis_ledger_matches_memory(redis_port: int) -> None:
 def test_redis_ledger_adds_up_across_instances_and_restarts(redis_port: int) -> None:
     async def main() -> tuple[dict, dict]:
         client_a = await _client(redis_port)
-        client_b = aioredis.Redis(host="127.0.0.1", port=redis_port, socket_timeout=1)
+        client_b = aioredis.Redis(host="127.0.0.1", port=redis_port, socket_timeout=CALL_TIMEOUT)
         try:
-            a = RedisUsageLedger(client_a, prefix="t2")
-            b = RedisUsageLedger(client_b, prefix="t2")
+            a = RedisUsageLedger(client_a, prefix="t2", timeout=CALL_TIMEOUT)
+            b = RedisUsageLedger(client_b, prefix="t2", timeout=CALL_TIMEOUT)
             await asyncio.gather(
                 *(x.record("m", "k", Usage("m", 10, 1), 0.001) for x in [a, b] * 50)
             )
             first = await a.snapshot()
             # a new instance (as after a restart) sees and continues the totals
-            c = RedisUsageLedger(client_b, prefix="t2")
+            c = RedisUsageLedger(client_b, prefix="t2", timeout=CALL_TIMEOUT)
             await c.record("m", "k", Usage("m", 10, 1), 0.001)
             return first, await c.snapshot()
         finally:
@@ -257,10 +262,10 @@ def test_redis_ledger_key_bound(redis_port: int) -> None:
     async def main() -> dict:
         client = await _client(redis_port)
         try:
-            ledger = RedisUsageLedger(client, prefix="t3", max_keys=2)
+            ledger = RedisUsageLedger(client, prefix="t3", max_keys=2, timeout=CALL_TIMEOUT)
             for i in range(5):
                 await ledger.record("m", f"k{i}", Usage("m", 1, 0), 0.0)
-            other_instance = RedisUsageLedger(client, prefix="t3", max_keys=2)
+            other_instance = RedisUsageLedger(client, prefix="t3", max_keys=2, timeout=CALL_TIMEOUT)
             await other_instance.record("m", "k9", Usage("m", 1, 0), 0.0)
             await other_instance.record("m", "k1", Usage("m", 1, 0), 0.0)
             return await ledger.snapshot()
@@ -277,7 +282,7 @@ def test_redis_empty_snapshot(redis_port: int) -> None:
     async def main() -> dict:
         client = await _client(redis_port)
         try:
-            return await RedisUsageLedger(client, prefix="t4").snapshot()
+            return await RedisUsageLedger(client, prefix="t4", timeout=CALL_TIMEOUT).snapshot()
         finally:
             await client.aclose()
 
@@ -347,5 +352,37 @@ def test_redis_ledger_with_runner(redis_port: int) -> None:
     assert snap["keys"]["k"] == row(
         requests=2, prompt_tokens=6, completion_tokens=8, cached_tokens=2, cost_usd=1.0
     )
-    # key slot check once, then one pipeline per record, one for the snapshot
-    assert len(calls) == 4
+    # one script call per record (key bound included), one for the snapshot
+    assert len(calls) == 3
+
+
+def test_usage_keys_share_one_hash_slot() -> None:
+    # Redis Cluster runs a script only when all its KEYS hash to one slot.
+    keys = usage_keys()
+    names = [keys.totals, keys.models, keys.keys, keys.keyset, keys.since, keys.writer("w1")]
+    assert all(name.startswith("relay:{usage}:") for name in names)
+    assert len(set(names)) == len(names)
+
+
+@pytest.mark.redis
+def test_redis_batch_applies_once_per_number(redis_port: int) -> None:
+    async def main() -> tuple[list[bool], dict]:
+        client = await _client(redis_port)
+        try:
+            ledger = RedisUsageLedger(client, prefix="t8", timeout=CALL_TIMEOUT)
+            batch = UsageLedger()
+            fill(batch.record)
+            applied = [
+                await ledger.add(batch, "writer-a", 1),
+                await ledger.add(batch, "writer-a", 1),  # resent: already there
+                await ledger.add(batch, "writer-b", 1),  # another writer's own numbers
+                await ledger.add(UsageLedger(), "writer-a", 1),
+            ]
+            return applied, await ledger.snapshot()
+        finally:
+            await client.aclose()
+
+    applied, snap = run(main())
+    assert applied == [True, False, True, False]
+    assert snap["totals"]["requests"] == 2 * EXPECTED_TOTALS["requests"]
+    assert snap["keys"]["k2"]["requests"] == 2

@@ -215,8 +215,16 @@ def test_multiprocess_values_are_summed(tmp_path) -> None:
     assert "keep.txt" in out["files"]
 
 
-def test_mark_worker_dead_without_multiprocess_is_a_no_op(monkeypatch) -> None:
+def test_mark_worker_dead_without_multiprocess_is_a_no_op(monkeypatch, tmp_path) -> None:
+    from prometheus_client import multiprocess
+
     from relay.metrics import mark_worker_dead
 
+    marked: list[tuple[int, str]] = []
+    monkeypatch.setattr(multiprocess, "mark_process_dead", lambda pid, path: marked.append((pid, path)))
     monkeypatch.delenv(MULTIPROC_ENV, raising=False)
     mark_worker_dead(12345)
+    assert marked == []  # no directory: nothing to clean up, nothing touched
+    monkeypatch.setenv(MULTIPROC_ENV, str(tmp_path))
+    mark_worker_dead(12345)
+    assert marked == [(12345, str(tmp_path))]

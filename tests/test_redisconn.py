@@ -12,6 +12,9 @@ import redis
 
 from relay.redisconn import RedisConnection, RedisUnavailable, parse_address
 
+# Generous: these check outcomes, and a busy machine can be slow to answer.
+CALL_TIMEOUT = 5.0
+
 try:
     from redis_server import RedisServer
 except ImportError:  # tests/ collected as a package
@@ -87,7 +90,7 @@ def test_execute_roundtrip(run: Runner) -> None:
         errors = Counter()
 
         async def main() -> None:
-            conn = RedisConnection(server.address, timeout=0.5, on_error=errors)
+            conn = RedisConnection(server.address, timeout=CALL_TIMEOUT, on_error=errors)
             try:
                 assert conn.up
                 assert await conn.check()
@@ -113,7 +116,7 @@ def test_outage_falls_back_logs_once_and_recovers(
 
         async def main() -> None:
             conn = RedisConnection(
-                server.address, timeout=0.5, on_error=errors, logger=logger, probe_interval=0.1
+                server.address, timeout=CALL_TIMEOUT, on_error=errors, logger=logger, probe_interval=0.1
             )
             try:
                 await conn.execute(conn.client.set, b"before", b"1")
@@ -181,7 +184,7 @@ def test_reply_error_falls_back_without_marking_down(run: Runner) -> None:
         errors = Counter()
 
         async def main() -> None:
-            conn = RedisConnection(server.address, timeout=0.5, on_error=errors)
+            conn = RedisConnection(server.address, timeout=CALL_TIMEOUT, on_error=errors)
             try:
                 await conn.execute(conn.client.set, b"text", b"abc")
                 with pytest.raises(RedisUnavailable):
@@ -205,7 +208,7 @@ def test_wrong_password_is_never_logged(
 
         async def main() -> None:
             conn = RedisConnection(
-                server.address, password=secret, timeout=0.5, on_error=errors, logger=logger
+                server.address, password=secret, timeout=CALL_TIMEOUT, on_error=errors, logger=logger
             )
             try:
                 assert not await conn.check()

@@ -266,3 +266,113 @@ def test_model_label_bound_holds_across_a_price_reload(upstream, config_file):
         assert not any(f"label-{i}" in models for i in range(70, 140))
     finally:
         relay.stop()
+
+
+# --------------------------------------------------------------------------- #
+# A refused edit leaves nothing of itself behind
+# --------------------------------------------------------------------------- #
+HUGE_BURST = 1152921504606846976  # 2**60: a double bucket cannot hold it exactly
+REQUEST_LOG_LINE = '"path":"/v1/chat/completions"'
+
+
+def test_out_of_range_edit_is_refused_whole_in_every_worker(upstream, tmp_path):
+    port = free_port()
+    path = str(tmp_path / "relay.yaml")
+    server = {"port": f"127.0.0.1:{port}", "workers": 2}
+    write(path, base_config(upstream.url, server=server, log={"requests": False}))
+    proc = start_relay_process(["--config", path],
+                               env={"PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom")})  # fmt: skip
+    log = StderrLines(proc)
+    try:
+        wait_for_port(port, proc=proc)
+        log.wait_for("listening on", count=2)
+        assert limit(port) == "100"
+        # The edit that used to pass validation and then half apply: the
+        # request log and the coalescer cap went live, the bucket refused.
+        write(path, base_config(upstream.url, server=server, log={"requests": True},
+                                ratelimit={"burst": HUGE_BURST},
+                                cache={"max_body_bytes": 1000, "ttl": 1e12},
+                                circuit_breaker={"recovery_timeout": float("nan")}))  # fmt: skip
+        # Both workers refuse it, each naming all three problems...
+        log.wait_for("edit refused", count=6, timeout=RELOAD_DEADLINE)
+        assert log.count("ratelimit.burst: must be <=") == 2
+        assert log.count("cache.ttl: must be <= 31536000") == 2
+        assert log.count("circuit_breaker.recovery_timeout: must be a finite number") == 2
+        assert reload_errors(port) == 1  # ...and it is counted once
+        # Fresh connections reach both workers: none logs requests, the old
+        # bucket answers.
+        assert {limit(port) for _ in range(10)} == {"100"}
+        time.sleep(0.5)  # the request log flushes on a short timer
+        assert log.count(REQUEST_LOG_LINE) == 0
+        assert log.count("config: reloaded") == 0
+
+        # The same edit with a valid burst applies whole, in both workers.
+        write(path, base_config(upstream.url, server=server, log={"requests": True},
+                                ratelimit={"burst": 3}))  # fmt: skip
+        log.wait_for("config: reloaded", count=2, timeout=RELOAD_DEADLINE)
+        assert {limit(port) for _ in range(10)} == {"3"}
+        log.wait_for(REQUEST_LOG_LINE, count=10)
+        assert reload_errors(port) == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        text = log.close()
+    assert proc.returncode == 0, text
+
+
+@pytest.mark.parametrize("failing", ["limiter", "pipeline"])
+def test_an_edit_that_fails_to_build_applies_nothing(
+    upstream, config_file, monkeypatch, caplog, failing
+):
+    """Defence in depth: were a validated value still refused while the new
+    generation is built, nothing of the edit is applied (before: the request
+    log, coalescer cap and Redis connection of the new config were live)."""
+    import relay.pipeline
+    import relay.runtime
+
+    def refuse_limiter(real):
+        def build(rate, burst, *args, **kwargs):
+            if burst == 77:
+                raise ValueError("burst refused by the bucket")
+            return real(rate, burst, *args, **kwargs)
+        return build
+
+    def refuse_accounting(real):
+        def build(config, runtime):
+            if config.ratelimit.burst == 77:
+                raise ValueError("accounting refused")
+            return real(config, runtime)
+        return build
+
+    if failing == "limiter":
+        monkeypatch.setattr(relay.runtime, "MemoryLimiter",
+                            refuse_limiter(relay.runtime.MemoryLimiter))  # fmt: skip
+    else:
+        monkeypatch.setattr(relay.pipeline, "Accounting",
+                            refuse_accounting(relay.pipeline.Accounting))  # fmt: skip
+    relay = start(config_file, base_config(upstream.url, ratelimit={"burst": 50}))
+    try:
+        gateway = relay.gateway
+        assert gateway is not None
+        before = relay.call(lambda: (gateway.pipeline, gateway.config,
+                                     gateway.runtime.coalescer.max_body_bytes))  # fmt: skip
+        assert limit(relay.port) == "50"
+        redis_address = f"127.0.0.1:{free_port()}"  # never connected to
+        write(config_file, base_config(
+            upstream.url, ratelimit={"burst": 77}, log={"requests": True},
+            cache={"max_body_bytes": 1234}, redis={"enabled": True, "address": redis_address}))  # fmt: skip
+        until(lambda: reload_errors(relay.port) == 1)
+        state = relay.call(lambda: (gateway.pipeline, gateway.config,
+                                    gateway.runtime.coalescer.max_body_bytes,
+                                    gateway.runtime.request_log, gateway.runtime.redis))  # fmt: skip
+        assert state == (*before, None, None)
+        assert limit(relay.port) == "50"
+        assert any("reload of" in r.getMessage() and "failed" in r.getMessage()
+                   for r in caplog.records)  # fmt: skip
+        # The next good edit applies whole.
+        write(config_file, base_config(upstream.url, ratelimit={"burst": 40},
+                                       log={"requests": True}))  # fmt: skip
+        until(lambda: limit(relay.port) == "40")
+        assert relay.call(lambda: gateway.runtime.request_log is not None)
+        assert reload_errors(relay.port) == 1
+    finally:
+        relay.stop()

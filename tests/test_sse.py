@@ -5,7 +5,7 @@ import re
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.sse import SSESplitter, event_data, event_fields
+from relay.sse import SSESplitter, event_fields
 
 
 def split_all(data: bytes, cuts: list[int]) -> tuple[list[bytes], bytes]:
@@ -140,7 +140,7 @@ def test_arbitrary_bytes_roundtrip(data: bytes, cuts: list[int]) -> None:
 
 def test_event_fields_common_shape() -> None:
     assert event_fields(b'data: {"a":1}\n\n') == (None, b'{"a":1}')
-    assert event_data(b"data: [DONE]\n\n") == b"[DONE]"
+    assert event_fields(b"data: [DONE]\n\n") == (None, b"[DONE]")
 
 
 def test_event_fields_named_and_multiline() -> None:
@@ -156,3 +156,18 @@ def test_event_fields_without_data() -> None:
 
 def test_event_fields_data_without_space() -> None:
     assert event_fields(b"data:x\ndata:  y\n\n") == (None, b"x\n y")
+
+
+def test_a_read_of_exactly_one_event_is_returned_uncopied() -> None:
+    splitter = SSESplitter()
+    event = b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n'
+    assert splitter.feed(event)[0] is event
+    # Not taken for one event: a part, two events, a blank line, CR line ends.
+    assert splitter.feed(b"data: a\n") == []
+    assert splitter.feed(b"\n") == [b"data: a\n\n"]
+    assert splitter.feed(b"data: a\n\ndata: b\n\n") == [b"data: a\n\n", b"data: b\n\n"]
+    assert splitter.feed(b"\n\n") == [b"\n", b"\n"]
+    crlf = b"data: c\r\n\r\n"
+    assert splitter.feed(crlf) == [crlf]
+    assert splitter.feed(b"data: d\n\n") == [b"data: d\n\n"]  # the CR path from now on
+    assert splitter.pending == 0

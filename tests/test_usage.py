@@ -200,7 +200,7 @@ def test_anthropic_json_counts_cache_reads_and_writes_as_prompt() -> None:
             },
         }
     ).encode()
-    assert usage_from_json(body) == Usage("claude-3-5-sonnet-20241022", 115, 12, 100)
+    assert usage_from_json(body) == Usage("claude-3-5-sonnet-20241022", 115, 12, 100, cache_write_tokens=5)
 
 
 def test_anthropic_json_without_cache_fields() -> None:
@@ -400,7 +400,7 @@ def test_anthropic_stream_usage(provider: str) -> None:
     stream = StreamUsage("claude-3-5-sonnet", provider)
     assert [stream.on_event(e) for e in anthropic_stream()] == [False] * 8
     assert stream.has_usage
-    assert stream.result(CharCounter(), "x") == Usage("claude-3-5-sonnet-20241022", 115, 12, 100)
+    assert stream.result(CharCounter(), "x") == Usage("claude-3-5-sonnet-20241022", 115, 12, 100, cache_write_tokens=5)
 
 
 def test_anthropic_stream_cut_before_message_delta() -> None:
@@ -409,7 +409,9 @@ def test_anthropic_stream_cut_before_message_delta() -> None:
         stream.on_event(e)
     assert not stream.has_usage
     usage = stream.result(CharCounter(), "not needed: input counts are exact")
-    assert usage == Usage("claude-3-5-sonnet-20241022", 115, len("Hello there"), 100, True)
+    assert usage == Usage(
+        "claude-3-5-sonnet-20241022", 115, len("Hello there"), 100, True, cache_write_tokens=5
+    )
 
 
 def test_anthropic_stream_cumulative_delta_with_input_counts() -> None:
@@ -423,7 +425,7 @@ def test_anthropic_stream_cumulative_delta_with_input_counts() -> None:
     )
     for e in events:
         stream.on_event(e)
-    assert stream.result() == Usage("claude-3-5-sonnet-20241022", 105, 40, 90)
+    assert stream.result() == Usage("claude-3-5-sonnet-20241022", 105, 40, 90, cache_write_tokens=5)
 
 
 def test_anthropic_stream_crlf_and_no_event_names() -> None:
@@ -435,7 +437,7 @@ def test_anthropic_stream_crlf_and_no_event_names() -> None:
     for i in range(0, len(raw), 7):
         for e in splitter.feed(raw[i : i + 7]):
             stream.on_event(e)
-    assert stream.result() == Usage("claude-3-5-sonnet-20241022", 115, 12, 100)
+    assert stream.result() == Usage("claude-3-5-sonnet-20241022", 115, 12, 100, cache_write_tokens=5)
 
 
 def test_unknown_provider_rejected() -> None:
@@ -720,8 +722,33 @@ def test_ensure_loaded_runs_off_the_loop(monkeypatch) -> None:
         loop_thread.append(threading.get_ident())
         await asyncio.gather(estimator.ensure_loaded(), estimator.ensure_loaded())
         await estimator.ensure_loaded()
-        return await estimator.count_async("x" * 40000, "gpt-4o")
+        return estimator.count("x" * 40000, "gpt-4o")
 
     tokens = asyncio.run(main())
     assert len(load_thread) == 1 and load_thread[0] != loop_thread[0]
     assert estimator.loaded and 0 < tokens < 40000
+
+
+def test_large_estimates_run_in_the_estimators_thread() -> None:
+    import threading
+
+    from relay.tokens import OFFLOAD_CHARS
+
+    estimator = TokenEstimator()
+    estimator.load_blocking()
+
+    def where(text: str) -> tuple[int, int]:
+        return threading.get_ident(), estimator.count(text, "gpt-4o")
+
+    async def main() -> tuple[int, list[tuple[int, int]]]:
+        small = await estimator.run(OFFLOAD_CHARS, where, "x" * OFFLOAD_CHARS)
+        large = await estimator.run(OFFLOAD_CHARS + 1, where, "x" * 40000)
+        again = await estimator.run(50000, where, "y" * 50000)
+        estimator.close()
+        return threading.get_ident(), [small, large, again]
+
+    loop_thread, results = asyncio.run(main())
+    (small_thread, _), (large_thread, large_tokens), (again_thread, _) = results
+    assert small_thread == loop_thread  # cheaper inline than a hand-off
+    assert large_thread != loop_thread and again_thread == large_thread  # one thread
+    assert large_tokens == estimator.count("x" * 40000, "gpt-4o")

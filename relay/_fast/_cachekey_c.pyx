@@ -35,6 +35,8 @@ cdef Py_ssize_t KEY_HEX_LENGTH = _reference.KEY_HEX_LENGTH
 cdef Py_ssize_t CREDENTIAL_HEX_LENGTH = _reference.CREDENTIAL_HEX_LENGTH
 cdef unsigned char TAG_JSON = ord(_reference.TAG_JSON)
 cdef unsigned char TAG_RAW = ord(_reference.TAG_RAW)
+cdef unsigned char TAG_JSON_VARYING = ord(_reference.TAG_JSON_VARYING)
+cdef unsigned char TAG_RAW_VARYING = ord(_reference.TAG_RAW_VARYING)
 cdef object sha256 = _reference.sha256
 
 cdef extern from *:
@@ -722,14 +724,16 @@ def canonical_json(bytes body not None):
 
 
 def cache_key(bytes method not None, bytes target not None, bytes body not None,
-              bytes scope not None):
-    """32 lowercase hex bytes identifying (method, target, body, scope)."""
+              bytes scope not None, bytes varying not None = b""):
+    """32 lowercase hex bytes identifying (method, target, body, scope, varying)."""
     cdef Walk w
     cdef Py_ssize_t prefix_len = PyBytes_GET_SIZE(KEY_PREFIX)
     cdef Py_ssize_t method_len = PyBytes_GET_SIZE(method)
     cdef Py_ssize_t target_len = PyBytes_GET_SIZE(target)
     cdef Py_ssize_t scope_len = PyBytes_GET_SIZE(scope)
-    cdef Py_ssize_t header_len = prefix_len + 24 + method_len + target_len + scope_len + 1
+    cdef Py_ssize_t varying_len = PyBytes_GET_SIZE(varying)
+    cdef Py_ssize_t tag_at = prefix_len + 24 + method_len + target_len + scope_len
+    cdef Py_ssize_t header_len = tag_at + 1 + (8 + varying_len if varying_len else 0)
     cdef unsigned char *h
     walk_init(&w, body)
     try:
@@ -748,13 +752,16 @@ def cache_key(bytes method not None, bytes target not None, bytes body not None,
         memcpy(h, PyBytes_AS_STRING(target), <size_t>target_len)
         h += target_len
         memcpy(h, PyBytes_AS_STRING(scope), <size_t>scope_len)
-        h += scope_len
+        h += scope_len + 1  # the tag byte, set below
+        if varying_len:
+            put_le64(h, <uint64_t>varying_len)
+            memcpy(h + 8, PyBytes_AS_STRING(varying), <size_t>varying_len)
         w.out.len = header_len
         if canonicalise(&w) == OK:
-            w.out.data[header_len - 1] = TAG_JSON
+            w.out.data[tag_at] = TAG_JSON_VARYING if varying_len else TAG_JSON
             digest = sha256(view(w.out.data, w.out.len)).digest()
         else:
-            w.out.data[header_len - 1] = TAG_RAW
+            w.out.data[tag_at] = TAG_RAW_VARYING if varying_len else TAG_RAW
             hasher = sha256(view(w.out.data, header_len))
             hasher.update(body)
             digest = hasher.digest()

@@ -103,3 +103,13 @@ def bad_gateway(message: str) -> GatewayError:
 
 def gateway_timeout(message: str) -> GatewayError:
     return GatewayError(504, message, "upstream_error", "gateway_timeout")
+
+
+def version_not_supported() -> GatewayError:
+    return GatewayError(
+        505,
+        "HTTP version not supported: relay speaks HTTP/1.1 and HTTP/1.0",
+        "invalid_request_error",
+        "http_version_not_supported",
+        close=True,
+    )

@@ -6,23 +6,44 @@ keep-alive, the refusal of framing that could be read two ways, pipelining
 (requests queued and answered strictly in order), and flow control in both
 directions.
 
-State is kept in two groups: per connection (transport, queue, timers, flow
-flags) and per request (the head being parsed, the body so far).
+State is explicit and kept apart (as uvicorn's httptools protocol does): one
+:class:`ConnState` per connection, and per request a :class:`ReadState`
+(the request being parsed) and an :class:`AnswerState` (the request being
+answered, the head of the pipeline). Every change goes through a setter that
+refuses a transition the tables below do not list (asyncpg's
+``_set_state``): a bug shows as an error at the faulty call instead of as
+bytes in the wrong place. Two rules follow from the states rather than from
+care at each call site: an interim ``100 Continue`` is written only while
+its request is the next to be answered (never inside a pipelined
+predecessor's response), and nothing is written once the connection is
+``CLOSED``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Callable, Coroutine, Iterable
-from typing import Any, Protocol, cast
+import enum
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from typing import Any, TypeVar, cast
 
 import httptools
 
 from . import errors
-from .request import Request
+from .flow import FlowControl, FlowListener
+from .request import VARYING_HEADERS, Request
 
-__all__ = ["HOP_BY_HOP", "ClientConnection", "ConnectionLimits", "FlowListener", "Handler"]
+__all__ = [
+    "HOP_BY_HOP",
+    "AnswerState",
+    "ClientConnection",
+    "ConnState",
+    "ConnectionLimits",
+    "FlowListener",
+    "Handler",
+    "ProtocolStateError",
+    "ReadState",
+]
 
 # Headers that describe one hop, never forwarded (RFC 9110 7.6.1), plus the
 # framing headers relay recomputes itself.
@@ -42,9 +63,12 @@ HOP_BY_HOP = frozenset(
 )
 
 # Request headers relay does not pass upstream: hop-by-hop ones, and those it
-# sets itself (Host, framing, X-Forwarded-*), plus Expect (the body is read
-# before forwarding, so upstream never needs to say 100 Continue).
-NOT_FORWARDED = HOP_BY_HOP | {b"host", b"expect", b"x-forwarded-for", b"x-forwarded-proto"}
+# sets itself (Host, framing, X-Forwarded-*, Accept-Encoding: relay asks for
+# identity, see relay/exchange.py), plus Expect (the body is read before
+# forwarding, so upstream never needs to say 100 Continue).
+NOT_FORWARDED = HOP_BY_HOP | {
+    b"host", b"expect", b"x-forwarded-for", b"x-forwarded-proto", b"accept-encoding"
+}
 
 MAX_HEADERS = 128            # aiohttp's default; AI SDKs send ~20
 MAX_PIPELINED = 32           # queued requests before the socket stops being read
@@ -55,15 +79,105 @@ _CRLF = b"\r\n"
 _CHUNK_END = b"0\r\n\r\n"
 _CHUNKED = b"Transfer-Encoding: chunked\r\n"
 _CONN_CLOSE = b"Connection: close\r\n"
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_INTERIM_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 _JSON_TYPE = b"Content-Type: application/json\r\n"
+_HTTP11 = b"HTTP/1.1"
+_HTTP10 = b"HTTP/1.0"
+_AFTER_HEAD = -2
 
 
-class FlowListener(Protocol):
-    """Whoever feeds the response (an upstream connection) is paused with it."""
+class ConnState(enum.IntEnum):
+    """Per connection. Ordered: from ``CLOSING`` on, no new request is read."""
 
-    def pause_reading(self) -> None: ...
-    def resume_reading(self) -> None: ...
+    OPEN = 0         # reading requests; one may be being answered
+    IDLE = 1         # keep-alive between requests: the idle timer is the armed one
+    CLOSING = 2      # no new requests (refused one, close asked, shutdown, timeout)
+    HALF_CLOSED = 3  # the client sent EOF: as CLOSING, and an unanswered request is gone
+    CLOSED = 4       # the connection is lost: writes are dropped
+
+
+class ReadState(enum.IntEnum):
+    """The request being read."""
+
+    AWAIT = 0        # between requests: the next byte begins a request line
+    HEAD = 1
+    BODY = 2
+    CONTINUE = 3     # asked for 100 Continue before its turn: the interim answer waits
+    UPGRADE = 4      # an h2c offer relay declined; llhttp hands back the bytes after it
+
+
+class AnswerState(enum.IntEnum):
+    """The request being answered (the head of the pipeline)."""
+
+    NONE = 0         # nothing is being answered
+    PENDING = 1      # dispatched or refused; no byte of its response written
+    BODY = 2         # head written; body with a length, or until the close
+    CHUNKED = 3      # head written; chunked body
+
+
+class ProtocolStateError(RuntimeError):
+    """A state change the transition tables do not allow: a bug in relay."""
+
+
+_S = TypeVar("_S", bound=enum.IntEnum)
+
+
+def _moves(table: Mapping[_S, tuple[_S, ...]]) -> tuple[int, ...]:
+    """Allowed transitions as one bit mask per state (one shift to check)."""
+    return tuple(sum(1 << new for new in table.get(state, ())) for state in type(next(iter(table))))
+
+
+# Module-level names for the members: the hot path compares identities
+# without an attribute lookup on the enum class.
+_OPEN, _IDLE, _CLOSING, _HALF_CLOSED, _CLOSED = ConnState
+_AWAIT, _HEAD, _BODY, _CONTINUE, _UPGRADE = ReadState
+_NONE, _PENDING, _STREAMING, _CHUNKING = AnswerState
+
+CONN_MOVES = _moves({
+    _OPEN: (_IDLE, _CLOSING, _HALF_CLOSED, _CLOSED),
+    _IDLE: (_OPEN, _CLOSING, _HALF_CLOSED, _CLOSED),
+    _CLOSING: (_HALF_CLOSED, _CLOSED),
+    _HALF_CLOSED: (_CLOSED,),
+})
+READ_MOVES = _moves({
+    _AWAIT: (_HEAD,),
+    _HEAD: (_BODY, _CONTINUE, _UPGRADE),
+    _BODY: (_AWAIT,),
+    _CONTINUE: (_BODY, _AWAIT),
+    _UPGRADE: (_AWAIT,),
+})
+ANSWER_MOVES = _moves({
+    _NONE: (_PENDING,),
+    _PENDING: (_STREAMING, _CHUNKING, _NONE),
+    _STREAMING: (_NONE,),
+    _CHUNKING: (_NONE,),
+})
+
+
+def _refused(kind: str, old: enum.IntEnum, new: enum.IntEnum) -> ProtocolStateError:
+    return ProtocolStateError(f"{kind} state {old.name} -> {new.name} is not a valid transition")
+
+
+def _line_error(data: bytes, start: int, end: int) -> errors.GatewayError | None:
+    """What is wrong with the request line ``data[start:end]`` (CRLF excluded).
+
+    llhttp skips extra spaces, takes ``GET /`` (HTTP/0.9) as the start of a
+    head and accepts ``HTTP/2.0``; RFC 9112 3 wants ``method SP target SP
+    HTTP/1.x``. Checked once per request, without copying the line.
+    """
+    first = data.find(b" ", start, end)
+    last = data.rfind(b" ", start, end)
+    if first < 0:
+        return errors.bad_request("Malformed request line")
+    if first == last:
+        return errors.bad_request("HTTP/0.9 requests are not supported: a request line needs a version")
+    if last == first + 1 or data.find(b" ", first + 1, last) >= 0:
+        return errors.bad_request("Malformed request line: method, target and version take one space each")
+    if end - last == 9 and (data.startswith(_HTTP11, last + 1) or data.startswith(_HTTP10, last + 1)):
+        return None
+    if data.startswith(b"HTTP/", last + 1, end):
+        return errors.version_not_supported()
+    return errors.bad_request("Malformed request line: no HTTP version")
 
 
 Handler = Callable[[Request, "ClientConnection"], Coroutine[Any, Any, None]]
@@ -118,37 +232,72 @@ class ClientConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpRequestParser(self)
         self._client_ip = ""
+        self._state = _OPEN
+        self._flow = FlowControl(loop)
         self._queue: collections.deque[Request | _Rejected] = collections.deque()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when = 0.0
         self._deadline: float | None = None
-        self._reading_paused = False
-        self._writing_paused = False
-        self._closing = False          # no new requests: error, shutdown or close
-        self._lost = False
         self._head_raw = 0             # bytes read while a head was incomplete
-        self._idle = False             # the idle keep-alive timer is the armed one
-        self._upgrade_ignored = False  # the request being parsed offered h2c
+        # Where request lines are in the bytes being parsed, so each is
+        # checked once (see _line_error): the bytes of this read, the offset
+        # of the next request's first byte in them (-1: not known), the start
+        # of a line whose end has not arrived yet.
+        self._data = b""
+        self._line_at = -1
+        self._line_part: bytes | None = None
 
-        # -- per request (being parsed) --
+        # -- per request (being read) --
+        self._read = _AWAIT
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0
         self._body: list[bytes] = []
         self._body_size = 0
-        self._in_head = True
+        self._length = -1              # Content-Length; -1 for a chunked body
+        self._head_at = -1             # offset after its request line in this read
+        # Offset after its last byte in this read; -1 not known, _AFTER_HEAD:
+        # its head's end plus _length, found only if another request follows.
+        self._end_at = -1
         self._req: Request | None = None
 
         # -- per request (being answered) --
+        self._answer = _NONE
         self._current: Request | _Rejected | None = None
         self._task: asyncio.Task[None] | None = None
-        self._response_started = False
-        self._chunked = False
         self._close_after = False
-        self._drain_waiter: asyncio.Future[None] | None = None
         self._held: list[bytes] | None = None   # writes collected by hold()
-        self.flow: FlowListener | None = None
         self.on_lost: Callable[[], None] | None = None
+
+    # ------------------------------------------------------------------ #
+    # states
+    # ------------------------------------------------------------------ #
+    def _set_state(self, new: ConnState) -> None:
+        old = self._state
+        if not CONN_MOVES[old] >> new & 1:
+            raise _refused("connection", old, new)
+        self._state = new
+
+    def _set_read(self, new: ReadState) -> None:
+        old = self._read
+        if not READ_MOVES[old] >> new & 1:
+            raise _refused("read", old, new)
+        self._read = new
+
+    def _set_answer(self, new: AnswerState) -> None:
+        old = self._answer
+        if not ANSWER_MOVES[old] >> new & 1:
+            raise _refused("answer", old, new)
+        self._answer = new
+
+    def _stop_reading_requests(self) -> None:
+        """No new request from here on (answers already in hand still go out)."""
+        if self._state < _CLOSING:
+            self._set_state(_CLOSING)
+
+    @property
+    def state(self) -> ConnState:
+        return self._state
 
     # ------------------------------------------------------------------ #
     # asyncio.Protocol
@@ -157,6 +306,7 @@ class ClientConnection(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
         transport = cast(asyncio.Transport, transport)
         self._transport = transport
+        self._flow.attach(transport)
         # uvloop's default low-water mark is 16 bytes: set both marks.
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
         peer = transport.get_extra_info("peername")
@@ -166,37 +316,50 @@ class ClientConnection(asyncio.Protocol):
         self._arm_timer(self._limits.header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._lost = True
+        if self._state is _CLOSED:
+            return
+        self._set_state(_CLOSED)
         self._registry.discard(self)
         self._stop_timer()
         self._queue.clear()
+        self._line_part = None
         # Wake the producers: whatever they write now would be dropped.
-        if self._writing_paused and self.flow is not None:
-            self.flow.resume_reading()
-        self._wake_drain()
+        self._flow.lost_connection()
         callback = self.on_lost
         self.on_lost = None
         if callback is not None:
             callback()
 
     def data_received(self, data: bytes) -> None:
-        if self._closing:
+        if self._state >= _CLOSING:
             return
-        if self._in_head:
+        read = self._read
+        if read <= _HEAD:
             self._head_raw += len(data)
-            if self._idle:
+            if self._state is _IDLE:
                 # First bytes of a new request on an idle keep-alive connection.
-                self._idle = False
+                self._set_state(_OPEN)
                 self._arm_timer(self._limits.header_timeout)
+            if read is _AWAIT:
+                self._line_at = 0
+            elif self._line_part is not None:
+                if not self._line_ended(data):
+                    return
+            else:
+                self._head_at = -1  # the line was in an earlier read
+        else:
+            # A body that began in an earlier read: with a length, it ends here.
+            self._end_at = self._length - self._body_size if self._length >= 0 else -1
+        self._data = data
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
-            if not self._upgrade_ignored:
+            if self._read is not _UPGRADE:
                 self._reject(errors.bad_request("Protocol upgrades are not supported"))
                 return
             # An h2c offer relay declined: the request was an ordinary one,
             # and the parser resumes on the bytes after it.
-            self._upgrade_ignored = False
+            self._set_read(_AWAIT)
             rest = data[exc.args[0]:] if exc.args else b""
             if rest:
                 self.data_received(rest)
@@ -209,55 +372,144 @@ class ClientConnection(asyncio.Protocol):
                 self._reject(errors.bad_request("Malformed HTTP request"))
             return
         except httptools.HttpParserError as exc:
-            self._reject(errors.bad_request(f"Malformed HTTP request: {exc}"))
+            if str(exc) == "Invalid HTTP version":  # e.g. HTTP/1.2, HTTP/3.0
+                self._reject(errors.version_not_supported())
+            else:
+                self._reject(errors.bad_request(f"Malformed HTTP request: {exc}"))
             return
-        if self._in_head and self._head_raw > 2 * self._limits.max_header_bytes:
+        finally:
+            self._data = b""
+        if self._read <= _HEAD and self._head_raw > 2 * self._limits.max_header_bytes:
             # llhttp buffers an unfinished header value itself: stop it here.
             self._reject(errors.headers_too_large(self._limits.max_header_bytes))
 
+    def _check_line(self, data: bytes, start: int) -> None:
+        """Check the request line beginning at *start*; keep it if it is cut."""
+        size = len(data)
+        while start < size and data[start] in b"\r\n":  # empty lines before a request
+            start += 1
+        end = data.find(b"\r\n", start)
+        if end < 0:
+            self._line_part = data[start:]
+            self._head_at = -1
+            return
+        error = _line_error(data, start, end)
+        if error is not None:
+            raise error
+        self._head_at = end + 2
+
+    def _previous_end(self) -> int:
+        """Where the request just completed in this read ends (the next begins)."""
+        data = self._data
+        end = data.find(b"\r\n\r\n", self._head_at - 2)
+        if end < 0:
+            return -1
+        pos = end + 4
+        if self._length >= 0:
+            return pos + self._length
+        # A chunked body llhttp has accepted: size[;ext] CRLF data CRLF ...
+        # 0 CRLF, trailer lines, CRLF.
+        try:
+            while True:
+                eol = data.find(b"\r\n", pos)
+                size = int(data[pos:eol].partition(b";")[0], 16)
+                pos = eol + 2
+                if not size:
+                    break
+                pos += size + 2
+        except ValueError:
+            return -1
+        while True:
+            eol = data.find(b"\r\n", pos)
+            if eol < 0:
+                return -1
+            if eol == pos:
+                return pos + 2
+            pos = eol + 2
+
+    def _line_ended(self, data: bytes) -> bool:
+        """The rest of a cut request line arrived (or not yet): check it first."""
+        part = self._line_part
+        assert part is not None
+        line = part + data
+        end = line.find(b"\r\n")
+        if end < 0:
+            # Bounded: llhttp counts the target into the head's size limit.
+            self._line_part = line if len(line) <= self._limits.max_header_bytes else None
+            return True
+        self._line_part = None
+        error = _line_error(line, 0, end)
+        if error is not None:
+            self._reject(error)
+            return False
+        self._head_at = end + 2 - len(part)
+        return True
+
     def eof_received(self) -> bool | None:
-        # A half-closed client still gets its queued answers; then we close.
-        self._closing = True
+        # A half-closed client still gets the answers relay makes itself; a
+        # request not yet answered counts as gone (is_lost) for upstream work.
+        if self._state < _HALF_CLOSED:
+            self._set_state(_HALF_CLOSED)
         if self._current is None and not self._queue:
             return False
         return True
 
     def pause_writing(self) -> None:
-        self._writing_paused = True
-        if self.flow is not None:
-            self.flow.pause_reading()
+        self._flow.pause_writing()
 
     def resume_writing(self) -> None:
-        self._writing_paused = False
-        if self.flow is not None:
-            self.flow.resume_reading()
-        self._wake_drain()
-
-    def _wake_drain(self) -> None:
-        waiter = self._drain_waiter
-        if waiter is not None:
-            self._drain_waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+        self._flow.resume_writing()
 
     async def drain(self) -> None:
         """Wait while the client's write buffer is above its high-water mark."""
-        if not self._writing_paused or self._lost:
-            return
-        if self._drain_waiter is None:
-            self._drain_waiter = self._loop.create_future()
-        await self._drain_waiter
+        await self._flow.drain()
+
+    @property
+    def flow(self) -> FlowListener | None:
+        """Whoever feeds the response (an upstream connection): paused with it."""
+        return self._flow.listener
+
+    @flow.setter
+    def flow(self, listener: FlowListener | None) -> None:
+        self._flow.listener = listener
 
     # ------------------------------------------------------------------ #
     # httptools callbacks
     # ------------------------------------------------------------------ #
     def on_message_begin(self) -> None:
+        self._set_read(_HEAD)
         self._url = b""
         self._headers = []
         self._header_bytes = 0
         self._body = []
         self._body_size = 0
-        self._in_head = True
+        self._end_at = -1
+        start = self._line_at
+        if start == _AFTER_HEAD:  # pipelined behind a request in this same read
+            start = self._previous_end()
+        if start >= 0:
+            self._line_at = -1
+            data = self._data
+            # The common line inline (one request per read); anything
+            # unusual takes _check_line.
+            end = data.find(b"\r\n", start)
+            first = data.find(b" ", start, end)
+            last = data.rfind(b" ", start, end)
+            if (
+                first > start
+                and end - last == 9
+                and last > first + 1
+                and data.find(b" ", first + 1, last) < 0
+                and (data.startswith(_HTTP11, last + 1) or data.startswith(_HTTP10, last + 1))
+            ):
+                self._head_at = end + 2
+            else:
+                self._check_line(data, start)
+        else:
+            # Behind a request whose end in this read is not known (its head
+            # or chunked body began in an earlier read): llhttp's own checks
+            # and the version check in on_headers_complete still apply.
+            self._head_at = -1
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -273,7 +525,8 @@ class ClientConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         parser = self._parser
-        if parser.should_upgrade():
+        upgrade = parser.should_upgrade()
+        if upgrade:
             # llhttp ends an upgrade request at its head (it skips any body)
             # and hands the rest of the stream over. relay speaks HTTP/1.1
             # only: an h2c offer without a body is ignored, as RFC 9110 lets
@@ -281,10 +534,15 @@ class ClientConnection(asyncio.Protocol):
             # before it can reach an upstream.
             if not self._ignorable_upgrade():
                 raise errors.bad_request("Protocol upgrades are not supported")
-            self._upgrade_ignored = True
+        version = parser.get_http_version()
+        if version == "1.1":
+            minor = 1
+        elif version == "1.0":
+            minor = 0
+        else:
+            raise errors.version_not_supported()
         method = parser.get_method()
         keep_alive = parser.should_keep_alive()
-        minor = 1 if parser.get_http_version() == "1.1" else 0
         request = Request(
             method,
             self._url,
@@ -298,6 +556,7 @@ class ClientConnection(asyncio.Protocol):
         expect_continue = False
         host_seen = False
         content_length = -1
+        chunked = False
         forward: list[bytes] = []
         connection_tokens: set[bytes] | None = None
         for name, value in self._headers:
@@ -317,12 +576,15 @@ class ClientConnection(asyncio.Protocol):
                 # a body coded in a way it cannot frame faithfully: refuse.
                 if value.strip().lower() != b"chunked":
                     raise errors.bad_request("Unsupported Transfer-Encoding")
+                chunked = True
             elif lname == b"host":
                 if host_seen:
                     raise errors.bad_request("Duplicate Host header")
                 host_seen = True
             elif lname == b"x-forwarded-for":
                 request.forwarded_for = value
+            elif lname in VARYING_HEADERS:
+                request.add_varying(lname, value)
             elif lname == b"connection":
                 tokens = {t.strip().lower() for t in value.split(b",")}
                 tokens -= {b"close", b"keep-alive", b""}
@@ -335,6 +597,8 @@ class ClientConnection(asyncio.Protocol):
                         "expectation_failed", close=True,
                     )
                 expect_continue = True
+        if minor and not host_seen:
+            raise errors.bad_request("Missing Host header: HTTP/1.1 requests must carry one")
         if connection_tokens:
             # Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1).
             forward = [
@@ -345,11 +609,25 @@ class ClientConnection(asyncio.Protocol):
         if content_length > self._limits.max_body_bytes:
             raise errors.body_too_large(self._limits.max_body_bytes)
         self._req = request
-        self._in_head = False
         self._head_raw = 0
-        if expect_continue and content_length != 0 and self._transport is not None:
-            # curl waits for this before sending large bodies.
-            self._transport.write(_CONTINUE)
+        self._length = -1 if chunked else content_length if content_length > 0 else 0
+        if self._head_at >= 0:
+            self._end_at = _AFTER_HEAD  # located if a pipelined request follows
+        if upgrade:
+            self._set_read(_UPGRADE)
+        elif expect_continue and content_length != 0:
+            if self._answer is _NONE:
+                # This request is the next to be answered: curl waits for
+                # this before sending large bodies.
+                self._set_read(_BODY)
+                assert self._transport is not None
+                self._transport.write(_INTERIM_100)
+            else:
+                # A pipelined predecessor is being answered: its response
+                # must not be cut by an interim one. _next() writes it.
+                self._set_read(_CONTINUE)
+        else:
+            self._set_read(_BODY)
         # The head is in; the body gets the idle timeout to arrive whole.
         self._arm_timer(self._limits.idle_timeout)
 
@@ -366,6 +644,8 @@ class ClientConnection(asyncio.Protocol):
         return offered == b"h2c"
 
     def on_body(self, body: bytes) -> None:
+        if self._read is _CONTINUE:
+            self._set_read(_BODY)  # the client did not wait for 100 Continue
         self._body_size += len(body)
         if self._body_size > self._limits.max_body_bytes:
             raise errors.body_too_large(self._limits.max_body_bytes)
@@ -379,34 +659,40 @@ class ClientConnection(asyncio.Protocol):
         if parts:
             request.body = parts[0] if len(parts) == 1 else b"".join(parts)
             self._body = []
-        self._in_head = True
-        if self._current is None:
+        if self._read is not _UPGRADE:  # data_received resumes after the upgrade
+            self._set_read(_AWAIT)
+        self._line_at = self._end_at
+        if self._answer is _NONE:
             self._cancel_timer()
             self._dispatch(request)
         else:
             self._queue.append(request)
             if len(self._queue) >= MAX_PIPELINED:
-                self._pause_reading()
+                self._flow.pause_reading()
 
     # ------------------------------------------------------------------ #
     # request dispatch
     # ------------------------------------------------------------------ #
     def _reject(self, error: errors.GatewayError) -> None:
         """Answer a refused request in its turn, then close."""
-        self._closing = True
-        self._pause_reading()
-        self._in_head = False
-        if self._current is None:
+        self._stop_reading_requests()
+        self._flow.pause_reading()
+        self._line_part = None
+        if self._answer is _NONE:
             self._cancel_timer()
+            self._set_answer(_PENDING)
             self._current = _Rejected(error)
             self.send_error(error)
         else:
             self._queue.append(_Rejected(error))
 
     def _dispatch(self, request: Request) -> None:
+        self._set_answer(_PENDING)
+        if self._state is _IDLE:
+            self._set_state(_OPEN)
         self._current = request
-        self._response_started = False
-        self._close_after = not request.keep_alive or self._closing
+        # Once no new request is read, close after the last one queued.
+        self._close_after = not request.keep_alive or (self._state >= _CLOSING and not self._queue)
         task = self._task = self._loop.create_task(self._serve(request))
         tasks = self._tasks
         if tasks is not None:
@@ -417,18 +703,18 @@ class ClientConnection(asyncio.Protocol):
         try:
             await self._handler(request, self)
         except asyncio.CancelledError:
-            if not self._lost:
+            if self._state is not _CLOSED:
                 self.abort()
             raise
         except errors.GatewayError as exc:
             if self._current is request:
-                if self._response_started:
+                if self._answer is not _PENDING:
                     self.abort()
                 else:
                     self.send_error(exc)
         except Exception:  # a bug must cost one request, not the process
             if self._current is request:
-                if self._response_started:
+                if self._answer is not _PENDING:
                     self.abort()
                 else:
                     self.send_error(
@@ -437,51 +723,71 @@ class ClientConnection(asyncio.Protocol):
                         )
                     )
             raise
+        else:
+            if self._current is request and self._answer is _PENDING and self._state is not _CLOSED:
+                # Not answered: the client was gone (half-closed) before
+                # relay sent its request on. Nothing will be written: close.
+                self._stop_reading_requests()
+                assert self._transport is not None
+                self._transport.close()
 
     def _next(self) -> None:
         """The current response is complete: close, or serve the next request."""
+        self._set_answer(_NONE)
         self._current = None
         self._task = None
-        self.flow = None
+        self._flow.listener = None
         self.on_lost = None
-        if self._lost:
+        if self._state is _CLOSED:
             return
         transport = self._transport
         assert transport is not None
         if self._close_after:
-            self._closing = True
+            self._stop_reading_requests()
             transport.close()
             return
         if self._queue:
             item = self._queue.popleft()
-            if self._reading_paused and len(self._queue) < MAX_PIPELINED // 2 and not self._closing:
-                self._resume_reading()
+            if len(self._queue) < MAX_PIPELINED // 2 and self._state < _CLOSING:
+                self._flow.resume_reading()
             if isinstance(item, _Rejected):
+                self._set_answer(_PENDING)
                 self._current = item
                 self.send_error(item.error)
             else:
                 self._dispatch(item)
             return
-        if self._closing:
+        if self._state >= _CLOSING:
             transport.close()
             return
-        self._idle = True
+        self._set_state(_IDLE)
         self._arm_timer(self._limits.idle_timeout)
+        if self._read is _CONTINUE:
+            # Its turn has come: invite the body it held back.
+            self._set_read(_BODY)
+            transport.write(_INTERIM_100)
 
     # ------------------------------------------------------------------ #
     # response API (used by the pipeline for the current request)
     # ------------------------------------------------------------------ #
     @property
     def is_lost(self) -> bool:
-        return self._lost
+        """The client cannot take this request's answer: gone before it began.
+
+        The connection is lost, or the client closed its side (EOF) before
+        any byte of this response was written; such a request must not be
+        sent upstream (nginx, too, takes a client's EOF as an abort).
+        """
+        state = self._state
+        return state is _CLOSED or (state is _HALF_CLOSED and self._answer is _PENDING)
 
     @property
     def writing_paused(self) -> bool:
-        return self._writing_paused
+        return self._flow.writing_paused
 
     @property
     def response_started(self) -> bool:
-        return self._response_started
+        return self._answer > _PENDING
 
     def respond(
         self,
@@ -492,7 +798,7 @@ class ClientConnection(asyncio.Protocol):
         close: bool = False,
     ) -> None:
         """Send a complete response; *headers* are rendered ``Name: value\\r\\n`` lines."""
-        if self._lost:
+        if self._state is _CLOSED:
             self._next()
             return
         if close:
@@ -504,7 +810,6 @@ class ClientConnection(asyncio.Protocol):
             head.append(_CONN_CLOSE)
         head.append(_CRLF)
         head.append(body)
-        self._response_started = True
         assert self._transport is not None
         self._transport.writelines(head)
         self._next()
@@ -535,49 +840,47 @@ class ClientConnection(asyncio.Protocol):
         assert isinstance(request, Request)
         head = [errors.status_line(status)]
         head.extend(headers)
+        framing = _STREAMING
         if bodyless:
-            self._chunked = False
+            pass
         elif length is not None:
             head.append(b"Content-Length: %d\r\n" % length)
-            self._chunked = False
         elif request.http_minor >= 1 and status not in (204, 304) and status >= 200:
             head.append(_CHUNKED)
-            self._chunked = True
+            framing = _CHUNKING
         else:
-            self._chunked = False
             self._close_after = True
         if self._close_after:
             head.append(_CONN_CLOSE)
         head.append(_CRLF)
-        self._response_started = True
+        self._set_answer(framing)
         self._emit(head)
 
     def write(self, chunk: bytes) -> None:
         """Send a piece of the body as it arrived (no copy for known lengths)."""
-        if self._lost or not chunk:
+        if self._state is _CLOSED or not chunk:
             return
-        if self._chunked:
+        if self._answer is _CHUNKING:
             self._emit((b"%x\r\n" % len(chunk), chunk, _CRLF))
         else:
             self._emit((chunk,))
 
     def write_many(self, chunks: list[bytes]) -> None:
         """Send several pieces as one chunk / one vectored write."""
-        if self._lost or not chunks:
+        if self._state is _CLOSED or not chunks:
             return
         size = sum(map(len, chunks))
         if not size:
             return
-        if self._chunked:
+        if self._answer is _CHUNKING:
             self._emit([b"%x\r\n" % size, *chunks, _CRLF])
         else:
             self._emit(chunks)
 
     def finish(self) -> None:
         """The body is complete."""
-        if self._chunked:
+        if self._answer is _CHUNKING:
             self._emit((_CHUNK_END,))
-        self._chunked = False
         self.release()
         self._next()
 
@@ -596,12 +899,12 @@ class ClientConnection(asyncio.Protocol):
         held = self._held
         if held is not None:
             self._held = None
-            if held and not self._lost:
+            if held and self._state is not _CLOSED:
                 assert self._transport is not None
                 self._transport.writelines(held)
 
     def _emit(self, parts: Iterable[bytes]) -> None:
-        if self._lost:
+        if self._state is _CLOSED:
             return
         held = self._held
         if held is not None:
@@ -613,14 +916,18 @@ class ClientConnection(asyncio.Protocol):
     def abort(self) -> None:
         """Close at once: the response cannot be completed (upstream died mid-body)."""
         self.release()  # held bytes go out first: the client sees where the stream was cut
-        self._closing = True
         self._queue.clear()
-        if self._transport is not None and not self._lost:
+        if self._state is _CLOSED:
+            return
+        self._stop_reading_requests()
+        if self._transport is not None:
             self._transport.abort()
 
     def shutdown(self) -> None:
         """Graceful stop: finish the current response, then close."""
-        self._closing = True
+        if self._state is _CLOSED:
+            return
+        self._stop_reading_requests()
         self._close_after = True
         if self._current is None and self._transport is not None:
             self._transport.close()
@@ -630,7 +937,7 @@ class ClientConnection(asyncio.Protocol):
         return self._current is not None
 
     # ------------------------------------------------------------------ #
-    # timers and reading flow
+    # timers
     # ------------------------------------------------------------------ #
     # One timer handle per connection, re-armed lazily: a request only moves
     # the deadline; the handle fires at most once per timeout period and
@@ -657,7 +964,7 @@ class ClientConnection(asyncio.Protocol):
     def _on_timer(self) -> None:
         self._timer = None
         deadline = self._deadline
-        if deadline is None or self._lost:
+        if deadline is None or self._state is _CLOSED:
             return
         if self._loop.time() < deadline:
             self._timer = self._loop.call_at(deadline, self._on_timer)
@@ -667,19 +974,9 @@ class ClientConnection(asyncio.Protocol):
         self._on_timeout()
 
     def _on_timeout(self) -> None:
-        if self._current is not None or self._lost:
+        if self._current is not None or self._state is _CLOSED:
             return
         # A slow head, a body that stopped, or an idle keep-alive: close.
-        self._closing = True
+        self._stop_reading_requests()
         if self._transport is not None:
             self._transport.close()
-
-    def _pause_reading(self) -> None:
-        if not self._reading_paused and self._transport is not None and not self._lost:
-            self._reading_paused = True
-            self._transport.pause_reading()
-
-    def _resume_reading(self) -> None:
-        if self._reading_paused and self._transport is not None and not self._lost:
-            self._reading_paused = False
-            self._transport.resume_reading()

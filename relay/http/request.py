@@ -5,9 +5,16 @@ from __future__ import annotations
 import json
 from typing import Any
 
-__all__ = ["Request"]
+__all__ = ["VARYING_HEADERS", "Request"]
 
 _UNPARSED = object()
+
+# Request headers that change the answer to the same body, so they are part
+# of the cache key (lowercase names): the API version and beta features of
+# Anthropic, the organization and project an OpenAI request is billed to.
+VARYING_HEADERS = frozenset(
+    {b"anthropic-version", b"anthropic-beta", b"openai-organization", b"openai-project"}
+)
 
 
 class Request:
@@ -34,6 +41,7 @@ class Request:
         "cache_control",
         "forwarded_for",
         "forward_headers",
+        "varying",
         "started",
         "_json",
     )
@@ -66,6 +74,8 @@ class Request:
         # End-to-end headers rendered as "Name: value\r\n" lines, ready to be
         # written upstream (hop-by-hop, Host, Expect, X-Forwarded-* removed).
         self.forward_headers = b""
+        # "name:value" of each VARYING_HEADERS header, picked out while parsing.
+        self.varying: list[bytes] | None = None
         self._json: Any = _UNPARSED
 
     @property
@@ -82,6 +92,27 @@ class Request:
         if value[:7].lower() == b"bearer ":
             return value[7:].strip() or None
         return value
+
+    def add_varying(self, lname: bytes, value: bytes) -> None:
+        """Note one of :data:`VARYING_HEADERS` (called while parsing)."""
+        line = lname + b":" + value.strip()
+        if self.varying is None:
+            self.varying = [line]
+        else:
+            self.varying.append(line)
+
+    def varying_key(self) -> bytes:
+        """The varying headers as one canonical value for the cache key.
+
+        Sorted, so the order the client sent them in does not matter; header
+        values cannot hold a newline, so the join is unambiguous.
+        """
+        varying = self.varying
+        if varying is None:
+            return b""
+        if len(varying) == 1:
+            return varying[0]
+        return b"\n".join(sorted(varying))
 
     def json(self) -> Any:
         """The body decoded as JSON, parsed at most once; None if it is not JSON."""

@@ -239,7 +239,7 @@ class Connection(asyncio.Protocol):
             pieces: Iterable[bytes] = filler(n, faults.chunked, faults.truncate)
             transport.write(head(200, content_type, declared, close))
         else:
-            head_bytes, pieces = frame_slow(canned.reply, close, faults.truncate)
+            head_bytes, pieces = frame_slow(canned.reply, close, faults.truncate, faults)
             transport.write(head_bytes)
         sent = 0
         limit = faults.reset_after
@@ -263,7 +263,7 @@ class Connection(asyncio.Protocol):
             return
         if limit is not None:  # asked to reset past the end of the body
             await self._reset()
-        elif close or faults.truncate:
+        elif close or faults.truncate or faults.close_delimited:
             self.write_and_close(b"")
 
     async def _reset(self) -> None:

@@ -8,6 +8,7 @@ import asyncio
 import math
 import socket
 import struct
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -21,19 +22,49 @@ TRUNCATE_EXTRA = 1024
 GARBAGE = b"\x00\x16\x03\x01 this is not HTTP \xff\xfe\xfd\r\n\r\n"
 
 
-def head(status: int, content_type: str, length: int | None, close: bool) -> bytes:
-    """A response head; length None means chunked, -1 means no body at all."""
+def head(status: int, content_type: str, length: int | None, close: bool,
+         extra: tuple[str, ...] = (), *, chunked: bool = True) -> bytes:
+    """A response head; length None means chunked (or, with chunked=False,
+    close-delimited: no framing header at all), -1 means no body at all."""
     lines = [f"HTTP/1.1 {status} {reason_phrase(status)}"]
     if length != -1:
         lines.append(f"content-type: {content_type}")
     if length is None:
-        lines.append("transfer-encoding: chunked")
+        if chunked:
+            lines.append("transfer-encoding: chunked")
         lines.append("cache-control: no-cache")
     elif length >= 0:
         lines.append(f"content-length: {length}")
+    lines.extend(extra)
     if close:
         lines.append("connection: close")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+ENCODINGS = ("gzip", "deflate", "br")
+
+
+def encode_pieces(pieces: list[bytes], encoding: str) -> list[bytes]:
+    """The pieces compressed as one stream, one flush per piece, so each
+    still arrives on its own (an SSE event stays one read for the client).
+
+    ``br`` is only a label: the pieces go out unchanged under a coding the
+    gateway has no decoder for.
+    """
+    if encoding == "br":
+        return list(pieces)
+    z = zlib.compressobj(6, zlib.DEFLATED, 31 if encoding == "gzip" else 15)
+    out = [z.compress(piece) + z.flush(zlib.Z_SYNC_FLUSH) for piece in pieces]
+    tail = z.flush()
+    if out:
+        out[-1] += tail
+    else:
+        out.append(tail)
+    if len(out) == 1 and len(out[0]) > 8:
+        # A whole JSON body: send it in two reads to exercise incremental decoding.
+        half = len(out[0]) // 2
+        out = [out[0][:half], out[0][half:]]
+    return out
 
 
 def chunk(data: bytes) -> bytes:
@@ -79,19 +110,33 @@ class Canned:
 BAD_REQUEST = Canned.error(400, "Malformed HTTP request").wire(close=True)
 
 
-def frame_slow(reply: Reply, close: bool, truncate: bool) -> tuple[bytes, list[bytes]]:
+def frame_slow(reply: Reply, close: bool, truncate: bool,
+               faults: Faults | None = None) -> tuple[bytes, list[bytes]]:
     """The head and the body pieces (one per SSE event) of a slow response."""
+    faults = faults or _NO_FAULTS
+    extra: list[str] = []
+    if faults.set_cookie is not None:
+        extra.append("set-cookie: " + faults.set_cookie)
     if reply.status in _NO_BODY_STATUSES:
-        return head(reply.status, reply.content_type, -1, close), []
+        return head(reply.status, reply.content_type, -1, close, tuple(extra)), []
+    raw = [reply.body] if reply.events is None else list(reply.events)
+    if faults.encoding is not None:
+        raw = encode_pieces(raw, faults.encoding)
+        extra.append("content-encoding: " + faults.encoding)
+        extra.append("vary: accept-encoding")
+    if faults.close_delimited:
+        # No length, no chunks: the body ends when the connection closes.
+        return head(reply.status, reply.content_type, None, True, tuple(extra),
+                    chunked=False), raw
     if reply.events is None:
-        declared = len(reply.body) + (TRUNCATE_EXTRA if truncate else 0)
-        return head(reply.status, reply.content_type, declared, close), [reply.body]
-    pieces = [chunk(event) for event in reply.events]
+        declared = sum(map(len, raw)) + (TRUNCATE_EXTRA if truncate else 0)
+        return head(reply.status, reply.content_type, declared, close, tuple(extra)), raw
+    pieces = [chunk(piece) for piece in raw if piece]
     if truncate:
         pieces.pop()  # the closing event and the final chunk never come
     else:
         pieces[-1] += _TERMINATOR
-    return head(reply.status, reply.content_type, None, close), pieces
+    return head(reply.status, reply.content_type, None, close, tuple(extra)), pieces
 
 
 def filler(n: int, chunked: bool, truncate: bool) -> Iterator[bytes]:
@@ -133,11 +178,19 @@ class Faults:
     body_bytes: int | None = None
     chunked: bool = False
     close: bool = False
+    encoding: str | None = None
+    set_cookie: str | None = None
+    close_delimited: bool = False
 
     @property
     def needs_task(self) -> bool:
         return bool(self.delay or self.event_delay or self.truncate
-                    or self.reset_after is not None or self.body_bytes is not None)
+                    or self.reset_after is not None or self.body_bytes is not None
+                    or self.encoding is not None or self.set_cookie is not None
+                    or self.close_delimited)
+
+
+_NO_FAULTS = Faults()
 
 
 _TRUE = frozenset((b"1", b"true", b"yes"))
@@ -173,6 +226,17 @@ def _seconds(name: str, value: bytes) -> float:
     return number
 
 
+def _encoding(name: str, value: bytes) -> str:
+    coding = value.strip().lower().decode("latin-1")
+    if coding not in ENCODINGS:
+        raise ValueError(f"{name} must be one of {', '.join(ENCODINGS)}")
+    return coding
+
+
+def _text(name: str, value: bytes) -> str:
+    return value.decode("latin-1")
+
+
 def _status(name: str, value: bytes) -> int:
     number = _count(name, value)
     if not 200 <= number <= 599:
@@ -180,12 +244,15 @@ def _status(name: str, value: bytes) -> int:
     return number
 
 
-_CONTENT_PARSERS: dict[bytes, tuple[str, Callable[[str, bytes], float]]] = {
+_CONTENT_PARSERS: dict[bytes, tuple[str, Callable[[str, bytes], object]]] = {
     b"x-fake-status": ("status", _status),
     b"x-fake-events": ("events", _count),
     b"x-fake-cached-tokens": ("cached_tokens", _count),
+    b"x-fake-cache-write-tokens": ("cache_write_tokens", _count),
+    b"x-fake-reasoning-tokens": ("reasoning_tokens", _count),
+    b"x-fake-usage-on-last-chunk": ("usage_on_last_chunk", _flag),
 }
-_FAULT_PARSERS: dict[bytes, tuple[str, Callable[[str, bytes], float]]] = {
+_FAULT_PARSERS: dict[bytes, tuple[str, Callable[[str, bytes], object]]] = {
     b"x-fake-delay": ("delay", _seconds),
     b"x-fake-event-delay": ("event_delay", _seconds),
     b"x-fake-reset-after": ("reset_after", _count),
@@ -195,6 +262,9 @@ _FAULT_PARSERS: dict[bytes, tuple[str, Callable[[str, bytes], float]]] = {
     b"x-fake-body-bytes": ("body_bytes", _count),
     b"x-fake-chunked": ("chunked", _flag),
     b"x-fake-close": ("close", _flag),
+    b"x-fake-encoding": ("encoding", _encoding),
+    b"x-fake-set-cookie": ("set_cookie", _text),
+    b"x-fake-close-delimited": ("close_delimited", _flag),
 }
 
 

@@ -12,6 +12,8 @@ Endpoints (shapes as the real APIs; content rules in
     POST /v1/chat/completions      JSON, or SSE with "stream": true
                                    (stream_options.include_usage honoured)
     POST /v1/completions           JSON or SSE
+    POST /v1/responses             Responses API JSON, or its named-event SSE
+                                   (usage in response.completed)
     POST /v1/embeddings            float or base64 vectors
     GET  /v1/models[/ID]           OpenAI list, Anthropic list when the
                                    request carries anthropic-version
@@ -31,6 +33,11 @@ header or a bad value is answered with 400, so typos do not pass silently)::
     x-fake-events: N          N content events in a stream (default 5); the
                               reply grows to N words when N > 5
     x-fake-cached-tokens: N   N cached prompt tokens in the usage
+    x-fake-cache-write-tokens: N  N Anthropic cache-write tokens
+                              (cache_creation_input_tokens)
+    x-fake-reasoning-tokens: N    N reasoning tokens on top of the output
+    x-fake-usage-on-last-chunk: 1 chat stream usage on the last chunk that
+                              has choices, not a usage-only chunk
     x-fake-no-usage: 1        no usage in JSON bodies nor in streams
     x-fake-reset-after: N     send the head and N body bytes, then reset the
                               connection (RST, SO_LINGER 0)
@@ -44,6 +51,14 @@ header or a bad value is answered with 400, so typos do not pass silently)::
                               lazily under flow control (never whole in memory)
     x-fake-chunked: 1         with x-fake-body-bytes: chunked framing
     x-fake-close: 1           "connection: close" and close after the response
+    x-fake-encoding: CODING   body sent with Content-Encoding CODING (gzip or
+                              deflate, one flush per SSE event; br is a label
+                              only), whatever the request's Accept-Encoding
+                              says, like a CDN that compresses regardless
+    x-fake-set-cookie: VALUE  a "set-cookie: VALUE" response header
+    x-fake-close-delimited: 1 no Content-Length nor chunks: the body ends
+                              when the connection closes (with
+                              x-fake-reset-after: ended by a reset instead)
 
 Boolean headers take 1/true/yes or 0/false/no. Garbage, then silence, win
 over everything else; the other headers combine (a delayed 503, a stream

@@ -15,8 +15,18 @@ Content is deterministic so tests can predict it:
   count cuts it, and the finish reason becomes ``length`` / ``max_tokens``.
 * ``completion_tokens`` / ``output_tokens`` = words in the reply.
 * Cached tokens ``C`` come on top of the prompt: OpenAI
-  ``prompt_tokens = W + C`` with ``prompt_tokens_details.cached_tokens = C``;
+  ``prompt_tokens = W + C`` with ``prompt_tokens_details.cached_tokens = C``
+  (Responses API: ``input_tokens`` / ``input_tokens_details``);
   Anthropic ``input_tokens = W`` with ``cache_read_input_tokens = C``.
+* Cache writes ``K`` (Anthropic only) also come on top:
+  ``cache_creation_input_tokens = K`` (and the ``cache_creation`` breakdown,
+  all of it 5-minute writes).
+* Reasoning tokens ``R`` come on top of the reply's words in the output
+  count, as with OpenAI's reasoning models: ``completion_tokens`` /
+  ``output_tokens = words + R`` with ``..._details.reasoning_tokens = R``.
+* ``usage_on_last_chunk``: a chat stream that asked for usage gets it on the
+  last chunk that carries ``choices`` (as some compatible servers send it)
+  instead of a separate usage-only chunk.
 * Ids derive from a hash of the request body, so identical requests get
   byte-identical responses.
 """
@@ -54,6 +64,9 @@ class ContentOptions:
 
     events: int = DEFAULT_EVENTS
     cached_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+    usage_on_last_chunk: bool = False
     usage: bool = True
     status: int | None = None
     body: bytes | None = None
@@ -185,15 +198,16 @@ SSE_DONE = b"data: [DONE]\n\n"
 # ---------------------------------------------------------------- OpenAI
 
 
-def _openai_usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
+def _openai_usage(prompt: int, completion: int, cached: int, reasoning: int = 0) -> dict[str, Any]:
     total_prompt = prompt + cached
+    completion += reasoning
     return {
         "prompt_tokens": total_prompt,
         "completion_tokens": completion,
         "total_tokens": total_prompt + completion,
         "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
         "completion_tokens_details": {
-            "reasoning_tokens": 0,
+            "reasoning_tokens": reasoning,
             "audio_tokens": 0,
             "accepted_prediction_tokens": 0,
             "rejected_prediction_tokens": 0,
@@ -212,7 +226,7 @@ def chat_completion(req: dict[str, Any], body: bytes, opts: ContentOptions, crea
     max_tokens = req.get("max_completion_tokens", req.get("max_tokens"))
     words, cut = _reply_words(prompt, opts.events, max_tokens)
     finish = "length" if cut else "stop"
-    usage = _openai_usage(prompt, len(words), opts.cached_tokens)
+    usage = _openai_usage(prompt, len(words), opts.cached_tokens, opts.reasoning_tokens)
     ident = "chatcmpl-" + _ident(body)
     common = {"id": ident, "object": "chat.completion.chunk", "created": created,
               "model": model, "service_tier": "default", "system_fingerprint": "fp_fake"}
@@ -249,9 +263,14 @@ def chat_completion(req: dict[str, Any], body: bytes, opts: ContentOptions, crea
 
     events = [chunk({"role": "assistant", "content": "", "refusal": None}, None)]
     events.extend(chunk({"content": piece}, None) for piece in _split(words, opts.events))
-    events.append(chunk({}, finish))
-    if with_usage:
-        events.append(_sse({**common, "choices": [], "usage": usage}))
+    if with_usage and opts.usage_on_last_chunk:
+        # The final chunk carries both its choice and the usage.
+        events.append(_sse({**common, "choices": [{"index": 0, "delta": {}, "logprobs": None,
+                                                   "finish_reason": finish}], "usage": usage}))
+    else:
+        events.append(chunk({}, finish))
+        if with_usage:
+            events.append(_sse({**common, "choices": [], "usage": usage}))
     events.append(SSE_DONE)
     return Reply(200, SSE_TYPE, events=tuple(events))
 
@@ -339,6 +358,87 @@ def anthropic_models(model_id: str | None = None) -> Reply:
                                          "first_id": names[0], "last_id": names[-1]}))
 
 
+# ---------------------------------------------------------------- Responses API
+
+
+def _responses_prompt(req: dict[str, Any]) -> int:
+    raw = req.get("input")
+    words = _words(req.get("instructions"))
+    if isinstance(raw, list):
+        return words + sum(_words(item.get("content")) if isinstance(item, dict) else _words(item)
+                           for item in raw)
+    return words + _words(raw)
+
+
+def responses_api(req: dict[str, Any], body: bytes, opts: ContentOptions, created: int) -> Reply:
+    """``POST /v1/responses``: the Responses API, JSON or its named-event stream."""
+    model = req["model"]
+    prompt = _responses_prompt(req)
+    words, cut = _reply_words(prompt, opts.events, req.get("max_output_tokens"))
+    text = " ".join(words)
+    ident = "resp_" + _ident(body)
+    item_id = "msg_" + _ident(body + b"item")
+    output_tokens = len(words) + opts.reasoning_tokens
+    usage = {
+        "input_tokens": prompt + opts.cached_tokens,
+        "input_tokens_details": {"cached_tokens": opts.cached_tokens},
+        "output_tokens": output_tokens,
+        "output_tokens_details": {"reasoning_tokens": opts.reasoning_tokens},
+        "total_tokens": prompt + opts.cached_tokens + output_tokens,
+    }
+    status = "incomplete" if cut else "completed"
+
+    def response(state: str, output: list[Any], with_usage: bool) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "id": ident, "object": "response", "created_at": created, "status": state,
+            "background": False, "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if cut and state != "in_progress"
+            else None,
+            "instructions": req.get("instructions"), "max_output_tokens": req.get("max_output_tokens"),
+            "model": model, "output": output, "parallel_tool_calls": True,
+            "previous_response_id": None, "reasoning": {"effort": None, "summary": None},
+            "service_tier": "default", "store": True, "temperature": 1.0,
+            "text": {"format": {"type": "text"}}, "tool_choice": "auto", "tools": [],
+            "top_p": 1.0, "truncation": "disabled", "usage": None, "user": None, "metadata": {},
+        }
+        if with_usage and opts.usage:
+            doc["usage"] = usage
+        return doc
+
+    part = {"type": "output_text", "annotations": [], "logprobs": [], "text": text}
+    item = {"id": item_id, "type": "message", "status": status, "role": "assistant",
+            "content": [part]}
+    if not req.get("stream"):
+        return Reply(200, JSON_TYPE, _dumps(response(status, [item], True)))
+
+    seq = iter(range(1_000_000))
+
+    def event(name: str, **fields: Any) -> bytes:
+        return _named_sse(name, {"type": name, "sequence_number": next(seq), **fields})
+
+    events = [
+        event("response.created", response=response("in_progress", [], False)),
+        event("response.in_progress", response=response("in_progress", [], False)),
+        event("response.output_item.added", output_index=0,
+              item={**item, "status": "in_progress", "content": []}),
+        event("response.content_part.added", item_id=item_id, output_index=0, content_index=0,
+              part={**part, "text": ""}),
+    ]
+    events.extend(
+        event("response.output_text.delta", item_id=item_id, output_index=0, content_index=0,
+              delta=piece, logprobs=[])
+        for piece in _split(words, opts.events)
+    )
+    events.append(event("response.output_text.done", item_id=item_id, output_index=0,
+                        content_index=0, text=text, logprobs=[]))
+    events.append(event("response.content_part.done", item_id=item_id, output_index=0,
+                        content_index=0, part=part))
+    events.append(event("response.output_item.done", output_index=0, item=item))
+    final = "response.incomplete" if cut else "response.completed"
+    events.append(event(final, response=response(status, [item], True)))
+    return Reply(200, SSE_TYPE, events=tuple(events))
+
+
 # ---------------------------------------------------------------- Anthropic
 
 
@@ -356,9 +456,12 @@ def anthropic_message(req: dict[str, Any], body: bytes, opts: ContentOptions) ->
     words, cut = _reply_words(prompt, opts.events, req.get("max_tokens"))
     stop = "max_tokens" if cut else "end_turn"
     ident = "msg_" + _ident(body)
-    usage = {"input_tokens": prompt, "cache_creation_input_tokens": 0,
-             "cache_read_input_tokens": opts.cached_tokens, "output_tokens": len(words),
-             "service_tier": "standard"}
+    written = opts.cache_write_tokens
+    usage = {"input_tokens": prompt, "cache_creation_input_tokens": written,
+             "cache_read_input_tokens": opts.cached_tokens,
+             "cache_creation": {"ephemeral_5m_input_tokens": written,
+                                "ephemeral_1h_input_tokens": 0},
+             "output_tokens": len(words), "service_tier": "standard"}
     message: dict[str, Any] = {"id": ident, "type": "message", "role": "assistant",
                                "model": model}
     if not req.get("stream"):
@@ -460,6 +563,7 @@ def _count_tokens(req: dict[str, Any], body: bytes, opts: ContentOptions, create
 _POST_ROUTES: dict[str, Any] = {
     "/v1/chat/completions": chat_completion,
     "/v1/completions": text_completion,
+    "/v1/responses": responses_api,
     "/v1/embeddings": _embeddings,
     "/v1/messages": _messages,
     "/v1/messages/count_tokens": _count_tokens,

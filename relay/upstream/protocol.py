@@ -14,6 +14,8 @@ from typing import Protocol, cast
 
 import httptools
 
+from ..http.flow import FlowControl
+
 __all__ = ["ResponseSink", "UpstreamConnection", "UpstreamError"]
 
 WRITE_HIGH_WATER = 256 * 1024
@@ -64,7 +66,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.reusable = False        # true between a complete response and reuse
         self.idle_since = 0.0
         self.exchanges = 0
-        self._paused = False
+        self._flow = FlowControl(loop)
         self._timer: asyncio.TimerHandle | None = None
         self._last_activity = 0.0
 
@@ -115,15 +117,12 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.abort()
 
     def pause_reading(self) -> None:
-        if not self._paused and not self.lost and self.transport is not None:
-            self._paused = True
-            self.transport.pause_reading()
+        """The client reads slowly: hold the upstream back (its silence is not ours)."""
+        self._flow.pause_reading()
 
     def resume_reading(self) -> None:
-        if self._paused and not self.lost and self.transport is not None:
-            self._paused = False
+        if self._flow.resume_reading():
             self._last_activity = self._loop.time()
-            self.transport.resume_reading()
 
     # ------------------------------------------------------------------ #
     # asyncio.Protocol
@@ -132,7 +131,14 @@ class UpstreamConnection(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
+        self._flow.attach(transport)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+
+    def pause_writing(self) -> None:
+        self._flow.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._flow.resume_writing()
 
     def data_received(self, data: bytes) -> None:
         if self._sink is None:
@@ -157,11 +163,13 @@ class UpstreamConnection(asyncio.Protocol):
         self.lost = True
         self.reusable = False
         self._cancel_timer()
+        self._flow.lost_connection()
         sink = self._sink
         if sink is None:
             return
-        if self._head_done and self._close_delimited:
-            # A response without length ends when the connection does.
+        if self._head_done and self._close_delimited and exc is None:
+            # A response without length ends when the connection does, but
+            # only a clean close (FIN) proves the end: a reset may have cut it.
             self._sink = None
             sink.on_complete()
         else:
@@ -236,7 +244,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self._sink is None or self.lost:
             return
         now = self._loop.time()
-        if self._paused:
+        if self._flow.reading_paused:
             # The client is slow, not the upstream.
             self._timer = self._loop.call_later(self._read_timeout, self._check_timeout)
             return
