@@ -93,6 +93,8 @@ def test_status_figures_match_the_requests_made(relay_factory, upstream):
     assert ok["state"] == "closed" and ok["state_code"] == 0
     assert ok["requests"] == 7 and ok["errors"] == 1
     assert ok["by_status"] == {"1xx": 0, "2xx": 4, "3xx": 0, "4xx": 2, "5xx": 1}
+    assert ok["attempts"] == {"ok": 3, "5xx": 1}
+    assert ok["failed_attempts"] == 1 and ok["error_rate"] == 0.25
     # First byte measured for the 4 answers that came from the upstream.
     assert ok["ttfb"]["count"] == 4
     assert 0 < ok["ttfb"]["p50_seconds"] <= ok["ttfb"]["p95_seconds"]
@@ -101,6 +103,7 @@ def test_status_figures_match_the_requests_made(relay_factory, upstream):
     assert down["state"] == "open" and down["state_code"] == 2
     assert down["requests"] == 3 and down["errors"] == 3
     assert down["ttfb"]["count"] == 0 and down["ttfb"]["p50_seconds"] is None
+    assert down["attempts"] == {"ok": 0, "connect": 2} and down["error_rate"] == 1.0
 
     # The page's other source agrees on what it shares with this one.
     usage, _ = wait_usage(port, counted(4))
@@ -141,6 +144,54 @@ def test_status_page_is_self_contained_with_a_strict_policy(relay_factory, upstr
     assert resp.status == 308 and resp.getheader("Location") == "/relay/"
     conn.close()
     assert not any(r.path.startswith("/relay") for r in upstream.requests)  # never proxied
+
+
+def send_until_open(port: int, target: str, limit: int = 40) -> dict[str, Any]:
+    """Requests to the two-target route until *target*'s breaker shows open."""
+    for i in range(limit):
+        assert post(port, "/v1/chat/completions", chat(f"targets {i}", model="multi-1"))[0] == 200
+        status = status_json(port)
+        if status["upstreams"].get(target, {}).get("state") == "open":
+            return status
+    raise AssertionError(f"{target} never opened: {status}")
+
+
+TWO_TARGETS = {
+    "model": "multi-*",
+    "strategy": "weighted",
+}
+
+
+def two_targets(upstream_url: str, dead: int) -> dict[str, Any]:
+    """A route over a target that is down (picked first almost always) and one that works."""
+    return {**TWO_TARGETS, "targets": [
+        {"url": f"http://127.0.0.1:{dead}", "name": "primary", "weight": 1000},
+        {"url": upstream_url, "name": "backup", "weight": 1},
+    ]}  # fmt: skip
+
+
+def test_status_shows_each_target_of_a_route(relay_factory, upstream):
+    dead = free_port()
+    relay = relay_factory(
+        upstream.url,
+        routes=[two_targets(upstream.url, dead)],
+        retries={"attempts": 1},
+        circuit_breaker={"enabled": True, "failure_threshold": 2, "recovery_timeout": 300},
+    )
+    status = send_until_open(relay.port, "primary")
+    answered = status["requests"]["total"]
+    primary, backup = status["upstreams"]["primary"], status["upstreams"]["backup"]
+    # Each failed try on primary was retried on backup: every client got a 200.
+    assert status["requests"]["by_status"]["2xx"] == answered
+    assert primary["state"] == "open" and primary["attempts"] == {"ok": 0, "connect": 2}
+    assert primary["requests"] == 0 and primary["error_rate"] == 1.0
+    assert backup["state"] == "closed" and backup["requests"] == answered
+    assert backup["attempts"] == {"ok": answered} and backup["error_rate"] == 0.0
+    # Open, primary is skipped: the next request goes straight to backup.
+    assert post(relay.port, "/v1/chat/completions", chat("after", model="multi-2"))[0] == 200
+    status = wait_status(relay.port, answered + 1)
+    assert status["upstreams"]["primary"]["attempts"] == {"ok": 0, "connect": 2}
+    assert status["upstreams"]["backup"]["attempts"] == {"ok": answered + 1}
 
 
 def test_status_sums_two_workers(upstream, tmp_path):

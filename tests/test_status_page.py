@@ -35,6 +35,7 @@ from tests.support import (
     write_config,
 )
 from tests.test_metrics_e2e import StderrLines
+from tests.test_status_endpoint import send_until_open, two_targets
 from tests.test_usage_e2e import MODELS, chat, counted, get, post, wait_usage
 
 KEYS = ("sk-page-first-0123456789", "sk-page-second-9876543210")
@@ -230,6 +231,28 @@ def test_page_figures_match_usage_after_sdk_traffic(browser, upstream):
             assert page.evaluate("document.documentElement.scrollWidth") <= width
             assert_matches_usage(page.evaluate(SHOWN), usage)
             page.screenshot(os.path.join(artifacts_dir(), f"status-page-{width}.png"))
+        page.close()
+
+
+def test_page_shows_the_breaker_of_each_target(browser, upstream):
+    dead = free_port()
+    config = make_config(
+        upstream.url,
+        routes=[two_targets(upstream.url, dead)],
+        retries={"attempts": 1},
+        circuit_breaker={"enabled": True, "failure_threshold": 2, "recovery_timeout": 300},
+        server={"shutdown_timeout": 1},
+    )
+    with RelayThread(config) as relay:
+        status = send_until_open(relay.port, "primary")
+        answered = status["requests"]["total"]
+        page = open_page(browser, relay.url)
+        page.wait_for(f"document.getElementById('requests-total').textContent === '{answered}'")
+        targets = {row[0]: row for row in page.evaluate(SHOWN)["targets"]}
+        assert targets["primary"][1:5] == ["✕ open", "0", "0", "100.0%"]
+        assert targets["primary"][7] == "connect 2"
+        assert targets["backup"][1:5] == ["✓ closed", count(answered), "0", "0.0%"]
+        assert targets["backup"][7] == f"ok {answered}"
         page.close()
 
 

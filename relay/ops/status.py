@@ -17,7 +17,9 @@ Shape (all counts since the instance started)::
      "ratelimit": {"rejected": 1, "by_key_type": {"api_key": 1}},
      "keys": {"rejected": 0, "by_reason": {}, "by_key": {}},
      "upstreams": {"127.0.0.1:9000": {"state": "closed", "requests": 12,
-                   "errors": 1, "by_status": {...}, "ttfb": {...}, "attempts": {...}}},
+                   "errors": 1, "by_status": {...}, "ttfb": {...},
+                   "attempts": {"ok": 11, "5xx": 1}, "failed_attempts": 1,
+                   "error_rate": 0.083}},
      "errors": {"5xx": 1, "redis": 0, "config_reload": 0}}
 
 ``state`` is ``closed``, ``half-open``, ``open`` (the worst among the live
@@ -197,6 +199,16 @@ def status_snapshot(metrics: Metrics, *, metrics_enabled: bool = True) -> dict[s
     for row in upstreams.values():
         ttfb: _Histogram = row.pop("_ttfb")
         row["ttfb"] = ttfb.summary()
+        # Per target, the share of tries that failed is the telling rate (a
+        # retried request's answer is counted on the target that gave it);
+        # without recorded tries, the share of 5xx answers.
+        tries = sum(row["attempts"].values())
+        failed = tries - row["attempts"].get("ok", 0)
+        row["failed_attempts"] = failed
+        if tries:
+            row["error_rate"] = failed / tries
+        else:
+            row["error_rate"] = row["errors"] / row["requests"] if row["requests"] else None
     return {
         "scope": "instance",
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
