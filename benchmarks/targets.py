@@ -19,9 +19,13 @@ by the suite itself.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
+import shutil
+import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -220,9 +224,49 @@ class Env:
             env["RELAY_NO_EXTENSIONS"] = "1"
         return env
 
-    def relay_config(self, name: str, upstream_port: int) -> Path:
-        """Every feature on: cache (memory), rate limit never tripped, breaker, cost."""
+    # ------------------------------------------------------------- Redis
+    def start_redis(self, mode: str) -> list[str]:
+        """A redis-server (``standalone``) or a three-master Redis Cluster
+        (``cluster``) on free 127.0.0.1 ports, without persistence; returns
+        the addresses relay is given."""
+        binary = shutil.which("redis-server")
+        cli = shutil.which("redis-cli")
+        if binary is None or (mode == "cluster" and cli is None):
+            raise RuntimeError("redis-server (and redis-cli for a cluster) not installed")
+        addresses = []
+        for index in range(3 if mode == "cluster" else 1):
+            port = free_port()
+            home = self.workdir / f"redis-{mode}-{index}"
+            home.mkdir()
+            argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                    "--appendonly", "no", "--dir", str(home)]
+            if mode == "cluster":
+                argv += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                         "--cluster-port", str(free_port())]
+            proc = self.procs.start(f"redis-{mode}-{index}", argv, cwd=home)
+            if not wait_for_port(port, 10, proc):
+                raise RuntimeError(f"redis-server did not start:\n{proc.log_tail()}")
+            addresses.append(f"127.0.0.1:{port}")
+        if mode == "cluster":
+            assert cli is not None
+            subprocess.run([cli, "--cluster", "create", *addresses, "--cluster-replicas", "0",
+                            "--cluster-yes"], check=True, capture_output=True, timeout=60)
+            host, port_text = addresses[0].split(":")
+            deadline = time.monotonic() + 30
+            while b"cluster_state:ok" not in subprocess.run(
+                [cli, "-h", host, "-p", port_text, "cluster", "info"], capture_output=True,
+                timeout=10,
+            ).stdout:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the benchmark's Redis Cluster did not become ready")
+                time.sleep(0.1)
+        return addresses
+
+    def relay_config(self, name: str, upstream_port: int, redis: str = "") -> Path:
+        """Every feature on: cache (memory, or Redis when ``redis`` is a
+        config section for it), rate limit never tripped, breaker, cost."""
         path = self.workdir / f"{name}.yaml"
+        redis_section = redis or "redis:\n  enabled: false"
         path.write_text(f"""\
 # Every feature on. The rate limit is huge so it is consulted on every
 # request but never trips.
@@ -245,8 +289,7 @@ circuit_breaker:
   enabled: true
   failure_threshold: 5
   recovery_timeout: 30
-redis:
-  enabled: false
+{redis_section}
 models:
   gpt-4o: {{input: 0.0025, output: 0.01, cached_input: 0.00125}}
 log:
@@ -254,11 +297,21 @@ log:
 """)
         return path
 
-    def start_relay(self, workers: int, pure: bool, *, stream: bool = False) -> Target:
+    def start_relay(self, workers: int, pure: bool, *, stream: bool = False,
+                    redis_mode: str = "") -> Target:
+        """relay in front of the fake upstream; with ``redis_mode``
+        (standalone | cluster) its cache and limiter live in a Redis of that
+        kind started for it, so the two rows compare the topologies."""
         impl = "pure" if pure else "compiled"
         key = f"relay-{impl[0]}{workers}" + ("-stream" if stream else "")
         upstream = self.stream_port if stream else self.canned_port
-        config = self.relay_config(key, upstream)
+        redis = ""
+        if redis_mode:
+            key += "-redis" if redis_mode == "standalone" else "-cluster"
+            addresses = self.start_redis(redis_mode)
+            redis = (f"redis:\n  enabled: true\n  mode: {redis_mode}\n"
+                     f"  address: \"{addresses[0]}\"\n  addresses: {json.dumps(addresses)}")
+        config = self.relay_config(key, upstream, redis)
         port = free_port()
         proc = self.procs.start(
             key,
@@ -270,8 +323,9 @@ log:
             raise RuntimeError(f"relay did not start:\n{proc.log_tail()}")
         headers = {"Authorization": f"Bearer {self.relay_key}"}
         plural = "s" if workers > 1 else ""
-        t = Target(key, f"relay ({impl}, {workers} worker{plural})", "relay", port, headers, proc,
-                   workers=workers, impl=impl)
+        where = {"": "", "standalone": ", Redis", "cluster": ", Redis Cluster"}[redis_mode]
+        t = Target(key, f"relay ({impl}, {workers} worker{plural}{where})", "relay", port, headers,
+                   proc, workers=workers, impl=impl)
         if stream:
             t.fast = StreamRoute(port, CHAT_PATH, dict(headers))
             t.slow = StreamRoute(port, "/slow" + CHAT_PATH, dict(headers))
