@@ -2,7 +2,7 @@
 
 Nothing here runs per request: the snapshot is computed when the endpoint
 is asked, from the same Prometheus values ``/metrics`` exposes. With
-several workers those are the multiprocess files of every worker, so any
+several workers those are the values files of every worker, so any
 worker answers with the instance's totals (the same sum ``/metrics``
 gives); with one process, its registry. Reading the files is blocking
 work, so the endpoint runs :func:`status_snapshot` in a thread.
@@ -34,7 +34,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from relay.metrics import Metrics, multiprocess_dir
+from relay.metrics import Metrics
 
 __all__ = ["BREAKER_STATES", "STATUS_CLASSES", "histogram_quantile", "status_snapshot"]
 
@@ -45,15 +45,9 @@ KEY_REJECT_REASONS = ("invalid", "model", "budget", "rpm", "tpm")
 
 
 def _samples(metrics: Metrics) -> Iterable[Any]:
-    """Every sample of relay's metrics, summed over the instance's workers."""
-    directory = multiprocess_dir()
-    if directory is None:
-        families = metrics.registry.collect()
-    else:
-        from prometheus_client.multiprocess import MultiProcessCollector
-
-        families = MultiProcessCollector(None, path=directory).collect()
-    for family in families:
+    """Every sample of relay's metrics, summed over the instance's workers
+    (the registry's collector reads every worker's files, as ``/metrics``)."""
+    for family in metrics.registry.collect():
         yield from family.samples
 
 
