@@ -23,6 +23,7 @@ from typing import Any
 import openai
 import pytest
 
+from relay.cache import _OPEN
 from relay.testing import ThreadedFakeUpstream
 from tests.support import RelayThread, free_port
 
@@ -288,10 +289,12 @@ def test_responses_over_max_body_bytes_are_not_cached(relay_factory, upstream):
 
 
 def test_entries_expire_after_ttl(relay_factory, upstream):
-    relay = relay_factory(upstream.url, cache={**CACHE, "ttl": 0.4})
+    # A TTL long enough for the HIT to come in time on a busy machine; the
+    # expiry side is exact whatever the load (time only moves on).
+    relay = relay_factory(upstream.url, cache={**CACHE, "ttl": 2.0})
     assert call(relay).cache == "MISS"
     assert call(relay).cache == "HIT"
-    time.sleep(0.5)
+    time.sleep(2.1)
     assert call(relay).cache == "MISS"
     assert len(upstream.requests) == 2
 
@@ -717,22 +720,38 @@ def test_each_feature_can_be_disabled_on_its_own(relay_factory, upstream, off):
 def test_coalesced_followers_finish_when_the_leaders_client_leaves(relay_factory, upstream):
     relay = relay_factory(upstream.url, cache=CACHE)
     body = json.dumps(stream_body()).encode()
-    slow = {"x-fake-event-delay": "0.15"}
+    # Slow enough that the stream is still running once the followers have
+    # joined (however long they take to connect): it lasts ~3.5 s.
+    slow = {"x-fake-event-delay": "0.5"}
     head = (
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: relay\r\nAuthorization: %s\r\n"
-        b"x-fake-event-delay: 0.15\r\nContent-Type: application/json\r\n"
+        b"x-fake-event-delay: 0.5\r\nContent-Type: application/json\r\n"
         b"Content-Length: %d\r\n\r\n" % (KEY_A.encode(), len(body))
     )
+    coalescer = relay.gateway.runtime.coalescer
+
+    def flights() -> list[tuple[int, bool]]:
+        """(followers joined, still streaming) of each flight in progress."""
+        return relay.call(lambda: [
+            (flight.joined, flight.state == _OPEN) for flight in coalescer._flights.values()
+        ])
+
     leader = socket.create_connection(("127.0.0.1", relay.port), timeout=TIMEOUT)
     try:
         leader.sendall(head + body)
-        wait_until(lambda: len(upstream.requests) == 1)
+        wait_until(lambda: len(upstream.requests) == 1, timeout=30.0)
+        received = b""
+        while b"data: " not in received:  # the stream has begun...
+            data = leader.recv(65536)
+            assert data, "relay closed the leader's stream"
+            received += data
         with ThreadPoolExecutor(3) as pool:
             followers = [pool.submit(call, relay, stream_body(), headers=slow) for _ in range(3)]
-            assert b"data: " in leader.recv(65536)  # the stream has begun...
-            time.sleep(0.2)
+            # Relay drops a flight nobody follows when its client leaves, so
+            # the followers must have joined this one before the leader goes.
+            wait_until(lambda: flights() == [(3, True)], timeout=30.0)
             leader.close()  # ...and the leader's client goes away mid-stream
-            replies = [f.result(TIMEOUT) for f in followers]
+            replies = [f.result(60.0) for f in followers]
     finally:
         leader.close()
     assert len(upstream.requests) == 1
