@@ -507,10 +507,12 @@ def test_global_bucket_is_shared_by_everyone(relay_factory, upstream):
 
 def test_bucket_refills_over_time(relay_factory, upstream):
     relay = relay_factory(
-        upstream.url, ratelimit={"enabled": True, "requests_per_second": 4, "burst": 2}
+        # A token per 2 s: three calls in a row never see one refill, even
+        # on a busy machine.
+        upstream.url, ratelimit={"enabled": True, "requests_per_second": 0.5, "burst": 2}
     )
     assert [call(relay).status for _ in range(3)] == [200, 200, 429]
-    time.sleep(0.6)  # 2.4 tokens' worth, capped at the burst
+    time.sleep(4.2)  # 2.1 tokens' worth, capped at the burst
     assert [call(relay).status for _ in range(3)] == [200, 200, 429]
     assert len(upstream.requests) == 4
 
@@ -591,15 +593,17 @@ def test_connect_errors_open_the_breaker(relay_factory):
 
 
 def test_half_open_lets_one_probe_through_and_success_closes(relay_factory, upstream):
-    relay = relay_factory(upstream.url, circuit_breaker=breaker(2, recovery=0.4))
+    # Recovery and the probe's delay are long enough for the calls between
+    # them to come in time on a busy machine.
+    relay = relay_factory(upstream.url, circuit_breaker=breaker(2, recovery=2.0))
     label = label_of(upstream.url)
     fail(relay, 2)
     assert call(relay).status == 503
-    time.sleep(0.45)
+    time.sleep(2.1)
     upstream.reset_stats()
     # The probe is slow; everyone arriving while it is out still gets 503.
     with ThreadPoolExecutor(1) as pool:
-        probe = pool.submit(call, relay, headers={"x-fake-delay": "1.0"})
+        probe = pool.submit(call, relay, headers={"x-fake-delay": "5.0"})
         wait_until(lambda: len(upstream.requests) == 1)
         assert gauge(relay, label) == 1
         during = [call(relay) for _ in range(3)]
@@ -613,16 +617,16 @@ def test_half_open_lets_one_probe_through_and_success_closes(relay_factory, upst
 
 
 def test_half_open_failure_opens_again(relay_factory, upstream):
-    relay = relay_factory(upstream.url, circuit_breaker=breaker(2, recovery=0.5))
+    relay = relay_factory(upstream.url, circuit_breaker=breaker(2, recovery=2.0))
     label = label_of(upstream.url)
     fail(relay, 2)
-    time.sleep(0.55)
+    time.sleep(2.1)
     fail(relay, 1)  # the probe fails...
     assert gauge(relay, label) == 2
     seen = len(upstream.requests)
     assert call(relay).status == 503  # ...so it is open again, timer restarted
     assert len(upstream.requests) == seen
-    time.sleep(0.55)
+    time.sleep(2.1)
     assert call(relay).status == 200
     assert gauge(relay, label) == 0
 
@@ -652,10 +656,10 @@ def test_readyz_only_fails_when_every_upstream_is_open(relay_factory, upstream):
 def test_readyz_recovers_once_a_probe_would_be_allowed(relay_factory, upstream):
     # Nothing else sends traffic to a relay that says it is not ready (a load
     # balancer takes it out), so readiness must not wait for a probe request.
-    relay = relay_factory(upstream.url, circuit_breaker=breaker(1, recovery=0.3))
+    relay = relay_factory(upstream.url, circuit_breaker=breaker(1, recovery=2.0))
     fail(relay, 1)
     assert call(relay, None, path="/readyz", method="GET").status == 503
-    time.sleep(0.35)
+    time.sleep(2.1)
     assert call(relay, None, path="/readyz", method="GET").status == 200
     assert call(relay).status == 200
 
