@@ -1,4 +1,5 @@
-"""relay's own endpoints: ``/healthz``, ``/readyz``, ``/metrics``, ``/relay/usage``.
+"""relay's own endpoints: ``/healthz``, ``/readyz``, ``/metrics``, ``/relay/usage``,
+and ``/relay/debug`` in debug mode only (see relay/debug.py).
 
 They are answered by relay itself, never proxied, and not counted as
 proxied requests (a Prometheus scrape must not inflate the traffic it
@@ -11,6 +12,7 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from . import debug
 from .http.protocol import ClientConnection
 from .http.request import Request
 
@@ -47,9 +49,19 @@ def own_endpoints(pipeline: Pipeline) -> dict[bytes, Endpoint]:
         snapshot = await runtime.usage_snapshot()
         client.respond(200, (_JSON_TYPE,), json.dumps(snapshot, sort_keys=True).encode())
 
-    return {
+    endpoints: dict[bytes, Endpoint] = {
         b"/healthz": healthz,
         b"/readyz": readyz,
         b"/metrics": metrics,
         b"/relay/usage": usage,
     }
+    if debug.ENABLED:
+        # Only in debug mode: otherwise the path is proxied like any other.
+        endpoints[b"/relay/debug"] = debug_counters
+    return endpoints
+
+
+async def debug_counters(request: Request, client: ClientConnection) -> None:
+    """This process's debug counts (this request and its connection included)."""
+    body = json.dumps(debug.report(), sort_keys=True).encode()
+    client.respond(200, (_JSON_TYPE,), body)

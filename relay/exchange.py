@@ -34,6 +34,7 @@ import zlib
 from collections.abc import Callable
 from typing import Protocol
 
+from . import debug
 from .cache import shared_headers
 from .http.protocol import HOP_BY_HOP, ClientConnection
 from .sse import SSESplitter, event_fields
@@ -246,6 +247,7 @@ class ProxyExchange:
         "_started",
     )
 
+    @debug.opens("exchanges")
     def __init__(
         self,
         client: ClientConnection,
@@ -294,6 +296,12 @@ class ProxyExchange:
         # Until the head arrives, a client that leaves must still close the
         # upstream request.
         client.on_lost = self._client_lost
+
+    def __repr__(self) -> str:
+        return (
+            f"<ProxyExchange {self._path.decode('latin-1')} status={self.status} "
+            f"outcome={self.outcome} upstream={self._upstream!r}>"
+        )
 
     @property
     def upstream_latency(self) -> float:
@@ -536,6 +544,7 @@ class ProxyExchange:
             self._observer.fail()
         self._settle(Outcome.CLIENT_GONE)
 
+    @debug.closes("exchanges")
     def _settle(self, outcome: int) -> None:
         if self.outcome < 0:
             self.outcome = outcome

@@ -27,6 +27,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from . import debug
+
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
@@ -81,6 +83,7 @@ class RedisConnection:
     Callers on the hot path may test ``up`` first to skip even that.
     """
 
+    @debug.opens("redis_connections")
     def __init__(
         self,
         address: str,
@@ -157,6 +160,7 @@ class RedisConnection:
             return False
         return True
 
+    @debug.closes("redis_connections")
     async def close(self) -> None:
         """Stop the probe and close every socket. Later calls fall back."""
         self._closed = True
@@ -209,6 +213,7 @@ class RedisConnection:
             text = text.replace(self._password, "***")
         return f"{type(exc).__name__}: {text}"[:300]
 
+    @debug.during("tasks")
     async def _probe_until_up(self) -> None:
         # Idle sockets point at a server that went away; drop them so the
         # first calls after recovery do not trip over stale connections.

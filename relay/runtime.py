@@ -21,7 +21,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import _fast
+from . import _fast, debug
 from .cache import Coalescer, MemoryCache, RedisCache
 from .config import Config
 from .cost import ModelLabels, PriceTable
@@ -255,11 +255,13 @@ class Runtime:
     # ------------------------------------------------------------------ #
     # per-request services
     # ------------------------------------------------------------------ #
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+    @debug.spawns("tasks")
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run *coro* in the background, keeping a reference until it ends."""
         task = self.loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def key_hash(self, credential: bytes) -> str:
         """The short hash that stands for a credential in usage rows and logs.
