@@ -414,8 +414,13 @@ class Runtime:
         for conn in self._retired:
             await conn.close()
         self._retired.clear()
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
+        if tasks:
+            # A cancelled task ends only when it runs again: let it, or it
+            # stays pending on a loop that may close right after this.
+            await asyncio.wait(tasks, timeout=1.0)
 
 
 def _read_usage_files(directory: str) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import pytest
 from relay import debug
 from relay.http.protocol import ClientConnection, ConnectionLimits
 from relay.http.request import Request
+from relay.server import RelayServer, bind_socket
 from relay.testing import ThreadedFakeUpstream
 from tests.conftest import RawClient, RelayFactory
 from tests.leakcheck import check_released
@@ -366,3 +367,50 @@ def test_debug_on_logs_what_a_stopped_worker_released(tmp_path: Any) -> None:
         assert report["open"]["upstream_connections"] == 1  # pooled after the chat request
         assert "debug: every connection, request, task and buffer was released" in err
         assert "still open" not in err
+
+
+# -- leaks the check found ---------------------------------------------------------
+
+
+def test_a_background_task_pending_at_stop_ends_with_the_gateway(
+    relay_factory: RelayFactory, fake_upstream: ThreadedFakeUpstream
+) -> None:
+    """Runtime.close cancels the tasks it spawned and waits for them to end:
+    cancelled but never run, a task would stay pending on a closed loop."""
+    relay = relay_factory(fake_upstream.url)
+    assert relay.gateway is not None
+    runtime = relay.gateway.runtime
+    relay.call(lambda: runtime.spawn(asyncio.sleep(3600)))
+    assert counts_on(relay)["tasks"] == 1
+    relay.stop()
+    assert debug.counters.counts()["tasks"] == 0
+
+
+def test_a_request_task_cut_by_the_drain_has_ended_when_it_returns(
+    run: Callable[[Any], Any],
+) -> None:
+    """RelayServer.drain cancels the requests that outlive the shutdown
+    timeout; by the time it returns they have ended (none is left pending
+    for a loop that stops right after)."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stuck = loop.create_future()
+        entered = asyncio.Event()
+
+        async def hang(request: Request, client: ClientConnection) -> None:
+            entered.set()
+            await stuck  # never resolved: a request that outlives the drain
+
+        server = RelayServer(hang, ConnectionLimits(1000, 2048, 5.0, 5.0), loop)
+        await server.start(bind_socket("127.0.0.1", 0, reuse_port=False))
+        _, writer = await asyncio.open_connection(*server.address)
+        writer.write(b"GET /v1/models HTTP/1.1\r\nHost: relay\r\n\r\n")
+        await asyncio.wait_for(entered.wait(), TIMEOUT)
+        (task,) = server.tasks
+        assert await server.drain(0.1) is False
+        assert task.cancelled() and not server.tasks
+        assert debug.counters.counts()["requests"] == 0
+        writer.close()
+
+    run(main())
