@@ -83,6 +83,96 @@ def wait_for(relay: RelayThread, check: Callable[[dict[str, int]], bool], what: 
         time.sleep(0.01)
 
 
+# -- the registry and its decorators ------------------------------------------
+
+
+class _Counted:
+    """Stands for a relay object that opens, holds a buffer and closes."""
+
+    @debug.opens("followers")
+    def __init__(self, held: int = 0) -> None:
+        self.held = held
+
+    def _debug_buffers(self) -> dict[str, int]:
+        return {"follower_pending_bytes": self.held}
+
+    @debug.closes("followers")
+    def close(self) -> None:
+        pass
+
+    @debug.closes("followers")
+    async def aclose(self) -> None:
+        await asyncio.sleep(0)
+
+    @debug.during("requests")
+    async def serve(self, fail: bool) -> None:
+        await asyncio.sleep(0)
+        if fail:
+            raise ValueError("a request that failed")
+
+    @debug.spawns("tasks")
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        return asyncio.get_running_loop().create_task(coro)
+
+
+def test_debug_decorators_count_from_open_to_close(run: Callable[[Any], Any]) -> None:
+    opened = debug.counters.opened["followers"]
+    first, second = _Counted(3), _Counted(4)
+    assert debug.counters.counts()["followers"] == 2
+    assert debug.counters.buffers()["follower_pending_bytes"] == 7
+    assert debug.counters.opened["followers"] == opened + 2
+    first.close()
+    first.close()  # a second close changes nothing
+    assert debug.counters.counts()["followers"] == 1
+    assert debug.counters.buffers()["follower_pending_bytes"] == 4
+    run(second.aclose())
+    assert debug.counters.snapshot() == dict.fromkeys((*debug.KINDS, *debug.BUFFERS), 0)
+
+
+def test_debug_during_counts_a_coroutine_while_it_runs(run: Callable[[Any], Any]) -> None:
+    thing = _Counted()
+
+    async def main() -> None:
+        task = asyncio.ensure_future(thing.serve(fail=True))
+        await asyncio.sleep(0)
+        assert debug.counters.counts()["requests"] == 1
+        with pytest.raises(ValueError):
+            await task
+        assert debug.counters.counts()["requests"] == 0
+        spawned = thing.spawn(asyncio.sleep(0.01))
+        assert debug.counters.counts()["tasks"] == 1
+        await spawned
+        await asyncio.sleep(0)  # done callbacks run in the next loop turn
+        assert debug.counters.counts()["tasks"] == 0
+
+    run(main())
+    thing.close()
+
+
+def test_debug_counts_from_several_threads_add_up() -> None:
+    import threading
+
+    def churn() -> None:
+        for _ in range(2000):
+            _Counted().close()
+
+    threads = [threading.Thread(target=churn) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    kept = [_Counted() for _ in range(5)]
+    for thread in threads:
+        thread.join(TIMEOUT)
+    assert debug.counters.counts()["followers"] == 5
+    for thing in kept:
+        thing.close()
+    assert debug.counters.counts()["followers"] == 0
+
+
+def test_debug_refuses_an_unknown_kind() -> None:
+    with pytest.raises(ValueError, match="unknown debug counter 'sockets'"):
+        debug.opens("sockets")
+
+
 # -- the counts follow real sockets --------------------------------------------
 
 
