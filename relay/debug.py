@@ -33,7 +33,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Final, Protocol, TypeVar, cast
+from typing import Any, Final, TypeVar, cast
 
 __all__ = [
     "BUFFERS",
@@ -77,10 +77,6 @@ BUFFERS: Final = (
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-class _HoldsBuffers(Protocol):
-    def _debug_buffers(self) -> dict[str, int]: ...
 
 
 class _Call:
@@ -130,9 +126,9 @@ class DebugRegistry:
             holders = [obj for objs in self._open.values() for obj in objs.values()]
         totals = dict.fromkeys(BUFFERS, 0)
         for obj in holders:
-            report = getattr(obj, "_debug_buffers", None)
-            if report is not None:
-                for name, size in cast(_HoldsBuffers, obj)._debug_buffers().items():
+            held = getattr(obj, "_debug_buffers", None)  # what it holds, if it holds any
+            if held is not None:
+                for name, size in held().items():
                     totals[name] += size
         return totals
 
