@@ -322,7 +322,7 @@ class Pipeline:
             and request.path.endswith(_CHAT_SUFFIX)
             and b'"stream"' in body
         ):
-            injected = inject_include_usage(body, request.json())
+            injected = inject_include_usage(body, facts=request.facts())
             if injected is not None:
                 body = injected
                 strip_usage = True

@@ -38,6 +38,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from relay._fast import (
+    STREAM_OPTIONS_ABSENT,
+    STREAM_OPTIONS_WITHOUT_USAGE,
+    RequestFacts,
+    request_facts,
+    response_usage,
+)
 from relay.sse import event_fields
 
 __all__ = [
@@ -157,60 +164,19 @@ def usage_from_json(body: bytes, model_hint: str = "") -> Usage | None:
     """Usage of a non-streamed OpenAI or Anthropic JSON response body.
 
     ``model_hint`` (the request's model) is used when the body names none.
-    Bodies without a ``"usage"`` key are not parsed at all.
+    Bodies without a ``"usage"`` key are not parsed at all; the others are
+    scanned for their top-level ``usage`` and ``model`` members and only
+    the usage object is decoded (see ``relay._fast.response_usage``).
     """
-    at = body.rfind(b'"usage"')
-    if at < 0:
+    if b'"usage"' not in body:
         return None
-    fast = _usage_tail(body, at, model_hint)
-    if fast is not None:
-        return fast
-    try:
-        obj = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    found = response_usage(body)
+    if found is None or found.usage is None:
         return None
-    return usage_from_mapping(obj, model_hint)
-
-
-# Both APIs put the top-level "usage" object last and "model" near the start,
-# so the usage object is decoded alone and the model read with a pattern: a
-# few microseconds instead of parsing the whole body. Anything unexpected
-# (no object after the key, usage not at the top level) takes the full parse.
-_USAGE_KEY = re.compile(rb'"usage"\s*:\s*\{')
-_MODEL_FIELD = re.compile(rb'"model"\s*:\s*"([^"\\]{1,256})"')
-_DECODER = json.JSONDecoder()
-
-
-def _usage_tail(body: bytes, at: int, model_hint: str) -> Usage | None:
-    m = _USAGE_KEY.match(body, at)
-    if m is None:
-        return None
-    start = m.end() - 1
-    try:
-        tail = body[start:].decode()
-        usage, end = _DECODER.raw_decode(tail)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    # The usage object must belong to the top-level one: what follows it is
-    # either "}" or more top-level members closing it (OpenAI puts
-    # service_tier and system_fingerprint there). A nested "usage" leaves
-    # unbalanced brackets, which fail this check and take the full parse.
-    rest = tail[end:].strip()
-    if rest != "}":
-        if not rest.startswith(","):
-            return None
-        try:
-            members = json.loads("{" + rest[1:])
-        except ValueError:
-            return None
-        if not isinstance(members, dict):
-            return None
-    counts = _counts(usage) if isinstance(usage, dict) else None
+    counts = _counts(found.usage)
     if counts is None:
         return None
-    model = _MODEL_FIELD.search(body, 0, at)
-    name = model.group(1).decode("utf-8", "replace") if model is not None else model_hint
-    return _usage(name or model_hint, counts)
+    return _usage(found.model or model_hint, counts)
 
 
 def provider_for_path(path: bytes | str) -> str:
@@ -456,7 +422,9 @@ def _heuristic(text: str, model: str = "") -> int:
 _INCLUDE_USAGE = b'"stream_options":{"include_usage":true},'
 
 
-def inject_include_usage(body: bytes, parsed: Any = None) -> bytes | None:
+def inject_include_usage(
+    body: bytes, parsed: Any = None, *, facts: RequestFacts | None = None
+) -> bytes | None:
     """Body asking an OpenAI streaming chat request for usage, or None.
 
     Returns a new body when ``body`` is a JSON object with ``"stream":
@@ -466,18 +434,28 @@ def inject_include_usage(body: bytes, parsed: Any = None) -> bytes | None:
     for. An explicit ``include_usage: false`` is overridden too, for the
     same reason: the client still sees no usage chunk. Call it only for
     OpenAI-style ``/chat/completions`` requests: the Anthropic API rejects
-    unknown fields. ``parsed`` may pass the already decoded body.
+    unknown fields. ``parsed`` may pass the already decoded body, ``facts``
+    its :class:`~relay._fast.RequestFacts` (else they are scanned for).
 
     When the body has no ``stream_options`` at all, the field is spliced in
-    after the opening brace, leaving every other byte as the client sent it.
+    after the opening brace, leaving every other byte as the client sent it:
+    then, as when no usage is needed, the body is never decoded.
     """
     if parsed is None:
-        if b'"stream"' not in body or b'"messages"' not in body:
+        if facts is None:
+            if b'"stream"' not in body or b'"messages"' not in body:
+                return None
+            facts = request_facts(body)
+        if facts.stream is not True or not facts.has_messages:
             return None
-        try:
-            parsed = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            return None
+        options_state = facts.stream_options
+        if options_state == STREAM_OPTIONS_ABSENT and facts.insert_at > 0:
+            cut = facts.insert_at
+            return body[:cut] + _INCLUDE_USAGE + body[cut:]
+        if options_state != STREAM_OPTIONS_WITHOUT_USAGE and options_state != STREAM_OPTIONS_ABSENT:
+            return None  # usage already asked for, or stream_options is no object
+        # stream_options to rewrite (null, or no include_usage: true): rare.
+        parsed = json.loads(body)
     if not isinstance(parsed, dict) or parsed.get("stream") is not True:
         return None
     if "messages" not in parsed:

@@ -62,6 +62,10 @@ def test_compiled_extensions_loaded_when_expected() -> None:
     assert fast.compiled is not None
     assert fast.BucketTable is fast.compiled.BucketTable
     assert fast.cache_key is fast.compiled.cache_key
+    # The JSON facts scan is a compiled module of its own: it must load too.
+    assert fast.request_facts is fast.compiled.request_facts
+    assert fast.response_usage is fast.compiled.response_usage
+    assert fast.request_facts.__module__ == "relay._fast._jsonscan_c"
 
 
 @pytest.mark.parametrize(
@@ -94,14 +98,18 @@ def test_compiled_chosen_when_built(value: str | None) -> None:
     assert result["loaded"] is True
     assert result["error"] is None
     assert result["bucket_module"] == "relay._fast._bucket_c"
+    assert result["imported"] == sorted(
+        f"relay._fast.{name}" for name in ("_breaker_c", "_bucket_c", "_cachekey_c", "_jsonscan_c")
+    )
 
 
-def test_any_missing_compiled_module_falls_back_to_pure() -> None:
+@pytest.mark.parametrize("module", ["_breaker_c", "_jsonscan_c"])
+def test_any_missing_compiled_module_falls_back_to_pure(module: str) -> None:
     # None in sys.modules makes that import fail, as a missing build would.
-    result = probe(None, prelude="sys.modules['relay._fast._breaker_c'] = None")
+    result = probe(None, prelude=f"sys.modules['relay._fast.{module}'] = None")
     assert result["implementation"] == "pure"
     assert result["loaded"] is False
-    assert "_breaker_c" in result["error"]
+    assert module in result["error"]
     assert result["bucket_module"] == "relay._fast._bucket_py"
 
 
@@ -123,6 +131,8 @@ def test_chosen_names_come_from_one_implementation() -> None:
     assert fast.TokenBucket is chosen.TokenBucket
     assert fast.BucketTable is chosen.BucketTable
     assert fast.CircuitBreaker is chosen.CircuitBreaker
+    assert fast.request_facts is chosen.request_facts
+    assert fast.response_usage is chosen.response_usage
 
 
 def test_twins_expose_the_same_public_api() -> None:

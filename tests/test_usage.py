@@ -11,6 +11,7 @@ import pytest
 import tiktoken
 import tiktoken.load
 
+from relay import _fast
 from relay.sse import SSESplitter
 from relay.tokens import TokenEstimator, cached_file_path, heuristic_count
 from relay.usage import (
@@ -497,9 +498,9 @@ def test_inject_not_needed(body: bytes) -> None:
 
 def test_inject_with_preparsed_body() -> None:
     body = b'{"stream":true,"messages":[]}'
-    assert inject_include_usage(body, json.loads(body)) == (
-        b'{"stream_options":{"include_usage":true},"stream":true,"messages":[]}'
-    )
+    spliced = b'{"stream_options":{"include_usage":true},"stream":true,"messages":[]}'
+    assert inject_include_usage(body, json.loads(body)) == spliced
+    assert inject_include_usage(body, facts=_fast.request_facts(body)) == spliced
 
 
 def test_provider_for_path() -> None:

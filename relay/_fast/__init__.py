@@ -2,7 +2,7 @@
 
 This is the one place that chooses. Everything else imports from here:
 
-    from relay._fast import cache_key, BucketTable, CircuitBreaker
+    from relay._fast import cache_key, BucketTable, CircuitBreaker, request_facts
 
 * ``RELAY_NO_EXTENSIONS`` set to anything but "" or "0" forces the pure
   twins (the compiled modules are then not even imported).
@@ -26,8 +26,18 @@ from importlib.machinery import EXTENSION_SUFFIXES
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from . import _breaker_py, _bucket_py, _cachekey_py
+from . import _breaker_py, _bucket_py, _cachekey_py, _jsonscan_py
 from ._breaker_states import CLOSED, HALF_OPEN, OPEN, STATE_NAMES, BreakerTransitionError
+from ._jsonscan_py import (
+    NOT_AN_OBJECT,
+    STREAM_OPTIONS_ABSENT,
+    STREAM_OPTIONS_INCLUDE_USAGE,
+    STREAM_OPTIONS_NOT_OBJECT,
+    STREAM_OPTIONS_WITHOUT_USAGE,
+    RequestFacts,
+    ResponseUsage,
+    request_facts_of,
+)
 
 __all__ = [
     "CLOSED",
@@ -35,18 +45,28 @@ __all__ = [
     "EXTENSIONS_LOADED",
     "HALF_OPEN",
     "IMPLEMENTATION",
+    "NOT_AN_OBJECT",
     "NO_EXTENSIONS",
     "OPEN",
     "STATE_NAMES",
+    "STREAM_OPTIONS_ABSENT",
+    "STREAM_OPTIONS_INCLUDE_USAGE",
+    "STREAM_OPTIONS_NOT_OBJECT",
+    "STREAM_OPTIONS_WITHOUT_USAGE",
     "BreakerTransitionError",
     "BucketTable",
     "CircuitBreaker",
     "Implementation",
+    "RequestFacts",
+    "ResponseUsage",
     "TokenBucket",
     "cache_key",
     "compiled",
     "credential_hash",
     "pure",
+    "request_facts",
+    "request_facts_of",
+    "response_usage",
 ]
 
 # Compiled module -> the pure module it twins.
@@ -54,6 +74,7 @@ _COMPILED_MODULES = {
     "_cachekey_c": _cachekey_py,
     "_bucket_c": _bucket_py,
     "_breaker_c": _breaker_py,
+    "_jsonscan_c": _jsonscan_py,
 }
 
 
@@ -68,6 +89,8 @@ class Implementation:
     TokenBucket: Any
     BucketTable: Any
     CircuitBreaker: Any
+    request_facts: Any
+    response_usage: Any
 
 
 def extensions_disabled(value: str | None) -> bool:
@@ -91,10 +114,11 @@ def _load_compiled() -> tuple[Implementation | None, str | None]:
         if not _is_extension(module):
             return None, f"{name}: not a compiled extension ({module.__file__})"
         modules[name] = module
-    cachekey, bucket, breaker = (
+    cachekey, bucket, breaker, jsonscan = (
         modules["_cachekey_c"],
         modules["_bucket_c"],
         modules["_breaker_c"],
+        modules["_jsonscan_c"],
     )
     return (
         Implementation(
@@ -105,6 +129,8 @@ def _load_compiled() -> tuple[Implementation | None, str | None]:
             TokenBucket=bucket.TokenBucket,
             BucketTable=bucket.BucketTable,
             CircuitBreaker=breaker.CircuitBreaker,
+            request_facts=jsonscan.request_facts,
+            response_usage=jsonscan.response_usage,
         ),
         None,
     )
@@ -118,6 +144,8 @@ pure = Implementation(
     TokenBucket=_bucket_py.TokenBucket,
     BucketTable=_bucket_py.BucketTable,
     CircuitBreaker=_breaker_py.CircuitBreaker,
+    request_facts=_jsonscan_py.request_facts,
+    response_usage=_jsonscan_py.response_usage,
 )
 
 NO_EXTENSIONS: bool = extensions_disabled(os.environ.get("RELAY_NO_EXTENSIONS"))
@@ -138,11 +166,14 @@ if TYPE_CHECKING:
     from ._breaker_py import CircuitBreaker
     from ._bucket_py import BucketTable, TokenBucket
     from ._cachekey_py import cache_key, credential_hash
+    from ._jsonscan_py import request_facts, response_usage
 else:
     cache_key = _chosen.cache_key
     credential_hash = _chosen.credential_hash
     TokenBucket = _chosen.TokenBucket
     BucketTable = _chosen.BucketTable
     CircuitBreaker = _chosen.CircuitBreaker
+    request_facts = _chosen.request_facts
+    response_usage = _chosen.response_usage
 
 del _chosen

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from relay._fast import NOT_AN_OBJECT, RequestFacts, request_facts, request_facts_of
+
 __all__ = ["VARYING_HEADERS", "Request"]
 
 _UNPARSED = object()
@@ -44,6 +46,7 @@ class Request:
         "varying",
         "started",
         "_json",
+        "_facts",
     )
 
     def __init__(
@@ -77,6 +80,7 @@ class Request:
         # "name:value" of each VARYING_HEADERS header, picked out while parsing.
         self.varying: list[bytes] | None = None
         self._json: Any = _UNPARSED
+        self._facts: RequestFacts | None = None
 
     @property
     def credential(self) -> bytes | None:
@@ -126,16 +130,28 @@ class Request:
             self._json = value
         return self._json
 
+    def facts(self) -> RequestFacts:
+        """The few JSON facts relay reads from the body (stream, model, ...), once.
+
+        Found by a scan that decodes nothing else (``relay._fast``); a body
+        already decoded by :meth:`json` is read from its document instead.
+        """
+        facts = self._facts
+        if facts is None:
+            doc = self._json
+            if doc is _UNPARSED:
+                facts = request_facts(self.body)
+            else:
+                facts = request_facts_of(doc, self.body) if type(doc) is dict else NOT_AN_OBJECT
+            self._facts = facts
+        return facts
+
     def model(self) -> str | None:
         """The JSON body's ``model`` field, when there is one."""
-        doc = self.json()
-        if isinstance(doc, dict):
-            model = doc.get("model")
-            if isinstance(model, str):
-                return model
-        return None
+        return self.facts().model
 
     def replace_body(self, body: bytes) -> None:
-        """Swap in a rewritten body (e.g. usage injection); drops the parsed JSON."""
+        """Swap in a rewritten body (e.g. usage injection); drops the parsed JSON and facts."""
         self.body = body
         self._json = _UNPARSED
+        self._facts = None
