@@ -129,7 +129,7 @@ def describe(config: Config, address: tuple[str, int], gateway: Gateway) -> str:
     """The start-up line: address, targets, backends, extensions."""
     host, port = address
     shown = f"[{host}]" if ":" in host else host
-    targets = [config.proxy.target, *(r.target for r in config.routes)]
+    targets = [config.proxy.target, *(t.url for r in config.routes for t in r.targets)]
     unique = list(dict.fromkeys(targets))
     backend = "redis" if config.redis.enabled else "memory"
     return (

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import fnmatch
 import math
 import os
+import re
 import sys
 import types
 from collections.abc import Callable, Mapping
@@ -46,16 +48,79 @@ class ProxyConfig:
     connect_timeout: float = 10.0
     read_timeout: float = 600.0
     pool_size: int = 64
+    first_byte_timeout: float = 60.0
+    max_connections: int = 1024
+    api_key: str = ""
+    auth: str = "bearer"
+
+    def __repr__(self) -> str:
+        # By hand, so an upstream key never reaches a log line or traceback.
+        return (
+            f"ProxyConfig(target={self.target!r}, connect_timeout={self.connect_timeout!r}, "
+            f"read_timeout={self.read_timeout!r}, first_byte_timeout={self.first_byte_timeout!r}, "
+            f"pool_size={self.pool_size!r}, max_connections={self.max_connections!r}, "
+            f"api_key={'***' if self.api_key else ''!r}, auth={self.auth!r})"
+        )
+
+
+# How an upstream credential is sent: ``auth`` -> header name and value prefix.
+AUTH_SCHEMES: Mapping[str, tuple[str, str]] = types.MappingProxyType(
+    {
+        "bearer": ("Authorization", "Bearer "),
+        "x-api-key": ("x-api-key", ""),
+        "api-key": ("api-key", ""),
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One upstream of a route: where, how much of the traffic, with which key."""
+
+    url: str
+    weight: float = 1.0
+    name: str | None = None  # the label in metrics and X-Relay-Upstream
+    api_key: str = ""  # "" = the client's own credential passes through
+    auth: str = "bearer"
+
+    def __repr__(self) -> str:
+        return (
+            f"Target(url={self.url!r}, weight={self.weight!r}, name={self.name!r}, "
+            f"api_key={'***' if self.api_key else ''!r}, auth={self.auth!r})"
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
     """One routing rule. `model` is a glob on the request body's "model",
-    `path` a prefix of the request path; when both are set both must match."""
+    `path` a prefix of the request path; when both are set both must match.
+    `target` is the first of `targets` (a route written with `target` has
+    exactly one)."""
 
     target: str
     model: str | None = None
     path: str | None = None
+    targets: tuple[Target, ...] = ()
+    strategy: str = "weighted"
+    fallback_models: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.targets:
+            # Route(url, ...) is the one-target route it always was.
+            object.__setattr__(self, "targets", (Target(self.target),))
+
+
+# Failures a retry can be asked for: connect errors, first-byte/read
+# timeouts, a connection closed before the response head, and statuses.
+RETRY_CONDITIONS = ("connect", "timeout", "reset")
+DEFAULT_RETRY_ON: tuple[str, ...] = ("connect", "timeout", "429", "500", "502", "503", "504")
+
+
+@dataclass(frozen=True, slots=True)
+class RetriesConfig:
+    attempts: int = 0  # further tries after the first; 0 = none
+    on: tuple[str, ...] = DEFAULT_RETRY_ON
+    max_retry_after: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +200,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     routes: tuple[Route, ...] = ()
+    retries: RetriesConfig = field(default_factory=RetriesConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     ratelimit: RateLimitConfig = field(default_factory=RateLimitConfig)
     circuit_breaker: BreakerConfig = field(default_factory=BreakerConfig)
@@ -337,6 +403,31 @@ def _target_url(value: Any) -> str:
     return f"{scheme}://{parts.netloc.lower()}"
 
 
+def _auth(value: Any) -> str:
+    return str(_one_of(*AUTH_SCHEMES)(value))
+
+
+def _retry_on(value: Any) -> tuple[str, ...]:
+    """retries.on: condition names and HTTP statuses (429, 5xx), deduplicated."""
+    seen: list[str] = []
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, int | str):
+            raise _Invalid(f"items must be condition names or status codes, got {_describe(item)}")
+        text = str(item).strip().lower()
+        if text.isdigit():
+            status = int(text)
+            if not (status in (408, 409, 429) or 500 <= status <= 599):
+                raise _Invalid(f"status {status} cannot be retried (429, 408, 409 and 5xx can)")
+        elif text not in RETRY_CONDITIONS:
+            raise _Invalid(
+                f"unknown condition {_describe(item)}: use {', '.join(RETRY_CONDITIONS)} "
+                "or a status code" + _suggest(text, RETRY_CONDITIONS)
+            )
+        if text not in seen:
+            seen.append(text)
+    return tuple(seen)
+
+
 def _host_port(value: Any) -> str:
     """redis.address: "host:port" (IPv6 as "[::1]:6379")."""
     try:
@@ -355,7 +446,7 @@ def _host_port(value: Any) -> str:
 
 @dataclass(frozen=True, slots=True)
 class _Key:
-    kind: str  # "bool" | "int" | "float" | "str" | "listen"
+    kind: str  # "bool" | "int" | "float" | "str" | "listen" | "list"
     check: Callable[[Any], Any] = _same
     secret: bool = False
 
@@ -372,6 +463,7 @@ MAX_BYTES = 2**53  # byte sizes
 MAX_RATE = 1e9  # requests per second
 MAX_REFILL_SECONDS = 1e12  # burst / rate: Redis expiry in ms must fit 64 bits
 MAX_WORKERS = 1024
+MAX_ATTEMPTS = 100  # retries.attempts: far beyond any useful number of tries
 # Backstops by type, for keys without a bound of their own.
 _INT_LIMIT = 2**63 - 1  # what C long long, Redis integers and SQLite hold
 _FLOAT_LIMIT = 1e15
@@ -406,7 +498,16 @@ _SECTIONS: Mapping[str, Mapping[str, _Key]] = types.MappingProxyType(
             "target": _Key("str", _target_url),
             "connect_timeout": seconds(),
             "read_timeout": seconds(),
+            "first_byte_timeout": seconds(),
             "pool_size": bounded("int", 0, MAX_COUNT, above=True),
+            "max_connections": bounded("int", 1, MAX_COUNT),
+            "api_key": _Key("str", secret=True),
+            "auth": _Key("str", _auth),
+        },
+        "retries": {
+            "attempts": bounded("int", 0, MAX_ATTEMPTS),
+            "on": _Key("list", _retry_on),
+            "max_retry_after": bounded("float", 0, MAX_SECONDS),
         },
         "cache": {
             "enabled": _Key("bool"),
@@ -452,6 +553,7 @@ _SECTION_TYPES: Mapping[str, type] = types.MappingProxyType(
     {
         "server": ServerConfig,
         "proxy": ProxyConfig,
+        "retries": RetriesConfig,
         "cache": CacheConfig,
         "ratelimit": RateLimitConfig,
         "circuit_breaker": BreakerConfig,
@@ -463,7 +565,7 @@ _SECTION_TYPES: Mapping[str, type] = types.MappingProxyType(
 )
 
 _TOP_LEVEL = (
-    "server", "proxy", "routes", "cache", "ratelimit", "circuit_breaker", "redis", "models", "log",
+    "server", "proxy", "routes", "retries", "cache", "ratelimit", "circuit_breaker", "redis", "models", "log",
     "metrics", "usage",
 )  # fmt: skip
 
@@ -510,6 +612,9 @@ def _from_yaml(spec: _Key, value: Any) -> Any:
     elif spec.kind == "str":
         if not isinstance(value, str):
             raise _Invalid(f"must be a string (quote it), got {_describe(value, secret)}")
+    elif spec.kind == "list":
+        if not isinstance(value, list):
+            raise _Invalid(f"must be a list, got {_describe(value)}")
     return _backstop(spec, spec.check(value))
 
 
@@ -536,6 +641,9 @@ def _from_env(spec: _Key, text: str) -> Any:
         except ValueError:
             raise _Invalid(f"must be a number, got {_describe(text)}") from None
         value = _finite(value)
+    elif spec.kind == "list":
+        # RETRIES_ON=connect,timeout,429
+        value = [item.strip() for item in stripped.split(",") if item.strip()]
     return _backstop(spec, spec.check(value))
 
 
@@ -673,7 +781,8 @@ def _check_sections(
             continue
         keys = _SECTIONS[name]
         for raw_key, value in body.items():
-            key = str(raw_key)
+            # YAML 1.1 reads a bare `on:` key as the boolean true.
+            key = "on" if raw_key is True else str(raw_key)
             spec = keys.get(key)
             if spec is None:
                 if name == "server" and key == "host":
@@ -689,11 +798,158 @@ def _check_sections(
     return values, document.get("routes"), document.get("models")
 
 
-_ROUTE_KEYS = ("target", "model", "path")
+_ROUTE_KEYS = ("target", "targets", "model", "path", "strategy", "fallback_models", "api_key", "auth")
+_TARGET_KEYS = ("url", "weight", "name", "api_key", "auth")
+STRATEGIES = ("weighted", "least_busy", "latency")
 _TARGET = _Key("str", _target_url)
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-def _check_routes(raw: Any, file: str, problems: list[Problem]) -> tuple[Route, ...]:
+def _credential(
+    item: dict[str, Any],
+    where: str,
+    file: str,
+    env: Mapping[str, str],
+    problems: list[Problem],
+    inherited: tuple[str, str] = ("", "bearer"),
+) -> tuple[str, str] | None:
+    """(api_key, auth) of a route or target; ``"${NAME}"`` reads the environment."""
+    api_key, auth = inherited
+    ok = True
+    if "api_key" in item:
+        value = item["api_key"]
+        if not isinstance(value, str):
+            problems.append(
+                Problem(
+                    file,
+                    f"{where}.api_key",
+                    f"must be a string (quote it), got {_describe(value, secret=True)}",
+                )
+            )
+            ok = False
+        else:
+            reference = _ENV_REFERENCE.fullmatch(value.strip())
+            if reference is not None:
+                value = env.get(reference.group(1), "")
+                if not value:
+                    problems.append(
+                        Problem(
+                            file,
+                            f"{where}.api_key",
+                            f"environment variable {reference.group(1)} is not set",
+                        )
+                    )
+                    ok = False
+            api_key = value.strip()
+    if "auth" in item:
+        try:
+            auth = _from_yaml(_Key("str", _auth), item["auth"])
+        except _Invalid as exc:
+            problems.append(Problem(file, f"{where}.auth", str(exc)))
+            ok = False
+    return (api_key, auth) if ok else None
+
+
+def _check_targets(
+    raw: Any,
+    where: str,
+    file: str,
+    env: Mapping[str, str],
+    problems: list[Problem],
+    inherited: tuple[str, str],
+) -> tuple[Target, ...] | None:
+    if not isinstance(raw, list) or not raw:
+        problems.append(
+            Problem(file, where, f"must be a non-empty list of targets, got {_describe(raw)}")
+        )
+        return None
+    targets: list[Target] = []
+    ok = True
+    labels: dict[str, int] = {}
+    for index, item in enumerate(raw):
+        at = f"{where}[{index}]"
+        if isinstance(item, str):
+            item = {"url": item}
+        if not isinstance(item, dict):
+            problems.append(
+                Problem(file, at, f"must be a mapping with url (and weight, name, api_key, auth), "
+                        f"got {_describe(item)}")
+            )
+            ok = False
+            continue
+        good = True
+        for key in item:
+            if key not in _TARGET_KEYS:
+                problems.append(
+                    Problem(file, f"{at}.{key}", "unknown key" + _suggest(key, _TARGET_KEYS))
+                )
+                good = False
+        url = ""
+        if item.get("url") is None:
+            problems.append(Problem(file, f"{at}.url", "missing (every target needs one)"))
+            good = False
+        else:
+            try:
+                url = _from_yaml(_TARGET, item["url"])
+            except _Invalid as exc:
+                problems.append(Problem(file, f"{at}.url", str(exc)))
+                good = False
+        weight = item.get("weight", 1)
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not (
+            math.isfinite(weight) and weight > 0
+        ):
+            problems.append(
+                Problem(file, f"{at}.weight", f"must be a number > 0, got {_describe(weight)}")
+            )
+            good = False
+        name = item.get("name")
+        if name is not None and (
+            not isinstance(name, str)
+            or not name.strip()
+            or len(name) > 64
+            or any(c.isspace() or c in '"\\,' for c in name)
+        ):
+            problems.append(
+                Problem(
+                    file,
+                    f"{at}.name",
+                    f"must be a short label (no spaces, quotes or commas), got {_describe(name)}",
+                )
+            )
+            good = False
+        credential = _credential(item, at, file, env, problems, inherited)
+        if credential is None or not good:
+            ok = False
+            continue
+        target = Target(url, float(weight), name, credential[0], credential[1])
+        label = name or _origin_label(url)
+        if label in labels:
+            problems.append(
+                Problem(
+                    file,
+                    f"{at}",
+                    f"same label {label!r} as {where}[{labels[label]}]: give each target "
+                    "of one url a distinct name",
+                )
+            )
+            ok = False
+            continue
+        labels[label] = index
+        targets.append(target)
+    return tuple(targets) if ok else None
+
+
+def _origin_label(url: str) -> str:
+    """host:port of a validated target URL (the default target label)."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return f"{parts.hostname}:{port}"
+
+
+def _check_routes(
+    raw: Any, file: str, problems: list[Problem], env: Mapping[str, str] | None = None
+) -> tuple[Route, ...]:
+    env = {} if env is None else env
     if raw is None:
         return ()
     if not isinstance(raw, list):
@@ -718,16 +974,61 @@ def _check_routes(raw: Any, file: str, problems: list[Problem]) -> tuple[Route, 
                     Problem(file, f"{where}.{key}", "unknown key" + _suggest(key, _ROUTE_KEYS))
                 )
                 ok = False
-        target = ""
-        if item.get("target") is None:
-            problems.append(Problem(file, f"{where}.target", "missing (every route needs one)"))
+        credential = _credential(item, where, file, env, problems)
+        if credential is None:
+            ok = False
+            credential = ("", "bearer")
+        targets: tuple[Target, ...] | None = None
+        has_target, has_targets = item.get("target") is not None, "targets" in item
+        if has_target and has_targets:
+            problems.append(
+                Problem(
+                    file,
+                    where,
+                    "has both target and targets (use one: target is a one-element targets)",
+                )
+            )
+            ok = False
+        elif has_targets:
+            targets = _check_targets(
+                item["targets"], f"{where}.targets", file, env, problems, credential
+            )
+            ok = ok and targets is not None
+        elif not has_target:
+            problems.append(
+                Problem(file, f"{where}.target", "missing (every route needs target or targets)")
+            )
             ok = False
         else:
             try:
-                target = _from_yaml(_TARGET, item["target"])
+                url = _from_yaml(_TARGET, item["target"])
+                targets = (Target(url, 1.0, None, credential[0], credential[1]),)
             except _Invalid as exc:
                 problems.append(Problem(file, f"{where}.target", str(exc)))
                 ok = False
+        strategy = "weighted"
+        if "strategy" in item:
+            try:
+                strategy = _from_yaml(_Key("str", _one_of(*STRATEGIES)), item["strategy"])
+            except _Invalid as exc:
+                problems.append(Problem(file, f"{where}.strategy", str(exc)))
+                ok = False
+        fallbacks: tuple[str, ...] = ()
+        if "fallback_models" in item:
+            value = item["fallback_models"]
+            if not isinstance(value, list) or not all(
+                isinstance(m, str) and m.strip() for m in value
+            ):
+                problems.append(
+                    Problem(
+                        file,
+                        f"{where}.fallback_models",
+                        f"must be a list of model names, got {_describe(value)}",
+                    )
+                )
+                ok = False
+            else:
+                fallbacks = tuple(m.strip() for m in value)
         model, path = item.get("model"), item.get("path")
         if model is not None and (not isinstance(model, str) or not model.strip()):
             problems.append(
@@ -756,9 +1057,41 @@ def _check_routes(raw: Any, file: str, problems: list[Problem]) -> tuple[Route, 
                 )
             )
             ok = False
-        if ok:
-            routes.append(Route(target=target, model=model, path=path))
+        if ok and targets:
+            routes.append(
+                Route(
+                    target=targets[0].url,
+                    model=model,
+                    path=path,
+                    targets=targets,
+                    strategy=strategy,
+                    fallback_models=fallbacks,
+                )
+            )
+    _check_fallbacks(routes, raw, file, problems)
     return tuple(routes)
+
+
+def _check_fallbacks(
+    routes: list[Route], raw: list[Any], file: str, problems: list[Problem]
+) -> None:
+    """Every fallback model must be one some route's model glob serves."""
+    globs = [re.compile(fnmatch.translate(r.model)) for r in routes if r.model]
+    for index, item in enumerate(raw):
+        if not isinstance(item, dict) or not isinstance(item.get("fallback_models"), list):
+            continue
+        for position, model in enumerate(item["fallback_models"]):
+            if not isinstance(model, str) or not model.strip():
+                continue
+            if not any(g.match(model.strip()) for g in globs):
+                problems.append(
+                    Problem(
+                        file,
+                        f"routes[{index}].fallback_models[{position}]",
+                        f"no route serves model {model.strip()!r} (add a route whose model "
+                        "glob matches it)",
+                    )
+                )
 
 
 _PRICE_KEYS = ("input", "output", "cached_input", "cache_write_input")
@@ -894,7 +1227,7 @@ def load_config(path: str | None, env: Mapping[str, str] | None = None) -> Confi
     document = None if path is None else _read_yaml(path, problems)
     file = path or "<defaults>"
     values, raw_routes, raw_models = _check_sections(document, file, problems)
-    routes = _check_routes(raw_routes, file, problems)
+    routes = _check_routes(raw_routes, file, problems, env)
     models = _check_models(raw_models, file, problems)
     _apply_env(env, values, problems)
     _check_combinations(values, file, problems)

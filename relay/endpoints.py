@@ -35,10 +35,16 @@ def own_endpoints(pipeline: Pipeline) -> dict[bytes, Endpoint]:
 
     async def readyz(request: Request, client: ClientConnection) -> None:
         reason = runtime.not_ready_reason(pipeline)
+        # Which targets are open (their breakers): a load balancer only needs
+        # the status, an operator the names.
+        open_targets = runtime.open_targets(pipeline)
         if reason is None:
-            client.respond(200, (_JSON_TYPE,), b'{"status":"ready"}')
+            body = json.dumps({"status": "ready", "open_targets": open_targets}).encode()
+            client.respond(200, (_JSON_TYPE,), body)
         else:
-            body = json.dumps({"status": "not ready", "reason": reason}).encode()
+            body = json.dumps(
+                {"status": "not ready", "reason": reason, "open_targets": open_targets}
+            ).encode()
             client.respond(503, (_JSON_TYPE,), body)
 
     async def metrics(request: Request, client: ClientConnection) -> None:

@@ -167,6 +167,13 @@ class ExchangeObserver(Protocol):
     def fail(self) -> None: ...
 
 
+class RetryGate(Protocol):
+    """Asked once per response head: is this answer to be retried instead of
+    relayed? True means nothing of it reaches the client (or the followers)."""
+
+    def wants(self, status: int, headers: list[tuple[bytes, bytes]]) -> bool: ...
+
+
 class Outcome:
     """How the exchange ended.
 
@@ -183,6 +190,7 @@ class Outcome:
                       # aborted (a stream after an SSE error event); never
                       # cached, a breaker failure
     CLIENT_GONE = 3   # the client left first
+    RETRY = 4         # a retryable answer (429, 5xx) held back: try again
 
 
 def response_headers(
@@ -241,6 +249,8 @@ class ProxyExchange:
         "error",
         "bytes_sent",
         "_first_event_pending",
+        "_retry",
+        "discarded",
         "_decoder",
         "_cut_event",
         "_path",
@@ -262,6 +272,7 @@ class ProxyExchange:
         observer: ExchangeObserver | None,
         loop: asyncio.AbstractEventLoop,
         head_only: bool = False,
+        retry: RetryGate | None = None,
         path: bytes = b"",
     ) -> None:
         self._client = client
@@ -289,6 +300,8 @@ class ProxyExchange:
         self.error: UpstreamError | None = None
         self.bytes_sent = 0
         self._first_event_pending = True
+        self._retry = retry
+        self.discarded = False  # the response is read and dropped (a retry follows)
         self._decoder: _Decoder | None = None
         self._cut_event: bytes | None = None
         self._path = path  # the request's path: which SSE error shape a cut stream gets
@@ -319,6 +332,14 @@ class ProxyExchange:
     # ------------------------------------------------------------------ #
     def on_head(self, status: int, headers: list[tuple[bytes, bytes]], length: int | None) -> None:
         self.first_byte_at = self._loop.time()
+        retry = self._retry
+        if retry is not None and retry.wants(status, headers):
+            # Nothing of it goes out: read it to the end (the connection can
+            # be reused) and let the pipeline try again.
+            self.discarded = True
+            self.status = status
+            self.headers = tuple(headers)
+            return
         kept, content_type, coding = response_headers(headers)
         bodyless = self._head_only or status in (204, 304)
         if coding is not None and not bodyless:
@@ -335,9 +356,8 @@ class ProxyExchange:
                     f"Upstream answered with Content-Encoding {coding.decode('latin-1')!r}, "
                     "which relay cannot decode (it asks upstreams for identity)"
                 )
-                if self._observer is not None:
-                    self._observer.fail()
-                    self._observer = None
+                # The flight stays open: the pipeline may try again for its
+                # followers, and fails it itself when it gives up.
                 self._settle(Outcome.FAILED)
                 return
             length = None  # the decoded size is known only at the end
@@ -360,9 +380,12 @@ class ProxyExchange:
                 self.json_body = []
         if self._strip_usage:
             length = None  # the body will be shorter than the upstream's
-        if self._record_limit and 200 <= status < 300 and (
+        if self._record_limit and (200 <= status < 300 or self._retry is not None) and (
             length is None or length <= self._record_limit
         ):
+            # With an attempt chain the final answer goes to the coalesced
+            # followers whatever its status (only 2xx is cached): they must not
+            # each start a chain of their own against a failing upstream.
             self.recorded = []
         client = self._client
         lines = [b"%s: %s\r\n" % pair for pair in kept]
@@ -390,6 +413,8 @@ class ProxyExchange:
                 self._observer.start(status, shared_headers(kept))
 
     def on_body(self, chunk: bytes) -> None:
+        if self.discarded:
+            return
         decoder = self._decoder
         if decoder is not None:
             try:
@@ -449,6 +474,10 @@ class ProxyExchange:
             self._client.hold()
 
     def on_complete(self) -> None:
+        if self.discarded:
+            self._release(self._upstream)
+            self._settle(Outcome.RETRY)
+            return
         decoder = self._decoder
         if decoder is not None:
             try:
@@ -488,7 +517,12 @@ class ProxyExchange:
 
     def on_error(self, error: UpstreamError) -> None:
         self.error = error
-        if self._observer is not None:
+        if self.discarded:
+            self._settle(Outcome.RETRY)
+            return
+        if self._started and self._observer is not None:
+            # Before the head the flight stays open: the pipeline may retry
+            # for its followers, and fails it itself when it gives up.
             self._observer.fail()
         if self._started:
             # Part of the body is out: the only honest signal left is to cut

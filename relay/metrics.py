@@ -159,6 +159,13 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=r,
         )
+        self.upstream_attempts = Counter(
+            "relay_upstream_attempts_total",
+            "Requests sent to an upstream target (retries and fallbacks each count), "
+            "by target and outcome (ok|429|5xx|connect|timeout|reset).",
+            ("upstream", "outcome"),
+            registry=r,
+        )
         self.cache_hits = Counter(
             "relay_cache_hits_total", "Responses served from the cache.", registry=r
         )
@@ -216,6 +223,7 @@ class Metrics:
         self._requests = _Children(self.requests)
         self._duration = _Children(self.request_duration)
         self._upstream = _Children(self.upstream_latency)
+        self._attempts = _Children(self.upstream_attempts)
         self._req_tokens = _Children(self.request_tokens)
         self._tokens = _Children(self.tokens)
         self._cost = _Children(self.cost)
@@ -232,6 +240,13 @@ class Metrics:
 
     def observe_upstream_latency(self, upstream: str, seconds: float) -> None:
         self._upstream.get((upstream,)).observe(seconds)
+
+    def upstream_attempt(self, upstream: str, outcome: str) -> None:
+        self._attempts.get((upstream, outcome)).inc()
+
+    def attempts_child(self, upstream: str, outcome: str) -> Any:
+        """The counter child itself, for a caller that keeps it (per target)."""
+        return self._attempts.get((upstream, outcome))
 
     def record_tokens(
         self, model: str, prompt_tokens: int, completion_tokens: int, cost_usd: float
@@ -287,6 +302,9 @@ class _NoCount:
         pass
 
 
+NO_COUNT = _NoCount()
+
+
 class RequestMetricsOff:
     """Stands in for :class:`Metrics` on the request path when
     ``metrics.enabled`` is false: the same recording calls, doing nothing.
@@ -301,6 +319,9 @@ class RequestMetricsOff:
         pass
 
     def observe_upstream_latency(self, upstream: str, seconds: float) -> None:
+        pass
+
+    def upstream_attempt(self, upstream: str, outcome: str) -> None:
         pass
 
     def record_tokens(

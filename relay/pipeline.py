@@ -13,10 +13,13 @@ long-lived things (sockets, caches, breakers, counters) belong to the
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
+import json
 import math
 import re
 import time
+from email.utils import parsedate_to_datetime
 
 from . import _fast
 from .accounting import USAGE_HEADER, Accounting, stored_usage, with_usage
@@ -27,7 +30,9 @@ from .exchange import ACCEPT_IDENTITY, Outcome, ProxyExchange, stream_cut_event
 from .http import errors
 from .http.protocol import ClientConnection
 from .http.request import Request
+from .metrics import NO_COUNT as _NO_COUNT
 from .runtime import Runtime, Upstream
+from .upstream.balance import Balancer
 from .upstream.protocol import UpstreamConnection, UpstreamError
 from .usage import Usage, inject_include_usage
 
@@ -45,14 +50,112 @@ _JSON_USAGE_LIMIT = 8 * 1024 * 1024
 
 
 class _Route:
-    """One ``routes`` rule, compiled once."""
+    """One ``routes`` rule (or ``proxy.target``), compiled once."""
 
-    __slots__ = ("model", "path", "upstream")
+    __slots__ = ("model", "path", "balancer", "upstream", "fallbacks")
 
-    def __init__(self, model: str | None, path: str | None, upstream: Upstream) -> None:
+    def __init__(
+        self,
+        model: str | None,
+        path: str | None,
+        balancer: Balancer,
+        fallbacks: tuple[str, ...] = (),
+    ) -> None:
         self.model = re.compile(fnmatch.translate(model)).match if model else None
         self.path = path.encode() if path else None
-        self.upstream = upstream
+        self.balancer = balancer
+        # Who a request is counted against before a target answers it.
+        self.upstream = balancer.targets[0]
+        self.fallbacks = fallbacks
+
+
+class _Chain:
+    """The attempts of one request: which targets failed, how many tries are
+    left, which fallback model is next. Also the exchange's retry gate: it
+    decides, at a response head, whether a retryable answer is held back."""
+
+    __slots__ = (
+        "pipeline", "route", "left", "excluded", "index", "fallback", "fallbacks", "model",
+    )
+
+    def __init__(self, pipeline: Pipeline, route: _Route) -> None:
+        self.pipeline = pipeline
+        self.route = route
+        self.left = pipeline._attempts
+        self.excluded = 0  # bit mask of target indexes tried (or refused) for this model
+        self.index = -1  # the target of the current attempt
+        self.fallback = 0  # next entry of the original route's fallback_models
+        self.fallbacks = route.fallbacks
+        self.model: str | None = None  # the fallback model in use
+
+    @property
+    def target(self) -> Upstream:
+        return self.route.balancer.targets[self.index]
+
+    def wants(self, status: int, headers: list[tuple[bytes, bytes]]) -> bool:
+        pipeline = self.pipeline
+        if status not in pipeline._retry_statuses:
+            return False
+        now = time.monotonic()
+        if status == 429 or status == 503:
+            wait = _retry_after(headers)
+            if wait > 0.0:
+                # Capped: a target must not be shunned for ever by one header.
+                state = self.target.state
+                state.not_before = max(state.not_before, now + min(wait, _MAX_COOL_DOWN))
+        return self.can_continue(now)
+
+    def can_continue(self, now: float) -> bool:
+        """Whether another attempt can follow the current one's failure."""
+        if self.left > 0 and self.pick_next(now, dry=True)[0] >= 0:
+            return True
+        return self.fallback < len(self.fallbacks)
+
+    def pick_next(self, now: float, refused: int = 0, *, dry: bool = False) -> tuple[int, float]:
+        """(target index, seconds to wait first) for a retry; (-1, 0) if none.
+
+        *refused*: targets whose breaker turned this request away. With
+        *dry* nothing changes (the gate asks whether a retry could follow).
+        """
+        if self.excluded == -1:
+            return -1, 0.0  # this model is done: the next fallback's turn
+        balancer = self.route.balancer
+        excluded = self.excluded | refused
+        if self.index >= 0:
+            excluded |= 1 << self.index
+        index = balancer.pick(now, excluded)
+        if index >= 0:
+            return index, 0.0
+        limit = self.pipeline._max_retry_after
+        index, wait = balancer.earliest_cooled(now, excluded)
+        if index < 0 or wait > limit:
+            # Every target was tried: go round again (with one target a
+            # retry goes to the same one), Retry-After still honoured.
+            index, wait = balancer.earliest_cooled(now, refused)
+        if index >= 0 and wait <= limit:
+            return index, wait
+        return -1, 0.0
+
+
+# The longest a 429's Retry-After keeps a target out of retries (seconds).
+_MAX_COOL_DOWN = 3600.0
+
+
+def _retry_after(headers: list[tuple[bytes, bytes]]) -> float:
+    """Seconds a Retry-After header asks for (delta-seconds or HTTP-date), 0 if none."""
+    for name, value in headers:
+        if len(name) == 11 and name.lower() == b"retry-after":
+            text = value.strip()
+            try:
+                return max(0.0, float(text))
+            except ValueError:
+                pass
+            try:
+                when = parsedate_to_datetime(text.decode("latin-1"))
+            except (TypeError, ValueError, IndexError):
+                return 0.0
+            return max(0.0, when.timestamp() - time.time())
+    return 0.0
 
 
 class Pipeline:
@@ -62,12 +165,45 @@ class Pipeline:
         self.config = config
         self.runtime = runtime
         proxy = config.proxy
-        self._default = runtime.upstream(proxy.target, config, label="default")
+        self._breakers = breakers = config.circuit_breaker.enabled
+        default = runtime.upstream(proxy.target, config, api_key=proxy.api_key, auth=proxy.auth)
+        self._default = _Route(None, None, Balancer((default,), "weighted", breakers=breakers))
         self._routes = tuple(
-            _Route(r.model, r.path, runtime.upstream(r.target, config))
+            _Route(
+                r.model,
+                r.path,
+                Balancer(
+                    tuple(
+                        runtime.upstream(
+                            t.url, config, name=t.name, api_key=t.api_key, auth=t.auth,
+                            weight=t.weight,
+                        )
+                        for t in r.targets
+                    ),
+                    r.strategy,
+                    breakers=breakers,
+                ),
+                r.fallback_models,
+            )
             for r in config.routes
         )
         self._needs_model = any(r.model for r in self._routes)
+        metrics = runtime.metrics if config.metrics.enabled else None
+        for route in (self._default, *self._routes):
+            for target in route.balancer.targets:
+                target.ok_attempts = (
+                    metrics.attempts_child(target.label, "ok") if metrics else _NO_COUNT
+                )
+        retries = config.retries
+        self._attempts = retries.attempts
+        self._retry_statuses = frozenset(int(c) for c in retries.on if c.isdigit())
+        self._retry_connect = "connect" in retries.on
+        self._retry_timeout = "timeout" in retries.on
+        self._retry_reset = "reset" in retries.on
+        self._max_retry_after = retries.max_retry_after
+        self._first_byte_timeout = proxy.first_byte_timeout
+        # Only routes with somewhere else to go need the attempt bookkeeping.
+        self._chained = retries.attempts > 0 or any(r.fallbacks for r in self._routes)
 
         self._limiter = runtime.limiter(config) if config.ratelimit.enabled else None
         self._limit_kind = config.ratelimit.key
@@ -78,7 +214,6 @@ class Pipeline:
         self._cache_global = cache.scope == "global"
         self._cache_max = cache.max_body_bytes
 
-        self._breakers = config.circuit_breaker.enabled
         self._accounting = accounting = Accounting(config, runtime)
         self._metrics = accounting.metrics
         self._usage_on = accounting.enabled
@@ -92,7 +227,8 @@ class Pipeline:
         if own is not None:
             await own(request, client)
             return
-        upstream = self._route(request)
+        route = self._route(request)
+        upstream = route.upstream
         extra: list[bytes] = []
 
         limiter = self._limiter
@@ -153,7 +289,7 @@ class Pipeline:
                         extra.append(_MISS)
                         self._metrics.cache_misses.inc()
                         try:
-                            await self._forward(request, client, upstream, extra, key, ticket)
+                            await self._forward(request, client, route, extra, key, ticket)
                         finally:
                             ticket.close()
                         return
@@ -163,20 +299,25 @@ class Pipeline:
                 extra.append(_BYPASS)
         else:
             extra.append(_BYPASS)
-        await self._forward(request, client, upstream, extra, key if store else None, None)
+        await self._forward(request, client, route, extra, key if store else None, None)
 
     # ------------------------------------------------------------------ #
     # decisions
     # ------------------------------------------------------------------ #
-    def _route(self, request: Request) -> Upstream:
+    def _route(self, request: Request) -> _Route:
         if self._routes:
-            model = request.model() if self._needs_model else None
-            for route in self._routes:
-                if route.path is not None and not request.path.startswith(route.path):
-                    continue
-                if route.model is not None and (model is None or route.model(model) is None):
-                    continue
-                return route.upstream
+            return self._route_for(
+                request.path, request.model() if self._needs_model else None
+            )
+        return self._default
+
+    def _route_for(self, path: bytes, model: str | None) -> _Route:
+        for route in self._routes:
+            if route.path is not None and not path.startswith(route.path):
+                continue
+            if route.model is not None and (model is None or route.model(model) is None):
+                continue
+            return route
         return self._default
 
     def _limit_key(self, request: Request) -> bytes:
@@ -238,10 +379,14 @@ class Pipeline:
         if head is None:
             return False
         status, headers = head
-        self._metrics.cache_hits.inc()
+        # A failure the leader's attempt chain ended with is shared too (with
+        # retries or fallbacks configured), but it is no hit.
+        shared_hit = 200 <= status < 300
+        if shared_hit:
+            self._metrics.cache_hits.inc()
         lines = [b"%s: %s\r\n" % pair for pair in headers]
         lines.extend(extra)
-        lines.append(_HIT)
+        lines.append(_HIT if shared_hit else _MISS)
         client.start_response(status, lines, None)
         # The leader's own bytes objects, kept up to the cache's size bound (a
         # follower already relaying goes on past it; its usage is then lost).
@@ -273,6 +418,9 @@ class Pipeline:
             if chunks and not client.is_lost:
                 if self._usage_on:
                     usage = await self._accounting.shared_usage(request, status, headers, chunks)
+        if not shared_hit:
+            self._accounting.done(request, upstream, status, "MISS")
+            return True
         # Served without going upstream: a hit, counted as saved cost.
         self._accounting.done(request, upstream, status, "HIT", usage, saved=True)
         return True
@@ -284,34 +432,19 @@ class Pipeline:
         self,
         request: Request,
         client: ClientConnection,
-        upstream: Upstream,
+        route: _Route,
         extra: list[bytes],
         cache_key: bytes | None,
         leader: Leader | None,
     ) -> None:
-        runtime = self.runtime
-        breaker = upstream.breaker if self._breakers else None
-        if breaker is not None and not breaker.allow(time.monotonic()):
-            retry = max(1, math.ceil(breaker.retry_after(time.monotonic())))
-            if leader is not None:
-                leader.fail()
-            self._reject(
-                request, client, upstream,
-                errors.GatewayError(
-                    503,
-                    f"Upstream {upstream.origin} is unavailable (circuit breaker open)",
-                    "upstream_unavailable",
-                    "circuit_breaker_open",
-                    headers=((b"Retry-After", b"%d" % retry),),
-                ),
-                extra,
-            )
-            return
-        if breaker is not None and breaker.state:
-            # allow() just turned an open breaker half-open for this probe:
-            # show it on the gauge (only a probe passes a non-closed breaker).
-            runtime.breaker_changed(upstream)
+        """Send the request upstream: one attempt, or a chain of them.
 
+        Retries and fallbacks happen only while nothing of a response has
+        reached the client: a failure before the head, or a retryable
+        status held back at the head (:class:`_Chain` decides there).
+        """
+        runtime = self.runtime
+        breakers = self._breakers
         # Ask OpenAI for streamed usage when the client did not; the
         # usage-only chunk is removed again before the client sees it.
         strip_usage = False
@@ -326,12 +459,277 @@ class Pipeline:
             if injected is not None:
                 body = injected
                 strip_usage = True
+        head_only = request.method == b"HEAD"
+        record_limit = self._cache_max if cache_key is not None else 0
+        chain = _Chain(self, route) if self._chained else None
+        if chain is not None and chain.fallbacks and not request.facts().is_object:
+            # No JSON object whose "model" could be replaced (the scan is
+            # the one routing by model already made: nothing is decoded).
+            chain.fallbacks = ()
+        balancer = route.balancer
+        index = 0
+        wait = 0.0
+        refused = 0  # targets whose breaker refused this request
+        attempted = False  # an attempt of the current model failed: retrying
+        fresh = False  # the next attempt goes to the same target on a new connection
+        fresh_used = False
+        answered_by: bytes | None = None  # X-Relay-Model line while a fallback runs
+        exchange: ProxyExchange | None = None
+        upstream = route.upstream
+        error: UpstreamError | None = None
+        while True:
+            # -- choose the target ------------------------------------------
+            now = time.monotonic()
+            if fresh:
+                pass  # same target as the attempt that met a stale socket
+            elif not attempted:
+                if balancer.single is not None:
+                    index = -1 if refused else 0
+                else:
+                    excluded = refused if chain is None else refused | chain.excluded
+                    index = balancer.pick(now, excluded)
+                    if index < 0:
+                        # Only a 429's cool-down is left: a first attempt is
+                        # no retry, it may go (the client asked just now).
+                        index = balancer.pick(now, excluded, cooling=False)
+            else:
+                assert chain is not None
+                index, wait = chain.pick_next(now, refused)
+            if index < 0:
+                if chain is not None and chain.fallback < len(chain.fallbacks):
+                    balancer, body, answered_by = self._fallback_attempt(
+                        request, chain, strip_usage
+                    )
+                    refused = 0
+                    attempted = False
+                    continue
+                self._unavailable(request, client, route, upstream, error, extra, leader)
+                return
+            upstream = balancer.targets[index]
+            if chain is not None:
+                chain.index = index
+            breaker = upstream.breaker if breakers else None
+            if fresh:
+                pass  # the same attempt, resent: the breaker let it through already
+            elif breaker is not None and not breaker.allow(now):
+                # Half-open with its probe out (or opened meanwhile): next one.
+                refused |= 1 << index
+                fresh = False
+                continue
+            if breaker is not None and breaker.state:
+                # allow() just turned an open breaker half-open for this probe:
+                # show it on the gauge (only a probe passes a non-closed breaker).
+                runtime.breaker_changed(upstream)
+            state = upstream.state
+            started = now
+            if wait > 0.0:
+                # A 429's Retry-After on the only target left: wait it out.
+                # The loop clock may round: sleep until it has surely passed.
+                while (left := state.not_before - time.monotonic()) > 0.0:
+                    await asyncio.sleep(left + 0.002)
+                wait = 0.0
+                started = time.monotonic()
+            if client.is_lost:
+                # Gone (during a Retry-After wait, say): never sent, never
+                # billed; followers of its flight go upstream on their own.
+                if breaker is not None:
+                    breaker.release_probe()
+                if leader is not None:
+                    leader.fail()
+                self._accounting.done(request, upstream, 499)
+                return
 
+            # -- one attempt ------------------------------------------------
+            state.inflight += 1
+            try:
+                conn = None if fresh else upstream.pool.take_idle()
+                reused = conn is not None
+                try:
+                    if conn is None:
+                        conn, reused = await upstream.pool.acquire(fresh=fresh)
+                except UpstreamError as exc:
+                    error = exc
+                    fresh = False
+                    if exc.exhausted:
+                        # Not an upstream failure: relay's own bound was hit.
+                        if breaker is not None:
+                            breaker.release_probe()
+                    else:
+                        failed_at = time.monotonic()
+                        if balancer.measures:  # what the failure cost counts as latency
+                            state.observe(failed_at - started, failed_at)
+                        self._metrics.upstream_attempt(upstream.label, "connect")
+                        if breaker is not None:
+                            breaker.record_failure(failed_at)
+                            runtime.breaker_changed(upstream)
+                    if self._retry_connect and self._advance(chain):
+                        attempted = True
+                        continue
+                    self._upstream_failed(request, client, upstream, exc, extra, leader)
+                    return
+                if client.is_lost:
+                    # Gone behind an await above (limiter, cache, a failed
+                    # leader, the connect, a Retry-After wait): never sent,
+                    # never billed.
+                    self._not_sent(request, upstream, conn, breaker, leader)
+                    return
+                if answered_by is not None:
+                    extra.append(answered_by)
+                extra.append(upstream.relay_header)
+                exchange = ProxyExchange(
+                    client,
+                    conn,
+                    upstream.pool.release,
+                    extra,
+                    record_limit=record_limit,
+                    json_limit=_JSON_USAGE_LIMIT if self._usage_on else 0,
+                    strip_usage=strip_usage,
+                    stream_usage=self._accounting.stream_usage(request),
+                    observer=leader,
+                    loop=runtime.loop,
+                    head_only=head_only,
+                    retry=chain,
+                    path=request.path,
+                )
+                conn.send(
+                    self._request_parts(request, upstream, body),
+                    exchange,
+                    head_only=head_only,
+                    first_byte_timeout=self._first_byte_timeout,
+                )
+                outcome = await exchange.done
+            finally:
+                state.inflight -= 1
+            fresh = False
+            if outcome != Outcome.FAILED:
+                if balancer.measures:
+                    state.observe(exchange.upstream_latency, time.monotonic())
+                if outcome != Outcome.RETRY:
+                    break
+            # Failed before anything reached the client: maybe try again.
+            client.on_lost = None  # that exchange is over; the next sets its own
+            extra.pop()  # X-Relay-Upstream of this attempt
+            if answered_by is not None:
+                extra.pop()
+            if outcome == Outcome.RETRY:
+                kind = "429" if exchange.status == 429 else "5xx"
+                self._metrics.upstream_attempt(upstream.label, kind)
+                if breaker is not None:
+                    if exchange.status >= 500:
+                        breaker.record_failure(time.monotonic())
+                    else:
+                        breaker.record_success()
+                    runtime.breaker_changed(upstream)
+                if self._advance(chain):
+                    attempted = True
+                    continue
+                # The gate saw a way on that is gone now (a breaker opened
+                # meanwhile): the answer held back cannot be replayed.
+                error = UpstreamError(f"Upstream answered {exchange.status}; no target left to retry")
+                self._upstream_failed(request, client, upstream, error, extra, leader)
+                return
+            error = exchange.error
+            assert error is not None
+            if reused and not conn.received_any and not error.timeout and not fresh_used:
+                # A keep-alive socket the upstream closed as we wrote to it:
+                # the request never reached it, so it is safe to send it once
+                # more, on a new connection (another idle one may be as stale).
+                # Followers of a coalesced flight keep waiting for it.
+                fresh = fresh_used = True
+                continue
+            if error.timeout:
+                kind, retry = "timeout", self._retry_timeout
+            else:
+                kind, retry = "reset", self._retry_reset
+            failed_at = time.monotonic()
+            if balancer.measures:
+                state.observe(failed_at - started, failed_at)
+            self._metrics.upstream_attempt(upstream.label, kind)
+            if breaker is not None:
+                breaker.record_failure(failed_at)
+                runtime.breaker_changed(upstream)
+            if retry and self._advance(chain):
+                attempted = True
+                continue
+            self._upstream_failed(request, client, upstream, error, extra, leader)
+            return
+
+        status = exchange.status
+        if outcome == Outcome.BROKEN:
+            cut = exchange.error
+            self._metrics.upstream_attempt(
+                upstream.label, "timeout" if cut is not None and cut.timeout else "reset"
+            )
+        elif status:
+            if status < 429 or 429 < status < 500:
+                upstream.ok_attempts.inc()  # the usual case: no label lookup
+            else:
+                self._metrics.upstream_attempt(upstream.label, "429" if status == 429 else "5xx")
+        breaker = upstream.breaker if breakers else None
+        if breaker is not None:
+            # Judged now: a first-time tokenizer load below can take seconds,
+            # and neither the failure count nor a half-open probe may wait.
+            self._judge(upstream, breaker, exchange)
+        estimator = runtime.estimator
+        if not estimator.loaded and self._accounting.needs_estimate(request, exchange):
+            # Tokenizer data (~40 MB) is loaded on first need, in a thread;
+            # the client already has its response.
+            await estimator.ensure_loaded(self.config.models)
+        # Counted before _finish, off the loop when a large estimate is needed.
+        usage = await self._accounting.usage_async(request, exchange, body)
+        self._finish(
+            request, client, upstream, exchange, extra, leader, cache_key, body,
+            chain.model if chain is not None else None, usage,
+        )
+
+    def _advance(self, chain: _Chain | None) -> bool:
+        """A retryable failure of the current attempt: True if another follows.
+
+        Either another try for this model (``retries.attempts`` left and a
+        target to take it) or, once those are spent, the next fallback model
+        (the loop switches to it when no target is left).
+        """
+        if chain is None:
+            return False
+        if chain.left > 0 and chain.pick_next(time.monotonic(), dry=True)[0] >= 0:
+            chain.left -= 1
+            chain.excluded |= 1 << chain.index
+            return True
+        if chain.fallback < len(chain.fallbacks):
+            chain.left = 0
+            chain.excluded = -1  # every target of this model is done
+            return True
+        return False
+
+    def _fallback_attempt(
+        self, request: Request, chain: _Chain, strip_usage: bool
+    ) -> tuple[Balancer, bytes, bytes]:
+        """Move *chain* to its next fallback model: balancer, body, X-Relay-Model line."""
+        model = chain.fallbacks[chain.fallback]
+        chain.fallback += 1
+        route = self._route_for(request.path, model)
+        chain.route = route
+        chain.left = self._attempts
+        chain.excluded = 0
+        chain.index = -1
+        chain.model = model
+        doc = dict(request.json())
+        doc["model"] = model
+        body = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+        if strip_usage:
+            injected = inject_include_usage(body, doc)
+            if injected is not None:
+                body = injected
+        return route.balancer, body, b"X-Relay-Model: %s\r\n" % model.encode()
+
+    def _request_parts(self, request: Request, upstream: Upstream, body: bytes) -> list[bytes]:
+        """The request as written upstream: one head, the body unchanged."""
         head = b"".join(
             (
                 request.method, b" ", request.target, b" HTTP/1.1\r\nHost: ",
                 upstream.host_header, b"\r\n",
                 request.forward_headers,
+                upstream.auth_line or request.credential_headers,
                 b"X-Forwarded-For: ",
                 request.forwarded_for + b", " if request.forwarded_for else b"",
                 request.client_ip.encode(), b"\r\n",
@@ -342,71 +740,39 @@ class Pipeline:
                 else b"\r\n",
             )
         )
-        parts = [head, body] if body else [head]
-        pool = upstream.pool
-        head_only = request.method == b"HEAD"
-        record_limit = self._cache_max if cache_key is not None else 0
+        return [head, body] if body else [head]
 
-        exchange: ProxyExchange | None = None
-        for attempt in range(2):
-            conn = pool.take_idle()
-            reused = conn is not None
-            if conn is None:
-                try:
-                    conn = await pool.connect()
-                except UpstreamError as exc:
-                    self._upstream_failed(request, client, upstream, exc, extra, breaker, leader)
-                    return
-            if client.is_lost:
-                # Gone behind an await above (limiter, cache, a failed
-                # leader, the connect): never sent, never billed.
-                self._not_sent(request, upstream, conn, breaker, leader)
-                return
-            exchange = ProxyExchange(
-                client,
-                conn,
-                pool.release,
-                extra,
-                record_limit=record_limit,
-                json_limit=_JSON_USAGE_LIMIT if self._usage_on else 0,
-                strip_usage=strip_usage,
-                stream_usage=self._accounting.stream_usage(request),
-                observer=leader,
-                loop=runtime.loop,
-                head_only=head_only,
-                path=request.path,
-            )
-            conn.send(parts, exchange, head_only=head_only)
-            outcome = await exchange.done
-            if (
-                outcome == Outcome.FAILED
-                and reused
-                and attempt == 0
-                and not conn.received_any
-                and exchange.error is not None
-                and not exchange.error.timeout
-            ):
-                # A keep-alive socket the upstream closed as we wrote to it:
-                # the request never reached it, so one retry is safe.
-                continue
-            break
-        assert exchange is not None
-        if breaker is not None and exchange.outcome != Outcome.FAILED:
-            # Judged now: a first-time tokenizer load below can take seconds,
-            # and neither the failure count nor a half-open probe may wait.
-            self._judge(upstream, breaker, exchange)
-        estimator = runtime.estimator
-        if not estimator.loaded and self._accounting.needs_estimate(request, exchange):
-            # Tokenizer data (~40 MB) is loaded on first need, in a thread;
-            # the client already has its response.
-            await estimator.ensure_loaded(self.config.models)
-        # Counted before _finish, off the loop when a large estimate is needed.
-        usage = None
-        if exchange.outcome != Outcome.FAILED:
-            usage = await self._accounting.usage_async(request, exchange, body)
-        self._finish(
-            request, client, upstream, exchange, extra, breaker, leader, cache_key, body, usage
+    def _unavailable(
+        self,
+        request: Request,
+        client: ClientConnection,
+        route: _Route,
+        upstream: Upstream,
+        error: UpstreamError | None,
+        extra: list[bytes],
+        leader: Leader | None,
+    ) -> None:
+        """No target may be tried (every breaker open): 503 with Retry-After."""
+        if error is not None:
+            self._upstream_failed(request, client, upstream, error, extra, leader)
+            return
+        now = time.monotonic()
+        waits = [t.breaker.retry_after(now) for t in route.balancer.targets]
+        retry = max(1, math.ceil(min(waits)))
+        if len(route.balancer.targets) == 1:
+            message = f"Upstream {upstream.origin} is unavailable (circuit breaker open)"
+        else:
+            message = "Every upstream target is unavailable (circuit breakers open)"
+        unavailable = errors.GatewayError(
+            503,
+            message,
+            "upstream_unavailable",
+            "circuit_breaker_open",
+            headers=((b"Retry-After", b"%d" % retry),),
         )
+        if leader is not None:
+            self._share_failure(leader, unavailable)
+        self._reject(request, client, upstream, unavailable, extra)
 
     def _not_sent(
         self,
@@ -431,21 +797,41 @@ class Pipeline:
         upstream: Upstream,
         error: UpstreamError,
         extra: list[bytes],
-        breaker: _fast.CircuitBreaker | None,
         leader: Leader | None,
     ) -> None:
-        if breaker is not None:
-            breaker.record_failure(time.monotonic())
-            self.runtime.breaker_changed(upstream)
+        gateway_error = self._gateway_error(error)
         if leader is not None:
-            leader.fail()
+            self._share_failure(leader, gateway_error)
         if client.is_lost:
             self._accounting.done(request, upstream, 499)
             return
-        gateway_error = (
-            errors.gateway_timeout(error.reason) if error.timeout else errors.bad_gateway(error.reason)
-        )
+        extra.append(upstream.relay_header)  # who was tried last
         self._reject(request, client, upstream, gateway_error, extra)
+
+    @staticmethod
+    def _gateway_error(error: UpstreamError) -> errors.GatewayError:
+        if error.exhausted:
+            return errors.GatewayError(
+                503,
+                error.reason,
+                "upstream_unavailable",
+                "upstream_connections_exhausted",
+                headers=((b"Retry-After", b"1"),),
+            )
+        if error.timeout:
+            return errors.gateway_timeout(error.reason)
+        return errors.bad_gateway(error.reason)
+
+    def _share_failure(self, leader: Leader, error: errors.GatewayError) -> None:
+        """End the flight with relay's own error when an attempt chain ran:
+        its followers get that answer instead of each retrying the failing
+        upstreams on their own. Without retries, they go on their own."""
+        if not self._chained or not leader.followers:
+            leader.fail()
+            return
+        leader.start(error.status, ((b"Content-Type", b"application/json"), *error.headers))
+        leader.chunk(error.body())
+        leader.finish()
 
     def _judge(
         self, upstream: Upstream, breaker: _fast.CircuitBreaker, exchange: ProxyExchange
@@ -467,18 +853,14 @@ class Pipeline:
         upstream: Upstream,
         exchange: ProxyExchange,
         extra: list[bytes],
-        breaker: _fast.CircuitBreaker | None,
         leader: Leader | None,
         cache_key: bytes | None,
         body: bytes,
+        fallback_model: str | None,
         usage: Usage | None,
     ) -> None:
         outcome = exchange.outcome
         runtime = self.runtime
-        if outcome == Outcome.FAILED:
-            assert exchange.error is not None
-            self._upstream_failed(request, client, upstream, exchange.error, extra, breaker, leader)
-            return
         status = exchange.status
         if status:
             self._metrics.observe_upstream_latency(upstream.label, exchange.upstream_latency)
@@ -489,9 +871,13 @@ class Pipeline:
             and exchange.recorded is not None
             and 200 <= status < 300
         ):
+            headers = replay_headers(exchange.headers)
+            if fallback_model is not None:
+                # Cached under the request the client sent, saying who answered.
+                headers = (*headers, (b"X-Relay-Model", fallback_model.encode()))
             entry = CacheEntry(
                 status,
-                with_usage(replay_headers(exchange.headers), usage),
+                with_usage(headers, usage),
                 exchange.body(),
                 exchange.splitter is not None,
                 time.time(),
@@ -509,7 +895,17 @@ class Pipeline:
         self._accounting.done(request, upstream, status, _cache_status(extra), usage)
 
     def upstreams(self) -> list[Upstream]:
-        return [self._default, *(r.upstream for r in self._routes)]
+        """Every target of this generation, once each (proxy.target first)."""
+        seen: dict[str, Upstream] = {}
+        for route in (self._default, *self._routes):
+            for target in route.balancer.targets:
+                seen.setdefault(target.label, target)
+        return list(seen.values())
+
+    def target_states(self) -> list[dict[str, object]]:
+        """Per-target breaker, load and latency, for relay's own JSON endpoints."""
+        now = time.monotonic()
+        return [u.snapshot(now) for u in self.upstreams()]
 
 
 def _content_type(headers: tuple[tuple[bytes, bytes], ...]) -> bytes | None:

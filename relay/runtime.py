@@ -18,12 +18,12 @@ import os
 import sys
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _fast, debug
 from .cache import Coalescer, MemoryCache, RedisCache
-from .config import Config
+from .config import AUTH_SCHEMES, Config
 from .cost import ModelLabels, PriceTable
 from .ledger import RedisUsageLedger, SharedUsage, UsageLedger, merge_snapshots
 from .metrics import Metrics, RequestMetricsOff, multiprocess_dir
@@ -31,6 +31,7 @@ from .ratelimit import MemoryLimiter, RedisLimiter
 from .redisconn import RedisConnection
 from .requestlog import RequestLogger
 from .tokens import TokenEstimator
+from .upstream.balance import TargetState
 from .upstream.pool import Origin, UpstreamPool, UpstreamPools
 from .usage import Usage
 
@@ -51,18 +52,42 @@ MEMORY_CACHE_BYTES = 256 * 1024 * 1024
 
 @dataclass(slots=True)
 class Upstream:
-    """One upstream origin with its pool and breaker, as routes point at it."""
+    """One target (an origin, maybe with its own key) with its pool and breaker."""
 
     origin: Origin
     pool: UpstreamPool
     breaker: Any  # relay._fast CircuitBreaker (compiled or pure)
-    label: str
+    label: str  # the target's name, else host:port: never a key
     host_header: bytes
     shown_state: int = -1  # breaker state last written to the gauge
+    weight: float = 1.0
+    state: TargetState = field(default_factory=TargetState)
+    # The upstream's own credential as a header line; b"" = the client's passes.
+    auth_line: bytes = b""
+    relay_header: bytes = b""  # "X-Relay-Upstream: <label>\r\n"
+    ok_attempts: Any = None  # relay_upstream_attempts_total{upstream=label, outcome="ok"}
 
     @property
     def route_label(self) -> str:
         return self.label
+
+    def __repr__(self) -> str:
+        # Never the credential line.
+        return f"Upstream({self.label!r}, {self.origin})"
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """This target as relay's own JSON endpoints show it (no key, ever)."""
+        breaker = self.breaker
+        state = self.state
+        return {
+            "upstream": self.label,
+            "url": str(self.origin),
+            "breaker": _fast.STATE_NAMES[breaker.state],
+            "retry_after": round(breaker.retry_after(now), 3),
+            "in_flight": state.inflight,
+            "latency_seconds": round(state.ewma, 6),
+            "weight": self.weight,
+        }
 
 
 class Runtime:
@@ -86,7 +111,8 @@ class Runtime:
         self._redis_settings: tuple[Any, ...] | None = None
         # Usage bound for Redis, kept until Redis confirmed it (None: no Redis).
         self._shared_usage: SharedUsage | None = None
-        self._breakers: dict[Origin, tuple[tuple[int, float], Any]] = {}
+        self._breakers: dict[tuple[Origin, str], tuple[tuple[int, float], Any]] = {}
+        self._target_states: dict[tuple[Origin, str], TargetState] = {}
         self._cache: tuple[tuple[Any, ...], Any] | None = None
         self._limiter: tuple[tuple[Any, ...], Any] | None = None
         self._prices: tuple[Any, PriceTable] | None = None
@@ -202,24 +228,56 @@ class Runtime:
             self.ledger.merge(previous.take_unconfirmed())
             self._usage_changed()
 
-    def upstream(self, target: str, config: Config, label: str | None = None) -> Upstream:
-        origin = Origin.parse(target)
+    def upstream(
+        self,
+        url: str,
+        config: Config,
+        *,
+        name: str | None = None,
+        api_key: str = "",
+        auth: str = "bearer",
+        weight: float = 1.0,
+    ) -> Upstream:
+        """The target at *url*; its pool is per origin, its breaker and
+        balancing state per (origin, label), all kept across reloads."""
+        origin = Origin.parse(url)
         proxy = config.proxy
         pool = self.pools.get(
             origin,
             pool_size=proxy.pool_size,
             connect_timeout=proxy.connect_timeout,
             read_timeout=proxy.read_timeout,
+            first_byte_timeout=proxy.first_byte_timeout,
+            max_connections=proxy.max_connections,
         )
+        label = name or origin.label
+        ident = (origin, label)
         cb = config.circuit_breaker
         settings = (cb.failure_threshold, cb.recovery_timeout)
-        known = self._breakers.get(origin)
+        known = self._breakers.get(ident)
         if known is None or known[0] != settings:
             breaker = _fast.CircuitBreaker(cb.failure_threshold, cb.recovery_timeout)
-            self._breakers[origin] = (settings, breaker)
+            self._breakers[ident] = (settings, breaker)
         else:
             breaker = known[1]
-        upstream = Upstream(origin, pool, breaker, origin.label, origin.host_header())
+        state = self._target_states.get(ident)
+        if state is None:
+            state = self._target_states[ident] = TargetState()
+        auth_line = b""
+        if api_key:
+            header, prefix = AUTH_SCHEMES[auth]
+            auth_line = f"{header}: {prefix}{api_key}\r\n".encode("latin-1")
+        upstream = Upstream(
+            origin,
+            pool,
+            breaker,
+            label,
+            origin.host_header(),
+            weight=weight,
+            state=state,
+            auth_line=auth_line,
+            relay_header=b"X-Relay-Upstream: %s\r\n" % label.encode(),
+        )
         self.breaker_changed(upstream)
         return upstream
 
@@ -342,12 +400,22 @@ class Runtime:
         # An open breaker whose recovery time has passed admits a probe, so
         # relay can serve again: report ready then, or a load balancer that
         # stops sending traffic would keep it open (and unready) for ever.
-        now = time.monotonic()
-        if pipeline.config.circuit_breaker.enabled and upstreams and all(
-            u.breaker.state == 2 and u.breaker.retry_after(now) > 0 for u in upstreams
-        ):
+        if pipeline.config.circuit_breaker.enabled and upstreams and len(
+            self.open_targets(pipeline)
+        ) == len(upstreams):
             return "circuit breaker open for every upstream"
         return None
+
+    def open_targets(self, pipeline: Pipeline) -> list[str]:
+        """Labels of the targets whose breaker is open (still in recovery)."""
+        if not pipeline.config.circuit_breaker.enabled:
+            return []
+        now = time.monotonic()
+        return [
+            u.label
+            for u in pipeline.upstreams()
+            if u.breaker.state == 2 and u.breaker.retry_after(now) > 0
+        ]
 
     async def render_metrics(self) -> tuple[bytes, str]:
         # Multi-worker rendering reads every worker's files: keep it off the loop.

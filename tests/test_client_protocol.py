@@ -265,9 +265,12 @@ def test_request_fields(run: Callable[[Awaitable[Any]], Any], bytewise: bool) ->
         names = [name for name, _ in request.headers]
         assert names[0] == b"Host" and names[-1] == b"X-Empty" and len(names) == 19
         # Forwarded: end-to-end only, original spelling and order.
-        assert request.forward_headers == (
+        # The credential headers are kept apart (an upstream key replaces them).
+        assert request.credential_headers == (
             b"Authorization: Bearer sk-abc\r\n"
             b"x-api-key: key-2\r\n"
+        )
+        assert request.forward_headers == (
             b"Content-Type: application/json\r\n"
             b"Cache-Control: No-Cache\r\n"
             b"OpenAI-Organization: org-1\r\n"

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from relay.config import (
+    MAX_ATTEMPTS,
     MAX_BYTES,
     MAX_COUNT,
     MAX_EXACT,
@@ -138,6 +139,10 @@ EDGES: dict[str, tuple[Any, Any]] = {
     "proxy.connect_timeout": (1e-9, MAX_SECONDS),
     "proxy.read_timeout": (1e-9, MAX_SECONDS),
     "proxy.pool_size": (1, MAX_COUNT),
+    "proxy.first_byte_timeout": (1e-9, MAX_SECONDS),
+    "proxy.max_connections": (1, MAX_COUNT),
+    "retries.attempts": (0, MAX_ATTEMPTS),
+    "retries.max_retry_after": (0.0, MAX_SECONDS),
     "cache.ttl": (1e-9, MAX_SECONDS),
     "cache.max_entries": (1, MAX_COUNT),
     "cache.max_body_bytes": (1, MAX_BYTES),
@@ -154,7 +159,7 @@ def test_every_numeric_key_has_its_edges_listed() -> None:
     numeric = {
         k for k in known_keys()
         if k.split(".")[1] not in ("enabled", "port", "target", "scope", "key", "address",
-                                   "password", "level", "requests")
+                                   "password", "level", "requests", "api_key", "auth", "on")
     }  # fmt: skip
     assert numeric == set(EDGES)
 

@@ -889,3 +889,13 @@ def test_dashboard_shape() -> None:
         "relay_circuit_breaker_state",
     ):
         assert needle in joined, needle
+
+
+def test_dashboard_has_per_target_panels() -> None:
+    """Deployments: attempts by target and outcome, their failure ratio and
+    time to first byte per target, beside the breaker state per target."""
+    exprs = "\n".join(t["expr"] for p in dashboard_panels() for t in p.get("targets", []))
+    assert "sum by (upstream, outcome) (rate(relay_upstream_attempts_total" in exprs
+    assert 'relay_upstream_attempts_total{outcome!="ok"}' in exprs
+    assert "histogram_quantile(0.95, sum by (le, upstream) (rate(relay_upstream_latency_seconds_bucket" in exprs
+    assert "max by (upstream) (relay_circuit_breaker_state)" in exprs

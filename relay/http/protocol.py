@@ -71,6 +71,10 @@ NOT_FORWARDED = HOP_BY_HOP | {
     b"host", b"expect", b"x-forwarded-for", b"x-forwarded-proto", b"accept-encoding"
 }
 
+# The client's credential headers: forwarded as they came unless the upstream
+# has a key of its own (then replaced by it).
+CREDENTIAL_HEADERS = frozenset({b"authorization", b"x-api-key", b"api-key"})
+
 MAX_HEADERS = 128            # aiohttp's default; AI SDKs send ~20
 MAX_PIPELINED = 32           # queued requests before the socket stops being read
 WRITE_HIGH_WATER = 256 * 1024
@@ -581,10 +585,16 @@ class ClientConnection(asyncio.Protocol):
         content_length = -1
         chunked = False
         forward: list[bytes] = []
+        credentials: list[bytes] | None = None
         connection_tokens: set[bytes] | None = None
         for name, value in self._headers:
             lname = name.lower()
-            if lname not in NOT_FORWARDED:
+            if lname in CREDENTIAL_HEADERS:
+                # Kept apart: an upstream with its own key replaces them.
+                if credentials is None:
+                    credentials = []
+                credentials.append(b"%s: %s\r\n" % (name, value))
+            elif lname not in NOT_FORWARDED:
                 forward.append(b"%s: %s\r\n" % (name, value))
             if lname == b"authorization":
                 request.authorization = value
@@ -629,6 +639,10 @@ class ClientConnection(asyncio.Protocol):
                 if line[: line.index(b":")].lower() not in connection_tokens
             ]
         request.forward_headers = b"".join(forward)
+        if credentials is not None:
+            request.credential_headers = (
+                credentials[0] if len(credentials) == 1 else b"".join(credentials)
+            )
         if content_length > self._limits.max_body_bytes:
             raise errors.body_too_large(self._limits.max_body_bytes)
         self._req = request

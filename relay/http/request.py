@@ -43,6 +43,7 @@ class Request:
         "cache_control",
         "forwarded_for",
         "forward_headers",
+        "credential_headers",
         "varying",
         "started",
         "_json",
@@ -75,8 +76,13 @@ class Request:
         self.cache_control: bytes | None = None
         self.forwarded_for: bytes | None = None
         # End-to-end headers rendered as "Name: value\r\n" lines, ready to be
-        # written upstream (hop-by-hop, Host, Expect, X-Forwarded-* removed).
+        # written upstream (hop-by-hop, Host, Expect, X-Forwarded-* removed),
+        # without the credential headers (Authorization, x-api-key, api-key):
+        # those are in credential_headers, sent upstream only when the
+        # upstream has no key of its own. Admission that consumes a relay
+        # key sets credential_headers to b"" so it is never forwarded.
         self.forward_headers = b""
+        self.credential_headers = b""
         # "name:value" of each VARYING_HEADERS header, picked out while parsing.
         self.varying: list[bytes] | None = None
         self._json: Any = _UNPARSED

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ class RecordedRequest:
     path: str  # request-target: path and query
     headers: list[tuple[str, str]]  # names lowercased, in arrival order
     body: bytes
+    received_at: float = 0.0  # time.monotonic() when the request was read whole
 
     def header(self, name: str) -> str | None:
         """The first value of a header, by case-insensitive name."""
@@ -88,6 +90,7 @@ class Connection(asyncio.Protocol):
         self._lost = False
         self._write_paused = False
         self._drained: asyncio.Future[None] | None = None
+        self.requests_read = 0  # on this connection, the current one included
 
     # ------------------------------------------------------------ transport
 
@@ -177,14 +180,22 @@ class Connection(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        self.requests_read += 1
         parser = self._parser
         body = b"".join(self._body)
         method = parser.get_method().decode("ascii")
         if self._headers is not None:
             self._owner._record(RecordedRequest(
                 method, self._url.decode("latin-1"),
-                [(k.decode("latin-1"), v.decode("latin-1")) for k, v in self._headers], body))
-        self._queue.append(Request(method, self._url, body, self._fake,
+                [(k.decode("latin-1"), v.decode("latin-1")) for k, v in self._headers], body,
+                time.monotonic()))
+        fake = self._fake
+        defaults = self._owner._server_faults()
+        if defaults:
+            # The server's own faults (set by a test for this upstream only);
+            # a request's x-fake-* headers win over them.
+            fake = {**defaults, **fake} if fake else dict(defaults)
+        self._queue.append(Request(method, self._url, body, fake,
                                     parser.should_keep_alive(), self._anthropic))
         self._dispatch()
 
@@ -223,6 +234,13 @@ class Connection(asyncio.Protocol):
 
     def go_silent(self) -> None:
         self._silent = True
+
+    def drop(self) -> None:
+        """Reset the connection at once: the request gets no answer at all."""
+        self._closing = True
+        self._queue.clear()
+        if self._transport is not None and not self._lost:
+            reset_transport(self._transport)
 
     async def send_slow(self, canned: Canned | None, faults: Faults, close: bool) -> None:
         """Write a response that needs waiting: delays, faults, big bodies."""

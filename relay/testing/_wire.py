@@ -117,6 +117,9 @@ def frame_slow(reply: Reply, close: bool, truncate: bool,
     extra: list[str] = []
     if faults.set_cookie is not None:
         extra.append("set-cookie: " + faults.set_cookie)
+    if faults.retry_after is not None:
+        seconds = faults.retry_after
+        extra.append(f"retry-after: {int(seconds) if float(seconds).is_integer() else seconds}")
     if reply.status in _NO_BODY_STATUSES:
         return head(reply.status, reply.content_type, -1, close, tuple(extra)), []
     raw = [reply.body] if reply.events is None else list(reply.events)
@@ -181,13 +184,16 @@ class Faults:
     encoding: str | None = None
     set_cookie: str | None = None
     close_delimited: bool = False
+    retry_after: float | None = None
+    drop: bool = False
+    drop_reused: bool = False
 
     @property
     def needs_task(self) -> bool:
         return bool(self.delay or self.event_delay or self.truncate
                     or self.reset_after is not None or self.body_bytes is not None
                     or self.encoding is not None or self.set_cookie is not None
-                    or self.close_delimited)
+                    or self.close_delimited or self.retry_after is not None)
 
 
 _NO_FAULTS = Faults()
@@ -265,6 +271,9 @@ _FAULT_PARSERS: dict[bytes, tuple[str, Callable[[str, bytes], object]]] = {
     b"x-fake-encoding": ("encoding", _encoding),
     b"x-fake-set-cookie": ("set_cookie", _text),
     b"x-fake-close-delimited": ("close_delimited", _flag),
+    b"x-fake-retry-after": ("retry_after", _seconds),
+    b"x-fake-drop": ("drop", _flag),
+    b"x-fake-drop-reused": ("drop_reused", _flag),
 }
 
 

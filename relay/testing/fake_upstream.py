@@ -59,6 +59,12 @@ header or a bad value is answered with 400, so typos do not pass silently)::
     x-fake-close-delimited: 1 no Content-Length nor chunks: the body ends
                               when the connection closes (with
                               x-fake-reset-after: ended by a reset instead)
+    x-fake-retry-after: S     a Retry-After: S header on the response (with
+                              x-fake-status: 429 or 503, as providers send)
+    x-fake-drop: 1            read the request, then reset the connection
+                              (RST) without any answer
+    x-fake-drop-reused: 1     the same, but only for a request that is not
+                              the first on its connection (a stale keep-alive)
 
 Boolean headers take 1/true/yes or 0/false/no. Garbage, then silence, win
 over everything else; the other headers combine (a delayed 503, a stream
@@ -66,9 +72,16 @@ reset after N bytes with gaps between events, ...). Responses to requests
 without x-fake-* headers are byte-identical for identical requests (ids
 derive from the body), which cache tests can rely on.
 
+Server-wide faults: ``set_faults({"x-fake-status": 503})`` applies those
+headers to every request this server reads (a request's own x-fake-*
+headers win), so one of several upstreams behind relay can misbehave while
+the others do not; ``set_faults(..., count=N)`` to the next N requests
+only; ``set_faults({})`` clears them.
+
 Observability: ``requests`` (list of :class:`RecordedRequest`, recorded when
-a request has been read, before it is answered), ``connections_opened``,
-``active_connections``, ``reset_stats()``.
+a request has been read, before it is answered, with ``received_at`` on the
+``time.monotonic()`` clock), ``connections_opened``, ``active_connections``,
+``reset_stats()``.
 
 Run it::
 
@@ -114,6 +127,25 @@ class FakeUpstream:
         self._connections: set[Connection] = set()
         self._memo: dict[tuple[Any, ...], Canned] = {}
         self._created = 0
+        self.faults: dict[bytes, bytes] = {}
+        self.faults_left: int | None = None  # requests the faults still apply to (None: all)
+
+    def set_faults(self, faults: dict[str, object], count: int | None = None) -> None:
+        """x-fake-* headers applied to every request from now on ({} = none),
+        or to the next *count* requests only."""
+        self.faults_left = count
+        self.faults = {name.lower().encode(): str(value).encode() for name, value in faults.items()}
+
+    def _server_faults(self) -> dict[bytes, bytes] | None:
+        faults = self.faults
+        if not faults:
+            return None
+        left = self.faults_left
+        if left is not None:
+            if left <= 0:
+                return None
+            self.faults_left = left - 1
+        return faults
 
     @property
     def url(self) -> str:
@@ -199,6 +231,9 @@ class FakeUpstream:
             return None
         if faults.silence:
             conn.go_silent()
+            return None
+        if faults.drop or (faults.drop_reused and conn.requests_read > 1):
+            conn.drop()
             return None
         close = close or faults.close
         canned = None if faults.body_bytes is not None else self._canned(req, content)
@@ -287,6 +322,21 @@ class ThreadedFakeUpstream:
     @property
     def requests(self) -> list[RecordedRequest]:
         return self.upstream.requests
+
+    def set_faults(self, faults: dict[str, object], count: int | None = None) -> None:
+        """See :meth:`FakeUpstream.set_faults` (applied on the server's loop)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            self.upstream.set_faults(faults, count)
+            return
+        done = threading.Event()
+
+        def apply() -> None:
+            self.upstream.set_faults(faults, count)
+            done.set()
+
+        loop.call_soon_threadsafe(apply)
+        done.wait(self._timeout)
 
     @property
     def connections_opened(self) -> int:

@@ -6,6 +6,11 @@ idle connections expire before a typical upstream keep-alive would close
 them, a reused connection that saw stray bytes or EOF while idle is never
 handed out, the wait for a new connection is bounded by ``connect_timeout``,
 and a connection returns to the pool only after a complete response.
+
+Open connections per origin (idle and busy) are bounded by
+``max_connections``: at the bound a request waits for one to come free, at
+most ``connect_timeout`` seconds, then fails with ``exhausted`` set (relay
+answers 503).
 """
 
 from __future__ import annotations
@@ -76,26 +81,42 @@ class UpstreamPool:
         connect_timeout: float,
         read_timeout: float,
         ssl_context: ssl.SSLContext | None,
+        first_byte_timeout: float | None = None,
+        max_connections: int = 1 << 30,
     ) -> None:
         self.origin = origin
         self._loop = loop
         self.pool_size = pool_size
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
+        self.first_byte_timeout = read_timeout if first_byte_timeout is None else first_byte_timeout
+        self.max_connections = max_connections
         self._ssl = ssl_context if origin.tls else None
         self._idle: list[UpstreamConnection] = []
         self._closed = False
         self.connections_opened = 0
+        self.open = 0  # connections open or being opened (idle ones included)
+        self._waiters: list[asyncio.Future[None]] = []
 
     @property
     def idle_count(self) -> int:
         return len(self._idle)
 
-    def configure(self, *, pool_size: int, connect_timeout: float, read_timeout: float) -> None:
+    def configure(
+        self,
+        *,
+        pool_size: int,
+        connect_timeout: float,
+        read_timeout: float,
+        first_byte_timeout: float | None = None,
+        max_connections: int = 1 << 30,
+    ) -> None:
         """Apply reloaded settings; idle sockets above the new size are closed."""
         self.pool_size = pool_size
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
+        self.first_byte_timeout = read_timeout if first_byte_timeout is None else first_byte_timeout
+        self.max_connections = max_connections
         while len(self._idle) > pool_size:
             self._idle.pop(0).close()
 
@@ -113,13 +134,60 @@ class UpstreamPool:
             conn.close()
         return None
 
+    async def acquire(self, *, fresh: bool = False) -> tuple[UpstreamConnection, bool]:
+        """A connection for one exchange and whether it was reused.
+
+        *fresh* skips the idle ones (a retry after a reused socket closed
+        unanswered goes on a new connection). At ``max_connections`` the
+        wait for a free slot is bounded by ``connect_timeout``.
+        """
+        if not fresh:
+            conn = self.take_idle()
+            if conn is not None:
+                return conn, True
+        if self.open >= self.max_connections:
+            deadline = self._loop.time() + self.connect_timeout
+            while self.open >= self.max_connections:
+                if not fresh:
+                    conn = self.take_idle()
+                    if conn is not None:
+                        return conn, True
+                elif self._idle:
+                    # A new connection is wanted and idle ones hold the slots:
+                    # close the oldest (its connection_lost frees the slot).
+                    self._idle.pop(0).close()
+                left = deadline - self._loop.time()
+                if left <= 0:
+                    raise UpstreamError(
+                        f"All {self.max_connections} connections to {self.origin} are busy",
+                        exhausted=True,
+                    )
+                waiter = self._loop.create_future()
+                self._waiters.append(waiter)
+                try:
+                    await asyncio.wait_for(waiter, left)
+                except TimeoutError:
+                    pass
+                finally:
+                    if waiter in self._waiters:
+                        self._waiters.remove(waiter)
+        return await self.connect(), False
+
     async def connect(self) -> UpstreamConnection:
         """Open a new connection, bounded by ``connect_timeout`` (TLS included)."""
         origin = self.origin
+        self.open += 1
+        made: list[UpstreamConnection] = []
+
+        def factory() -> UpstreamConnection:
+            conn = UpstreamConnection(self._loop, self.read_timeout, self._closed_one)
+            made.append(conn)
+            return conn
+
         try:
             _, conn = await asyncio.wait_for(
                 self._loop.create_connection(
-                    lambda: UpstreamConnection(self._loop, self.read_timeout),
+                    factory,
                     origin.host,
                     origin.port,
                     ssl=self._ssl,
@@ -127,16 +195,48 @@ class UpstreamPool:
                 ),
                 self.connect_timeout,
             )
-        except TimeoutError:
-            raise UpstreamError(f"Connecting to {origin} timed out", timeout=True) from None
-        except ssl.SSLError as exc:
-            raise UpstreamError(f"TLS handshake with {origin} failed: {exc.reason}") from None
-        except OSError as exc:
-            raise UpstreamError(
-                f"Could not connect to {origin}: {exc.strerror or exc.__class__.__name__}"
-            ) from None
+        except BaseException as exc:
+            self._abandon(made)
+            if isinstance(exc, TimeoutError):
+                raise UpstreamError(
+                    f"Connecting to {origin} timed out", timeout=True, connect=True
+                ) from None
+            if isinstance(exc, ssl.SSLError):
+                raise UpstreamError(
+                    f"TLS handshake with {origin} failed: {exc.reason}", connect=True
+                ) from None
+            if isinstance(exc, OSError):
+                raise UpstreamError(
+                    f"Could not connect to {origin}: {exc.strerror or exc.__class__.__name__}",
+                    connect=True,
+                ) from None
+            raise
         self.connections_opened += 1
         return conn
+
+    def _abandon(self, made: list[UpstreamConnection]) -> None:
+        """A connect that failed or was cancelled gives its slot back once."""
+        if made and made[0].transport is not None and not made[0].lost:
+            made[0].close()  # its connection_lost gives the slot back
+        elif made and made[0].lost:
+            pass  # connection_lost already did
+        else:
+            for conn in made:
+                conn._on_closed = None
+            self._closed_one()
+
+    def _closed_one(self) -> None:
+        """A connection (or an attempt to open one) ended: its slot is free."""
+        self.open -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.pop(0)
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     def release(self, conn: UpstreamConnection) -> None:
         """Give back a connection whose last response completed."""
@@ -147,6 +247,8 @@ class UpstreamPool:
             and len(self._idle) < self.pool_size
         ):
             self._idle.append(conn)
+            if self._waiters:
+                self._wake()
         else:
             conn.close()
 
@@ -184,6 +286,8 @@ class UpstreamPools:
         pool_size: int,
         connect_timeout: float,
         read_timeout: float,
+        first_byte_timeout: float | None = None,
+        max_connections: int = 1 << 30,
     ) -> UpstreamPool:
         pool = self._pools.get(origin)
         if pool is None:
@@ -194,11 +298,17 @@ class UpstreamPools:
                 connect_timeout=connect_timeout,
                 read_timeout=read_timeout,
                 ssl_context=self._ssl_context() if origin.tls else None,
+                first_byte_timeout=first_byte_timeout,
+                max_connections=max_connections,
             )
             self._pools[origin] = pool
         else:
             pool.configure(
-                pool_size=pool_size, connect_timeout=connect_timeout, read_timeout=read_timeout
+                pool_size=pool_size,
+                connect_timeout=connect_timeout,
+                read_timeout=read_timeout,
+                first_byte_timeout=first_byte_timeout,
+                max_connections=max_connections,
             )
         return pool
 

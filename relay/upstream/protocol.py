@@ -10,6 +10,7 @@ a read timeout measures upstream silence only while it is not paused.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Protocol, cast
 
 import httptools
@@ -26,12 +27,16 @@ WRITE_LOW_WATER = 64 * 1024
 class UpstreamError(Exception):
     """Why an upstream exchange failed; ``timeout`` maps to 504, else 502."""
 
-    __slots__ = ("timeout", "reason")
+    __slots__ = ("timeout", "reason", "exhausted", "connect")
 
-    def __init__(self, reason: str, *, timeout: bool = False) -> None:
+    def __init__(
+        self, reason: str, *, timeout: bool = False, exhausted: bool = False, connect: bool = False
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.timeout = timeout
+        self.exhausted = exhausted  # no connection slot came free in time (503)
+        self.connect = connect  # the connection could not be opened
 
 
 class ResponseSink(Protocol):
@@ -57,10 +62,16 @@ class ResponseSink(Protocol):
 class UpstreamConnection(asyncio.Protocol):
     """A keep-alive connection to one upstream, one exchange at a time."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, read_timeout: float) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        read_timeout: float,
+        on_closed: Callable[[], None] | None = None,
+    ) -> None:
         # -- per connection --
         self._loop = loop
         self._read_timeout = read_timeout
+        self._on_closed = on_closed  # the pool's slot count
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self.lost = False
@@ -80,12 +91,24 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_done = False
         self._head_only = False
         self._received_any = False
+        self._head_deadline = 0.0
 
     # ------------------------------------------------------------------ #
     # exchange API (used by the pool's caller)
     # ------------------------------------------------------------------ #
-    def send(self, parts: list[bytes], sink: ResponseSink, *, head_only: bool = False) -> None:
-        """Write a request (one vectored write) and route its response to *sink*."""
+    def send(
+        self,
+        parts: list[bytes],
+        sink: ResponseSink,
+        *,
+        head_only: bool = False,
+        first_byte_timeout: float = 0.0,
+    ) -> None:
+        """Write a request (one vectored write) and route its response to *sink*.
+
+        *first_byte_timeout* (0: only the read timeout) bounds the wait for the
+        response head; it shares the read timeout's one timer.
+        """
         assert self.transport is not None and self._sink is None
         self.reusable = False
         self.exchanges += 1
@@ -97,9 +120,15 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_done = False
         self._head_only = head_only
         self._received_any = False
-        self._last_activity = self._loop.time()
+        now = self._last_activity = self._loop.time()
         self.transport.writelines(parts)
-        self._timer = self._loop.call_later(self._read_timeout, self._check_timeout)
+        delay = self._read_timeout
+        if 0.0 < first_byte_timeout < delay:
+            delay = first_byte_timeout
+            self._head_deadline = now + first_byte_timeout
+        else:
+            self._head_deadline = 0.0
+        self._timer = self._loop.call_later(delay, self._check_timeout)
 
     def __repr__(self) -> str:
         peer = self.transport.get_extra_info("peername") if self.transport is not None else None
@@ -178,6 +207,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.reusable = False
         self._cancel_timer()
         self._flow.lost_connection()
+        on_closed, self._on_closed = self._on_closed, None
+        if on_closed is not None:
+            on_closed()
         sink = self._sink
         if sink is None:
             return
@@ -262,7 +294,16 @@ class UpstreamConnection(asyncio.Protocol):
             # The client is slow, not the upstream.
             self._timer = self._loop.call_later(self._read_timeout, self._check_timeout)
             return
-        remaining = self._last_activity + self._read_timeout - now
+        head_deadline = self._head_deadline
+        if head_deadline and not self._head_done:
+            if now >= head_deadline:
+                self._fail(
+                    UpstreamError("Upstream sent no response head in time", timeout=True)
+                )
+                return
+            remaining = min(head_deadline, self._last_activity + self._read_timeout) - now
+        else:
+            remaining = self._last_activity + self._read_timeout - now
         if remaining > 0:
             self._timer = self._loop.call_later(remaining, self._check_timeout)
             return
