@@ -59,6 +59,7 @@ KINDS: Final = (
     "requests",              # a client request being served (its task running)
     "exchanges",             # an upstream exchange .. its outcome settled
     "upstream_connections",  # connected .. connection lost (pooled and in use)
+    "upstream_pools",        # created .. closed with every connection slot given back
     "redis_connections",     # created .. closed
     "tasks",                 # relay's background tasks (Runtime.spawn, usage sender, Redis probe)
     "flights",               # a coalesced miss's leader .. closed
@@ -72,6 +73,7 @@ BUFFERS: Final = (
     "client_held_bytes",            # response writes collected by hold()
     "client_write_buffer_bytes",    # in the client transports' write buffers
     "upstream_write_buffer_bytes",  # in the upstream transports' write buffers
+    "upstream_pool_waiters",        # requests waiting for a free connection slot
     "flight_bytes",                 # response chunks kept by coalesced flights
     "follower_pending_bytes",       # chunks followers have yet to relay
 )
@@ -228,8 +230,9 @@ def opens(kind: str) -> Callable[[F], F]:
     return decorate
 
 
-def closes(kind: str) -> Callable[[F], F]:
-    """The decorated method (plain or async) closes ``self`` as one *kind*."""
+def closes(kind: str, when: Callable[[Any], bool] | None = None) -> Callable[[F], F]:
+    """The decorated method (plain or async) closes ``self`` as one *kind*;
+    with *when*, only if ``when(self)`` holds after it."""
     _check(kind)
     if not ENABLED:
         return _unchanged
@@ -242,7 +245,8 @@ def closes(kind: str) -> Callable[[F], F]:
                 try:
                     return await method(self, *args, **kwargs)
                 finally:
-                    counters.close(kind, self)
+                    if when is None or when(self):
+                        counters.close(kind, self)
 
             return cast(F, counted_async)
 
@@ -251,7 +255,8 @@ def closes(kind: str) -> Callable[[F], F]:
             try:
                 return method(self, *args, **kwargs)
             finally:
-                counters.close(kind, self)
+                if when is None or when(self):
+                    counters.close(kind, self)
 
         return cast(F, counted)
 

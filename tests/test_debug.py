@@ -54,6 +54,9 @@ COUNTED = {
     ("relay.redisconn", "RedisConnection", "_probe_until_up"),
     ("relay.redisconn", "RedisConnection", "close"),
     ("relay.runtime", "Runtime", "spawn"),
+    ("relay.upstream.pool", "UpstreamPool", "__init__"),
+    ("relay.upstream.pool", "UpstreamPool", "_closed_one"),
+    ("relay.upstream.pool", "UpstreamPool", "close"),
     ("relay.upstream.protocol", "UpstreamConnection", "connection_lost"),
     ("relay.upstream.protocol", "UpstreamConnection", "connection_made"),
 }
@@ -248,6 +251,24 @@ def test_debug_counts_a_coalesced_flight_and_its_follower(
     follower.close()
 
 
+def test_debug_counts_a_request_waiting_for_a_connection_slot(
+    relay_factory: RelayFactory, fake_upstream: ThreadedFakeUpstream
+) -> None:
+    relay = relay_factory(fake_upstream.url, proxy={"max_connections": 1, "connect_timeout": 10})
+    busy = RawClient(relay.port, timeout=TIMEOUT)
+    busy.send(chat_request(headers={"x-fake-delay": "1.5"}))
+    wait_for(relay, lambda c: c["exchanges"] == 1, "the first request upstream")
+    parked = RawClient(relay.port, timeout=TIMEOUT)
+    parked.send(chat_request())
+    during = wait_for(relay, lambda c: c["upstream_pool_waiters"] == 1, "the second to wait")
+    assert during["requests"] == 2 and during["upstream_connections"] == 1
+    assert busy.response().status == 200 and parked.response().status == 200
+    after = wait_for(relay, lambda c: c["requests"] == 0, "both requests to end")
+    assert after["upstream_pool_waiters"] == 0 and after["upstream_connections"] == 1
+    busy.close()
+    parked.close()
+
+
 def test_debug_endpoint_shows_the_counts(
     relay_factory: RelayFactory, fake_upstream: ThreadedFakeUpstream
 ) -> None:
@@ -332,6 +353,28 @@ def test_leak_check_passes_once_the_connection_is_lost() -> None:
         check_released(timeout=0)
     finally:
         loop.close()
+
+
+def test_leak_check_fails_on_a_pool_slot_never_given_back(run: Callable[[Any], Any]) -> None:
+    """A closed pool is released only once every connection slot is back: a
+    slot lost on some path would leave a pool that ends up refusing (503)."""
+    from relay.upstream.pool import Origin, UpstreamPool
+
+    async def main() -> UpstreamPool:
+        pool = UpstreamPool(Origin.parse("http://127.0.0.1:9"), asyncio.get_running_loop(),
+                            pool_size=2, connect_timeout=1.0, read_timeout=1.0, ssl_context=None)
+        pool.open += 1  # as a connect that never gave its slot back would leave it
+        pool.close()
+        return pool
+
+    pool = run(main())
+    with pytest.raises(pytest.fail.Exception) as failed:
+        check_released(timeout=0.1)
+    assert "{'upstream_pools': 1}" in str(failed.value)
+    assert "<UpstreamPool http://127.0.0.1:9 open=1 idle=0 waiters=0 closed=True>" in str(failed.value)
+    debug.counters.open("upstream_pools", pool)
+    pool._closed_one()  # the slot comes back: the pool is released
+    check_released(timeout=0)
 
 
 def test_leak_check_fixture_fails_the_leaking_test(pytester: pytest.Pytester) -> None:
