@@ -582,7 +582,10 @@ class ProxyExchange:
     def _settle(self, outcome: int) -> None:
         if self.outcome < 0:
             self.outcome = outcome
-            self.done.set_result(outcome)
+            # Cancelled with its request's task (a drain that ran out of time)
+            # before the client connection's loss settles it here.
+            if not self.done.cancelled():
+                self.done.set_result(outcome)
 
     def body(self) -> bytes:
         """The recorded body (cache) or the kept JSON body (usage)."""

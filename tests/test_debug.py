@@ -214,10 +214,10 @@ def test_debug_counts_requests_exchanges_and_queued_while_in_flight(
     client.send(chat_request(headers={"x-fake-delay": "1.5"}) + chat_request())
     during = wait_for(
         relay,
-        lambda c: c["requests"] == 1 and c["client_queued_requests"] == 1,
-        "one request in flight and one queued",
+        lambda c: c["exchanges"] == 1 and c["client_queued_requests"] == 1,
+        "one request upstream and one queued",
     )
-    assert during["exchanges"] == 1 and during["upstream_connections"] == 1
+    assert during["requests"] == 1 and during["upstream_connections"] == 1
     assert during["client_connections"] == 1
 
     assert client.response().status == 200
@@ -547,3 +547,22 @@ def test_a_request_task_cut_by_the_drain_has_ended_when_it_returns(
         writer.close()
 
     run(main())
+
+
+def test_a_request_cut_by_the_drain_settles_without_an_error(
+    relay_factory: RelayFactory, fake_upstream: ThreadedFakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by the debug tests: a request still waiting for its upstream
+    when the drain's timeout ran out had its task cancelled (which cancels
+    the exchange's future) before its client connection was lost, and the
+    exchange then set a result on the cancelled future: an error in the
+    loop's connection_lost callback for every such request."""
+    relay = relay_factory(fake_upstream.url)  # shutdown_timeout: 1 s
+    client = RawClient(relay.port, timeout=TIMEOUT)
+    client.send(chat_request(headers={"x-fake-delay": "5"}))
+    wait_for(relay, lambda c: c["exchanges"] == 1, "the request upstream")
+    with caplog.at_level("ERROR"):
+        relay.stop()
+    client.wait_closed()
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+    assert debug.counters.settle(5.0) == {}
