@@ -197,9 +197,16 @@ class Accounting:
                 usage = dataclasses.replace(usage, model=model)
             cost = self._prices.cost(usage) if model else 0.0
             label = runtime.labels.label(model) if model else "other"
-            credential = request.credential
-            key_hash = runtime.key_hash(credential) if credential else ""
+            ticket = request.relay_key
+            if ticket is not None:
+                key_hash = ticket.name  # a virtual key is shown by its name
+            else:
+                credential = request.credential
+                key_hash = runtime.key_hash(credential) if credential else ""
             runtime.record_usage(label, key_hash, usage, cost, saved, self.metrics)
+        if request.relay_key is not None:
+            # The reservation is replaced by the exact usage; a hit costs nothing.
+            request.relay_key.settle(None if saved else usage, 0.0 if saved else cost)
         if runtime.request_log is not None:
             runtime.log_request(
                 request, upstream, status, elapsed, cache, model, usage, 0.0 if saved else cost

@@ -79,6 +79,11 @@ def _load(args: argparse.Namespace) -> tuple[Config, Config]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["keys"]:
+        from .keys.cli import main as keys_main
+
+        return keys_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.check_config:
         return check_config(args.config, os.environ)
@@ -90,6 +95,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except ValueError as exc:
         print(f"relay: --port/--workers: {exc}", file=sys.stderr)
+        return 2
+    from .keys.stores import check_store
+
+    store_problem = check_store(config)
+    if store_problem is not None:
+        print(f"relay: {store_problem}", file=sys.stderr)
         return 2
     _setup_logging(config.log.level)
     if config.server.workers == 1:

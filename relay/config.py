@@ -191,6 +191,42 @@ class UsageConfig:
     enabled: bool = True  # false: no token/cost accounting, no usage injection
 
 
+@dataclass(frozen=True, slots=True)
+class StaticKey:
+    """A virtual key declared in the file (``keys.static``); the file holds
+    only the SHA-256 of its secret."""
+
+    id: str
+    name: str
+    secret_sha256: str
+    budget_usd: float | None = None
+    budget_period: str | None = None
+    rpm: int | None = None
+    tpm: int | None = None
+    models: tuple[str, ...] | None = None
+    expires_at: float | None = None
+    metadata: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class KeysConfig:
+    enabled: bool = False  # true: every proxied request needs a relay key
+    store: str = "sqlite"  # sqlite | redis
+    path: str = "relay-keys.db"
+    admin_key: str = ""  # protects /relay/admin/*; "" = the admin API is off (404)
+    default_reserve_tokens: int = 4096
+    static: tuple[StaticKey, ...] = ()
+
+    def __repr__(self) -> str:
+        # The admin key never reaches a log line through repr(config).
+        admin = '"***"' if self.admin_key else '""'
+        return (
+            f"KeysConfig(enabled={self.enabled!r}, store={self.store!r}, path={self.path!r}, "
+            f"admin_key={admin}, default_reserve_tokens={self.default_reserve_tokens!r}, "
+            f"static=<{len(self.static)} keys>)"
+        )
+
+
 def _empty_models() -> Mapping[str, ModelPrice]:
     return types.MappingProxyType({})
 
@@ -209,6 +245,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     usage: UsageConfig = field(default_factory=UsageConfig)
+    keys: KeysConfig = field(default_factory=KeysConfig)
     source: str | None = None  # the file it came from; None = built-in defaults
 
 
@@ -329,6 +366,12 @@ def _one_of(*choices: str, aliases: Mapping[str, str] | None = None) -> Callable
 
 
 def _same(value: Any) -> Any:
+    return value
+
+
+def _non_empty(value: Any) -> Any:
+    if not value.strip():
+        raise _Invalid("must not be empty")
     return value
 
 
@@ -546,6 +589,13 @@ _SECTIONS: Mapping[str, Mapping[str, _Key]] = types.MappingProxyType(
         "usage": {
             "enabled": _Key("bool"),
         },
+        "keys": {
+            "enabled": _Key("bool"),
+            "store": _Key("str", _one_of("sqlite", "redis")),
+            "path": _Key("str", _non_empty),
+            "admin_key": _Key("str", secret=True),
+            "default_reserve_tokens": bounded("int", 0, MAX_COUNT),
+        },
     }
 )
 
@@ -561,12 +611,13 @@ _SECTION_TYPES: Mapping[str, type] = types.MappingProxyType(
         "log": LogConfig,
         "metrics": MetricsConfig,
         "usage": UsageConfig,
+        "keys": KeysConfig,
     }
 )
 
 _TOP_LEVEL = (
     "server", "proxy", "routes", "retries", "cache", "ratelimit", "circuit_breaker", "redis", "models", "log",
-    "metrics", "usage",
+    "metrics", "usage", "keys",
 )  # fmt: skip
 
 # Every scalar key's environment name, e.g. CIRCUIT_BREAKER_FAILURE_THRESHOLD.
@@ -783,6 +834,8 @@ def _check_sections(
         for raw_key, value in body.items():
             # YAML 1.1 reads a bare `on:` key as the boolean true.
             key = "on" if raw_key is True else str(raw_key)
+            if name == "keys" and key == "static":
+                continue  # a list: checked by _check_static_keys
             spec = keys.get(key)
             if spec is None:
                 if name == "server" and key == "host":
@@ -1158,6 +1211,53 @@ def _check_models(raw: Any, file: str, problems: list[Problem]) -> dict[str, Mod
     return models
 
 
+def _check_static_keys(raw: Any, file: str, problems: list[Problem]) -> tuple[StaticKey, ...]:
+    """``keys.static``: the same fields as the admin API, plus id and secret_sha256."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        problems.append(Problem(file, "keys.static", f"must be a list of keys, got {_describe(raw)}"))
+        return ()
+    from relay.keys.model import SETTABLE, KeyError_, parse_fields
+
+    allowed = ("id", "secret_sha256", *SETTABLE)
+    out: list[StaticKey] = []
+    seen: set[str] = set()
+    for index, item in enumerate(raw):
+        where = f"keys.static[{index}]"
+        if isinstance(item, dict) and "expires_at" in item and not isinstance(item["expires_at"], str):
+            # YAML reads an unquoted timestamp as a datetime; take it as written.
+            value = item["expires_at"]
+            if hasattr(value, "isoformat"):
+                item = {**item, "expires_at": value.isoformat()}
+        try:
+            fields = parse_fields(item, creating=True, allowed=allowed)
+        except KeyError_ as exc:
+            problems.append(Problem(file, f"{where}.{exc.field}" if exc.field != "body" else where,
+                                    exc.reason))
+            continue
+        missing = [k for k in ("id", "secret_sha256") if k not in fields]
+        for key in missing:
+            problems.append(Problem(file, f"{where}.{key}", "missing"))
+        if missing:
+            continue
+        if fields["id"] in seen:
+            problems.append(Problem(file, f"{where}.id", f"duplicate id {fields['id']!r}"))
+            continue
+        seen.add(fields["id"])
+        metadata = fields.pop("metadata", {}) or {}
+        out.append(StaticKey(metadata=tuple(sorted(metadata.items())), **fields))
+    return tuple(out)
+
+
+def _check_keys_store(values: dict[str, dict[str, Any]], file: str, problems: list[Problem]) -> None:
+    keys = values["keys"]
+    if keys.get("store") == "redis" and not values["redis"].get("enabled", False):
+        problems.append(
+            Problem(file, "keys.store", "redis needs redis.enabled: true (or use store: sqlite)")
+        )
+
+
 def _apply_env(
     env: Mapping[str, str], values: dict[str, dict[str, Any]], problems: list[Problem]
 ) -> None:
@@ -1229,11 +1329,19 @@ def load_config(path: str | None, env: Mapping[str, str] | None = None) -> Confi
     values, raw_routes, raw_models = _check_sections(document, file, problems)
     routes = _check_routes(raw_routes, file, problems, env)
     models = _check_models(raw_models, file, problems)
+    raw_keys = document.get("keys") if isinstance(document, dict) else None
+    static = _check_static_keys(
+        raw_keys.get("static") if isinstance(raw_keys, dict) else None, file, problems
+    )
     _apply_env(env, values, problems)
+    _check_keys_store(values, file, problems)
     _check_combinations(values, file, problems)
     if problems:
         raise ConfigError(problems)
-    return _build(values, routes, models, path)
+    config = _build(values, routes, models, path)
+    if static:
+        config = dataclasses.replace(config, keys=dataclasses.replace(config.keys, static=static))
+    return config
 
 
 def resolve_config_path(cli_path: str | None, env: Mapping[str, str]) -> str | None:

@@ -11,8 +11,9 @@ functions so that importing relay.metrics decides nothing.
 Label values are bounded by construction: ``route`` is the matched route's
 target host or ``default``; ``upstream`` a configured upstream host[:port];
 ``model`` comes from :class:`relay.cost.ModelLabels`; ``key_type`` is
-``api_key``, ``ip`` or ``global``; ``method``/``status`` are what the HTTP
-parser accepts. Never a key, a prompt or a client-chosen string.
+``api_key``, ``ip`` or ``global``; ``key`` a virtual key's name (set by
+its admin, ``unknown`` for a secret that matched no key); ``method``/``status``
+are what the HTTP parser accepts. Never a key, a prompt or a client-chosen string.
 
 ``relay_circuit_breaker_state`` uses ``multiprocess_mode="livemax"``: each
 worker has its own breaker, and the worst state among the live workers is
@@ -220,6 +221,21 @@ class Metrics:
             "Config file edits refused as invalid (the last good config stays).",
             registry=r,
         )
+        self.key_spend_usd = Counter(
+            "relay_key_spend_usd_total",
+            "Upstream cost in USD charged to each virtual key, by key name.",
+            ("key",),
+            registry=r,
+        )
+        self.key_rejected = Counter(
+            "relay_key_rejected_total",
+            "Requests refused by virtual-key admission, by key name and reason "
+            "(invalid|model|budget|rpm|tpm; key=unknown for invalid).",
+            ("key", "reason"),
+            registry=r,
+        )
+        self._key_spend = _Children(self.key_spend_usd)
+        self._key_rejected = _Children(self.key_rejected)
         self._requests = _Children(self.requests)
         self._duration = _Children(self.request_duration)
         self._upstream = _Children(self.upstream_latency)
@@ -271,6 +287,13 @@ class Metrics:
 
     def set_breaker_state(self, upstream: str, state: int) -> None:
         self._breaker.get((upstream,)).set(state)
+
+    def key_spend(self, key: str, cost_usd: float) -> None:
+        """Cost charged to a virtual key (``key`` is its name, never its secret)."""
+        self._key_spend.get((key,)).inc(cost_usd)
+
+    def key_reject(self, key: str, reason: str) -> None:
+        self._key_rejected.get((key, reason)).inc()
 
     # -- exposition -------------------------------------------------------
     def render(self) -> tuple[bytes, str]:
@@ -333,4 +356,10 @@ class RequestMetricsOff:
         pass
 
     def ratelimit_reject(self, key_type: str) -> None:
+        pass
+
+    def key_spend(self, key: str, cost_usd: float) -> None:
+        pass
+
+    def key_reject(self, key: str, reason: str) -> None:
         pass

@@ -30,6 +30,8 @@ from .exchange import ACCEPT_IDENTITY, Outcome, ProxyExchange, stream_cut_event
 from .http import errors
 from .http.protocol import ClientConnection
 from .http.request import Request
+from .keys.admin import ADMIN_PREFIX, AdminAPI
+from .keys.admission import Admission
 from .metrics import NO_COUNT as _NO_COUNT
 from .runtime import Runtime, Upstream
 from .upstream.balance import Balancer
@@ -218,6 +220,7 @@ class Pipeline:
         self._metrics = accounting.metrics
         self._usage_on = accounting.enabled
         self._own = own_endpoints(self)
+        self._admission, self._admin = _keys_hooks(config, runtime, accounting)
 
     # ------------------------------------------------------------------ #
     # entry point
@@ -227,6 +230,25 @@ class Pipeline:
         if own is not None:
             await own(request, client)
             return
+        if request.path.startswith(ADMIN_PREFIX):
+            await self._admin.handle(request, client)
+            return
+        admission = self._admission
+        if admission is not None:
+            # Virtual keys: admitted (and reserved) before rate limit and cache.
+            ticket = await admission.admit(request)
+            if isinstance(ticket, errors.GatewayError):
+                self._reject(request, client, self._route(request).upstream, ticket, [_BYPASS])
+                return
+            request.relay_key = ticket
+            try:
+                await self._proxy(request, client)
+            finally:
+                ticket.release()  # unless settled: nothing was sent upstream
+            return
+        await self._proxy(request, client)
+
+    async def _proxy(self, request: Request, client: ClientConnection) -> None:
         route = self._route(request)
         upstream = route.upstream
         extra: list[bytes] = []
@@ -267,7 +289,11 @@ class Pipeline:
                 request.body,
                 # The raw credential only feeds the SHA-256 of the key and is
                 # never stored: a short hash here could be collided with.
-                b"" if self._cache_global else (request.credential or b""),
+                # A virtual key's caller is its id (stable across rotations).
+                b"" if self._cache_global else (
+                    request.relay_key.identity if request.relay_key is not None
+                    else request.credential or b""
+                ),
                 request.varying_key(),
             )
             if not no_cache:
@@ -906,6 +932,19 @@ class Pipeline:
         """Per-target breaker, load and latency, for relay's own JSON endpoints."""
         now = time.monotonic()
         return [u.snapshot(now) for u in self.upstreams()]
+
+
+def _keys_hooks(
+    config: Config, runtime: Runtime, accounting: Accounting
+) -> tuple[Admission | None, AdminAPI]:
+    """Virtual-key admission (when keys.enabled) and the admin API."""
+    keys = runtime.keys()
+    admission = None
+    if keys is not None and config.keys.enabled:
+        admission = Admission(
+            keys[0], runtime.prices(config), config.keys.default_reserve_tokens, accounting.metrics
+        )
+    return admission, AdminAPI(config.keys.admin_key, keys[1] if keys is not None else None)
 
 
 def _content_type(headers: tuple[tuple[bytes, bytes], ...]) -> bytes | None:

@@ -124,6 +124,9 @@ class Runtime:
         # Read once: the launcher sets it before any worker starts.
         self._shared_dir = multiprocess_dir()
         self._key_hashes: dict[bytes, str] = {}
+        # Virtual keys: (store settings, service, manager), static keys applied.
+        self._keys: tuple[tuple[Any, ...], Any, Any] | None = None
+        self._static_keys: tuple[Any, ...] | None = None
         self.draining = False
 
     # ------------------------------------------------------------------ #
@@ -144,7 +147,9 @@ class Runtime:
         before = (self.redis, self._redis_settings, self._shared_usage, self._cache,
                   self._limiter, self._prices, dict(self._breakers))  # fmt: skip
         replaced = self._stage_redis(config)
+        keys_staged: tuple[bool, Any] = (False, None)
         try:
+            keys_staged = self._stage_keys(config)
             # Cheap objects that refuse settings they cannot hold; built
             # before any pool is reconfigured by build().
             cb = config.circuit_breaker
@@ -156,6 +161,7 @@ class Runtime:
             self.prices(config)
             built = build()
         except BaseException:
+            self._unstage_keys(keys_staged)
             staged, staged_usage = self.redis, self._shared_usage
             (self.redis, self._redis_settings, self._shared_usage, self._cache,
              self._limiter, self._prices, self._breakers) = before  # fmt: skip
@@ -182,7 +188,48 @@ class Runtime:
         if before[5] is None or before[5][0] != config.models:
             # Keep the labels already given out: the bound is per process.
             self.labels.reserve(config.models)
+        if keys_staged[0]:
+            old_keys = keys_staged[1]
+            if old_keys is not None:
+                self.loop.call_later(5.0, self.spawn, old_keys[1].close())
+        self._apply_static_keys(config, keys_staged[0])
         return built
+
+    def _stage_keys(self, config: Config) -> tuple[bool, Any]:
+        """Open the key store *config* names (before the pipeline is built);
+        ``(replaced, previous entry)``."""
+        k = config.keys
+        if not (k.enabled or k.admin_key or k.static):
+            return False, None
+        settings = (k.store, k.path, self.redis if k.store == "redis" else None)
+        if self._keys is not None and self._keys[0] == settings:
+            return False, None
+        from .keys.manage import KeyManager
+        from .keys.service import KeyService
+        from .keys.stores import open_store
+
+        store = open_store(k, self.redis)  # KeyStoreError names the file
+        service = KeyService(store, self.loop)
+        previous, self._keys = self._keys, (settings, service, KeyManager(store, service))
+        return True, previous
+
+    def _unstage_keys(self, staged: tuple[bool, Any]) -> None:
+        replaced, previous = staged
+        if replaced and self._keys is not None:
+            self.spawn(self._keys[1].close())
+            self._keys = previous
+
+    def _apply_static_keys(self, config: Config, new_store: bool) -> None:
+        k = config.keys
+        if self._keys is not None and (new_store or k.static != self._static_keys):
+            from .keys.stores import static_records
+
+            self._static_keys = k.static
+            self.spawn(self._keys[2].apply_static(static_records(k)))
+
+    def keys(self) -> tuple[Any, Any] | None:
+        """(KeyService, KeyManager) of the configured key store, if any."""
+        return None if self._keys is None else (self._keys[1], self._keys[2])
 
     def _close_retired(self, conn: RedisConnection) -> None:
         if conn in self._retired:
@@ -379,6 +426,7 @@ class Runtime:
         if logger is None:
             return
         credential = request.credential
+        ticket = request.relay_key
         logger.log(
             method=request.method,
             path=request.path,
@@ -390,7 +438,9 @@ class Runtime:
             cache=cache,
             latency_ms=seconds * 1000.0,
             upstream=upstream.label,
-            key=self.key_hash(credential) if credential else None,
+            key=ticket.name if ticket is not None else (
+                self.key_hash(credential) if credential else None
+            ),
         )
 
     def not_ready_reason(self, pipeline: Pipeline) -> str | None:
@@ -473,6 +523,8 @@ class Runtime:
             await shared.flush()  # bounded by redis.timeout per batch
             shared.close()
         self._write_usage_file()  # the last totals of this worker stay counted
+        if self._keys is not None:
+            await self._keys[1].close()  # settlements on their way land first
         self.estimator.close()
         self.pools.close()
         if self.request_log is not None:

@@ -629,7 +629,7 @@ def test_example_file_loads_and_equals_defaults_except_examples() -> None:
 
 def test_example_file_documents_every_key_and_only_real_keys() -> None:
     document = yaml.safe_load(EXAMPLE.read_text())
-    assert _example_keys(document) == set(known_keys()) | {"routes", "models"}
+    assert _example_keys(document) == set(known_keys()) | {"routes", "models", "keys.static"}
     # Every scalar key carries a comment on its line.
     for line in EXAMPLE.read_text().splitlines():
         if line.startswith("  ") and not line.lstrip().startswith(("#", "-", "target:")):

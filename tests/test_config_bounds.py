@@ -152,6 +152,7 @@ EDGES: dict[str, tuple[Any, Any]] = {
     "circuit_breaker.recovery_timeout": (1e-9, MAX_SECONDS),
     "redis.db": (0, MAX_COUNT),
     "redis.timeout": (1e-9, MAX_SECONDS),
+    "keys.default_reserve_tokens": (0, MAX_COUNT),
 }
 
 
@@ -159,7 +160,8 @@ def test_every_numeric_key_has_its_edges_listed() -> None:
     numeric = {
         k for k in known_keys()
         if k.split(".")[1] not in ("enabled", "port", "target", "scope", "key", "address",
-                                   "password", "level", "requests", "api_key", "auth", "on")
+                                   "password", "level", "requests", "api_key", "auth", "on",
+                                   "store", "path", "admin_key")
     }  # fmt: skip
     assert numeric == set(EDGES)
 

@@ -887,6 +887,7 @@ def test_dashboard_shape() -> None:
         "relay_upstream_latency_seconds_bucket", "sum by (model, kind) (rate(relay_tokens_total",
         "relay_cost_usd_total", "relay_cost_saved_usd_total", "relay_ratelimit_rejected_total",
         "relay_circuit_breaker_state",
+        "sum by (key) (increase(relay_key_spend_usd_total", "sum by (reason) (rate(relay_key_rejected_total",
     ):
         assert needle in joined, needle
 

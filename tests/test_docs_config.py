@@ -121,7 +121,7 @@ def test_docs_agree_with_relay_config() -> None:
     finally:
         sys.path.remove(str(REPO))
     docs = documented_keys()
-    scalars = {k: v for k, v in docs.items() if not k.startswith(("routes", "models"))}
+    scalars = {k: v for k, v in docs.items() if not k.startswith(("routes", "models", "keys.static"))}
     assert set(scalars) == set(rc.known_keys())
     env_names = {f"{s}.{k}": name for name, (s, k) in rc.ENV_KEYS.items()}
     defaults = rc.load_config(None, env={})
@@ -146,6 +146,7 @@ def test_docs_agree_with_relay_config() -> None:
     assert rc.RESTART_KEYS <= set(scalars) | {"server.host"}
     assert defaults.routes == () and len(defaults.models) == 0
     assert docs["routes"].default == "[]" and docs["models"].default == "{}"
+    assert docs["keys.static"].default == "[]" and defaults.keys.static == ()
 
 
 # A value other than the default for each scalar key, as an environment string.
@@ -159,6 +160,9 @@ ENV_SAMPLES = {
     "proxy.api_key": "sk-not-the-default",
     "proxy.auth": "x-api-key",
     "log.level": "debug",
+    "keys.store": "sqlite",  # redis would also need redis.enabled
+    "keys.path": "other-keys.db",
+    "keys.admin_key": "not-the-default",
 }
 
 
@@ -171,7 +175,7 @@ def test_documented_environment_names_override_the_file(tmp_path: Path) -> None:
         sys.path.remove(str(REPO))
     defaults = rc.load_config(None, env={})
     for key, row in documented_keys().items():
-        if row.env in {"–", "-", ""}:
+        if row.env in {"–", "-", ""} or key == "keys.static":
             continue
         section, name = key.split(".")
         if key == "server.port":
@@ -593,7 +597,28 @@ def exercise_debug_mode(text: str, tmp_path: Path) -> None:
     assert "debug: every connection, request, task and buffer was released" in server.stderr()
 
 
+# -- keys.md ------------------------------------------------------------------
+
+KEYS_CREATE = ("python -m relay keys create --name billing-app --budget-usd 20 --budget-period monthly "
+               "--rpm 60 --models 'gpt-4o*'")
+
+
+def exercise_keys_create(text: str, tmp_path: Path) -> None:
+    """Without a config file the CLI uses the default SQLite store in the
+    current directory; the printed key carries its secret once."""
+    out = run_block(text, tmp_path, timeout=60)
+    assert out.returncode == 0, out.stderr
+    key = json.loads(out.stdout)
+    assert key["secret"].startswith("rk-") and key["name"] == "billing-app"
+    assert key["budget_usd"] == 20 and key["rpm"] == 60 and key["models"] == ["gpt-4o*"]
+    assert (tmp_path / "relay-keys.db").exists()
+    listed = run_block("python -m relay keys list", tmp_path, timeout=60)
+    assert listed.returncode == 0 and key["secret"] not in listed.stdout
+    assert [k["id"] for k in json.loads(listed.stdout)] == [key["id"]]
+
+
 EXERCISED: dict[str, tuple[str, Callable[..., None]]] = {
+    KEYS_CREATE: ("plain", exercise_keys_create),
     normalize(BENCHMARK_RUNS): ("plain", exercise_benchmark_commands),
     CHECK_EXAMPLE: ("plain", exercise_check_config),
     CHECK_WITH_ENV: ("plain", exercise_check_config),

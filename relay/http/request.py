@@ -46,6 +46,7 @@ class Request:
         "credential_headers",
         "varying",
         "started",
+        "relay_key",
         "_json",
         "_facts",
     )
@@ -83,6 +84,8 @@ class Request:
         # key sets credential_headers to b"" so it is never forwarded.
         self.forward_headers = b""
         self.credential_headers = b""
+        # The admitted virtual key (relay.keys.admission.KeyTicket), if any.
+        self.relay_key: Any = None
         # "name:value" of each VARYING_HEADERS header, picked out while parsing.
         self.varying: list[bytes] | None = None
         self._json: Any = _UNPARSED

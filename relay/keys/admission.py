@@ -1,0 +1,245 @@
+"""Admission of a proxied request by its relay key, and the settle at its end.
+
+Per request, when ``keys.enabled``::
+
+    secret (Authorization: Bearer rk-... | x-api-key: rk-...)
+      -> record from the process cache (401 invalid_api_key: missing,
+         unknown, revoked, expired)
+      -> model globs (403 model_not_allowed)
+      -> reserve estimated prompt tokens + max output tokens and their cost
+         (403 budget_exceeded; 429 over rpm/tpm with Retry-After and
+         OpenAI's x-ratelimit-* headers)
+      -> the client's credential headers (the relay key) are dropped from
+         what goes upstream
+
+At the end :meth:`KeyTicket.settle` replaces the reservation with the
+exact usage (a cache hit: nothing); :meth:`KeyTicket.release` gives back a
+reservation that was never used (the client left before the send).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from typing import TYPE_CHECKING
+
+from relay.cost import PriceTable, price_cost
+from relay.http import errors
+from relay.usage import Usage, request_text_for_estimate
+
+from .model import KeyRecord, period_start
+from .service import Allowance, KeyService
+from .store import Reservation, ReserveResult
+
+if TYPE_CHECKING:
+    from relay.http.request import Request
+    from relay.metrics import Metrics, RequestMetricsOff
+
+__all__ = ["Admission", "KeyTicket"]
+
+_PREFIX = b"rk-"
+_EMBEDDINGS = b"/embeddings"
+_HASH_MEMO_MAX = 4096
+_WHOLE_BODY_ESTIMATE = 16384
+
+
+def _invalid(message: str) -> errors.GatewayError:
+    return errors.GatewayError(401, message, "invalid_request_error", "invalid_api_key")
+
+
+def reset_text(seconds: float) -> str:
+    """A duration the way OpenAI writes x-ratelimit-reset-*: 20ms, 1s, 6m0s."""
+    if seconds <= 0:
+        return "0s"
+    if seconds < 1:
+        return f"{math.ceil(seconds * 1000)}ms"
+    minutes, rest = divmod(seconds, 60.0)
+    rest_text = f"{round(rest, 3):g}s"
+    return f"{int(minutes)}m{rest_text}" if minutes else rest_text
+
+
+class KeyTicket:
+    """One admitted request's key and reservation, settled exactly once."""
+
+    __slots__ = ("record", "allowance", "local", "settled", "identity", "_admission")
+
+    def __init__(
+        self,
+        admission: Admission,
+        record: KeyRecord,
+        allowance: Allowance | None,
+        local: Reservation | None,
+    ) -> None:
+        self._admission = admission
+        self.record = record
+        self.allowance = allowance  # the process allowance it was drawn from
+        self.local = local  # what was held locally while the store was away
+        self.settled = False
+        # The caller identity for the cache scope and rate limits: the key's
+        # id (stable across rotations), never the secret.
+        self.identity = b"relay-key:" + record.id.encode()
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+    def settle(self, usage: Usage | None, cost: float) -> None:
+        """Replace the reservation with what the request really used."""
+        if self.settled:
+            return
+        self.settled = True
+        self._admission.settle(self, usage, cost)
+
+    def release(self) -> None:
+        """Give the reservation back unused (nothing was sent upstream)."""
+        self.settle(None, 0.0)
+
+
+class Admission:
+    """Key checks and reservations for one config generation."""
+
+    def __init__(
+        self,
+        service: KeyService,
+        prices: PriceTable,
+        default_reserve_tokens: int,
+        metrics: Metrics | RequestMetricsOff,
+    ) -> None:
+        self.service = service
+        self._prices = prices
+        self._default_reserve = default_reserve_tokens
+        self._metrics = metrics
+        self._hashes: dict[bytes, str] = {}
+        service.start()
+
+    def _hash(self, secret: bytes) -> str:
+        known = self._hashes.get(secret)
+        if known is None:
+            if len(self._hashes) >= _HASH_MEMO_MAX:
+                self._hashes.clear()
+            known = self._hashes[secret] = hashlib.sha256(secret).hexdigest()
+        return known
+
+    def _reject(self, record: KeyRecord | None, reason: str, error: errors.GatewayError) -> errors.GatewayError:
+        self._metrics.key_reject(record.name if record is not None else "unknown", reason)
+        return error
+
+    async def admit(self, request: Request) -> KeyTicket | errors.GatewayError:
+        """A ticket for an admitted request, else the error to answer with."""
+        secret = request.credential
+        if not secret or not secret.startswith(_PREFIX):
+            return self._reject(None, "invalid", _invalid(
+                "Missing relay key: send it as 'Authorization: Bearer rk-...' or 'x-api-key: rk-...'"
+            ))
+        sha = self._hash(secret)
+        service = self.service
+        record = service.cached(sha) or await service.lookup(sha)
+        now = time.time()
+        if record is None or record.revoked or (
+            record.expires_at is not None and record.expires_at <= now
+        ):
+            why = "revoked" if record is not None and record.revoked else (
+                "expired" if record is not None else "unknown"
+            )
+            return self._reject(None, "invalid", _invalid(f"Invalid relay key ({why})"))
+        model: str | None = None
+        if record.models is not None or record.budget_usd is not None or record.tpm is not None:
+            # From the body's facts scan (what json.loads would give, without
+            # decoding the rest of the body).
+            model = request.model()
+            if not record.model_allowed(model):
+                return self._reject(record, "model", errors.GatewayError(
+                    403,
+                    f"Model {model!r} is not allowed for relay key {record.name!r}",
+                    "permission_error",
+                    "model_not_allowed",
+                ))
+        allowance = local = None
+        if record.budget_usd is not None or record.rpm is not None or record.tpm is not None:
+            tokens, cost = self._estimate(request, model)
+            period = period_start(record.budget_period, now) if record.budget_period else 0
+            refusal, allowance, local = await service.reserve(record, tokens, cost, period)
+            if refusal is not None:
+                return self._refusal(record, refusal)
+        # The relay key is consumed here: the client's credential headers
+        # never go upstream (the upstream's own key, if any, is sent instead).
+        request.credential_headers = b""
+        return KeyTicket(self, record, allowance, local)
+
+    def _estimate(self, request: Request, model: str | None) -> tuple[int, float]:
+        """Prompt tokens (a generous byte-based estimate) plus the most output
+        the request allows, and what they would cost."""
+        output = 0
+        if not request.path.endswith(_EMBEDDINGS):
+            output = self._default_reserve
+            facts = request.facts()
+            # The first limit given, in this order (Chat's newer name, the
+            # Responses API's, then max_tokens of Chat and Anthropic).
+            for value in (facts.max_completion_tokens, facts.max_output_tokens, facts.max_tokens):
+                if value is not None and value >= 0:
+                    output = value
+                    break
+        body = request.body
+        # About three bytes per token is more than tokenizers use for
+        # ordinary text, so the reservation rarely falls short; the exact
+        # usage replaces it at the end anyway. A small body is measured
+        # whole (JSON syntax included: an overestimate, at no cost); a large
+        # one by its text only, so images and files do not count.
+        if len(body) <= _WHOLE_BODY_ESTIMATE:
+            size = len(body)
+        else:
+            size = len(request_text_for_estimate(body, request.json()).encode("utf-8", "replace"))
+        prompt = (size + 2) // 3 + 8 if size else 0
+        cost = 0.0
+        if model:
+            price = self._prices.lookup(model)
+            if price is not None:
+                cost = price_cost(price, prompt, output)
+        return prompt + output, cost
+
+    def _refusal(self, record: KeyRecord, result: ReserveResult) -> errors.GatewayError:
+        reason = result.reason or "budget"
+        if reason == "budget":
+            period = record.budget_period or "lifetime"
+            return self._reject(record, "budget", errors.GatewayError(
+                403,
+                f"Budget of relay key {record.name!r} is spent "
+                f"(${record.budget_usd:g} per {period} period)",
+                "insufficient_quota",
+                "budget_exceeded",
+            ))
+        headers: list[tuple[bytes, bytes]] = [
+            (b"Retry-After", b"%d" % max(1, math.ceil(result.retry_after)))
+        ]
+        if record.rpm is not None:
+            headers.append((b"x-ratelimit-limit-requests", b"%d" % record.rpm))
+            headers.append((b"x-ratelimit-remaining-requests", b"%d" % max(0, result.rpm_remaining)))
+            headers.append((b"x-ratelimit-reset-requests", reset_text(result.rpm_reset).encode()))
+        if record.tpm is not None:
+            headers.append((b"x-ratelimit-limit-tokens", b"%d" % record.tpm))
+            headers.append((b"x-ratelimit-remaining-tokens", b"%d" % max(0, result.tpm_remaining)))
+            headers.append((b"x-ratelimit-reset-tokens", reset_text(result.tpm_reset).encode()))
+        limit = "requests" if reason == "rpm" else "tokens"
+        return self._reject(record, reason, errors.GatewayError(
+            429,
+            f"Rate limit of relay key {record.name!r} reached ({limit} per minute): "
+            "retry after the time in Retry-After",
+            "rate_limit_error",
+            "rate_limit_exceeded",
+            headers=tuple(headers),
+        ))
+
+    def settle(self, ticket: KeyTicket, usage: Usage | None, cost: float) -> None:
+        record = ticket.record
+        if cost:
+            self._metrics.key_spend(record.name, cost)
+        self.service.settle(
+            record,
+            ticket.allowance,
+            ticket.local,
+            cost,
+            usage.prompt_tokens if usage is not None else 0,
+            usage.completion_tokens if usage is not None else 0,
+            period_start(record.budget_period, time.time()) if record.budget_period else 0,
+        )
