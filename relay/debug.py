@@ -61,7 +61,9 @@ KINDS: Final = (
     "upstream_connections",  # connected .. connection lost (pooled and in use)
     "upstream_pools",        # created .. closed with every connection slot given back
     "redis_connections",     # created .. closed
-    "tasks",                 # relay's background tasks (Runtime.spawn, usage sender, Redis probe)
+    "key_services",          # virtual keys: a service and its store, created .. closed
+    "tasks",                 # relay's background tasks (Runtime.spawn, usage sender,
+                             # Redis probe, key service tasks and refresher)
     "flights",               # a coalesced miss's leader .. closed
     "followers",             # a coalesced follower .. closed
 )

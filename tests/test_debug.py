@@ -47,6 +47,10 @@ COUNTED = {
     ("relay.exchange", "ProxyExchange", "__init__"),
     ("relay.exchange", "ProxyExchange", "_settle"),
     ("relay.http.protocol", "ClientConnection", "_serve"),
+    ("relay.keys.service", "KeyService", "__init__"),
+    ("relay.keys.service", "KeyService", "_refresh_loop"),
+    ("relay.keys.service", "KeyService", "_spawn"),
+    ("relay.keys.service", "KeyService", "close"),
     ("relay.http.protocol", "ClientConnection", "connection_lost"),
     ("relay.http.protocol", "ClientConnection", "connection_made"),
     ("relay.ledger", "SharedUsage", "_send_all"),
@@ -408,6 +412,7 @@ _WRAPPED_PROBE = """
 import importlib, json, sys
 from relay import debug
 import relay.app  # imports every counted module
+import relay.keys.service  # imported when keys are configured
 from relay.endpoints import own_endpoints
 
 class Pipeline:
@@ -565,4 +570,30 @@ def test_a_request_cut_by_the_drain_settles_without_an_error(
         relay.stop()
     client.wait_closed()
     assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+    assert debug.counters.settle(5.0) == {}
+
+
+def test_a_key_store_replaced_by_a_reload_is_closed_by_the_stop(
+    fake_upstream: ThreadedFakeUpstream, tmp_path: Any
+) -> None:
+    """Found by the debug counts: a reload to another key store closed the
+    previous key service 5 s later on a timer; a stop within those 5 s left
+    it (its SQLite thread and connection) open and its close() coroutine
+    never awaited. The runtime's close now closes it too."""
+    from tests.support import make_config
+
+    def keys_at(name: str) -> Any:
+        return make_config(fake_upstream.url, circuit_breaker={"enabled": False},
+                           keys={"enabled": True, "store": "sqlite", "path": str(tmp_path / name)})
+
+    relay = RelayThread(keys_at("first.db"))
+    relay.start()
+    try:
+        assert relay.gateway is not None
+        gateway = relay.gateway
+        assert counts_on(relay)["key_services"] == 1
+        relay.call(lambda: gateway._reloaded(keys_at("second.db"), []))
+        assert counts_on(relay)["key_services"] == 2  # the replaced one closes later
+    finally:
+        relay.stop()
     assert debug.counters.settle(5.0) == {}
