@@ -132,12 +132,14 @@ def describe(config: Config, address: tuple[str, int], gateway: Gateway) -> str:
     targets = [config.proxy.target, *(t.url for r in config.routes for t in r.targets)]
     unique = list(dict.fromkeys(targets))
     backend = "redis" if config.redis.enabled else "memory"
+    # Which kind of Redis (never its password) when it is not one server.
+    topology = f"redis={config.redis.mode} " if backend == "redis" and config.redis.mode != "standalone" else ""
     return (
         f"relay listening on http://{shown}:{port} pid={os.getpid()} "
         f"target{'s' if len(unique) > 1 else ''}={','.join(unique)} "
         f"cache={backend if config.cache.enabled else 'off'} "
         f"ratelimit={backend if config.ratelimit.enabled else 'off'} "
-        f"extensions={_fast.IMPLEMENTATION}"
+        f"{topology}extensions={_fast.IMPLEMENTATION}"
     )
 
 

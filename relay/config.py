@@ -154,6 +154,12 @@ class RedisConfig:
     password: str = ""
     db: int = 0
     timeout: float = 0.25
+    # Topology: standalone uses `address`; sentinel asks the sentinels in
+    # `addresses` for the master named `master_name`; cluster discovers the
+    # nodes from the seeds in `addresses` (`address` when that is empty).
+    mode: str = "standalone"
+    addresses: tuple[str, ...] = ()
+    master_name: str = "mymaster"
 
     def __repr__(self) -> str:
         # Written by hand so the password never reaches a log line or a
@@ -161,8 +167,18 @@ class RedisConfig:
         password = '"***"' if self.password else '""'
         return (
             f"RedisConfig(enabled={self.enabled!r}, address={self.address!r}, "
-            f"password={password}, db={self.db!r}, timeout={self.timeout!r})"
+            f"password={password}, db={self.db!r}, timeout={self.timeout!r}, "
+            f"mode={self.mode!r}, addresses={self.addresses!r}, "
+            f"master_name={self.master_name!r})"
         )
+
+    @property
+    def seeds(self) -> tuple[str, ...]:
+        """The addresses relay connects to first: the sentinels, the cluster
+        seed nodes, or the one standalone server."""
+        if self.mode == "standalone":
+            return (self.address,)
+        return self.addresses or (self.address,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -482,6 +498,29 @@ def _host_port(value: Any) -> str:
     return str(value).strip()
 
 
+def _host_ports(value: Any) -> tuple[str, ...]:
+    """redis.addresses: a list of "host:port" (the environment: comma-separated)."""
+    items = [part for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+    addresses = []
+    for index, item in enumerate(items):
+        if not isinstance(item, str):
+            raise _Invalid(f'item {index} must be a "host:port" string, got {_describe(item)}')
+        try:
+            addresses.append(_host_port(item))
+        except _Invalid as exc:
+            raise _Invalid(f"item {index} {exc}") from None
+    if len(set(addresses)) != len(addresses):
+        raise _Invalid("lists an address twice")
+    return tuple(addresses)
+
+
+def _master_name(value: Any) -> str:
+    name = value.strip()
+    if not name or any(c.isspace() for c in name):
+        raise _Invalid(f"must be a name without spaces, got {_describe(value)}")
+    return str(name)
+
+
 # --------------------------------------------------------------------------
 # Schema: one entry per scalar key. `kind` decides which YAML types are
 # accepted and how an environment string is parsed; `check` validates.
@@ -573,6 +612,9 @@ _SECTIONS: Mapping[str, Mapping[str, _Key]] = types.MappingProxyType(
         "redis": {
             "enabled": _Key("bool"),
             "address": _Key("str", _host_port),
+            "mode": _Key("str", _one_of("standalone", "sentinel", "cluster")),
+            "addresses": _Key("list", _host_ports),
+            "master_name": _Key("str", _master_name),
             "password": _Key("str", secret=True),
             "db": bounded("int", 0, MAX_COUNT),
             "timeout": seconds(),
@@ -1292,6 +1334,24 @@ def _check_combinations(
         )
 
 
+def _check_redis_topology(
+    redis: dict[str, Any], file: str, problems: list[Problem]
+) -> None:
+    """Keys that are only valid together (after the environment is applied)."""
+    mode = redis.get("mode", "standalone")
+    if mode == "sentinel" and not redis.get("addresses"):
+        problems.append(
+            Problem(
+                file,
+                "redis.addresses",
+                'must list the sentinels ("host:port", usually port 26379) '
+                "when redis.mode is sentinel",
+            )
+        )
+    if mode == "cluster" and redis.get("db", 0) != 0:
+        problems.append(Problem(file, "redis.db", "must be 0 when redis.mode is cluster"))
+
+
 def _build(
     values: dict[str, dict[str, Any]],
     routes: tuple[Route, ...],
@@ -1336,6 +1396,7 @@ def load_config(path: str | None, env: Mapping[str, str] | None = None) -> Confi
     _apply_env(env, values, problems)
     _check_keys_store(values, file, problems)
     _check_combinations(values, file, problems)
+    _check_redis_topology(values["redis"], file, problems)
     if problems:
         raise ConfigError(problems)
     config = _build(values, routes, models, path)

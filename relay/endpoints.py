@@ -1,5 +1,6 @@
 """relay's own endpoints: ``/healthz``, ``/readyz``, ``/metrics``, ``/relay/usage``,
-and ``/relay/debug`` in debug mode only (see relay/debug.py).
+the status page ``/relay/`` and its live figures ``/relay/status``, and
+``/relay/debug`` in debug mode only (see relay/debug.py).
 
 They are answered by relay itself, never proxied, and not counted as
 proxied requests (a Prometheus scrape must not inflate the traffic it
@@ -8,6 +9,7 @@ measures).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -15,6 +17,8 @@ from typing import TYPE_CHECKING
 from . import debug
 from .http.protocol import ClientConnection
 from .http.request import Request
+from .ops.page import status_page
+from .ops.status import status_snapshot
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -55,7 +59,27 @@ def own_endpoints(pipeline: Pipeline) -> dict[bytes, Endpoint]:
         snapshot = await runtime.usage_snapshot()
         client.respond(200, (_JSON_TYPE,), json.dumps(snapshot, sort_keys=True).encode())
 
+    async def page(request: Request, client: ClientConnection) -> None:
+        shown = status_page()
+        client.respond(200, shown.headers, shown.body)
+
+    async def to_page(request: Request, client: ClientConnection) -> None:
+        client.respond(308, (b"Location: /relay/\r\n",), b"")
+
+    metrics_enabled = pipeline.config.metrics.enabled
+
+    async def status(request: Request, client: ClientConnection) -> None:
+        # Reads every worker's metric files: off the loop, like /metrics.
+        snapshot = await runtime.loop.run_in_executor(
+            None,
+            functools.partial(status_snapshot, runtime.metrics, metrics_enabled=metrics_enabled),
+        )
+        client.respond(200, (_JSON_TYPE,), json.dumps(snapshot).encode())
+
     endpoints: dict[bytes, Endpoint] = {
+        b"/relay": to_page,
+        b"/relay/": page,
+        b"/relay/status": status,
         b"/healthz": healthz,
         b"/readyz": readyz,
         b"/metrics": metrics,

@@ -251,6 +251,15 @@ class RedisUsageLedger:
         self.max_keys = max_keys
         self.keys = usage_keys(prefix)
         self._script = client.register_script(_load_script())
+        # The snapshot's reads are one MULTI/EXEC, except on a Redis Cluster
+        # (a client with a nodes_manager): redis-py's asyncio cluster client
+        # runs each command queued in a transaction through asyncio.run on a
+        # helper thread that the event loop waits for (and deadlocks on while
+        # the slot table is unknown). There they go as one plain pipeline to
+        # the node holding the {usage} slot; batches are written by the
+        # script alone either way, so a reader can at worst see the totals
+        # of one batch more than the rows read a moment earlier.
+        self._atomic = not hasattr(client, "nodes_manager")
         # For record(): this ledger as a writer of one-record batches.
         self._writer_id = uuid.uuid4().hex
         self._seq = 0
@@ -303,7 +312,7 @@ class RedisUsageLedger:
 
     async def snapshot(self) -> dict[str, Any]:
         k = self.keys
-        pipe = self._client.pipeline(transaction=True)
+        pipe = self._client.pipeline(transaction=self._atomic)
         pipe.get(k.since)
         pipe.hgetall(k.totals)
         pipe.hgetall(k.models)

@@ -17,6 +17,22 @@ A reply error (``ResponseError``: the server answered, e.g. OOM or a script
 error) counts and makes that call fall back, but does not mark the
 connection down: the server is reachable, and flapping on a bad key would
 help nobody. Those are logged at most once a minute.
+
+Topologies (``mode``), each with redis-py's own client, never a router of
+relay's making:
+
+- ``standalone``: one server at ``address``.
+- ``sentinel``: ``redis.asyncio.sentinel.Sentinel(addresses).master_for(
+  master_name)``. Every new socket asks the sentinels where the master is,
+  so after a failover the probe's PING reaches the promoted replica and
+  relay marks the connection up again; a demoted master's ``READONLY``
+  reply closes that socket (redis-py) and counts like any other failure.
+- ``cluster``: ``redis.asyncio.cluster.RedisCluster(startup_nodes=...)``
+  from the seed ``addresses``. redis-py follows ``MOVED`` (and updates its
+  slot table) and ``ASK`` (during a slot migration) inside one call, within
+  the same deadline; a node that fails makes it rediscover the topology
+  from the seeds. Scripts and transactions run unchanged as long as all of
+  their keys share one hash slot (relay's multi-key layouts use hash tags).
 """
 
 from __future__ import annotations
@@ -24,15 +40,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from functools import cache
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from . import debug
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+    from redis.asyncio.cluster import RedisCluster
 
-__all__ = ["RedisConnection", "RedisUnavailable", "parse_address"]
+__all__ = ["MODES", "RedisConnection", "RedisUnavailable", "parse_address"]
+
+MODES = ("standalone", "sentinel", "cluster")
 
 T = TypeVar("T")
 
@@ -42,6 +62,11 @@ DEFAULT_PORT = 6379
 # redis-py is imported with the first connection: a relay without Redis does
 # not pay its ~7 MB and 70 ms of import per worker.
 _REPLY_ERROR_LOG_INTERVAL = 60.0
+# Discovering a cluster's topology (CLUSTER SLOTS, then COMMAND) is a few
+# round trips and a large reply: the background probe and the start-up
+# check give it this long at least rather than the per-call deadline, which
+# a busy host could miss every time, so relay would never use the cluster.
+_DISCOVERY_TIMEOUT = 5.0
 
 
 class RedisUnavailable(Exception):
@@ -74,6 +99,22 @@ def _noop() -> None:
     return None
 
 
+@cache
+def _blocking_sentinel_pool() -> type:
+    """redis-py's Sentinel pool with the blocking pool's bounded queueing.
+
+    SentinelConnectionPool finds the master for each new socket; mixed with
+    BlockingConnectionPool a burst waits (within the deadline) for one of
+    ``max_connections`` sockets, as in standalone mode, instead of failing.
+    Built on first use: redis-py is imported with the first connection.
+    """
+    from redis.asyncio import BlockingConnectionPool
+    from redis.asyncio.sentinel import SentinelConnectionPool
+
+    bases = (SentinelConnectionPool, BlockingConnectionPool)
+    return type("BlockingSentinelConnectionPool", bases, {})
+
+
 class RedisConnection:
     """A ``redis.asyncio.Redis`` client plus an up/down health state.
 
@@ -93,47 +134,143 @@ class RedisConnection:
         on_error: Callable[[], None] | None = None,
         logger: logging.Logger | None = None,
         *,
+        mode: str = "standalone",
+        addresses: Sequence[str] = (),
+        master_name: str = "mymaster",
         max_connections: int = 16,
         probe_interval: float = 1.0,
     ) -> None:
         if timeout <= 0:
             raise ValueError("redis timeout must be positive")
-        from redis.asyncio import BlockingConnectionPool, Redis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-        from redis.exceptions import RedisError, ResponseError
+        if mode not in MODES:
+            raise ValueError(f"unknown redis mode {mode!r}; use one of {MODES}")
+        from redis.exceptions import (
+            ClusterDownError,
+            ClusterError,
+            MaxConnectionsError,
+            RedisClusterException,
+            RedisError,
+            ResponseError,
+            SlotNotCoveredError,
+        )
 
-        self._call_errors: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
-        self._reply_error: type[BaseException] = ResponseError
-        host, port = parse_address(address)
-        self.where = f"{host}:{port}"  # for logs: never carries the password
+        # RedisClusterException is not a RedisError: a cluster client raises
+        # it for slots nobody serves (SlotNotCoveredError) and for commands
+        # it refuses to route.
+        self._call_errors: tuple[type[BaseException], ...] = (
+            RedisError, RedisClusterException, OSError, TimeoutError,
+        )  # fmt: skip
+        # The server answered (or refused to route) but is reachable. A
+        # cluster's ClusterError ("TTL exhausted": 16 redirects without an
+        # answer) concerns one slot, typically one being migrated: redis-py
+        # 8.1's asyncio client sends ASKING on one pooled socket and the
+        # command on another, so the target answers MOVED and the source ASK
+        # again. Only that call falls back; the other slots keep using Redis.
+        self._reply_errors: tuple[type[BaseException], ...] = (
+            ResponseError, RedisClusterException, ClusterError,
+        )  # fmt: skip
+        # ...except these, which mean the data cannot be reached right now.
+        self._outage_replies: tuple[type[BaseException], ...] = (
+            ClusterDownError, SlotNotCoveredError,
+        )  # fmt: skip
+        # All of a cluster node's sockets busy: this call falls back, the
+        # node is fine.
+        self._busy_error: type[BaseException] = MaxConnectionsError
+        self.mode = mode
+        self.master_name = master_name
+        seeds = [address] if mode == "standalone" else list(addresses) or [address]
+        self._seeds = [parse_address(a) for a in seeds]
+        shown = ",".join(f"{h}:{p}" for h, p in self._seeds)
+        # For logs: never carries the password.
+        self.where = {
+            "standalone": shown,
+            "sentinel": f"sentinel master {master_name!r} (sentinels {shown})",
+            "cluster": f"cluster (seeds {shown})",
+        }[mode]
         self.timeout = timeout
         self.probe_interval = probe_interval
         self._password = password
         self._on_error = on_error or _noop
         self._log = logger or logging.getLogger("relay.redis")
-        # No retries inside redis-py: a failed call falls back at once and the
-        # probe decides when Redis is usable again. A blocking pool makes a
-        # burst of requests queue (within the same deadline) for one of a few
-        # sockets instead of failing with "Too many connections".
-        self._pool = BlockingConnectionPool(
-            host=host,
-            port=port,
-            db=db,
-            password=password or None,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            max_connections=max_connections,
-            timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-        )
-        # The client owns the pool and closes it in aclose().
-        self.client: Redis = Redis.from_pool(self._pool)
+        self._sentinel: Any = None
+        self._pool: Any = None
+        self._gate: asyncio.Semaphore | None = None  # cluster: bounds calls in flight
+        self.client: Any = self._make_client(password, db, timeout, max_connections)
         self._up = True
         self._closed = False
         self._probe: asyncio.Task[None] | None = None
         self._last_reply_error_log = -_REPLY_ERROR_LOG_INTERVAL
+
+    def _make_client(
+        self, password: str, db: int, timeout: float, max_connections: int
+    ) -> Redis | RedisCluster:
+        from redis.asyncio import BlockingConnectionPool, Redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        # No retries inside redis-py: a failed call falls back at once and the
+        # probe decides when Redis is usable again. A blocking pool makes a
+        # burst of requests queue (within the same deadline) for one of a few
+        # sockets instead of failing with "Too many connections".
+        common: dict[str, Any] = {
+            "password": password or None,
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "retry": Retry(NoBackoff(), 0),
+            "health_check_interval": 0,
+        }
+        if self.mode == "cluster":
+            from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+            # A cluster node's pool does not queue: past max_connections a
+            # call would fail with MaxConnectionsError. The gate in execute()
+            # lets at most that many calls run at once (each holds at most
+            # one socket per node), so a burst queues within its deadline,
+            # as on the blocking pool of the other modes.
+            # One retry lets a call that met a failed node rediscover the
+            # slots and try the new owner, still within the call's deadline.
+            del common["retry"]
+            self._gate = asyncio.Semaphore(max_connections)
+            return RedisCluster(
+                startup_nodes=[ClusterNode(host, port) for host, port in self._seeds],
+                retry=Retry(NoBackoff(), 1),
+                max_connections=max_connections,
+                **common,
+            )
+        if self.mode == "sentinel":
+            from redis.asyncio.sentinel import Sentinel
+
+            # Sentinels are asked with the same deadline; they need no password
+            # of the master's (redis.password authenticates to the master).
+            self._sentinel = Sentinel(
+                self._seeds,
+                sentinel_kwargs={
+                    "socket_timeout": timeout,
+                    "socket_connect_timeout": timeout,
+                    "retry": Retry(NoBackoff(), 0),
+                },
+            )
+            client = self._sentinel.master_for(
+                self.master_name,
+                connection_pool_class=_blocking_sentinel_pool(),
+                db=db,
+                max_connections=max_connections,
+                timeout=timeout,
+                **common,
+            )
+            self._pool = client.connection_pool
+            return cast("Redis", client)
+        host, port = self._seeds[0]
+        self._pool = BlockingConnectionPool(
+            host=host,
+            port=port,
+            db=db,
+            max_connections=max_connections,
+            timeout=timeout,
+            **common,
+        )
+        # The client owns the pool and closes it in aclose().
+        return Redis.from_pool(self._pool)
 
     @property
     def up(self) -> bool:
@@ -147,13 +284,26 @@ class RedisConnection:
         try:
             # asyncio.timeout is wait_for's deadline without the extra Task per call.
             async with asyncio.timeout(self.timeout):
-                return await fn(*args, **kwargs)
+                if self._gate is None:
+                    return await fn(*args, **kwargs)
+                async with self._gate:
+                    return await fn(*args, **kwargs)
         except self._call_errors as exc:
             self._failed(exc)
             raise RedisUnavailable(type(exc).__name__) from exc
 
     async def check(self) -> bool:
-        """PING once (e.g. at start-up, to log which backend is live)."""
+        """PING once (e.g. at start-up, to log which backend is live).
+
+        A cluster's topology is discovered first, with a longer deadline
+        than a call's, so the first requests do not pay for it."""
+        if self.mode == "cluster" and self._up:
+            try:
+                async with asyncio.timeout(max(self.timeout, _DISCOVERY_TIMEOUT)):
+                    await self.client.initialize()
+            except self._call_errors as exc:
+                self._failed(exc)
+                return False
         try:
             await self.execute(self.client.ping)
         except RedisUnavailable:
@@ -174,6 +324,8 @@ class RedisConnection:
                 pass
         try:
             await self.client.aclose()
+            if self._sentinel is not None:
+                await self._sentinel.aclose()
         except self._call_errors:
             pass
 
@@ -187,7 +339,9 @@ class RedisConnection:
 
     def _failed(self, exc: BaseException) -> None:
         self._count_error()
-        if isinstance(exc, self._reply_error):
+        if isinstance(exc, self._busy_error):
+            return  # every socket in use: this call falls back, Redis is fine
+        if isinstance(exc, self._reply_errors) and not isinstance(exc, self._outage_replies):
             now = time.monotonic()
             if now - self._last_reply_error_log >= _REPLY_ERROR_LOG_INTERVAL:
                 self._last_reply_error_log = now
@@ -213,20 +367,44 @@ class RedisConnection:
             text = text.replace(self._password, "***")
         return f"{type(exc).__name__}: {text}"[:300]
 
-    @debug.during("tasks")
-    async def _probe_until_up(self) -> None:
-        # Idle sockets point at a server that went away; drop them so the
-        # first calls after recovery do not trip over stale connections.
+    async def _forget_sockets(self) -> None:
+        """Idle sockets point at a server that went away (or a master that was
+        demoted, or a node that lost its slots); drop them so the first calls
+        after recovery do not trip over stale connections. A cluster client
+        also forgets its slot table and rediscovers it from the seeds."""
         try:
             async with asyncio.timeout(self.timeout):
-                await self._pool.disconnect(inuse_connections=False)
+                if self._pool is not None:
+                    await self._pool.disconnect(inuse_connections=False)
+                else:
+                    await self.client.aclose()
         except self._call_errors:
             pass
+
+    async def _ping(self) -> None:
+        if self.mode == "cluster":
+            # Rediscovery (a no-op when the slot table is current) gets more
+            # time than a call; the PING after it (every node) does not.
+            async with asyncio.timeout(max(self.timeout, _DISCOVERY_TIMEOUT)):
+                await self.client.initialize()
+        async with asyncio.timeout(self.timeout):
+            await self.client.ping()
+
+    def _serving(self) -> str:
+        """Where the data lives now, for the recovery log line."""
+        if self.mode == "sentinel" and self._pool is not None:
+            master = getattr(self._pool, "master_address", None)
+            if master:
+                return f" (master at {master[0]}:{master[1]})"
+        return ""
+
+    @debug.during("tasks")
+    async def _probe_until_up(self) -> None:
+        await self._forget_sockets()
         while not self._closed:
             await asyncio.sleep(self.probe_interval)
             try:
-                async with asyncio.timeout(self.timeout):
-                    await self.client.ping()
+                await self._ping()
             except self._call_errors:
                 self._count_error()
                 continue
@@ -234,5 +412,5 @@ class RedisConnection:
                 return
             self._up = True
             self._probe = None
-            self._log.info("redis %s is back; using it again", self.where)
+            self._log.info("redis %s is back%s; using it again", self.where, self._serving())
             return

@@ -174,6 +174,9 @@ class Runtime:
         # Nothing below can fail: the edit is applied from here on.
         if replaced:
             self._hand_over_usage(before[2])
+            if self.redis is not None and self.redis.mode == "cluster":
+                # Learn the slot table now rather than in the first request's call.
+                self.spawn(self.redis.check())
         if replaced and before[0] is not None:
             # Requests of the previous generation may still hold it: close later.
             old = before[0]
@@ -251,7 +254,9 @@ class Runtime:
         Creating a connection opens no socket, so undoing this is cheap.
         """
         r = config.redis
-        settings = (r.enabled, r.address, r.password, r.db, r.timeout)
+        settings = (
+            r.enabled, r.address, r.password, r.db, r.timeout, r.mode, r.addresses, r.master_name,
+        )  # fmt: skip
         if settings == self._redis_settings:
             return False
         redis = shared = None
@@ -263,6 +268,9 @@ class Runtime:
                 r.timeout,
                 on_error=self.metrics.redis_errors.inc,
                 logger=logging.getLogger("relay.redis"),
+                mode=r.mode,
+                addresses=r.addresses,
+                master_name=r.master_name,
             )
             ledger = RedisUsageLedger(redis.client, runner=redis.execute)
             shared = SharedUsage(ledger, redis, self.loop, on_outage_change=self._usage_changed)

@@ -19,6 +19,7 @@ import httptools
 import pytest
 
 from relay.testing import ThreadedFakeUpstream
+from tests.redis_server import ClusterSetup, RedisServer, SentinelSetup
 from tests.support import RelayThread, make_config, run_on
 
 pytest_plugins = ["tests.leakcheck", "pytester"]
@@ -180,3 +181,25 @@ def connect() -> Iterator[Callable[[int], RawClient]]:
     yield make
     for client in clients:
         client.close()
+
+
+# --------------------------------------------------------------------------- #
+# Redis topologies, started once per session (a few seconds each) and only
+# when a test asks for one; see tests/redis_server.py.
+# --------------------------------------------------------------------------- #
+@pytest.fixture(scope="session")
+def standalone_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def sentinel_setup() -> Iterator[SentinelSetup]:
+    with SentinelSetup() as setup:
+        yield setup
+
+
+@pytest.fixture(scope="session")
+def cluster_setup() -> Iterator[ClusterSetup]:
+    with ClusterSetup() as setup:
+        yield setup

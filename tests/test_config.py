@@ -941,3 +941,55 @@ def test_stop_ends_polling_and_callback_errors_do_not(tmp_path: pathlib.Path, ru
 
     run(main())
 
+
+
+# --------------------------------------------------------------------------- #
+# redis topologies
+# --------------------------------------------------------------------------- #
+def test_redis_topology_keys_load_from_file_and_environment(tmp_path):
+    path = write(
+        tmp_path,
+        "redis:\n  mode: Sentinel\n  addresses: ['s1:26379', '[::1]:26380']\n"
+        "  master_name: cache-master\n",
+    )
+    redis_config = load_config(path, {}).redis
+    assert redis_config.mode == "sentinel"
+    assert redis_config.addresses == ("s1:26379", "[::1]:26380")
+    assert redis_config.master_name == "cache-master"
+    assert redis_config.seeds == ("s1:26379", "[::1]:26380")
+    env = {"REDIS_MODE": "cluster", "REDIS_ADDRESSES": " n1:7000, n2:7001 ,"}
+    from_env = load_config(path, env).redis
+    assert (from_env.mode, from_env.addresses) == ("cluster", ("n1:7000", "n2:7001"))
+    # cluster without seeds of its own starts from redis.address
+    alone = load_config(None, {"REDIS_MODE": "cluster", "REDIS_ADDRESS": "n9:7009"}).redis
+    assert alone.seeds == ("n9:7009",)
+    assert load_config(None, {}).redis.seeds == ("localhost:6379",)
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "reason"),
+    [
+        ("redis:\n  mode: clustr\n", "redis.mode", "did you mean 'cluster'?"),
+        ("redis:\n  mode: sentinel\n", "redis.addresses", "must list the sentinels"),
+        ("redis:\n  mode: cluster\n  db: 2\n", "redis.db", "must be 0 when redis.mode is cluster"),
+        ("redis:\n  addresses: 'a:1'\n", "redis.addresses", "must be a list"),
+        ("redis:\n  addresses: ['a:1', 5]\n", "redis.addresses", 'item 1 must be a "host:port"'),
+        ("redis:\n  addresses: ['a:1', 'a']\n", "redis.addresses", 'item 1 must be "host:port"'),
+        ("redis:\n  addresses: ['a:1', 'a:1']\n", "redis.addresses", "lists an address twice"),
+        ("redis:\n  master_name: 'my master'\n", "redis.master_name", "without spaces"),
+    ],
+)
+def test_redis_topology_keys_are_validated(tmp_path, text, key, reason):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, {})
+    [problem] = info.value.problems
+    assert (problem.file, problem.key) == (path, key)
+    assert reason in problem.reason
+
+
+def test_redis_addresses_from_environment_are_validated():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {"REDIS_ADDRESSES": "ok:1,bad"})
+    [problem] = info.value.problems
+    assert (problem.file, problem.key) == ("$REDIS_ADDRESSES", "redis.addresses")

@@ -161,7 +161,8 @@ def test_every_numeric_key_has_its_edges_listed() -> None:
         k for k in known_keys()
         if k.split(".")[1] not in ("enabled", "port", "target", "scope", "key", "address",
                                    "password", "level", "requests", "api_key", "auth", "on",
-                                   "store", "path", "admin_key")
+                                   "mode", "addresses", "master_name", "store", "path",
+                                   "admin_key")
     }  # fmt: skip
     assert numeric == set(EDGES)
 

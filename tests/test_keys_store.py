@@ -40,11 +40,24 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "redis-sentinel", "redis-cluster"])
 def backend(request: pytest.FixtureRequest, tmp_path: Any) -> Callable[[], Any]:
-    """``async with backend() as (store, clock)``; the clock moves time on both."""
+    """``async with backend() as (store, clock)``; the clock moves time on both.
+
+    The Redis store runs the same cases on one server, behind Sentinel and
+    on a three-master cluster (the topologies of tests/conftest.py): its
+    scripts touch one key id's hash tag, so they run unchanged on all three.
+    """
     kind = request.param
     server = request.getfixturevalue("redis_server") if kind == "redis" else None
+    topology: dict[str, Any] = {}
+    if kind == "redis-sentinel":
+        sentinels = request.getfixturevalue("sentinel_setup")
+        topology = {"mode": "sentinel", "addresses": sentinels.addresses,
+                    "master_name": sentinels.master_name}  # fmt: skip
+    elif kind == "redis-cluster":
+        nodes = request.getfixturevalue("cluster_setup")
+        topology = {"mode": "cluster", "addresses": nodes.addresses[:1]}
 
     @contextlib.asynccontextmanager
     async def make() -> AsyncIterator[tuple[Any, Clock]]:
@@ -56,8 +69,11 @@ def backend(request: pytest.FixtureRequest, tmp_path: Any) -> Callable[[], Any]:
             finally:
                 await store.close()
             return
-        assert server is not None
-        conn = RedisConnection(server.address, timeout=2.0)
+        if topology:
+            conn = RedisConnection("localhost:6379", timeout=2.0, **topology)
+        else:
+            assert server is not None
+            conn = RedisConnection(server.address, timeout=2.0)
         await conn.client.flushdb()
         redis_store = RedisKeyStore(conn)
         original = redis_store.reserve

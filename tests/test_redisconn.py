@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 import redis
 
 from relay.redisconn import RedisConnection, RedisUnavailable, parse_address
+from tests.support import unanswered_port
 
 # Generous: these check outcomes, and a busy machine can be slow to answer.
 CALL_TIMEOUT = 5.0
@@ -242,3 +244,45 @@ def test_close_stops_the_probe(run: Runner) -> None:
             assert probes[0].done()
 
         run(main())
+
+
+def test_unknown_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown redis mode"):
+        RedisConnection("localhost:6379", mode="replicated")
+
+
+@pytest.mark.parametrize("mode", ["sentinel", "cluster"])
+def test_unanswered_topology_costs_a_call_at_most_the_timeout(
+    run: Runner, recorder: tuple[logging.Logger, Recorder], mode: str
+) -> None:
+    """Sentinels (or cluster seeds) whose SYNs go unanswered: the call gives
+    up at the deadline, the connection is marked down, and the log line
+    names the topology without any password."""
+    logger, records = recorder
+    with unanswered_port() as port:
+        errors = Counter()
+
+        async def main() -> float:
+            conn = RedisConnection(
+                "localhost:1", password="pw-never-logged", timeout=0.2, on_error=errors,
+                logger=logger, mode=mode, addresses=[f"127.0.0.1:{port}"], master_name="cache",
+            )  # fmt: skip
+            try:
+                started = time.monotonic()
+                with pytest.raises(RedisUnavailable):
+                    await conn.execute(conn.client.get, b"k")
+                elapsed = time.monotonic() - started
+                assert not conn.up
+                with pytest.raises(RedisUnavailable):  # at once while down
+                    await conn.execute(conn.client.get, b"k")
+                return elapsed
+            finally:
+                await conn.close()
+
+        elapsed = run(main())
+    assert elapsed < 1.5
+    assert errors.n >= 1
+    [warning] = records.messages(logging.WARNING)
+    expected = "sentinel master 'cache'" if mode == "sentinel" else "cluster (seeds"
+    assert expected in warning and f"127.0.0.1:{port}" in warning
+    assert "pw-never-logged" not in warning

@@ -47,13 +47,25 @@ password
 {{- end -}}
 
 {{/* The config file: values.config, with redis.address filled in when the
-     chart's own Redis is used and no address was given. */}}
+     chart's own Redis is used and no address was given (and left out when
+     empty otherwise: Sentinel and Cluster are found through redis.addresses).
+     The chart's own Redis is one server: sentinel and cluster modes need
+     yours. */}}
 {{- define "relay.config" -}}
 {{- $cfg := deepCopy .Values.config -}}
 {{- $redis := default (dict) $cfg.redis -}}
+{{- $mode := default "standalone" $redis.mode -}}
+{{- if and .Values.redisServer.enabled (ne $mode "standalone") -}}
+{{- fail (printf "config.redis.mode %s needs your own Redis Sentinel or Cluster: set redisServer.enabled=false and list the sentinels or seed nodes in config.redis.addresses" $mode) -}}
+{{- end -}}
+{{- if and (ne $mode "standalone") (not $redis.addresses) -}}
+{{- fail (printf "config.redis.mode %s needs config.redis.addresses (the sentinels, or some cluster nodes, as host:port)" $mode) -}}
+{{- end -}}
 {{- if and .Values.redisServer.enabled (not $redis.address) -}}
 {{- $_ := set $redis "address" (printf "%s-redis:6379" (include "relay.fullname" .)) -}}
 {{- $_ := set $cfg "redis" $redis -}}
+{{- else if and (hasKey $redis "address") (not $redis.address) -}}
+{{- $_ := unset $redis "address" -}}
 {{- end -}}
 {{- toYaml $cfg -}}
 {{- end -}}
