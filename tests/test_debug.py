@@ -415,8 +415,11 @@ import relay.app  # imports every counted module
 import relay.keys.service  # imported when keys are configured
 from relay.endpoints import own_endpoints
 
+from relay.config import load_config
+
 class Pipeline:
     runtime = None
+    config = load_config(None, env={})
 
 wrapped = []
 for name, module in sorted(sys.modules.items()):
