@@ -26,7 +26,7 @@ import pytest
 import uvloop
 
 import relay._fast as fast
-from relay.http.protocol import ClientConnection, ConnectionLimits
+from relay.http.protocol import ClientConnection, ConnectionLimits, ConnState
 from relay.http.request import Request
 from relay.sse import SSESplitter
 from relay.usage import StreamUsage, inject_include_usage, usage_from_json
@@ -180,6 +180,37 @@ def test_head_relay_client_connection(benchmark, loop: asyncio.AbstractEventLoop
     assert request.authorization is not None and request.authorization.startswith(b"Bearer ")
     assert b"X-Stainless-Lang: python\r\n" in request.forward_headers
     assert b"Host:" not in request.forward_headers
+
+
+async def _answer(request: Request, client: ClientConnection) -> None:
+    client.respond(200, (b"Content-Type: application/json\r\n",), COMPLETION)
+
+
+CYCLES = 1000
+
+
+@pytest.mark.benchmark(group="client connection: open, one request answered, close (x1000)")
+def test_client_connection_cycle(benchmark, loop: asyncio.AbstractEventLoop) -> None:
+    """A connection's whole life with one request: accepted, parsed, its
+    request task run and answered, lost. Every method relay's debug mode
+    counts on the client side runs here (with debug off: unchanged)."""
+    limits = ConnectionLimits(10 * 2**20, 65536, 10.0, 75.0)
+    registry: set[ClientConnection] = set()
+    transport = _Transport()
+
+    async def cycles() -> int:
+        served = 0
+        for _ in range(CYCLES):
+            conn = ClientConnection(_answer, limits, registry, loop)
+            conn.connection_made(transport)
+            conn.data_received(SDK_REQUEST)
+            await asyncio.sleep(0)  # the request task runs and answers
+            served += conn.state is ConnState.IDLE
+            conn.connection_lost(None)
+        return served
+
+    served = benchmark(lambda: loop.run_until_complete(cycles()))
+    assert served == CYCLES and not registry
 
 
 class _Floor:

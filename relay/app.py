@@ -16,7 +16,7 @@ import socket
 from collections.abc import Coroutine
 from typing import Any
 
-from . import _fast
+from . import _fast, debug
 from .config import Config, ConfigError, keep_restart_values
 from .configwatch import ConfigWatcher
 from .http.protocol import ClientConnection, ConnectionLimits
@@ -39,6 +39,7 @@ def _limits(config: Config) -> ConnectionLimits:
 class Gateway:
     """Everything one relay process serves with."""
 
+    @debug.opens("gateways")
     def __init__(
         self,
         config: Config,
@@ -113,6 +114,7 @@ class Gateway:
     async def wait_stopped(self) -> None:
         await self._stopping
 
+    @debug.closes("gateways")
     async def stop(self) -> bool:
         """Drain in-flight requests for up to ``server.shutdown_timeout``."""
         self.runtime.draining = True
@@ -162,6 +164,8 @@ async def serve(
     clean = await gateway.stop()
     if not clean:
         log.warning("relay stopped with requests still in flight after the shutdown timeout")
+    if debug.ENABLED:
+        await debug.log_at_stop(log)
     return 0
 
 

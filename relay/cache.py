@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import cast
 
+from relay import debug
 from relay.http.protocol import HOP_BY_HOP
 from relay.redisconn import RedisConnection, RedisUnavailable
 
@@ -394,6 +395,7 @@ class Leader:
     is_leader = True
     __slots__ = ("_coalescer", "_flight")
 
+    @debug.opens("flights")
     def __init__(self, coalescer: Coalescer, flight: _Flight) -> None:
         self._coalescer = coalescer
         self._flight = flight
@@ -453,9 +455,17 @@ class Leader:
         self._coalescer._detach(flight)
         flight.notify()
 
+    @debug.closes("flights")
     def close(self) -> None:
         self.fail()
         self._coalescer._detach(self._flight)
+
+    def __repr__(self) -> str:
+        flight = self._flight
+        return f"<Leader state={flight.state} followers={flight.joined} total={flight.total}>"
+
+    def _debug_buffers(self) -> dict[str, int]:
+        return {"flight_bytes": self._flight.retained}
 
 
 class Follower:
@@ -472,6 +482,7 @@ class Follower:
     is_leader = False
     __slots__ = ("_flight", "pos", "aborted", "_closed", "__weakref__")
 
+    @debug.opens("followers")
     def __init__(self, flight: _Flight) -> None:
         self._flight = flight
         self.pos = 0  # number of the next chunk to hand out
@@ -514,6 +525,14 @@ class Follower:
                 raise FlightAborted(self._flight.key.decode(errors="replace"))
             await flight.wait()
 
+    def __repr__(self) -> str:
+        return f"<Follower pos={self.pos} aborted={self.aborted} flight_state={self._flight.state}>"
+
+    def _debug_buffers(self) -> dict[str, int]:
+        flight = self._flight
+        pending = flight.chunks[max(0, self.pos - flight.base):]
+        return {"follower_pending_bytes": sum(map(len, pending))}
+
     def __aiter__(self) -> Follower:
         return self
 
@@ -523,6 +542,7 @@ class Follower:
             raise StopAsyncIteration
         return data
 
+    @debug.closes("followers")
     def close(self) -> None:
         if self._closed:
             return

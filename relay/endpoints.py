@@ -1,5 +1,6 @@
 """relay's own endpoints: ``/healthz``, ``/readyz``, ``/metrics``, ``/relay/usage``,
-the status page ``/relay/`` and its live figures ``/relay/status``.
+the status page ``/relay/`` and its live figures ``/relay/status``, and
+``/relay/debug`` in debug mode only (see relay/debug.py).
 
 They are answered by relay itself, never proxied, and not counted as
 proxied requests (a Prometheus scrape must not inflate the traffic it
@@ -13,6 +14,7 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from . import debug
 from .http.protocol import ClientConnection
 from .http.request import Request
 from .ops.page import status_page
@@ -74,7 +76,7 @@ def own_endpoints(pipeline: Pipeline) -> dict[bytes, Endpoint]:
         )
         client.respond(200, (_JSON_TYPE,), json.dumps(snapshot).encode())
 
-    return {
+    endpoints: dict[bytes, Endpoint] = {
         b"/relay": to_page,
         b"/relay/": page,
         b"/relay/status": status,
@@ -83,3 +85,13 @@ def own_endpoints(pipeline: Pipeline) -> dict[bytes, Endpoint]:
         b"/metrics": metrics,
         b"/relay/usage": usage,
     }
+    if debug.ENABLED:
+        # Only in debug mode: otherwise the path is proxied like any other.
+        endpoints[b"/relay/debug"] = debug_counters
+    return endpoints
+
+
+async def debug_counters(request: Request, client: ClientConnection) -> None:
+    """This process's debug counts (this request and its connection included)."""
+    body = json.dumps(debug.report(), sort_keys=True).encode()
+    client.respond(200, (_JSON_TYPE,), body)

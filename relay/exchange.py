@@ -34,6 +34,7 @@ import zlib
 from collections.abc import Callable
 from typing import Protocol
 
+from . import debug
 from .cache import shared_headers
 from .http.protocol import HOP_BY_HOP, ClientConnection
 from .sse import SSESplitter, event_fields
@@ -256,6 +257,7 @@ class ProxyExchange:
         "_started",
     )
 
+    @debug.opens("exchanges")
     def __init__(
         self,
         client: ClientConnection,
@@ -307,6 +309,12 @@ class ProxyExchange:
         # Until the head arrives, a client that leaves must still close the
         # upstream request.
         client.on_lost = self._client_lost
+
+    def __repr__(self) -> str:
+        return (
+            f"<ProxyExchange {self._path.decode('latin-1')} status={self.status} "
+            f"outcome={self.outcome} upstream={self._upstream!r}>"
+        )
 
     @property
     def upstream_latency(self) -> float:
@@ -570,10 +578,14 @@ class ProxyExchange:
             self._observer.fail()
         self._settle(Outcome.CLIENT_GONE)
 
+    @debug.closes("exchanges")
     def _settle(self, outcome: int) -> None:
         if self.outcome < 0:
             self.outcome = outcome
-            self.done.set_result(outcome)
+            # Cancelled with its request's task (a drain that ran out of time)
+            # before the client connection's loss settles it here.
+            if not self.done.cancelled():
+                self.done.set_result(outcome)
 
     def body(self) -> bytes:
         """The recorded body (cache) or the kept JSON body (usage)."""

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from relay import debug
 from relay.usage import Usage
 
 if TYPE_CHECKING:
@@ -402,6 +403,7 @@ class SharedUsage:
         if self._task is None and not self._closed:
             self._task = self.loop.create_task(self._send_all(), name="relay-usage-send")
 
+    @debug.during("tasks")
     async def _send_all(self) -> bool:
         try:
             return await self.flush()

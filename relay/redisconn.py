@@ -44,6 +44,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from functools import cache
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+from . import debug
+
 if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.asyncio.cluster import RedisCluster
@@ -122,6 +124,7 @@ class RedisConnection:
     Callers on the hot path may test ``up`` first to skip even that.
     """
 
+    @debug.opens("redis_connections")
     def __init__(
         self,
         address: str,
@@ -307,6 +310,7 @@ class RedisConnection:
             return False
         return True
 
+    @debug.closes("redis_connections")
     async def close(self) -> None:
         """Stop the probe and close every socket. Later calls fall back."""
         self._closed = True
@@ -394,6 +398,7 @@ class RedisConnection:
                 return f" (master at {master[0]}:{master[1]})"
         return ""
 
+    @debug.during("tasks")
     async def _probe_until_up(self) -> None:
         await self._forget_sockets()
         while not self._closed:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import _fast
+from . import _fast, debug
 from .cache import Coalescer, MemoryCache, RedisCache
 from .config import AUTH_SCHEMES, Config
 from .cost import ModelLabels, PriceTable
@@ -121,6 +121,7 @@ class Runtime:
         self.request_log: RequestLogger | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._retired: list[RedisConnection] = []  # replaced, closed a little later
+        self._retired_keys: list[Any] = []  # key services replaced, closed a little later
         self._usage_flush: asyncio.TimerHandle | None = None
         # Read once: the launcher sets it before any worker starts.
         self._shared_dir = multiprocess_dir()
@@ -195,7 +196,10 @@ class Runtime:
         if keys_staged[0]:
             old_keys = keys_staged[1]
             if old_keys is not None:
-                self.loop.call_later(5.0, self.spawn, old_keys[1].close())
+                # Requests of the previous generation may still hold it:
+                # close later, or in close() if the stop comes first.
+                self._retired_keys.append(old_keys[1])
+                self.loop.call_later(5.0, self._close_retired_keys, old_keys[1])
         self._apply_static_keys(config, keys_staged[0])
         return built
 
@@ -234,6 +238,11 @@ class Runtime:
     def keys(self) -> tuple[Any, Any] | None:
         """(KeyService, KeyManager) of the configured key store, if any."""
         return None if self._keys is None else (self._keys[1], self._keys[2])
+
+    def _close_retired_keys(self, service: Any) -> None:
+        if service in self._retired_keys:
+            self._retired_keys.remove(service)
+            self.spawn(service.close())
 
     def _close_retired(self, conn: RedisConnection) -> None:
         if conn in self._retired:
@@ -369,11 +378,13 @@ class Runtime:
     # ------------------------------------------------------------------ #
     # per-request services
     # ------------------------------------------------------------------ #
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+    @debug.spawns("tasks")
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run *coro* in the background, keeping a reference until it ends."""
         task = self.loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def key_hash(self, credential: bytes) -> str:
         """The short hash that stands for a credential in usage rows and logs.
@@ -530,6 +541,9 @@ class Runtime:
             await shared.flush()  # bounded by redis.timeout per batch
             shared.close()
         self._write_usage_file()  # the last totals of this worker stay counted
+        for service in self._retired_keys:
+            await service.close()  # before Redis closes: its settlements land first
+        self._retired_keys.clear()
         if self._keys is not None:
             await self._keys[1].close()  # settlements on their way land first
         self.estimator.close()
@@ -541,8 +555,13 @@ class Runtime:
         for conn in self._retired:
             await conn.close()
         self._retired.clear()
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
+        if tasks:
+            # A cancelled task ends only when it runs again: let it, or it
+            # stays pending on a loop that may close right after this.
+            await asyncio.wait(tasks, timeout=1.0)
 
 
 def _read_usage_files(directory: str) -> dict[str, Any]:

@@ -4,6 +4,12 @@ httptools so framing (complete or cut) is checked, not guessed."""
 
 from __future__ import annotations
 
+import os
+
+# Debug mode is chosen once, when relay.debug is first imported: before any
+# relay module is (relays started as subprocesses inherit it too).
+os.environ["RELAY_DEBUG"] = "1"
+
 import socket
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -15,6 +21,8 @@ import pytest
 from relay.testing import ThreadedFakeUpstream
 from tests.redis_server import ClusterSetup, RedisServer, SentinelSetup
 from tests.support import RelayThread, make_config, run_on
+
+pytest_plugins = ["tests.leakcheck", "pytester"]
 
 TIMEOUT = 5.0
 

@@ -113,7 +113,12 @@ class RelayThread:
         sock = bind_socket("127.0.0.1", 0, reuse_port=False)
         self.port = sock.getsockname()[1]
         self.gateway = Gateway(self.config, loop)
-        await self.gateway.start(sock)
+        try:
+            await self.gateway.start(sock)
+        except BaseException:
+            await self.gateway.stop()  # what the gateway opened is closed again
+            sock.close()
+            raise
         self._ready.set()
         await self.gateway.wait_stopped()
         await self.gateway.stop()

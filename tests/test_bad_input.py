@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 MAX_HEADER = 4096
 MAX_BODY = 1000
 SECRET = b"Bearer sk-bad-input-secret-0123456789"
+ANSWER_TIMEOUT = 30.0  # generous: the machine may be busy
 
 
 def error_of(response: Response, status: int) -> dict[str, str]:
@@ -77,22 +78,30 @@ def rejected(
     return error
 
 
-def send_until_answered(client: RawClient, pieces: list[bytes], pause: float = 0.02) -> int:
-    """Send *pieces* one by one, stopping as soon as the server has answered.
+def send_until_answered(client: RawClient, pieces: list[bytes], enough: int) -> int:
+    """Send *pieces* one by one until *enough* bytes are out, then wait for the answer.
 
-    Returns the bytes sent. Stopping early keeps the test from writing into
-    a socket the server is closing (a reset could eat the answer).
+    *enough* is the point by which the server must have answered; nothing
+    more is sent after it, so an answer proves the server refused without
+    reading on (a server that waits for more never answers, and the test
+    fails on the client's timeout). Sending stops as soon as the server has
+    answered: writing into a socket it is closing could reset the answer
+    away. Returns the bytes sent.
     """
     sent = 0
+    answered = False
     for piece in pieces:
-        readable, _, _ = select.select([client.sock], [], [], pause)
-        if readable:
+        answered = bool(select.select([client.sock], [], [], 0)[0])
+        if answered or sent >= enough:
             break
         try:
             client.send(piece)
         except (BrokenPipeError, ConnectionResetError):
             break
         sent += len(piece)
+    assert answered or sent >= enough, "ran out of pieces before the server had to answer"
+    readable, _, _ = select.select([client.sock], [], [], ANSWER_TIMEOUT)
+    assert readable, f"no answer within {ANSWER_TIMEOUT} s after {sent} bytes"
     return sent
 
 
@@ -126,8 +135,10 @@ def test_malformed_request_fed_byte_by_byte(
     untouched = Untouched(fake_upstream)
     client = connect(relay.port)
     client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sent = send_until_answered(client, [bytes([b]) for b in b"GET / HTTP/1.1\r\nHo\x01st: x\r\n\r\n"], 0.005)
-    assert sent < len(b"GET / HTTP/1.1\r\nHo\x01st: x\r\n\r\n")  # refused mid-head
+    head = b"GET / HTTP/1.1\r\nHo\x01st: x\r\n\r\n"
+    # The bad byte is all relay needs to refuse: it gets no byte after it.
+    sent = send_until_answered(client, [bytes([b]) for b in head], head.index(b"\x01") + 1)
+    assert sent < len(head)  # refused mid-head
     error_of(client.response(), 400)
     client.wait_closed()
     untouched.check()
@@ -302,7 +313,8 @@ def test_slow_unfinished_header_value_is_431_without_reading_on(
     client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     client.send(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Huge: ")
     piece = b"a" * 512
-    sent = send_until_answered(client, [piece] * (6 * MAX_HEADER // len(piece)))
+    # Relay must cut the value off once the head passes twice the limit.
+    sent = send_until_answered(client, [piece] * (6 * MAX_HEADER // len(piece)), 2 * MAX_HEADER + 1)
     error_of(client.response(), 431)
     assert sent < 4 * MAX_HEADER, f"relay read {sent} bytes of one header value"
     client.wait_closed()
@@ -355,7 +367,8 @@ def test_chunked_body_growing_past_limit_is_413(
     client.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
                 b"Transfer-Encoding: chunked\r\n\r\n")
     piece = b"190\r\n" + b"x" * 400 + b"\r\n"
-    sent = send_until_answered(client, [piece] * 20)
+    # The body never ends: relay must refuse it once it passes the limit.
+    sent = send_until_answered(client, [piece] * 20, MAX_BODY + 1)
     assert sent < 10 * len(piece)
     error_of(client.response(), 413)
     client.wait_closed()

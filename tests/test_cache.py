@@ -235,7 +235,9 @@ def test_coalescer_one_leader_followers_get_identical_chunks(run: Runner) -> Non
         results = await asyncio.gather(*tasks, late_task, relay_follower(after_finish))
         assert all(r == (HEAD, chunks) for r in results)
         # The flight is gone: the next request leads a new one.
-        assert isinstance(coalescer.join(b"key"), Leader)
+        next_leader = coalescer.join(b"key")
+        assert isinstance(next_leader, Leader)
+        next_leader.close()
 
     run(main())
 
@@ -262,7 +264,9 @@ def test_coalescer_leader_failure_before_head_releases_followers(run: Runner) ->
         results = await asyncio.gather(*tasks)
         assert results == [(None, [])] * 3
         # A failed flight takes no new followers.
-        assert isinstance(coalescer.join(b"k"), Leader)
+        next_leader = coalescer.join(b"k")
+        assert isinstance(next_leader, Leader)
+        next_leader.close()
         leader.close()
 
     run(main())
@@ -333,7 +337,9 @@ def test_coalescer_overflow_bounds_memory(run: Runner) -> None:
         leader.chunk(b"678901")  # 11 bytes > 10: not cacheable any more
         assert leader.overflowed
         # Not joinable now: a new identical request goes upstream on its own.
-        assert isinstance(coalescer.join(b"k"), Leader)
+        own = coalescer.join(b"k")
+        assert isinstance(own, Leader)
+        own.close()
         # A follower that had not started yet is told to fetch for itself ...
         assert await waiting.head() is None
         waiting.close()

@@ -580,6 +580,33 @@ def exercise_benchmark_commands(text: str, tmp_path: Path) -> None:
     assert result.returncode == 0 and "--quick" in result.stdout, result.stderr
 
 
+# -- troubleshooting.md -------------------------------------------------------
+
+DEBUG_LAUNCH = "RELAY_DEBUG=1 python -m relay --config configs/config.example.yaml --port 127.0.0.1:8080"
+DEBUG_CURL = "curl -s http://127.0.0.1:8080/relay/debug"
+
+
+def exercise_debug_mode(text: str, tmp_path: Path) -> None:
+    """Debug mode on: /relay/debug answers with the counts (by the documented
+    curl), and the stopped worker logs that everything was released."""
+    if shutil.which("curl") is None:
+        if IN_CI:
+            pytest.fail("curl is required under CI")
+        pytest.skip("curl is not installed")
+    port = free_port()
+    server = Server(with_ports(text, port), REPO, port, logdir=tmp_path)
+    try:
+        out = run_block(with_ports(DEBUG_CURL, port), tmp_path, timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+    finally:
+        code = server.stop()
+    assert code == 0, server.stderr()
+    report = json.loads(out.stdout)
+    assert report["open"]["client_connections"] == 1 and report["open"]["requests"] == 1
+    assert report["buffers"]["client_queued_requests"] == 0
+    assert "debug: every connection, request, task and buffer was released" in server.stderr()
+
+
 # -- keys.md ------------------------------------------------------------------
 
 KEYS_CREATE = ("python -m relay keys create --name billing-app --budget-usd 20 --budget-period monthly "
@@ -612,6 +639,8 @@ EXERCISED: dict[str, tuple[str, Callable[..., None]]] = {
     RELAY_ON_FAKE: ("demo", lambda text, demo: None),  # started by the api_demo fixture
     CURL_CHAT: ("demo", exercise_curl),
     CURL_STREAM: ("demo", exercise_curl),
+    DEBUG_LAUNCH: ("plain", exercise_debug_mode),
+    DEBUG_CURL: ("plain", lambda text, tmp_path: None),  # run by exercise_debug_mode
 }
 
 

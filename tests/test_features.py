@@ -23,6 +23,7 @@ from typing import Any
 import openai
 import pytest
 
+from relay.cache import _OPEN
 from relay.testing import ThreadedFakeUpstream
 from tests.support import RelayThread, free_port
 
@@ -288,10 +289,12 @@ def test_responses_over_max_body_bytes_are_not_cached(relay_factory, upstream):
 
 
 def test_entries_expire_after_ttl(relay_factory, upstream):
-    relay = relay_factory(upstream.url, cache={**CACHE, "ttl": 0.4})
+    # A TTL long enough for the HIT to come in time on a busy machine; the
+    # expiry side is exact whatever the load (time only moves on).
+    relay = relay_factory(upstream.url, cache={**CACHE, "ttl": 2.0})
     assert call(relay).cache == "MISS"
     assert call(relay).cache == "HIT"
-    time.sleep(0.5)
+    time.sleep(2.1)
     assert call(relay).cache == "MISS"
     assert len(upstream.requests) == 2
 
@@ -504,10 +507,12 @@ def test_global_bucket_is_shared_by_everyone(relay_factory, upstream):
 
 def test_bucket_refills_over_time(relay_factory, upstream):
     relay = relay_factory(
-        upstream.url, ratelimit={"enabled": True, "requests_per_second": 4, "burst": 2}
+        # A token per 2 s: three calls in a row never see one refill, even
+        # on a busy machine.
+        upstream.url, ratelimit={"enabled": True, "requests_per_second": 0.5, "burst": 2}
     )
     assert [call(relay).status for _ in range(3)] == [200, 200, 429]
-    time.sleep(0.6)  # 2.4 tokens' worth, capped at the burst
+    time.sleep(4.2)  # 2.1 tokens' worth, capped at the burst
     assert [call(relay).status for _ in range(3)] == [200, 200, 429]
     assert len(upstream.requests) == 4
 
@@ -588,15 +593,17 @@ def test_connect_errors_open_the_breaker(relay_factory):
 
 
 def test_half_open_lets_one_probe_through_and_success_closes(relay_factory, upstream):
-    relay = relay_factory(upstream.url, circuit_breaker=breaker(2, recovery=0.4))
+    # Recovery and the probe's delay are long enough for the calls between
+    # them to come in time on a busy machine.
+    relay = relay_factory(upstream.url, circuit_breaker=breaker(2, recovery=2.0))
     label = label_of(upstream.url)
     fail(relay, 2)
     assert call(relay).status == 503
-    time.sleep(0.45)
+    time.sleep(2.1)
     upstream.reset_stats()
     # The probe is slow; everyone arriving while it is out still gets 503.
     with ThreadPoolExecutor(1) as pool:
-        probe = pool.submit(call, relay, headers={"x-fake-delay": "1.0"})
+        probe = pool.submit(call, relay, headers={"x-fake-delay": "5.0"})
         wait_until(lambda: len(upstream.requests) == 1)
         assert gauge(relay, label) == 1
         during = [call(relay) for _ in range(3)]
@@ -610,16 +617,16 @@ def test_half_open_lets_one_probe_through_and_success_closes(relay_factory, upst
 
 
 def test_half_open_failure_opens_again(relay_factory, upstream):
-    relay = relay_factory(upstream.url, circuit_breaker=breaker(2, recovery=0.5))
+    relay = relay_factory(upstream.url, circuit_breaker=breaker(2, recovery=2.0))
     label = label_of(upstream.url)
     fail(relay, 2)
-    time.sleep(0.55)
+    time.sleep(2.1)
     fail(relay, 1)  # the probe fails...
     assert gauge(relay, label) == 2
     seen = len(upstream.requests)
     assert call(relay).status == 503  # ...so it is open again, timer restarted
     assert len(upstream.requests) == seen
-    time.sleep(0.55)
+    time.sleep(2.1)
     assert call(relay).status == 200
     assert gauge(relay, label) == 0
 
@@ -649,10 +656,10 @@ def test_readyz_only_fails_when_every_upstream_is_open(relay_factory, upstream):
 def test_readyz_recovers_once_a_probe_would_be_allowed(relay_factory, upstream):
     # Nothing else sends traffic to a relay that says it is not ready (a load
     # balancer takes it out), so readiness must not wait for a probe request.
-    relay = relay_factory(upstream.url, circuit_breaker=breaker(1, recovery=0.3))
+    relay = relay_factory(upstream.url, circuit_breaker=breaker(1, recovery=2.0))
     fail(relay, 1)
     assert call(relay, None, path="/readyz", method="GET").status == 503
-    time.sleep(0.35)
+    time.sleep(2.1)
     assert call(relay, None, path="/readyz", method="GET").status == 200
     assert call(relay).status == 200
 
@@ -717,22 +724,38 @@ def test_each_feature_can_be_disabled_on_its_own(relay_factory, upstream, off):
 def test_coalesced_followers_finish_when_the_leaders_client_leaves(relay_factory, upstream):
     relay = relay_factory(upstream.url, cache=CACHE)
     body = json.dumps(stream_body()).encode()
-    slow = {"x-fake-event-delay": "0.15"}
+    # Slow enough that the stream is still running once the followers have
+    # joined (however long they take to connect): it lasts ~3.5 s.
+    slow = {"x-fake-event-delay": "0.5"}
     head = (
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: relay\r\nAuthorization: %s\r\n"
-        b"x-fake-event-delay: 0.15\r\nContent-Type: application/json\r\n"
+        b"x-fake-event-delay: 0.5\r\nContent-Type: application/json\r\n"
         b"Content-Length: %d\r\n\r\n" % (KEY_A.encode(), len(body))
     )
+    coalescer = relay.gateway.runtime.coalescer
+
+    def flights() -> list[tuple[int, bool]]:
+        """(followers joined, still streaming) of each flight in progress."""
+        return relay.call(lambda: [
+            (flight.joined, flight.state == _OPEN) for flight in coalescer._flights.values()
+        ])
+
     leader = socket.create_connection(("127.0.0.1", relay.port), timeout=TIMEOUT)
     try:
         leader.sendall(head + body)
-        wait_until(lambda: len(upstream.requests) == 1)
+        wait_until(lambda: len(upstream.requests) == 1, timeout=30.0)
+        received = b""
+        while b"data: " not in received:  # the stream has begun...
+            data = leader.recv(65536)
+            assert data, "relay closed the leader's stream"
+            received += data
         with ThreadPoolExecutor(3) as pool:
             followers = [pool.submit(call, relay, stream_body(), headers=slow) for _ in range(3)]
-            assert b"data: " in leader.recv(65536)  # the stream has begun...
-            time.sleep(0.2)
+            # Relay drops a flight nobody follows when its client leaves, so
+            # the followers must have joined this one before the leader goes.
+            wait_until(lambda: flights() == [(3, True)], timeout=30.0)
             leader.close()  # ...and the leader's client goes away mid-stream
-            replies = [f.result(TIMEOUT) for f in followers]
+            replies = [f.result(60.0) for f in followers]
     finally:
         leader.close()
     assert len(upstream.requests) == 1

@@ -131,12 +131,18 @@ class Sink:
         pass
 
 
+# The pools of the running test, closed by Env.close as a Runtime would.
+_POOLS: list[UpstreamPool] = []
+
+
 def make_pool(upstream: Upstream | str, **kwargs: Any) -> UpstreamPool:
     url = upstream if isinstance(upstream, str) else upstream.url
     settings: dict[str, Any] = {"pool_size": 4, "connect_timeout": 2.0, "read_timeout": 2.0,
                                 "ssl_context": None}
     settings.update(kwargs)
-    return UpstreamPool(Origin.parse(url), asyncio.get_running_loop(), **settings)
+    pool = UpstreamPool(Origin.parse(url), asyncio.get_running_loop(), **settings)
+    _POOLS.append(pool)
+    return pool
 
 
 async def exchange(conn: UpstreamConnection, path: bytes, *, method: bytes = b"GET",
@@ -175,6 +181,9 @@ class Env:
         return holder[0]
 
     def close(self) -> None:
+        pools, _POOLS[:] = list(_POOLS), []
+        for pool in pools:
+            pool.close()
         for upstream in self.upstreams:
             upstream.server.close()
             for conn in list(upstream.live):

@@ -29,6 +29,7 @@ from typing import Any, TypeVar, cast
 
 import httptools
 
+from .. import debug
 from . import errors
 from .flow import FlowControl, FlowListener
 from .request import VARYING_HEADERS, Request
@@ -303,9 +304,30 @@ class ClientConnection(asyncio.Protocol):
     def state(self) -> ConnState:
         return self._state
 
+    def __repr__(self) -> str:
+        return (
+            f"<ClientConnection {self._client_ip or '-'} {self._state.name} "
+            f"read={self._read.name} answer={self._answer.name} queued={len(self._queue)}>"
+        )
+
+    def _debug_buffers(self) -> dict[str, int]:
+        """What this connection holds, for relay.debug's snapshot."""
+        transport = self._transport
+        return {
+            "client_queued_requests": len(self._queue),
+            "client_body_bytes": sum(map(len, self._body)),
+            "client_held_bytes": sum(map(len, self._held)) if self._held else 0,
+            "client_write_buffer_bytes": (
+                transport.get_write_buffer_size()
+                if transport is not None and self._state is not _CLOSED
+                else 0
+            ),
+        }
+
     # ------------------------------------------------------------------ #
     # asyncio.Protocol
     # ------------------------------------------------------------------ #
+    @debug.opens("client_connections")
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
         transport = cast(asyncio.Transport, transport)
@@ -319,6 +341,7 @@ class ClientConnection(asyncio.Protocol):
         self._registry.add(self)
         self._arm_timer(self._limits.header_timeout)
 
+    @debug.closes("client_connections")
     def connection_lost(self, exc: Exception | None) -> None:
         if self._state is _CLOSED:
             return
@@ -713,6 +736,7 @@ class ClientConnection(asyncio.Protocol):
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
+    @debug.during("requests")
     async def _serve(self, request: Request) -> None:
         try:
             await self._handler(request, self)

@@ -32,6 +32,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from .. import debug
 from .buckets import KeyState, apply_settlement, decide
 from .model import KeyRecord
 from .store import KeyStore, Reservation, ReserveResult, Settlement, StoreUnavailable
@@ -138,6 +139,7 @@ def _allowance_size(record: KeyRecord, tokens: int, cost: float) -> int:
 class KeyService:
     """Cached key lookups and reserve/settle with outage handling, for one store."""
 
+    @debug.opens("key_services")
     def __init__(
         self,
         store: KeyStore,
@@ -171,6 +173,7 @@ class KeyService:
         if self._refresher is None and not self._closed:
             self._refresher = self.loop.create_task(self._refresh_loop(), name="relay-keys-refresh")
 
+    @debug.during("tasks")
     async def _refresh_loop(self) -> None:
         while not self._closed:
             try:
@@ -466,10 +469,12 @@ class KeyService:
             self._store_down_logged = True
             log.warning("keys: store unavailable (%s); admitting from this process's cache", exc)
 
-    def _spawn(self, coro: Any) -> None:
+    @debug.spawns("tasks")
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = self.loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     @staticmethod
     def new_id() -> str:
@@ -481,6 +486,7 @@ class KeyService:
         while self._pending and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
 
+    @debug.closes("key_services")
     async def close(self) -> None:
         # Settlements on their way finish first (bounded): spend answered
         # before a stop is never lost.

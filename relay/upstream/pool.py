@@ -20,6 +20,7 @@ import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from .. import debug
 from .protocol import UpstreamConnection, UpstreamError
 
 __all__ = ["Origin", "UpstreamPool", "UpstreamPools"]
@@ -69,9 +70,15 @@ class Origin:
         return f"{self.scheme}://{self.label}"
 
 
+def _drained(pool: UpstreamPool) -> bool:
+    """Closed, and every connection slot given back (for relay.debug)."""
+    return pool._closed and pool.open == 0
+
+
 class UpstreamPool:
     """Connections to one origin."""
 
+    @debug.opens("upstream_pools")
     def __init__(
         self,
         origin: Origin,
@@ -101,6 +108,15 @@ class UpstreamPool:
     @property
     def idle_count(self) -> int:
         return len(self._idle)
+
+    def __repr__(self) -> str:
+        return (
+            f"<UpstreamPool {self.origin} open={self.open} idle={len(self._idle)} "
+            f"waiters={len(self._waiters)} closed={self._closed}>"
+        )
+
+    def _debug_buffers(self) -> dict[str, int]:
+        return {"upstream_pool_waiters": len(self._waiters)}
 
     def configure(
         self,
@@ -225,6 +241,7 @@ class UpstreamPool:
                 conn._on_closed = None
             self._closed_one()
 
+    @debug.closes("upstream_pools", when=_drained)
     def _closed_one(self) -> None:
         """A connection (or an attempt to open one) ended: its slot is free."""
         self.open -= 1
@@ -258,6 +275,7 @@ class UpstreamPool:
         conn.idle_since = self._loop.time()
         self.release(conn)
 
+    @debug.closes("upstream_pools", when=_drained)
     def close(self) -> None:
         self._closed = True
         idle, self._idle = self._idle, []

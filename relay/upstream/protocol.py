@@ -15,6 +15,7 @@ from typing import Protocol, cast
 
 import httptools
 
+from .. import debug
 from ..http.flow import FlowControl
 
 __all__ = ["ResponseSink", "UpstreamConnection", "UpstreamError"]
@@ -129,6 +130,17 @@ class UpstreamConnection(asyncio.Protocol):
             self._head_deadline = 0.0
         self._timer = self._loop.call_later(delay, self._check_timeout)
 
+    def __repr__(self) -> str:
+        peer = self.transport.get_extra_info("peername") if self.transport is not None else None
+        busy = "busy" if self._sink is not None else "idle"
+        return f"<UpstreamConnection {peer} {busy} lost={self.lost} exchanges={self.exchanges}>"
+
+    def _debug_buffers(self) -> dict[str, int]:
+        """What this connection holds, for relay.debug's snapshot."""
+        transport = self.transport
+        size = transport.get_write_buffer_size() if transport is not None and not self.lost else 0
+        return {"upstream_write_buffer_bytes": size}
+
     @property
     def received_any(self) -> bool:
         """Whether any byte of the current response arrived (retry safety)."""
@@ -156,6 +168,7 @@ class UpstreamConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ #
     # asyncio.Protocol
     # ------------------------------------------------------------------ #
+    @debug.opens("upstream_connections")
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
         transport = cast(asyncio.Transport, transport)
@@ -188,6 +201,7 @@ class UpstreamConnection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         return False
 
+    @debug.closes("upstream_connections")
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self.reusable = False
