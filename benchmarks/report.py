@@ -106,7 +106,8 @@ def _short(t: dict[str, Any]) -> str:
     if kind == "nginx":
         return f"nginx ({w}w)"
     if kind == "relay":
-        return f"relay {t['impl']} {w}w"
+        variant = t.get("variant")
+        return f"relay {t['impl']} {w}w" + (f" {variant}" if variant else "")
     if kind == "litellm":
         return f"LiteLLM {w}w"
     return "Portkey"

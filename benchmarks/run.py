@@ -32,7 +32,7 @@ from benchmarks import report  # noqa: E402
 from benchmarks.measure import Run, StreamRun, measure_streams, measure_wrk, preflight, static_body  # noqa: E402
 from benchmarks.procs import Processes  # noqa: E402
 from benchmarks.profile import profile_relay  # noqa: E402
-from benchmarks.targets import Env, Target  # noqa: E402
+from benchmarks.targets import RELAY_VARIANTS, Env, Target  # noqa: E402
 from benchmarks.tools import BANNED_LITELLM, DEFAULT_LITELLM, DEFAULT_PORTKEY, Tools, setup_tools  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         "skipped": skipped,
         "crashes": crashes,
         "targets": {t.key: {"label": t.label, "kind": t.kind, "workers": t.workers,
-                            "impl": t.impl} for t in targets},
+                            "impl": t.impl, "variant": t.variant} for t in targets},
         "runs": [r.as_dict() for r in runs],
         "streams": [s.as_dict() for s in streams],
         "profile": profile,
@@ -263,6 +263,12 @@ def _start_targets(env: Env, tools: Tools, args: argparse.Namespace,
                          partial(env.start_relay, workers, pure))
                 if t:
                     targets.append(t)
+    if wanted("relay"):
+        for variant in RELAY_VARIANTS:
+            t = _try(f"relay (compiled, 1 worker{RELAY_VARIANTS[variant]})", skipped,
+                     partial(env.start_relay, 1, False, variant=variant))
+            if t:
+                targets.append(t)
     if wanted("relay") and args.redis:
         for mode in ("standalone", "cluster"):
             t = _try(f"relay (compiled, 1 worker, Redis {mode})", skipped,

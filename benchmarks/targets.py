@@ -19,6 +19,7 @@ by the suite itself.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -31,7 +32,16 @@ from pathlib import Path
 
 from .procs import Processes, Started, free_port, wait_for_port
 
-__all__ = ["CANNED_BODY", "Env", "StreamRoute", "Target"]
+__all__ = ["CANNED_BODY", "RELAY_VARIANTS", "Env", "StreamRoute", "Target"]
+
+# Rows that change one thing against "relay (compiled, 1 worker)" with every
+# feature on, so the cost of each comes out as a ratio of one run.
+RELAY_VARIANTS = {
+    "off": ", every feature off",
+    "log": ", log.requests on",
+    "keys": ", virtual keys on",
+    "targets": ", 2 targets + retries",
+}
 
 # A typical non-streamed chat completion: 590 bytes.
 CANNED_BODY = (
@@ -75,6 +85,7 @@ class Target:
     proc: Started | None = None    # None: nothing of its own to measure (direct)
     workers: int | None = None
     impl: str | None = None        # relay: compiled | pure
+    variant: str = ""              # relay: "" (every feature on) or a RELAY_VARIANTS key
     fast: StreamRoute | None = None
     slow: StreamRoute | None = None
 
@@ -128,6 +139,8 @@ class Env:
     stream_port: int = 0            # nginx stream front; 0 when nginx is missing
     fake_port: int = 0
     relay_key: str = field(default_factory=lambda: "sk-bench-" + secrets.token_hex(16))
+    # The virtual key of the "keys" row (a relay key: never forwarded upstream).
+    virtual_key: str = field(default_factory=lambda: "rk-" + secrets.token_urlsafe(32))
 
     # -------------------------------------------------------------- upstreams
     def start_fake_upstream(self) -> Started:
@@ -262,11 +275,60 @@ class Env:
                 time.sleep(0.1)
         return addresses
 
-    def relay_config(self, name: str, upstream_port: int, redis: str = "") -> Path:
+    def relay_config(self, name: str, upstream_port: int, redis: str = "",
+                     variant: str = "") -> Path:
         """Every feature on: cache (memory, or Redis when ``redis`` is a
-        config section for it), rate limit never tripped, breaker, cost."""
+        config section for it), rate limit never tripped, breaker, cost.
+
+        ``variant`` changes one thing, so its row compares with the plain one
+        in the same run (see ``RELAY_VARIANTS``)."""
         path = self.workdir / f"{name}.yaml"
         redis_section = redis or "redis:\n  enabled: false"
+        if variant == "off":
+            path.write_text(f"""\
+# Every feature off: the bare proxy.
+server:
+  shutdown_timeout: 3
+proxy:
+  target: "http://127.0.0.1:{upstream_port}"
+  pool_size: 64
+cache:
+  enabled: false
+ratelimit:
+  enabled: false
+circuit_breaker:
+  enabled: false
+metrics:
+  enabled: false
+usage:
+  enabled: false
+log:
+  level: warning
+""")
+            return path
+        extra = ""
+        if variant == "log":
+            extra = "  requests: true\n"
+        elif variant == "keys":
+            digest = hashlib.sha256(self.virtual_key.encode()).hexdigest()
+            redis_section += f"""
+keys:
+  enabled: true
+  store: sqlite
+  path: "{self.workdir / (name + '-keys.db')}"
+  static:
+    - {{id: bench, name: bench, secret_sha256: "{digest}", budget_usd: 1000000000,
+       rpm: 1000000000, tpm: 1000000000000}}"""
+        elif variant == "targets":
+            redis_section += f"""
+routes:
+  - path: "/"
+    strategy: weighted
+    targets:
+      - {{url: "http://127.0.0.1:{upstream_port}", name: a, weight: 1}}
+      - {{url: "http://127.0.0.1:{upstream_port}", name: b, weight: 1}}
+retries:
+  attempts: 1"""
         path.write_text(f"""\
 # Every feature on. The rate limit is huge so it is consulted on every
 # request but never trips.
@@ -294,11 +356,11 @@ models:
   gpt-4o: {{input: 0.0025, output: 0.01, cached_input: 0.00125}}
 log:
   level: warning
-""")
+{extra}""")
         return path
 
     def start_relay(self, workers: int, pure: bool, *, stream: bool = False,
-                    redis_mode: str = "") -> Target:
+                    redis_mode: str = "", variant: str = "") -> Target:
         """relay in front of the fake upstream; with ``redis_mode``
         (standalone | cluster) its cache and limiter live in a Redis of that
         kind started for it, so the two rows compare the topologies."""
@@ -311,7 +373,9 @@ log:
             addresses = self.start_redis(redis_mode)
             redis = (f"redis:\n  enabled: true\n  mode: {redis_mode}\n"
                      f"  address: \"{addresses[0]}\"\n  addresses: {json.dumps(addresses)}")
-        config = self.relay_config(key, upstream, redis)
+        if variant:
+            key += f"-{variant}"
+        config = self.relay_config(key, upstream, redis, variant)
         port = free_port()
         proc = self.procs.start(
             key,
@@ -321,11 +385,13 @@ log:
         )
         if not wait_for_port(port, 30, proc):
             raise RuntimeError(f"relay did not start:\n{proc.log_tail()}")
-        headers = {"Authorization": f"Bearer {self.relay_key}"}
+        secret = self.virtual_key if variant == "keys" else self.relay_key
+        headers = {"Authorization": f"Bearer {secret}"}
         plural = "s" if workers > 1 else ""
         where = {"": "", "standalone": ", Redis", "cluster": ", Redis Cluster"}[redis_mode]
+        where += RELAY_VARIANTS.get(variant, "")
         t = Target(key, f"relay ({impl}, {workers} worker{plural}{where})", "relay", port, headers,
-                   proc, workers=workers, impl=impl)
+                   proc, workers=workers, impl=impl, variant=variant)
         if stream:
             t.fast = StreamRoute(port, CHAT_PATH, dict(headers))
             t.slow = StreamRoute(port, "/slow" + CHAT_PATH, dict(headers))

@@ -5,9 +5,9 @@
 #   sh deploy/bootstrap.sh test [pytest options] install, build, run every test
 #
 # Needs only Python 3.11+, a C compiler and apt-get (for redis-server and
-# prometheus, which the tests start on free ports of their own). Everything
-# else goes into .venv beside this checkout. Safe to run again: finished
-# steps are skipped.
+# prometheus, which the tests start on free ports of their own, and chromium,
+# which the status page tests drive headless). Everything else goes into
+# .venv beside this checkout. Safe to run again: finished steps are skipped.
 set -eu
 
 cd "$(dirname "$0")/.."
@@ -75,6 +75,9 @@ case "$mode" in
         setup_venv test
         command -v redis-server >/dev/null 2>&1 || apt_install redis-server
         command -v promtool >/dev/null 2>&1 || apt_install prometheus
+        # The status page tests drive Debian's chromium headless (never a
+        # browser download).
+        command -v chromium >/dev/null 2>&1 || apt_install chromium
         # The suite must prove the compiled extensions loaded (their tests
         # fail otherwise); RELAY_NO_EXTENSIONS=1 in the environment tests the
         # pure twins alone instead.

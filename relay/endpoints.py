@@ -1,4 +1,5 @@
-"""relay's own endpoints: ``/healthz``, ``/readyz``, ``/metrics``, ``/relay/usage``.
+"""relay's own endpoints: ``/healthz``, ``/readyz``, ``/metrics``, ``/relay/usage``,
+the status page ``/relay/`` and its live figures ``/relay/status``.
 
 They are answered by relay itself, never proxied, and not counted as
 proxied requests (a Prometheus scrape must not inflate the traffic it
@@ -7,12 +8,15 @@ measures).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from .http.protocol import ClientConnection
 from .http.request import Request
+from .ops.page import status_page
+from .ops.status import status_snapshot
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -53,7 +57,27 @@ def own_endpoints(pipeline: Pipeline) -> dict[bytes, Endpoint]:
         snapshot = await runtime.usage_snapshot()
         client.respond(200, (_JSON_TYPE,), json.dumps(snapshot, sort_keys=True).encode())
 
+    async def page(request: Request, client: ClientConnection) -> None:
+        shown = status_page()
+        client.respond(200, shown.headers, shown.body)
+
+    async def to_page(request: Request, client: ClientConnection) -> None:
+        client.respond(308, (b"Location: /relay/\r\n",), b"")
+
+    metrics_enabled = pipeline.config.metrics.enabled
+
+    async def status(request: Request, client: ClientConnection) -> None:
+        # Reads every worker's metric files: off the loop, like /metrics.
+        snapshot = await runtime.loop.run_in_executor(
+            None,
+            functools.partial(status_snapshot, runtime.metrics, metrics_enabled=metrics_enabled),
+        )
+        client.respond(200, (_JSON_TYPE,), json.dumps(snapshot).encode())
+
     return {
+        b"/relay": to_page,
+        b"/relay/": page,
+        b"/relay/status": status,
         b"/healthz": healthz,
         b"/readyz": readyz,
         b"/metrics": metrics,
