@@ -69,6 +69,7 @@ class Gateway:
         return self.pipeline.handle(request, client)
 
     async def start(self, sock: socket.socket) -> None:
+        await self.runtime.settled()
         await self.server.start(sock)
         if self.config.source is not None:
             self._watcher = ConfigWatcher(

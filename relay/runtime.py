@@ -129,6 +129,7 @@ class Runtime:
         # Virtual keys: (store settings, service, manager), static keys applied.
         self._keys: tuple[tuple[Any, ...], Any, Any] | None = None
         self._static_keys: tuple[Any, ...] | None = None
+        self._static_keys_task: asyncio.Task[Any] | None = None
         self.draining = False
 
     # ------------------------------------------------------------------ #
@@ -233,7 +234,15 @@ class Runtime:
             from .keys.stores import static_records
 
             self._static_keys = k.static
-            self.spawn(self._keys[2].apply_static(static_records(k)))
+            self._static_keys_task = self.spawn(self._keys[2].apply_static(static_records(k)))
+
+    async def settled(self, timeout: float = 10.0) -> None:
+        """Wait (bounded) for start-up work the first requests depend on: the
+        config's static keys written to the key store, so a key declared in
+        the file is valid from the first request on."""
+        task = self._static_keys_task
+        if task is not None and not task.done():
+            await asyncio.wait({task}, timeout=timeout)
 
     def keys(self) -> tuple[Any, Any] | None:
         """(KeyService, KeyManager) of the configured key store, if any."""

@@ -637,3 +637,31 @@ def test_keys_reservation_reads_each_apis_output_limit(relay_with_keys):
     status, _, headers = http_json(relay.port, "POST", "/v1/chat/completions",
                                    {"model": "gpt-4o-mini", "messages": MESSAGES}, token=key["secret"])
     assert status == 429 and headers["retry-after"] == "60"
+
+
+def test_keys_static_key_is_valid_from_the_first_request(upstream, tmp_path):
+    """A key declared in the file answers the very first request after start:
+    the launcher's socket may accept before the static keys are written, so a
+    worker serves only once they are in the store."""
+    import hashlib
+
+    from tests.support import free_port, start_relay_process, wait_for_port
+
+    secret = "rk-static-secret-for-the-first-request-0000"
+    static = {"id": "boot-app", "name": "boot-app",
+              "secret_sha256": hashlib.sha256(secret.encode()).hexdigest()}
+    path = tmp_path / "relay.yaml"
+    path.write_text(yaml.safe_dump({
+        "server": {"shutdown_timeout": 2}, "proxy": {"target": upstream.url},
+        "cache": {"enabled": False}, "ratelimit": {"enabled": False}, "models": PRICES,
+        "keys": keys_section(tmp_path, static=[static])}))
+    port = free_port()
+    proc = start_relay_process(["--config", str(path), "--port", f"127.0.0.1:{port}"])
+    try:
+        wait_for_port(port, 30, proc)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=secret,
+                               max_retries=0, timeout=20)
+        assert chat(client).choices[0].message.content
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)

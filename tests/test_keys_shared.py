@@ -227,6 +227,54 @@ def test_keys_redis_outage_admits_from_cache_and_merges_spend_once(two_relays, r
     chat(client)
 
 
+def test_keys_redis_outage_never_refuses_a_key_with_budget_left(two_relays, redis_server):
+    """A small budget through a Redis outage: admitted from the process's own
+    view (spend last seen + what it recorded since) while Redis is frozen and
+    in the moment it answers again, refused only when a reservation does not
+    fit what is left; afterwards the spend is the exact sum."""
+    a, _ = two_relays(redis_timeout=0.5)
+    # Each chat reserves $0.048 and costs $0.012: a budget of $0.1 admits a
+    # request while at most $0.052 is spent.
+    key = create_key(a.port, budget_usd=0.1)
+    client = openai_client(a, key["secret"])
+    chat(client)
+    until(lambda: show_key(a.port, key["id"])["requests"] == 1)
+    proc = redis_server._proc
+    assert proc is not None
+    os.kill(proc.pid, signal.SIGSTOP)  # Redis stops answering, keeps its data
+    try:
+        for _ in range(3):  # $0.012, $0.024, $0.036 spent before each
+            assert chat(client).usage is not None
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    # At once, before this process merged back: $0.048 spent, one more fits
+    # (whatever the reserves that timed out left held in Redis meanwhile).
+    assert chat(client).usage is not None
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        chat(client)  # $0.06 spent: a reservation of $0.048 no longer fits
+    assert refused.value.code == "budget_exceeded"
+
+    def merged() -> bool:
+        status, shown, _ = http_json(a.port, "GET", f"/relay/admin/keys/{key['id']}")
+        return status == 200 and shown["requests"] >= 5
+
+    until(merged, 15.0)
+    time.sleep(1.0)  # any retry still in flight would show up now
+    shown = show_key(a.port, key["id"])
+    assert shown["requests"] == 5
+    assert shown["spend_usd"] == pytest.approx(5 * ANSWER_COST)
+    assert shown["tokens"] == {"prompt": 10, "completion": 25}
+    # Nothing stays reserved in Redis: room for one reservation is enough.
+    status, _, _ = http_json(a.port, "PATCH", f"/relay/admin/keys/{key['id']}",
+                             {"budget_usd": 5 * ANSWER_COST + 0.05})
+    assert status == 200
+    until(lambda: show_key(a.port, key["id"])["budget_usd"] > 0.1)
+    time.sleep(0.5)
+    chat(client)
+    shown = until(lambda: (k := show_key(a.port, key["id"]))["requests"] == 6 and k)
+    assert shown["spend_usd"] == pytest.approx(6 * ANSWER_COST)
+
+
 # --------------------------------------------------------------------------- processes
 
 

@@ -66,16 +66,16 @@ def decide(
         tpm_left = max(0, math.floor(tpm_tokens))
         tpm_reset = (tpm - tpm_tokens) * 60.0 / tpm
     if budget is not None and committed + reservation.cost > budget + _EPSILON:
-        return ReserveResult("budget", 0.0, rpm_left, tpm_left, rpm_reset, tpm_reset, committed)
+        return ReserveResult("budget", 0.0, rpm_left, tpm_left, rpm_reset, tpm_reset, committed, spend)
     if rpm and rpm_tokens < reservation.requests:
         retry = (min(reservation.requests, rpm) - rpm_tokens) * 60.0 / rpm
-        return ReserveResult("rpm", retry, 0, tpm_left, rpm_reset, tpm_reset, committed)
+        return ReserveResult("rpm", retry, 0, tpm_left, rpm_reset, tpm_reset, committed, spend)
     if tpm and tpm_tokens < reservation.tokens:
         need = min(float(reservation.tokens), float(tpm))
         retry = max(0.0, need - tpm_tokens) * 60.0 / tpm
         if reservation.tokens > tpm:
             retry = 60.0  # never fits: the most a client should wait before giving up
-        return ReserveResult("tpm", retry, rpm_left, tpm_left, rpm_reset, tpm_reset, committed)
+        return ReserveResult("tpm", retry, rpm_left, tpm_left, rpm_reset, tpm_reset, committed, spend)
     if reservation.period > state.period:
         state.period = reservation.period
         state.spend = 0.0
@@ -90,7 +90,8 @@ def decide(
     state.rpm_tokens, state.rpm_ts = rpm_tokens, rpm_ts
     state.tpm_tokens, state.tpm_ts = tpm_tokens, tpm_ts
     state.reserved += reservation.cost
-    return ReserveResult(None, 0.0, rpm_left, tpm_left, rpm_reset, tpm_reset, committed + reservation.cost)
+    return ReserveResult(None, 0.0, rpm_left, tpm_left, rpm_reset, tpm_reset, committed + reservation.cost,
+                         state.spend)
 
 
 def apply_settlement(

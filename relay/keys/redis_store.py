@@ -190,7 +190,7 @@ class RedisKeyStore:
             ),
         )
         try:
-            granted, reason, retry_ms, rpm_left, tpm_left, rpm_reset, tpm_reset, committed = reply
+            granted, reason, retry_ms, rpm_left, tpm_left, rpm_reset, tpm_reset, committed, spend = reply
             return ReserveResult(
                 None if granted == 1 else _text(reason),
                 retry_ms / 1000,
@@ -199,6 +199,7 @@ class RedisKeyStore:
                 rpm_reset / 1000,
                 tpm_reset / 1000,
                 float(_text(committed)),
+                float(_text(spend)),
             )
         except (TypeError, ValueError) as exc:
             raise StoreUnavailable(f"unexpected reply from the reserve script: {exc}") from exc

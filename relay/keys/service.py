@@ -10,9 +10,14 @@
   An unknown hash is looked up in the store once (a key created a moment
   ago elsewhere) and remembered as unknown for a short while.
 - **Reserve** goes to the store (one atomic step). When the store cannot
-  answer, this process decides alone from the last state it saw, so
-  admission keeps working (each instance then enforces limits on its own
-  until the store is back).
+  answer, this process decides alone from its own view: the period's spend
+  the store last reported, plus what this process recorded since and has
+  not yet seen the store take, plus what this process holds reserved
+  (budget); its last bucket levels, refilled (rpm, tpm). So admission keeps
+  working (each instance then enforces limits on its own until the store is
+  back). Until the store took this process's releases again, a budget
+  refusal from the store may only reflect reservations this process is
+  giving back; it is then decided from the same view.
 - **Settle** adds a finished request's exact usage to a per-key sum that is
   written every ``FLUSH_INTERVAL`` seconds as one settlement (which also
   releases the requests' reservations: until then they still hold their
@@ -163,7 +168,16 @@ class KeyService:
         self._flush_timer: asyncio.TimerHandle | None = None
         self._merging = False
         self._local: dict[str, KeyState] = {}  # while the store is away
-        self._seen: dict[str, float] = {}  # committed USD per key, as last seen
+        # key id -> (period, spend base, rpm left, tpm left, when) from the
+        # store's last answer; the spend as this process sees it is the base
+        # plus ``_recorded`` now (see ``_new_allowance``).
+        self._seen: dict[str, tuple[int, float, int, int, float]] = {}
+        # USD per key this process recorded (a running total), and the part
+        # of it the store has not yet confirmed taking.
+        self._recorded: dict[str, float] = {}
+        self._unconfirmed: dict[str, float] = {}
+        # Reservation releases per key handed to settlements not yet confirmed.
+        self._releasing: dict[str, int] = {}
         self._refresher: asyncio.Task[None] | None = None
         self._closed = False
         self._store_down_logged = False
@@ -301,6 +315,11 @@ class KeyService:
     ) -> tuple[ReserveResult | None, Allowance | None, Reservation | None]:
         size = _allowance_size(record, tokens, cost)
         reservation = Reservation(self.new_id(), tokens * size, cost * size, period, size)
+        # What the store's answer cannot contain yet: what this process
+        # recorded from now on, and (unless the store took it before this
+        # call ran: then it is counted twice, on the safe side) what it has
+        # recorded but the store has not yet confirmed.
+        mark = self._recorded.get(record.id, 0.0) - self._unconfirmed.get(record.id, 0.0)
         try:
             result = await self.store.reserve(record, reservation)
             if result.reason is not None and size > 1 and for_request:
@@ -318,9 +337,20 @@ class KeyService:
             one = Reservation(reservation.id, tokens, cost, period, 1)
             refusal = self._reserve_locally(record, one)
             return (refusal if refusal.reason is not None else None), None, one
-        self._seen[record.id] = result.committed
+        self._seen[record.id] = (
+            period, result.spend - mark, result.rpm_remaining, result.tpm_remaining, self._clock()
+        )
         if self._local and not self._pending:
             self._local.pop(record.id, None)
+        if result.reason == "budget" and for_request and self._releasing.get(record.id):
+            # The store still holds reservations this process is giving back
+            # (made before or during an outage, released by settlements on
+            # their way): decide from this process's view, not from that.
+            one = Reservation(reservation.id, tokens, cost, period, 1)
+            refusal = self._reserve_locally(record, one)
+            if refusal.reason is None:
+                return None, None, one
+            return refusal, None, None
         if result.reason is not None:
             if for_request:
                 hold = min(_REFUSAL_HOLD, result.retry_after or _REFUSAL_HOLD)
@@ -337,14 +367,37 @@ class KeyService:
         return None, fresh, None
 
     def _reserve_locally(self, record: KeyRecord, reservation: Reservation) -> ReserveResult:
-        state = self._local.get(record.id)
+        """Decide from this process's view (the store's last answer and what
+        this process did since); see the module docstring."""
+        key_id = record.id
+        seen = self._seen.get(key_id)
+        state = self._local.get(key_id)
         if state is None:
             if len(self._local) >= 100_000:
                 self._local.clear()
-            state = self._local[record.id] = KeyState(
-                period=reservation.period, spend=self._seen.get(record.id, 0.0)
-            )
-        return decide(state, record.budget_usd, record.rpm, record.tpm, reservation, self._clock())
+            state = self._local[key_id] = KeyState(period=reservation.period)
+            if seen is not None:
+                _, _, rpm_left, tpm_left, when = seen
+                if record.rpm and rpm_left >= 0:
+                    state.rpm_tokens, state.rpm_ts = float(rpm_left), when
+                if record.tpm and tpm_left >= 0:
+                    state.tpm_tokens, state.tpm_ts = float(tpm_left), when
+        if seen is not None and seen[0] == reservation.period:
+            spend = seen[1] + self._recorded.get(key_id, 0.0)
+        else:  # nothing seen in this period: what this process has not yet seen taken
+            spend = self._unconfirmed.get(key_id, 0.0)
+        state.period = reservation.period
+        state.spend = spend
+        held = 0.0  # what this process's allowance of the key still holds
+        allowance = self._allowances.get(key_id)
+        if allowance is not None and allowance.open and allowance.reservation.period == state.period:
+            full = allowance.reservation
+            held = allowance.cost + allowance.outstanding * full.cost / max(1, full.requests)
+        state.reserved += held
+        try:
+            return decide(state, record.budget_usd, record.rpm, record.tpm, reservation, self._clock())
+        finally:
+            state.reserved = max(0.0, state.reserved - held)
 
     def _retire(self, key_id: str, allowance: Allowance) -> None:
         """No new request draws from it; released once its last one settled."""
@@ -358,11 +411,13 @@ class KeyService:
         allowance.released = True
         delta = self._delta(key_id, allowance.reservation.period, allowance.tpm, allowance.rpm)
         delta.reservations.append(allowance.reservation.id)
+        self._releasing[key_id] = self._releasing.get(key_id, 0) + 1
         delta.rpm_refund += allowance.requests
 
     def _orphan(self, record: KeyRecord, reservation_id: str, period: int) -> None:
         delta = self._delta(record.id, period, record.tpm or 0, record.rpm or 0)
         delta.reservations.append(reservation_id)
+        self._releasing[record.id] = self._releasing.get(record.id, 0) + 1
 
     def _delta(self, key_id: str, period: int, tpm: int, rpm: int) -> _Delta:
         slot = (key_id, period)
@@ -393,6 +448,9 @@ class KeyService:
                                  period, tpm)
         delta = self._delta(record.id, period, tpm, record.rpm or 0)
         delta.cost += cost
+        if cost:
+            self._recorded[record.id] = self._recorded.get(record.id, 0.0) + cost
+            self._unconfirmed[record.id] = self._unconfirmed.get(record.id, 0.0) + cost
         delta.prompt += prompt
         delta.completion += completion
         delta.requests += 1
@@ -431,10 +489,31 @@ class KeyService:
         except StoreUnavailable as exc:
             self._store_down(exc)
             self._queue(settlement)
+            return
+        self._confirmed(settlement)
+
+    def _confirmed(self, settlement: Settlement) -> None:
+        """The store took (or will never take) this settlement: this
+        process's view no longer adds it on top of the store's."""
+        key_id = settlement.key_id
+        if settlement.cost:
+            left = self._unconfirmed.get(key_id, 0.0) - settlement.cost
+            if left > 1e-12:
+                self._unconfirmed[key_id] = left
+            else:
+                self._unconfirmed.pop(key_id, None)
+        if settlement.reservation_ids:
+            count = self._releasing.get(key_id, 0) - len(settlement.reservation_ids)
+            if count > 0:
+                self._releasing[key_id] = count
+            else:
+                self._releasing.pop(key_id, None)
 
     def _queue(self, settlement: Settlement) -> None:
         if len(self._pending) >= _PENDING_MAX:
             log.error("keys: %d settlements wait for the store; dropping the oldest", len(self._pending))
+            for dropped in self._pending[: _PENDING_MAX // 10]:
+                self._confirmed(dropped)
             del self._pending[: _PENDING_MAX // 10]
         self._pending.append(settlement)
         if not self._merging:
@@ -452,6 +531,7 @@ class KeyService:
                     except StoreUnavailable:
                         break
                     self._pending.pop(0)
+                    self._confirmed(settlement)
                 if not self._pending:
                     log.info("keys: store is back; spend recorded meanwhile is merged")
                     self._store_down_logged = False

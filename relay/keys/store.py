@@ -47,7 +47,9 @@ class ReserveResult:
     ``retry_after`` is in seconds; ``*_remaining`` are whole units left in
     the buckets (-1 when the key has no such limit); ``*_reset`` the
     seconds until that bucket is full again. ``committed`` is the period's
-    spend plus outstanding reservations after this call.
+    spend plus outstanding reservations after this call; ``spend`` the
+    period's spend alone (where a process's view starts while the store
+    cannot answer).
     """
 
     reason: str | None
@@ -57,6 +59,7 @@ class ReserveResult:
     rpm_reset: float = 0.0
     tpm_reset: float = 0.0
     committed: float = 0.0
+    spend: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

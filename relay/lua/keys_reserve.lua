@@ -86,12 +86,13 @@ if tpm > 0 then
   tpm_reset = math.ceil((tpm - tpm_t) * 60000 / tpm)
 end
 local shown = string.format('%.17g', committed)
+local spent = string.format('%.17g', spend)  -- without reservations: a process's outage view starts here
 
 if budget ~= nil and committed + cost > budget + 1e-9 then
-  return {0, 'budget', 0, rpm_left, tpm_left, rpm_reset, tpm_reset, shown}
+  return {0, 'budget', 0, rpm_left, tpm_left, rpm_reset, tpm_reset, shown, spent}
 end
 if rpm > 0 and rpm_t < requests then
-  return {0, 'rpm', math.ceil((math.min(requests, rpm) - rpm_t) * 60000 / rpm), 0, tpm_left, rpm_reset, tpm_reset, shown}
+  return {0, 'rpm', math.ceil((math.min(requests, rpm) - rpm_t) * 60000 / rpm), 0, tpm_left, rpm_reset, tpm_reset, shown, spent}
 end
 if tpm > 0 and tpm_t < tokens then
   local retry
@@ -100,7 +101,7 @@ if tpm > 0 and tpm_t < tokens then
   else
     retry = math.ceil(math.max(0, tokens - tpm_t) * 60000 / tpm)
   end
-  return {0, 'tpm', retry, rpm_left, tpm_left, rpm_reset, tpm_reset, shown}
+  return {0, 'tpm', retry, rpm_left, tpm_left, rpm_reset, tpm_reset, shown, spent}
 end
 
 if period > s_period then
@@ -122,4 +123,4 @@ reserved = reserved + cost
 redis.call('HSET', KEYS[1], 'reserved', string.format('%.17g', reserved))
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[8]), ARGV[1])
 redis.call('HSET', KEYS[3], ARGV[1], string.format('%.17g %d', cost, tokens))
-return {1, '', 0, rpm_left, tpm_left, rpm_reset, tpm_reset, string.format('%.17g', committed + cost)}
+return {1, '', 0, rpm_left, tpm_left, rpm_reset, tpm_reset, string.format('%.17g', committed + cost), spent}
