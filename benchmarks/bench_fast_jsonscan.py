@@ -13,7 +13,7 @@ import pytest
 
 import relay._fast as fast
 from benchmarks.bench_fast_cachekey import LARGE, SMALL
-from relay.usage import usage_from_json, usage_from_mapping
+from relay.accounting.usage import usage_from_json, usage_from_mapping
 
 STREAMED_SMALL = SMALL.replace(b'"stream": false', b'"stream": true')
 

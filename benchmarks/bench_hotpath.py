@@ -26,10 +26,10 @@ import pytest
 import uvloop
 
 import relay._fast as fast
+from relay.accounting.usage import StreamUsage, inject_include_usage, usage_from_json
 from relay.http.protocol import ClientConnection, ConnectionLimits, ConnState
 from relay.http.request import Request
-from relay.sse import SSESplitter
-from relay.usage import StreamUsage, inject_include_usage, usage_from_json
+from relay.http.sse import SSESplitter
 
 # --------------------------------------------------------------------- data
 

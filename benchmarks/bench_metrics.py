@@ -25,8 +25,8 @@ from typing import Any
 
 import pytest
 
-from relay import metrics as metrics_module
-from relay.metrics import Metrics
+from relay.ops import metrics as metrics_module
+from relay.ops.metrics import Metrics
 
 
 def prometheus_client_metrics() -> Metrics:

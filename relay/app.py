@@ -3,7 +3,7 @@
 :class:`Gateway` is what a worker process runs. It owns the
 :class:`~relay.runtime.Runtime` (long-lived state), the current
 :class:`~relay.pipeline.Pipeline` (swapped whole on reload) and the
-:class:`~relay.server.RelayServer` (sockets and connections).
+:class:`~relay.http.server.RelayServer` (sockets and connections).
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from .config import Config, ConfigError, keep_restart_values
 from .configwatch import ConfigWatcher
 from .http.protocol import ClientConnection, ConnectionLimits
 from .http.request import Request
-from .metrics import Metrics
+from .http.server import RelayServer, bind_socket
+from .ops.metrics import Metrics
 from .pipeline import Pipeline
 from .runtime import Runtime
-from .server import RelayServer, bind_socket
 
 __all__ = ["Gateway", "run_worker"]
 

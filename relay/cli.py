@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_workers(config: Config, file_config: Config) -> int:
-    from . import metrics
+    from .ops import metrics
 
     metrics_dir = os.environ.get(metrics.MULTIPROC_ENV) or tempfile.mkdtemp(prefix="relay-metrics-")
     metrics.prepare_multiprocess_dir(metrics_dir)

@@ -22,21 +22,21 @@ import time
 from email.utils import parsedate_to_datetime
 
 from . import _fast
-from .accounting import USAGE_HEADER, Accounting, stored_usage, with_usage
-from .cache import CacheEntry, FlightAborted, Follower, Leader, replay_headers
+from .accounting.recorder import USAGE_HEADER, Accounting, stored_usage, with_usage
+from .accounting.usage import Usage, inject_include_usage
 from .config import Config
-from .endpoints import own_endpoints
-from .exchange import ACCEPT_IDENTITY, Outcome, ProxyExchange, stream_cut_event
+from .features.cache import CacheEntry, FlightAborted, Follower, Leader, replay_headers
 from .http import errors
 from .http.protocol import ClientConnection
 from .http.request import Request
 from .keys.admin import ADMIN_PREFIX, AdminAPI
 from .keys.admission import Admission
-from .metrics import NO_METERS as _NO_METERS
+from .ops.endpoints import own_endpoints
+from .ops.metrics import NO_METERS as _NO_METERS
 from .runtime import Runtime, Upstream
 from .upstream.balance import Balancer
+from .upstream.exchange import ACCEPT_IDENTITY, Outcome, ProxyExchange, stream_cut_event
 from .upstream.protocol import UpstreamConnection, UpstreamError
-from .usage import Usage, inject_include_usage
 
 __all__ = ["Pipeline"]
 

@@ -22,18 +22,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _fast, debug
-from .cache import Coalescer, MemoryCache, RedisCache
+from .accounting.cost import ModelLabels, PriceTable
+from .accounting.ledger import RedisUsageLedger, SharedUsage, UsageLedger, merge_snapshots
+from .accounting.requestlog import RequestLogger
+from .accounting.tokens import TokenEstimator
+from .accounting.usage import Usage
 from .config import AUTH_SCHEMES, Config
-from .cost import ModelLabels, PriceTable
-from .ledger import RedisUsageLedger, SharedUsage, UsageLedger, merge_snapshots
-from .metrics import Metrics, RequestMetricsOff, multiprocess_dir
-from .ratelimit import MemoryLimiter, RedisLimiter
+from .features.cache import Coalescer, MemoryCache, RedisCache
+from .features.limits import MemoryLimiter, RedisLimiter
+from .ops.metrics import Metrics, RequestMetricsOff, multiprocess_dir
 from .redisconn import RedisConnection
-from .requestlog import RequestLogger
-from .tokens import TokenEstimator
 from .upstream.balance import TargetState
 from .upstream.pool import Origin, UpstreamPool, UpstreamPools
-from .usage import Usage
 
 if TYPE_CHECKING:
     from .http.request import Request
@@ -65,7 +65,7 @@ class Upstream:
     # The upstream's own credential as a header line; b"" = the client's passes.
     auth_line: bytes = b""
     relay_header: bytes = b""  # "X-Relay-Upstream: <label>\r\n"
-    # Its metric children (relay.metrics.TargetMeters), set by the pipeline.
+    # Its metric children (relay.ops.metrics.TargetMeters), set by the pipeline.
     meters: Any = None
 
     @property

@@ -20,7 +20,7 @@ import yaml
 
 from relay.app import Gateway
 from relay.config import Config, load_config
-from relay.server import bind_socket
+from relay.http.server import bind_socket
 
 T = TypeVar("T")
 

@@ -12,7 +12,7 @@ import redis
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.cache import (
+from relay.features.cache import (
     CacheEntry,
     Coalescer,
     FlightAborted,

@@ -14,7 +14,7 @@ from typing import Any
 
 import httptools
 
-from relay.requestlog import RequestLogger
+from relay.accounting.requestlog import RequestLogger
 from relay.testing import ThreadedFakeUpstream
 from tests.conftest import RelayFactory
 from tests.support import RelayThread

@@ -204,7 +204,7 @@ def test_accepted_edges_build_in_both_twins(tmp_path: pathlib.Path, twin: str, e
     impl.TokenBucket(rl.requests_per_second, rl.burst).remaining(1.0)
 
     async def build() -> None:
-        from relay.metrics import Metrics
+        from relay.ops.metrics import Metrics
         from relay.pipeline import Pipeline
         from relay.runtime import Runtime
 

@@ -4,8 +4,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from relay.cost import OTHER, ModelLabels, PriceTable, price_cost, sanitize_label
-from relay.usage import Usage
+from relay.accounting.cost import OTHER, ModelLabels, PriceTable, price_cost, sanitize_label
+from relay.accounting.usage import Usage
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import pytest
 from relay import debug
 from relay.http.protocol import ClientConnection, ConnectionLimits
 from relay.http.request import Request
-from relay.server import RelayServer, bind_socket
+from relay.http.server import RelayServer, bind_socket
 from relay.testing import ThreadedFakeUpstream
 from tests.conftest import RawClient, RelayFactory
 from tests.leakcheck import check_released
@@ -40,12 +40,12 @@ CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "count what 
 COUNTED = {
     ("relay.app", "Gateway", "__init__"),
     ("relay.app", "Gateway", "stop"),
-    ("relay.cache", "Follower", "__init__"),
-    ("relay.cache", "Follower", "close"),
-    ("relay.cache", "Leader", "__init__"),
-    ("relay.cache", "Leader", "close"),
-    ("relay.exchange", "ProxyExchange", "__init__"),
-    ("relay.exchange", "ProxyExchange", "_settle"),
+    ("relay.features.cache", "Follower", "__init__"),
+    ("relay.features.cache", "Follower", "close"),
+    ("relay.features.cache", "Leader", "__init__"),
+    ("relay.features.cache", "Leader", "close"),
+    ("relay.upstream.exchange", "ProxyExchange", "__init__"),
+    ("relay.upstream.exchange", "ProxyExchange", "_settle"),
     ("relay.http.protocol", "ClientConnection", "_serve"),
     ("relay.keys.service", "KeyService", "__init__"),
     ("relay.keys.service", "KeyService", "_refresh_loop"),
@@ -53,7 +53,7 @@ COUNTED = {
     ("relay.keys.service", "KeyService", "close"),
     ("relay.http.protocol", "ClientConnection", "connection_lost"),
     ("relay.http.protocol", "ClientConnection", "connection_made"),
-    ("relay.ledger", "SharedUsage", "_send_all"),
+    ("relay.accounting.ledger", "SharedUsage", "_send_all"),
     ("relay.redisconn", "RedisConnection", "__init__"),
     ("relay.redisconn", "RedisConnection", "_probe_until_up"),
     ("relay.redisconn", "RedisConnection", "close"),
@@ -386,7 +386,7 @@ def test_leak_check_fixture_fails_the_leaking_test(pytester: pytest.Pytester) ->
         test_inner="""
         import asyncio
 
-        from relay.cache import Coalescer
+        from relay.features.cache import Coalescer
 
 
         def test_leaves_a_flight_open():
@@ -413,7 +413,7 @@ import importlib, json, sys
 from relay import debug
 import relay.app  # imports every counted module
 import relay.keys.service  # imported when keys are configured
-from relay.endpoints import own_endpoints
+from relay.ops.endpoints import own_endpoints
 
 from relay.config import load_config
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
+from relay.accounting.tokens import OFFLOAD_CHARS
 from relay.testing import ThreadedFakeUpstream
-from relay.tokens import OFFLOAD_CHARS
 from tests.support import RelayThread, make_config
 from tests.test_usage_e2e import chat, post, usage_json, wait_usage
 

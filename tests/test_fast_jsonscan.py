@@ -28,9 +28,9 @@ from relay._fast import (
     RequestFacts,
     ResponseUsage,
 )
+from relay.accounting.usage import Usage, inject_include_usage, usage_from_json
 from relay.http.request import Request
 from relay.testing.fake_upstream import ThreadedFakeUpstream
-from relay.usage import Usage, inject_include_usage, usage_from_json
 from tests.support import RelayThread, make_config
 
 EXPECT_COMPILED = os.environ.get("RELAY_EXPECT_EXTENSIONS") == "1"

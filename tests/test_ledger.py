@@ -15,8 +15,8 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from relay.ledger import ANONYMOUS, OTHER, RedisUsageLedger, UsageLedger, usage_keys
-from relay.usage import Usage
+from relay.accounting.ledger import ANONYMOUS, OTHER, RedisUsageLedger, UsageLedger, usage_keys
+from relay.accounting.usage import Usage
 
 ZERO = {
     "requests": 0,

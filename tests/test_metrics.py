@@ -9,7 +9,7 @@ import textwrap
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from relay.metrics import DURATION_BUCKETS, MULTIPROC_ENV, Metrics
+from relay.ops.metrics import DURATION_BUCKETS, MULTIPROC_ENV, Metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -136,7 +136,7 @@ def test_duration_buckets() -> None:
 WORKER = textwrap.dedent(
     """
     import sys
-    from relay.metrics import Metrics
+    from relay.ops.metrics import Metrics
     m = Metrics()
     m.observe_request("default", "POST", 200, 0.01)
     m.cache_hits.inc()
@@ -152,7 +152,7 @@ LAUNCHER = textwrap.dedent(
     """
     import json, os, subprocess, sys
     import prometheus_client  # imported before the directory is set, on purpose
-    from relay.metrics import Metrics, mark_worker_dead, prepare_multiprocess_dir
+    from relay.ops.metrics import Metrics, mark_worker_dead, prepare_multiprocess_dir
     path, worker = sys.argv[1], sys.argv[2]
     prepare_multiprocess_dir(path)
     pids = {}
@@ -213,7 +213,7 @@ def test_multiprocess_values_are_summed(tmp_path) -> None:
 
 
 def test_mark_worker_dead_without_multiprocess_is_a_no_op(monkeypatch, tmp_path) -> None:
-    from relay.metrics import mark_worker_dead
+    from relay.ops.metrics import mark_worker_dead
 
     monkeypatch.delenv(MULTIPROC_ENV, raising=False)
     (tmp_path / "relay-metrics-12345-00000000.values").write_bytes(b"")
@@ -236,7 +236,7 @@ def _prometheus_client_twin() -> Metrics:
     labels and buckets, driven by the same recording helpers."""
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-    from relay import metrics as metrics_module
+    from relay.ops import metrics as metrics_module
 
     ours = Metrics(directory=None)
     twin = Metrics.__new__(Metrics)
@@ -322,7 +322,7 @@ def test_family_collect_reads_the_summed_values(metrics: Metrics) -> None:
 
 
 def test_children_past_the_slot_bound_are_not_exposed(metrics: Metrics, monkeypatch) -> None:
-    from relay import metrics as metrics_module
+    from relay.ops import metrics as metrics_module
 
     monkeypatch.setattr(metrics_module, "_SLOTS", metrics.store._next + 1)
     metrics.ratelimit_reject("api_key")  # one slot left: it fits

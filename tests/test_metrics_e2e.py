@@ -16,7 +16,7 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from relay.metrics import render_files
+from relay.ops.metrics import render_files
 from relay.testing.fake_upstream import ThreadedFakeUpstream
 from tests.support import (
     RelayThread,

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay import _fast as fast
-from relay.ratelimit import (
+from relay.features.limits import (
     MemoryLimiter,
     RateDecision,
     RedisLimiter,

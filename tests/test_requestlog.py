@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from relay.requestlog import RequestLogger, strip_query
+from relay.accounting.requestlog import RequestLogger, strip_query
 
 FIELDS = {
     "time",

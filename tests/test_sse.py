@@ -5,7 +5,7 @@ import re
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.sse import SSESplitter, event_fields
+from relay.http.sse import SSESplitter, event_fields
 
 
 def split_all(data: bytes, cuts: list[int]) -> tuple[list[bytes], bytes]:

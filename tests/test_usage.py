@@ -12,9 +12,8 @@ import tiktoken
 import tiktoken.load
 
 from relay import _fast
-from relay.sse import SSESplitter
-from relay.tokens import TokenEstimator, cached_file_path, heuristic_count
-from relay.usage import (
+from relay.accounting.tokens import TokenEstimator, cached_file_path, heuristic_count
+from relay.accounting.usage import (
     StreamUsage,
     Usage,
     estimate_usage,
@@ -24,6 +23,7 @@ from relay.usage import (
     response_text_for_estimate,
     usage_from_json,
 )
+from relay.http.sse import SSESplitter
 
 # -- helpers ------------------------------------------------------------------
 
@@ -346,7 +346,7 @@ def test_openai_usage_on_last_content_chunk_is_not_dropped() -> None:
 
 
 def test_openai_usage_chunk_parsed_only_when_usage_object_present(monkeypatch) -> None:
-    import relay.usage as usage_mod
+    import relay.accounting.usage as usage_mod
 
     parsed: list[bytes] = []
     real_loads = json.loads
@@ -733,7 +733,7 @@ def test_ensure_loaded_runs_off_the_loop(monkeypatch) -> None:
 def test_large_estimates_run_in_the_estimators_thread() -> None:
     import threading
 
-    from relay.tokens import OFFLOAD_CHARS
+    from relay.accounting.tokens import OFFLOAD_CHARS
 
     estimator = TokenEstimator()
     estimator.load_blocking()

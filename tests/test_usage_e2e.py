@@ -24,8 +24,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay import _fast
+from relay.accounting.tokens import TokenEstimator
 from relay.testing.fake_upstream import ThreadedFakeUpstream
-from relay.tokens import TokenEstimator
 from tests.redis_server import RedisServer
 from tests.support import RelayThread, make_config
 
@@ -142,7 +142,7 @@ def assert_no_secret(*texts: str | bytes) -> None:
 
 
 def cost(price: float | dict[str, float], prompt: int, completion: int, cached: int = 0) -> float:
-    """The contract's formula, written out independently of relay.cost."""
+    """The contract's formula, written out independently of relay.accounting.cost."""
     if isinstance(price, float):
         return (prompt + completion) / 1000 * price
     cached_price = price.get("cached_input", price["input"])

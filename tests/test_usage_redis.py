@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import redis
 
-from relay.ledger import usage_keys
+from relay.accounting.ledger import usage_keys
 from relay.testing import ThreadedFakeUpstream
 from tests.redis_server import RedisServer
 from tests.support import RelayThread, make_config

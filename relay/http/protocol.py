@@ -65,7 +65,7 @@ HOP_BY_HOP = frozenset(
 
 # Request headers relay does not pass upstream: hop-by-hop ones, and those it
 # sets itself (Host, framing, X-Forwarded-*, Accept-Encoding: relay asks for
-# identity, see relay/exchange.py), plus Expect (the body is read before
+# identity, see relay/upstream/exchange.py), plus Expect (the body is read before
 # forwarding, so upstream never needs to say 100 Continue).
 NOT_FORWARDED = HOP_BY_HOP | {
     b"host", b"expect", b"x-forwarded-for", b"x-forwarded-proto", b"accept-encoding"

@@ -24,9 +24,9 @@ import math
 import time
 from typing import TYPE_CHECKING
 
-from relay.cost import PriceTable, price_cost
+from relay.accounting.cost import PriceTable, price_cost
+from relay.accounting.usage import Usage, request_text_for_estimate
 from relay.http import errors
-from relay.usage import Usage, request_text_for_estimate
 
 from .model import KeyRecord, period_start
 from .service import Allowance, KeyService
@@ -34,7 +34,7 @@ from .store import Reservation, ReserveResult
 
 if TYPE_CHECKING:
     from relay.http.request import Request
-    from relay.metrics import Metrics, RequestMetricsOff
+    from relay.ops.metrics import Metrics, RequestMetricsOff
 
 __all__ = ["Admission", "KeyTicket"]
 

@@ -34,7 +34,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from relay.metrics import Metrics
+from relay.ops.metrics import Metrics
 
 __all__ = ["BREAKER_STATES", "STATUS_CLASSES", "histogram_quantile", "status_snapshot"]
 

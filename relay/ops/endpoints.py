@@ -14,14 +14,14 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from . import debug
-from .http.protocol import ClientConnection
-from .http.request import Request
-from .ops.page import status_page
-from .ops.status import status_snapshot
+from .. import debug
+from ..http.protocol import ClientConnection
+from ..http.request import Request
+from .page import status_page
+from .status import status_snapshot
 
 if TYPE_CHECKING:
-    from .pipeline import Pipeline
+    from ..pipeline import Pipeline
 
 __all__ = ["Endpoint", "own_endpoints"]
 

@@ -22,7 +22,7 @@ breaker. One process without the directory keeps the array in memory.
 
 Label values are bounded by construction: ``route`` is the matched route's
 target host or ``default``; ``upstream`` a configured upstream host[:port];
-``model`` comes from :class:`relay.cost.ModelLabels`; ``key_type`` is
+``model`` comes from :class:`relay.accounting.cost.ModelLabels`; ``key_type`` is
 ``api_key``, ``ip`` or ``global``; ``key`` a virtual key's name (set by
 its admin, ``unknown`` for a secret that matched no key); ``method``/``status``
 are what the HTTP parser accepts. Never a key, a prompt or a client-chosen string.
@@ -39,7 +39,7 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from . import _fast
+from .. import _fast
 
 __all__ = [
     "DURATION_BUCKETS",

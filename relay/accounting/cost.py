@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Protocol
 
-from relay.usage import Usage
+from relay.accounting.usage import Usage
 
 __all__ = ["ModelLabels", "OTHER", "PriceLike", "PriceTable", "price_cost", "sanitize_label"]
 

@@ -23,7 +23,7 @@ The two usage shapes are told apart by their keys (``prompt_tokens`` vs
 ``total_tokens``, which Anthropic never sends), so one parser serves all.
 
 Streams: :class:`StreamUsage` reads the raw events produced by
-:class:`relay.sse.SSESplitter`. It parses JSON only for the few events that
+:class:`relay.http.sse.SSESplitter`. It parses JSON only for the few events that
 carry usage; the generated text is collected with one regular-expression
 search per event (as still-escaped JSON string fragments, decoded only if
 an estimate is needed) so that a stream without usage, or one the client
@@ -45,7 +45,7 @@ from relay._fast import (
     request_facts,
     response_usage,
 )
-from relay.sse import event_fields
+from relay.http.sse import event_fields
 
 __all__ = [
     "ANTHROPIC",
@@ -91,7 +91,7 @@ _OPENAI_NULL_USAGE_TAIL = b',"usage":null}\n\n'
 
 
 class TokenCounter(Protocol):
-    """What an estimate needs (relay.tokens.TokenEstimator fits)."""
+    """What an estimate needs (relay.accounting.tokens.TokenEstimator fits)."""
 
     def count(self, text: str, model: str = "") -> int: ...
 

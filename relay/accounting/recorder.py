@@ -15,12 +15,12 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
-from .cache import CacheEntry
-from .config import Config
-from .exchange import ProxyExchange
-from .http.request import Request
-from .metrics import Metrics, RequestMetricsOff
-from .sse import SSESplitter
+from ..config import Config
+from ..features.cache import CacheEntry
+from ..http.request import Request
+from ..http.sse import SSESplitter
+from ..ops.metrics import Metrics, RequestMetricsOff
+from ..upstream.exchange import ProxyExchange
 from .tokens import OFFLOAD_CHARS
 from .usage import (
     StreamUsage,
@@ -33,7 +33,7 @@ from .usage import (
 )
 
 if TYPE_CHECKING:
-    from .runtime import Runtime, Upstream
+    from ..runtime import Runtime, Upstream
 
 __all__ = ["Accounting", "stored_usage", "with_usage"]
 

@@ -34,12 +34,12 @@ import zlib
 from collections.abc import Callable
 from typing import Protocol
 
-from . import debug
-from .cache import shared_headers
-from .http.protocol import HOP_BY_HOP, ClientConnection
-from .sse import SSESplitter, event_fields
-from .upstream.protocol import UpstreamConnection, UpstreamError
-from .usage import ANTHROPIC, StreamUsage, provider_for_path
+from .. import debug
+from ..accounting.usage import ANTHROPIC, StreamUsage, provider_for_path
+from ..features.cache import shared_headers
+from ..http.protocol import HOP_BY_HOP, ClientConnection
+from ..http.sse import SSESplitter, event_fields
+from .protocol import UpstreamConnection, UpstreamError
 
 __all__ = [
     "ACCEPT_IDENTITY",
@@ -157,7 +157,7 @@ _SPACED_NULL_USAGE = re.compile(rb',\s*"usage"\s*:\s*null(?=\s*[,}])|"usage"\s*:
 
 class ExchangeObserver(Protocol):
     """Something else that wants the response as it passes: the leader of a
-    coalesced miss (:class:`relay.cache.Leader`) publishing to its followers."""
+    coalesced miss (:class:`relay.features.cache.Leader`) publishing to its followers."""
 
     @property
     def followers(self) -> int: ...

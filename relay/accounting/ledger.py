@@ -37,7 +37,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from relay import debug
-from relay.usage import Usage
+from relay.accounting.usage import Usage
 
 if TYPE_CHECKING:
     from relay.redisconn import RedisConnection

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import socket
 
-from .http.protocol import ClientConnection, ConnectionLimits, Handler
+from .protocol import ClientConnection, ConnectionLimits, Handler
 
 __all__ = ["RelayServer", "bind_socket"]
 
