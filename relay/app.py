@@ -64,9 +64,11 @@ class Gateway:
         self._watcher: ConfigWatcher | None = None
         self._stopping: asyncio.Future[None] = loop.create_future()
 
-    def dispatch(self, request: Request, client: ClientConnection) -> Coroutine[Any, Any, None]:
+    def dispatch(
+        self, request: Request, client: ClientConnection
+    ) -> Coroutine[Any, Any, None] | None:
         # The pipeline is read per request, so a reload applies to the next one.
-        return self.pipeline.handle(request, client)
+        return self.pipeline.answer(request, client)
 
     async def start(self, sock: socket.socket) -> None:
         await self.runtime.settled()

@@ -19,18 +19,29 @@ import json
 import math
 import re
 import time
+from collections.abc import Coroutine
 from email.utils import parsedate_to_datetime
+from typing import Any
 
 from . import _fast
-from .accounting.recorder import USAGE_HEADER, Accounting, stored_usage, with_usage
+from .accounting.recorder import Accounting, stored_usage, with_usage
 from .accounting.usage import Usage, inject_include_usage
 from .config import Config
-from .features.cache import CacheEntry, FlightAborted, Follower, Leader, replay_headers
+from .features.cache import (
+    CacheEntry,
+    FlightAborted,
+    Follower,
+    Leader,
+    MemoryCache,
+    RedisCache,
+    replay_headers,
+)
+from .features.limits import MemoryLimiter, RedisLimiter
 from .http import errors
 from .http.protocol import ClientConnection
 from .http.request import Request
 from .keys.admin import ADMIN_PREFIX, AdminAPI
-from .keys.admission import Admission
+from .keys.admission import Admission, KeyTicket
 from .ops.endpoints import own_endpoints
 from .ops.metrics import NO_METERS as _NO_METERS
 from .runtime import Runtime, Upstream
@@ -206,12 +217,17 @@ class Pipeline:
         # Only routes with somewhere else to go need the attempt bookkeeping.
         self._chained = retries.attempts > 0 or any(r.fallbacks for r in self._routes)
 
-        self._limiter = runtime.limiter(config) if config.ratelimit.enabled else None
+        self._limiter = limiter = runtime.limiter(config) if config.ratelimit.enabled else None
+        # The in-process limiter and cache answer without an await: a hit
+        # is served without a task.
+        self._acquire_now = limiter.acquire_now if isinstance(limiter, MemoryLimiter) else None
+        self._limit_line = b"X-RateLimit-Limit: %d\r\n" % (limiter.limit if limiter else 0)
         self._limit_kind = config.ratelimit.key
         self._limit_label = config.ratelimit.key
 
         cache = config.cache
         self._cache = runtime.cache(config) if cache.enabled else None
+        self._cache_now = self._cache.get_nowait if isinstance(self._cache, MemoryCache) else None
         self._cache_global = cache.scope == "global"
         self._cache_max = cache.max_body_bytes
 
@@ -224,107 +240,199 @@ class Pipeline:
     # ------------------------------------------------------------------ #
     # entry point
     # ------------------------------------------------------------------ #
-    async def handle(self, request: Request, client: ClientConnection) -> None:
+    def answer(
+        self, request: Request, client: ClientConnection
+    ) -> Coroutine[Any, Any, None] | None:
+        """Answer *request* now if nothing on its way needs an await (a cache
+        hit, a refusal); else the coroutine that goes on from where this
+        stopped (nothing decided here is decided again, the limiter is
+        charged once)."""
         own = self._own.get(request.path)
         if own is not None:
-            await own(request, client)
-            return
+            return own(request, client)
         if request.path.startswith(ADMIN_PREFIX):
-            await self._admin.handle(request, client)
-            return
+            return self._admin.handle(request, client)
         admission = self._admission
-        if admission is not None:
-            # Virtual keys: admitted (and reserved) before rate limit and cache.
-            ticket = await admission.admit(request)
-            if isinstance(ticket, errors.GatewayError):
-                self._reject(request, client, self._route(request).upstream, ticket, [_BYPASS])
-                return
-            request.relay_key = ticket
-            try:
-                await self._proxy(request, client)
-            finally:
-                ticket.release()  # unless settled: nothing was sent upstream
-            return
-        await self._proxy(request, client)
+        if admission is None:
+            return self._proxy_now(request, client)
+        # Virtual keys: admitted (and reserved) before rate limit and cache;
+        # from the process's key cache and allowance when they can say.
+        ticket = admission.admit_now(request)
+        if ticket is None:
+            return self._admit(admission, request, client)
+        return self._admitted(request, client, ticket)
 
-    async def _proxy(self, request: Request, client: ClientConnection) -> None:
+    async def handle(self, request: Request, client: ClientConnection) -> None:
+        """:meth:`answer`, awaited to the end."""
+        rest = self.answer(request, client)
+        if rest is not None:
+            await rest
+
+    async def _admit(self, admission: Admission, request: Request, client: ClientConnection) -> None:
+        rest = self._admitted(request, client, await admission.admit(request))
+        if rest is not None:
+            await rest
+
+    def _admitted(
+        self, request: Request, client: ClientConnection, ticket: KeyTicket | errors.GatewayError
+    ) -> Coroutine[Any, Any, None] | None:
+        if isinstance(ticket, errors.GatewayError):
+            self._reject(request, client, self._route(request).upstream, ticket, [_BYPASS])
+            return None
+        request.relay_key = ticket
+        try:
+            rest = self._proxy_now(request, client)
+        except BaseException:
+            ticket.release()
+            raise
+        if rest is None:
+            ticket.release()  # unless settled: nothing was sent upstream
+            return None
+        return _released_after(rest, ticket)
+
+    def _proxy_now(
+        self, request: Request, client: ClientConnection
+    ) -> Coroutine[Any, Any, None] | None:
         route = self._route(request)
-        upstream = route.upstream
         extra: list[bytes] = []
-
         limiter = self._limiter
         if limiter is not None:
-            decision = await limiter.acquire(self._limit_key(request))
-            extra.append(b"X-RateLimit-Limit: %d\r\n" % decision.limit)
-            extra.append(b"X-RateLimit-Remaining: %d\r\n" % decision.remaining)
-            if not decision.allowed:
-                self._metrics.ratelimit_reject(self._limit_label)
-                retry = max(1, math.ceil(decision.retry_after))
-                extra.append(b"Retry-After: %d\r\n" % retry)
-                extra.append(_BYPASS)  # every answer on a proxied path says it
-                self._reject(
-                    request, client, upstream,
-                    errors.GatewayError(
-                        429,
-                        "Rate limit exceeded: retry after the time in Retry-After",
-                        "rate_limit_error",
-                        "rate_limit_exceeded",
-                    ),
-                    extra,
-                )
-                return
+            acquire_now = self._acquire_now
+            if acquire_now is None:
+                return self._limit(limiter, request, client, route, extra)
+            allowed, remaining, retry_after = acquire_now(self._limit_key(request))
+            if self._limited(request, client, route, extra, allowed, remaining, retry_after):
+                return None
+        return self._lookup_now(request, client, route, extra)
 
+    async def _limit(
+        self,
+        limiter: RedisLimiter,
+        request: Request,
+        client: ClientConnection,
+        route: _Route,
+        extra: list[bytes],
+    ) -> None:
+        """The shared (Redis) limiter, then on as :meth:`_proxy_now`."""
+        decision = await limiter.acquire(self._limit_key(request))
+        if self._limited(
+            request, client, route, extra, decision.allowed, decision.remaining, decision.retry_after
+        ):
+            return
+        rest = self._lookup_now(request, client, route, extra)
+        if rest is not None:
+            await rest
+
+    def _limited(
+        self,
+        request: Request,
+        client: ClientConnection,
+        route: _Route,
+        extra: list[bytes],
+        allowed: bool,
+        remaining: int,
+        retry_after: float,
+    ) -> bool:
+        """Add the rate-limit headers; True if refused (then answered, 429)."""
+        extra.append(self._limit_line)
+        extra.append(b"X-RateLimit-Remaining: %d\r\n" % remaining)
+        if allowed:
+            return False
+        self._metrics.ratelimit_reject(self._limit_label)
+        retry = max(1, math.ceil(retry_after))
+        extra.append(b"Retry-After: %d\r\n" % retry)
+        extra.append(_BYPASS)  # every answer on a proxied path says it
+        self._reject(
+            request, client, route.upstream,
+            errors.GatewayError(
+                429,
+                "Rate limit exceeded: retry after the time in Retry-After",
+                "rate_limit_error",
+                "rate_limit_exceeded",
+            ),
+            extra,
+        )
+        return True
+
+    def _lookup_now(
+        self, request: Request, client: ClientConnection, route: _Route, extra: list[bytes]
+    ) -> Coroutine[Any, Any, None] | None:
+        """The cache: a hit from memory is answered here."""
         cache = self._cache
-        key = None
-        store = False
-        if cache is not None and request.method == b"POST":
-            control = request.cache_control
-            no_store = control is not None and b"no-store" in control
-            no_cache = no_store or (control is not None and b"no-cache" in control)
-            store = not no_store
-            key = _fast.cache_key(
-                request.method,
-                request.target,
-                request.body,
-                # The raw credential only feeds the SHA-256 of the key and is
-                # never stored: a short hash here could be collided with.
-                # A virtual key's caller is its id (stable across rotations).
-                b"" if self._cache_global else (
-                    request.relay_key.identity if request.relay_key is not None
-                    else request.credential or b""
-                ),
-                request.varying_key(),
-            )
-            if not no_cache:
-                entry = await cache.get(key)
-                if entry is not None:
-                    self._serve_hit(request, client, upstream, entry, extra)
-                    return
-                if store:
-                    ticket = self.runtime.coalescer.join(key)
-                    if isinstance(ticket, Follower):
-                        try:
-                            if await self._follow(request, client, upstream, ticket, extra):
-                                return
-                        finally:
-                            ticket.close()
-                        # The leader's response was not shareable: go upstream
-                        # on our own.
-                    else:
-                        extra.append(_MISS)
-                        self._metrics.cache_misses.inc()
-                        try:
-                            await self._forward(request, client, route, extra, key, ticket)
-                        finally:
-                            ticket.close()
-                        return
-                extra.append(_MISS)
-                self._metrics.cache_misses.inc()
-            else:
-                extra.append(_BYPASS)
-        else:
+        if cache is None or request.method != b"POST":
             extra.append(_BYPASS)
-        await self._forward(request, client, route, extra, key if store else None, None)
+            return self._forward(request, client, route, extra, None, None)
+        control = request.cache_control
+        no_store = control is not None and b"no-store" in control
+        no_cache = no_store or (control is not None and b"no-cache" in control)
+        key = _fast.cache_key(
+            request.method,
+            request.target,
+            request.body,
+            # The raw credential only feeds the SHA-256 of the key and is
+            # never stored: a short hash here could be collided with.
+            # A virtual key's caller is its id (stable across rotations).
+            b"" if self._cache_global else (
+                request.relay_key.identity if request.relay_key is not None
+                else request.credential or b""
+            ),
+            request.varying_key(),
+        )
+        if no_cache:
+            extra.append(_BYPASS)
+            return self._forward(request, client, route, extra, None if no_store else key, None)
+        get_now = self._cache_now
+        if get_now is None:
+            return self._lookup(cache, request, client, route, extra, key)
+        entry = get_now(key)
+        if entry is not None:
+            self._serve_hit(request, client, route.upstream, entry, extra)
+            return None
+        return self._miss(request, client, route, extra, key)
+
+    async def _lookup(
+        self,
+        cache: RedisCache,
+        request: Request,
+        client: ClientConnection,
+        route: _Route,
+        extra: list[bytes],
+        key: bytes,
+    ) -> None:
+        """The shared (Redis) cache, then on as :meth:`_lookup_now`."""
+        entry = await cache.get(key)
+        if entry is not None:
+            self._serve_hit(request, client, route.upstream, entry, extra)
+            return
+        await self._miss(request, client, route, extra, key)
+
+    async def _miss(
+        self,
+        request: Request,
+        client: ClientConnection,
+        route: _Route,
+        extra: list[bytes],
+        key: bytes,
+    ) -> None:
+        """Not cached: follow an identical request in flight, or go upstream."""
+        ticket = self.runtime.coalescer.join(key)
+        if isinstance(ticket, Follower):
+            try:
+                if await self._follow(request, client, route.upstream, ticket, extra):
+                    return
+            finally:
+                ticket.close()
+            # The leader's response was not shareable: go upstream on our own.
+            extra.append(_MISS)
+            self._metrics.cache_misses.inc()
+            await self._forward(request, client, route, extra, key, None)
+            return
+        extra.append(_MISS)
+        self._metrics.cache_misses.inc()
+        try:
+            await self._forward(request, client, route, extra, key, ticket)
+        finally:
+            ticket.close()
 
     # ------------------------------------------------------------------ #
     # decisions
@@ -380,10 +488,12 @@ class Pipeline:
         extra: list[bytes],
     ) -> None:
         self._metrics.cache_hits.inc()
-        lines = [b"%s: %s\r\n" % pair for pair in entry.headers if pair[0] != USAGE_HEADER]
-        lines.extend(extra)
+        # The entry's header lines were rendered once, when it was stored.
+        lines = [entry.head]
+        lines += extra
         lines.append(_HIT)
         if entry.streamed:
+            client.hold()  # head and body leave in one write
             client.start_response(entry.status, lines, None)
             client.write(entry.body)
             client.finish()
@@ -929,6 +1039,13 @@ class Pipeline:
         """Per-target breaker, load and latency, for relay's own JSON endpoints."""
         now = time.monotonic()
         return [u.snapshot(now) for u in self.upstreams()]
+
+
+async def _released_after(rest: Coroutine[Any, Any, None], ticket: KeyTicket) -> None:
+    try:
+        await rest
+    finally:
+        ticket.release()  # unless settled: nothing was sent upstream
 
 
 def _keys_hooks(

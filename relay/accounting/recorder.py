@@ -16,7 +16,7 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 from ..config import Config
-from ..features.cache import CacheEntry
+from ..features.cache import USAGE_HEADER, CacheEntry
 from ..http.request import Request
 from ..http.sse import SSESplitter
 from ..ops.metrics import Metrics, RequestMetricsOff
@@ -36,9 +36,6 @@ if TYPE_CHECKING:
     from ..runtime import Runtime, Upstream
 
 __all__ = ["Accounting", "stored_usage", "with_usage"]
-
-# Internal header that carries a cached response's usage; never replayed.
-USAGE_HEADER = b"x-relay-usage"
 
 
 class Accounting:
@@ -225,18 +222,23 @@ def with_usage(
 
 
 def stored_usage(entry: CacheEntry) -> Usage | None:
-    """The usage :func:`with_usage` kept with a cache entry."""
-    for name, value in entry.headers:
-        if name == USAGE_HEADER:
-            try:
-                prompt, completion, cached, written, model = value.split(b",", 4)
-                return Usage(
-                    model.decode("utf-8", "replace"),
-                    int(prompt),
-                    int(completion),
-                    int(cached),
-                    cache_write_tokens=int(written),
-                )
-            except ValueError:
-                return None
-    return None
+    """The usage :func:`with_usage` kept with a cache entry (read once per entry)."""
+    usage = entry.usage
+    if usage is not None:
+        return usage  # type: ignore[no-any-return]
+    value = entry.usage_value
+    if value is None:
+        return None
+    try:
+        prompt, completion, cached, written, model = value.split(b",", 4)
+        usage = Usage(
+            model.decode("utf-8", "replace"),
+            int(prompt),
+            int(completion),
+            int(cached),
+            cache_write_tokens=int(written),
+        )
+    except ValueError:
+        return None
+    entry.keep_usage(usage)
+    return usage

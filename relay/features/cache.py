@@ -16,8 +16,8 @@ import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import cast
+from dataclasses import dataclass, field
+from typing import Any, cast
 
 from relay import debug
 from relay.http.protocol import HOP_BY_HOP
@@ -30,6 +30,7 @@ __all__ = [
     "Follower",
     "Leader",
     "PER_CALLER_HEADERS",
+    "USAGE_HEADER",
     "MemoryCache",
     "RedisCache",
     "replay_headers",
@@ -52,6 +53,10 @@ PER_CALLER_HEADERS = frozenset(
         b"www-authenticate",
     }
 )
+
+# Internal header that keeps a cached response's usage beside it (see
+# relay.accounting.recorder); stored, never sent.
+USAGE_HEADER = b"x-relay-usage"
 
 # Never replayed from the cache: hop-by-hop headers (RFC 9110 7.6.1), the
 # framing the server recomputes for the replay, per-caller headers and
@@ -108,6 +113,12 @@ class CacheEntry:
     as the client received it, and ``streamed`` tells the server to replay it
     as a stream again. ``created`` is wall-clock time (``time.time()``), not
     monotonic, because Redis entries are read by other processes and hosts.
+
+    Derived once, when the entry is made (stored, or read back from Redis),
+    so a hit does not redo it: ``head``, the header lines as sent
+    (``Name: value\r\n`` each, the internal usage header left out), and
+    ``usage_value``, that header's value (None without one). ``usage`` is
+    where the reader of ``usage_value`` keeps what it made of it.
     """
 
     status: int
@@ -115,6 +126,26 @@ class CacheEntry:
     body: bytes
     streamed: bool
     created: float
+    head: bytes = field(init=False, repr=False, compare=False)
+    usage_value: bytes | None = field(init=False, repr=False, compare=False)
+    usage: Any = field(init=False, default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        lines = []
+        usage_value = None
+        for name, value in self.headers:
+            if name == USAGE_HEADER:
+                if usage_value is None:
+                    usage_value = value
+            else:
+                lines.append(b"%s: %s\r\n" % (name, value))
+        # Frozen: set once here, as dataclasses' own __init__ does.
+        object.__setattr__(self, "head", b"".join(lines))
+        object.__setattr__(self, "usage_value", usage_value)
+
+    def keep_usage(self, usage: Any) -> None:
+        """Remember what ``usage_value`` reads as (the entry is immutable otherwise)."""
+        object.__setattr__(self, "usage", usage)
 
     @property
     def size(self) -> int:

@@ -116,6 +116,11 @@ class MemoryLimiter:
         self._clock = clock
         self._table = BucketTable(rate, burst, max_keys)
 
+    def acquire_now(self, key: bytes) -> tuple[bool, int, float]:
+        """(allowed, remaining, retry_after) of one acquire, as RateDecision
+        has them, without building one (the per-request path)."""
+        return self._table.acquire(key, self._clock())
+
     def acquire_nowait(self, key: bytes) -> RateDecision:
         allowed, remaining, retry_after = self._table.acquire(key, self._clock())
         return RateDecision(allowed, self.limit, remaining, retry_after)

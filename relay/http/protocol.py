@@ -185,7 +185,9 @@ def _line_error(data: bytes, start: int, end: int) -> errors.GatewayError | None
     return errors.bad_request("Malformed request line: no HTTP version")
 
 
-Handler = Callable[[Request, "ClientConnection"], Coroutine[Any, Any, None]]
+# Answers a request: at once (returns None, the response is written), or
+# returns the coroutine that answers it, which runs as the request's task.
+Handler = Callable[[Request, "ClientConnection"], Coroutine[Any, Any, None] | None]
 
 
 class ConnectionLimits:
@@ -700,6 +702,10 @@ class ClientConnection(asyncio.Protocol):
             self._set_read(_AWAIT)
         self._line_at = self._end_at
         if self._answer is _NONE:
+            if self._state >= _CLOSING:
+                # A request answered at once closed the connection while
+                # this read was parsed: what follows it is never answered.
+                return
             self._cancel_timer()
             self._dispatch(request)
         else:
@@ -712,6 +718,8 @@ class ClientConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ #
     def _reject(self, error: errors.GatewayError) -> None:
         """Answer a refused request in its turn, then close."""
+        if self._answer is _NONE and self._state >= _CLOSING:
+            return  # closing after a complete answer: nothing more is read
         self._stop_reading_requests()
         self._flow.pause_reading()
         self._line_part = None
@@ -724,50 +732,88 @@ class ClientConnection(asyncio.Protocol):
             self._queue.append(_Rejected(error))
 
     def _dispatch(self, request: Request) -> None:
+        self._begin(request)
+        self._run(request)
+
+    def _begin(self, request: Request) -> None:
+        """*request* is the one being answered from now on."""
         self._set_answer(_PENDING)
         if self._state is _IDLE:
             self._set_state(_OPEN)
         self._current = request
         # Once no new request is read, close after the last one queued.
         self._close_after = not request.keep_alive or (self._state >= _CLOSING and not self._queue)
-        task = self._task = self._loop.create_task(self._serve(request))
+
+    def _run(self, request: Request) -> None:
+        # Most answers (a cache hit, relay's own refusals) need no await:
+        # the handler writes them here, without a task.
+        try:
+            work = self._handler(request, self)
+        except Exception as exc:
+            self._failed(request, exc)
+            if not isinstance(exc, errors.GatewayError):
+                self._loop.call_exception_handler({
+                    "message": "Unhandled error answering a request",
+                    "exception": exc,
+                    "protocol": self,
+                })
+            return
+        if work is None:
+            self._answered(request)
+            return
+        task = self._task = self._loop.create_task(self._serve(request, work))
         tasks = self._tasks
         if tasks is not None:
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
+    def _run_queued(self, request: Request) -> None:
+        """A pipelined request's turn (run soon after its predecessor's last
+        byte, so that one is counted before this one is answered)."""
+        if self._current is not request:
+            return
+        if self._state is _CLOSED:
+            self._set_answer(_NONE)
+            self._current = None
+            return
+        self._run(request)
+
     @debug.during("requests")
-    async def _serve(self, request: Request) -> None:
+    async def _serve(self, request: Request, work: Coroutine[Any, Any, None]) -> None:
         try:
-            await self._handler(request, self)
+            await work
         except asyncio.CancelledError:
             if self._state is not _CLOSED:
                 self.abort()
             raise
-        except errors.GatewayError as exc:
-            if self._current is request:
-                if self._answer is not _PENDING:
-                    self.abort()
-                else:
-                    self.send_error(exc)
-        except Exception:  # a bug must cost one request, not the process
-            if self._current is request:
-                if self._answer is not _PENDING:
-                    self.abort()
-                else:
-                    self.send_error(
-                        errors.GatewayError(
-                            500, "Internal error in relay", "server_error", "internal_error"
-                        )
-                    )
-            raise
+        except Exception as exc:  # a bug must cost one request, not the process
+            self._failed(request, exc)
+            if not isinstance(exc, errors.GatewayError):
+                raise
         else:
-            if self._current is request and self._answer is _PENDING and self._state is not _CLOSED:
-                # Not answered: the client was gone (half-closed) before
-                # relay sent its request on. Nothing will be written: close.
-                self._stop_reading_requests()
-                assert self._transport is not None
-                self._transport.close()
+            self._answered(request)
+
+    def _failed(self, request: Request, exc: Exception) -> None:
+        """The handler raised: relay's error answer, unless a response began."""
+        if self._current is not request:
+            return
+        if self._answer is not _PENDING:
+            self.abort()
+        elif isinstance(exc, errors.GatewayError):
+            self.send_error(exc)
+        else:
+            self.send_error(
+                errors.GatewayError(500, "Internal error in relay", "server_error", "internal_error")
+            )
+
+    def _answered(self, request: Request) -> None:
+        """The handler returned: close if it wrote nothing."""
+        if self._current is request and self._answer is _PENDING and self._state is not _CLOSED:
+            # Not answered: the client was gone (half-closed) before
+            # relay sent its request on. Nothing will be written: close.
+            self._stop_reading_requests()
+            assert self._transport is not None
+            self._transport.close()
 
     def _next(self) -> None:
         """The current response is complete: close, or serve the next request."""
@@ -793,7 +839,10 @@ class ClientConnection(asyncio.Protocol):
                 self._current = item
                 self.send_error(item.error)
             else:
-                self._dispatch(item)
+                # Not answered from inside this call: the response just
+                # finished is counted (request log, usage) before the next.
+                self._begin(item)
+                self._loop.call_soon(self._run_queued, item)
             return
         if self._state >= _CLOSING:
             transport.close()

@@ -125,16 +125,50 @@ class Admission:
         self._metrics.key_reject(record.name if record is not None else "unknown", reason)
         return error
 
+    def admit_now(self, request: Request) -> KeyTicket | errors.GatewayError | None:
+        """:meth:`admit` when it needs no await (the key is in the process
+        cache, the reservation comes from this process's allowance); None
+        when the store must be asked, then nothing was taken or counted."""
+        secret = self._secret(request)
+        if isinstance(secret, errors.GatewayError):
+            return secret
+        record = self.service.cached(self._hash(secret))
+        if record is None:
+            return None
+        checked = self._check(request, record)
+        if not isinstance(checked, tuple):
+            return checked
+        reserved = self.service.reserve_now(*checked)
+        if reserved is None:
+            return None
+        return self._ticket(request, record, *reserved)
+
     async def admit(self, request: Request) -> KeyTicket | errors.GatewayError:
         """A ticket for an admitted request, else the error to answer with."""
+        secret = self._secret(request)
+        if isinstance(secret, errors.GatewayError):
+            return secret
+        sha = self._hash(secret)
+        service = self.service
+        record = service.cached(sha) or await service.lookup(sha)
+        checked = self._check(request, record)
+        if not isinstance(checked, tuple):
+            return checked
+        return self._ticket(request, checked[0], *await service.reserve(*checked))
+
+    def _secret(self, request: Request) -> bytes | errors.GatewayError:
         secret = request.credential
         if not secret or not secret.startswith(_PREFIX):
             return self._reject(None, "invalid", _invalid(
                 "Missing relay key: send it as 'Authorization: Bearer rk-...' or 'x-api-key: rk-...'"
             ))
-        sha = self._hash(secret)
-        service = self.service
-        record = service.cached(sha) or await service.lookup(sha)
+        return secret
+
+    def _check(
+        self, request: Request, record: KeyRecord | None
+    ) -> KeyTicket | errors.GatewayError | tuple[KeyRecord, int, float, int]:
+        """The checks before a reservation: a ticket when none is needed, an
+        error, or what to reserve (record, tokens, cost, period)."""
         now = time.time()
         if record is None or record.revoked or (
             record.expires_at is not None and record.expires_at <= now
@@ -155,13 +189,22 @@ class Admission:
                     "permission_error",
                     "model_not_allowed",
                 ))
-        allowance = local = None
         if record.budget_usd is not None or record.rpm is not None or record.tpm is not None:
             tokens, cost = self._estimate(request, model)
             period = period_start(record.budget_period, now) if record.budget_period else 0
-            refusal, allowance, local = await service.reserve(record, tokens, cost, period)
-            if refusal is not None:
-                return self._refusal(record, refusal)
+            return record, tokens, cost, period
+        return self._ticket(request, record, None, None, None)
+
+    def _ticket(
+        self,
+        request: Request,
+        record: KeyRecord,
+        refusal: ReserveResult | None,
+        allowance: Allowance | None,
+        local: Reservation | None,
+    ) -> KeyTicket | errors.GatewayError:
+        if refusal is not None:
+            return self._refusal(record, refusal)
         # The relay key is consumed here: the client's credential headers
         # never go upstream (the upstream's own key, if any, is sent instead).
         request.credential_headers = b""

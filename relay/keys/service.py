@@ -263,6 +263,33 @@ class KeyService:
         locally because the store could not answer, then
         ``local_reservation`` is what was held locally).
         """
+        known = self.reserve_now(record, tokens, cost, period)
+        if known is not None:
+            return known
+        key_id = record.id
+        # One new allowance at a time per key: a burst of requests that find
+        # the old one spent waits for the one being reserved instead of each
+        # reserving its own (which would hold far more than the burst needs).
+        acquiring = self._acquiring.get(key_id)
+        while acquiring is not None:
+            await asyncio.shield(acquiring)
+            allowance = self._allowances.get(key_id)
+            if allowance is not None and allowance.take(tokens, cost, period):
+                return None, allowance, None
+            acquiring = self._acquiring.get(key_id)
+        done = self._acquiring[key_id] = self.loop.create_future()
+        try:
+            return await self._new_allowance(record, tokens, cost, period)
+        finally:
+            del self._acquiring[key_id]
+            done.set_result(None)
+
+    def reserve_now(
+        self, record: KeyRecord, tokens: int, cost: float, period: int
+    ) -> tuple[ReserveResult | None, Allowance | None, Reservation | None] | None:
+        """:meth:`reserve` when this process can answer alone (from its
+        allowance, or a refusal it repeats); None when the store must be asked
+        (then nothing was taken)."""
         key_id = record.id
         allowance = self._allowances.get(key_id)
         if allowance is not None and allowance.take(tokens, cost, period):
@@ -282,22 +309,7 @@ class KeyService:
                 # of over-limit requests costs the store nothing.
                 return refusal, None, None
             del self._refused[key_id]
-        # One new allowance at a time per key: a burst of requests that find
-        # the old one spent waits for the one being reserved instead of each
-        # reserving its own (which would hold far more than the burst needs).
-        acquiring = self._acquiring.get(key_id)
-        while acquiring is not None:
-            await asyncio.shield(acquiring)
-            allowance = self._allowances.get(key_id)
-            if allowance is not None and allowance.take(tokens, cost, period):
-                return None, allowance, None
-            acquiring = self._acquiring.get(key_id)
-        done = self._acquiring[key_id] = self.loop.create_future()
-        try:
-            return await self._new_allowance(record, tokens, cost, period)
-        finally:
-            del self._acquiring[key_id]
-            done.set_result(None)
+        return None
 
     async def _prefetch(self, record: KeyRecord, tokens: int, cost: float, period: int) -> None:
         key_id = record.id

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 from .. import debug
 from ..http.protocol import ClientConnection
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Endpoint", "own_endpoints"]
 
-Endpoint = Callable[[Request, ClientConnection], Awaitable[None]]
+Endpoint = Callable[[Request, ClientConnection], Coroutine[Any, Any, None]]
 
 _JSON_TYPE = b"Content-Type: application/json\r\n"
 
