@@ -24,7 +24,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 
 from . import _fast
-from .accounting.recorder import Accounting, stored_usage, with_usage
+from .accounting.recorder import Accounting, with_usage
 from .accounting.usage import Usage, inject_include_usage
 from .config import Config
 from .features.cache import (
@@ -57,6 +57,8 @@ _BYPASS = b"X-Relay-Cache: BYPASS\r\n"
 _PROTO_HTTP = b"X-Forwarded-Proto: http\r\n"
 _CHAT_SUFFIX = b"/chat/completions"
 _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
+# Credentials whose rate-limit key is remembered (then the memo starts over).
+_LIMIT_KEYS_MAX = 4096
 # JSON bodies read for usage up to this size; beyond it, usage is estimated.
 _JSON_USAGE_LIMIT = 8 * 1024 * 1024
 
@@ -223,6 +225,7 @@ class Pipeline:
         self._acquire_now = limiter.acquire_now if isinstance(limiter, MemoryLimiter) else None
         self._limit_line = b"X-RateLimit-Limit: %d\r\n" % (limiter.limit if limiter else 0)
         self._limit_kind = config.ratelimit.key
+        self._limit_keys: dict[bytes, bytes] = {}  # credential -> its bucket's key
         self._limit_label = config.ratelimit.key
 
         cache = config.cache
@@ -460,7 +463,13 @@ class Pipeline:
         if kind == "api_key":
             credential = request.credential
             if credential:
-                return b"k:" + _fast.credential_hash(credential)
+                # Memoized (bounded): most traffic comes from a few keys.
+                known = self._limit_keys.get(credential)
+                if known is None:
+                    if len(self._limit_keys) >= _LIMIT_KEYS_MAX:
+                        self._limit_keys.clear()
+                    known = self._limit_keys[credential] = b"k:" + _fast.credential_hash(credential)
+                return known
         # "ip", or an anonymous caller under "api_key": the socket's peer,
         # never X-Forwarded-For, which any client can write.
         return b"ip:" + request.client_ip.encode()
@@ -499,7 +508,7 @@ class Pipeline:
             client.finish()
         else:
             client.respond(entry.status, lines, entry.body)
-        self._accounting.done(request, upstream, entry.status, "HIT", stored_usage(entry), saved=True)
+        self._accounting.hit(request, upstream, entry)
 
     async def _follow(
         self,

@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Accounting", "stored_usage", "with_usage"]
 
+# Cache entries whose saved cost is remembered (then the memo starts over).
+_PRICED_MAX = 4096
+
 
 class Accounting:
     """Counts finished requests for one config generation."""
@@ -49,6 +52,8 @@ class Accounting:
             runtime.metrics if config.metrics.enabled else RequestMetricsOff()
         )
         self._prices = runtime.prices(config)
+        # id(usage of a cache entry) -> (that usage, (cost, model label)).
+        self._priced: dict[int, tuple[Usage, tuple[float, str]]] = {}
 
     # ------------------------------------------------------------------ #
     # usage of a response
@@ -166,6 +171,26 @@ class Accounting:
     # ------------------------------------------------------------------ #
     # counting
     # ------------------------------------------------------------------ #
+    def hit(self, request: Request, upstream: Upstream, entry: CacheEntry) -> None:
+        """Count a response served from the cache: as :meth:`done`, its saved
+        cost and model label worked out once per entry (and config)."""
+        usage = stored_usage(entry)
+        if usage is None or not usage.model:
+            # No usage, or one priced as the model each request names.
+            self.done(request, upstream, entry.status, "HIT", usage, saved=True)
+            return
+        # By the usage object's identity (one per entry, see stored_usage);
+        # it is kept in the value, so its id cannot be another's meanwhile.
+        memo = self._priced
+        known = memo.get(id(usage))
+        if known is None or known[0] is not usage:
+            if len(memo) >= _PRICED_MAX:
+                memo.clear()
+            known = memo[id(usage)] = (
+                usage, (self._prices.cost(usage), self.runtime.labels.label(usage.model))
+            )
+        self.done(request, upstream, entry.status, "HIT", usage, saved=True, priced=known[1])
+
     def done(
         self,
         request: Request,
@@ -175,8 +200,12 @@ class Accounting:
         usage: Usage | None = None,
         *,
         saved: bool = False,
+        priced: tuple[float, str] | None = None,
     ) -> None:
-        """Count a finished request: metrics, usage and cost, request log."""
+        """Count a finished request: metrics, usage and cost, request log.
+
+        *priced*: the cost and model label of *usage*, when known already.
+        """
         runtime = self.runtime
         elapsed = runtime.loop.time() - request.started
         upstream.meters.request(request.method, status, elapsed)
@@ -187,8 +216,11 @@ class Accounting:
             if model != usage.model:
                 # A response that names no model is priced as the requested one.
                 usage = dataclasses.replace(usage, model=model)
-            cost = self._prices.cost(usage) if model else 0.0
-            label = runtime.labels.label(model) if model else "other"
+            if priced is not None:
+                cost, label = priced
+            else:
+                cost = self._prices.cost(usage) if model else 0.0
+                label = runtime.labels.label(model) if model else "other"
             ticket = request.relay_key
             if ticket is not None:
                 key_hash = ticket.name  # a virtual key is shown by its name
