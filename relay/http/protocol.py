@@ -750,13 +750,13 @@ class ClientConnection(asyncio.Protocol):
         try:
             work = self._handler(request, self)
         except Exception as exc:
-            self._failed(request, exc)
-            if not isinstance(exc, errors.GatewayError):
+            if not isinstance(exc, errors.GatewayError):  # a bug: reported, as a task's would be
                 self._loop.call_exception_handler({
                     "message": "Unhandled error answering a request",
                     "exception": exc,
                     "protocol": self,
                 })
+            self._failed(request, exc)
             return
         if work is None:
             self._answered(request)

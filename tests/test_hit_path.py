@@ -1,0 +1,319 @@
+"""Cache hits answered at once: no request task, the same bytes, the limiter
+charged once, whichever way a request goes (at once, or on in a task when
+a stage has to await).
+
+The task count comes from debug mode (on for the test suite): every request
+served by a task is counted as a ``requests`` object opened.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from typing import Any
+
+import pytest
+
+from relay import debug
+from relay.features.cache import USAGE_HEADER, CacheEntry
+from relay.http import errors
+from relay.testing import ThreadedFakeUpstream
+from tests.support import RelayThread
+
+CHAT_PATH = "/v1/chat/completions"
+CREDENTIAL = b"sk-test-hit-path"
+TIMEOUT = 10.0
+CACHE = {"enabled": True, "ttl": 60}
+# Five tokens and (practically) no refill: X-RateLimit-Remaining counts the
+# acquires exactly.
+LIMIT = {"enabled": True, "requests_per_second": 0.0001, "burst": 5, "key": "api_key"}
+
+
+def request_bytes(body: bytes, *, extra: bytes = b"") -> bytes:
+    return (
+        b"POST " + CHAT_PATH.encode() + b" HTTP/1.1\r\nHost: relay\r\n"
+        b"Authorization: Bearer " + CREDENTIAL + b"\r\n"
+        b"Content-Type: application/json\r\n" + extra
+        + b"Content-Length: %d\r\n\r\n" % len(body)
+    ) + body
+
+
+def chat(content: str = "say hello to the hit path", **extra: Any) -> bytes:
+    return json.dumps(
+        {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}], **extra}
+    ).encode()
+
+
+class Wire:
+    """One client socket that reads whole responses as raw bytes."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        self.buffer = b""
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _fill(self) -> bool:
+        data = self.sock.recv(65536)
+        self.buffer += data
+        return bool(data)
+
+    def response(self) -> bytes:
+        """The next response, exactly as sent (Content-Length or chunked)."""
+        while b"\r\n\r\n" not in self.buffer:
+            assert self._fill(), "closed before a response head"
+        end = self.buffer.index(b"\r\n\r\n") + 4
+        head = self.buffer[:end].lower()
+        if b"transfer-encoding: chunked" in head:
+            while b"\r\n0\r\n\r\n" not in self.buffer[end - 2:]:
+                assert self._fill(), "closed inside a chunked body"
+            end = self.buffer.index(b"\r\n0\r\n\r\n", end - 2) + 7
+        else:
+            length = int(head.split(b"content-length: ")[1].split(b"\r\n")[0])
+            while len(self.buffer) < end + length:
+                assert self._fill(), "closed inside a body"
+            end += length
+        response, self.buffer = self.buffer[:end], self.buffer[end:]
+        return response
+
+    def exchange(self, data: bytes) -> bytes:
+        self.sock.sendall(data)
+        return self.response()
+
+    def closed(self) -> bool:
+        """True once the server closed the connection (and sent nothing more)."""
+        self.sock.settimeout(TIMEOUT)
+        return not self._fill()
+
+
+def header(response: bytes, name: bytes) -> bytes | None:
+    head = response.split(b"\r\n\r\n", 1)[0]
+    for line in head.split(b"\r\n")[1:]:
+        key, _, value = line.partition(b": ")
+        if key.lower() == name.lower():
+            return value
+    return None
+
+
+def tasks_opened() -> int:
+    """Requests served by a task so far, in this process."""
+    return debug.counters.opened["requests"]
+
+
+def stored_entries(relay: RelayThread) -> list[CacheEntry]:
+    def read() -> list[CacheEntry]:
+        assert relay.gateway is not None
+        cache = relay.gateway.pipeline._cache
+        return [item[1] for item in cache._data.values()]
+
+    return relay.call(read)
+
+
+def miss(relay: RelayThread, wire: Wire, body: bytes) -> bytes:
+    """Send *body* (not cached yet); returns once its entry is stored (that
+    happens just after the response, not before it)."""
+    stored = len(stored_entries(relay))
+    response = wire.exchange(request_bytes(body))
+    assert header(response, b"X-Relay-Cache") == b"MISS"
+    deadline = time.monotonic() + TIMEOUT
+    while len(stored_entries(relay)) == stored:
+        assert time.monotonic() < deadline, "the entry was never stored"
+        time.sleep(0.01)
+    return response
+
+
+def rendered_per_hit(entry: CacheEntry) -> bytes:
+    """The header lines as relay rendered them for every hit before entries
+    kept them rendered."""
+    return b"".join(b"%s: %s\r\n" % pair for pair in entry.headers if pair[0] != USAGE_HEADER)
+
+
+@pytest.fixture(autouse=True)
+def _debug_on() -> None:
+    if not debug.ENABLED:
+        pytest.skip("needs RELAY_DEBUG=1 (set by the test suite's conftest)")
+
+
+@pytest.fixture
+def wires() -> Any:
+    opened: list[Wire] = []
+
+    def make(port: int) -> Wire:
+        wire = Wire(port)
+        opened.append(wire)
+        return wire
+
+    yield make
+    for wire in opened:
+        wire.close()
+
+
+def test_a_hit_is_answered_without_a_task(relay_factory, fake_upstream: ThreadedFakeUpstream, wires):
+    relay = relay_factory(fake_upstream.url, cache=CACHE)
+    body = chat("no task for a hit")
+    wire = wires(relay.port)
+    before = tasks_opened()
+    first = miss(relay, wire, body)
+    assert tasks_opened() == before + 1  # a miss goes upstream in a task
+    for _ in range(5):
+        hit = wire.exchange(request_bytes(body))
+        assert hit.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert header(hit, b"X-Relay-Cache") == b"HIT"
+        assert hit.split(b"\r\n\r\n", 1)[1] == first.split(b"\r\n\r\n", 1)[1]
+    other = wires(relay.port)  # a new connection's first request, too
+    assert header(other.exchange(request_bytes(body)), b"X-Relay-Cache") == b"HIT"
+    assert tasks_opened() == before + 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_hit_bytes_are_those_of_the_entry_rendered_per_hit(
+    relay_factory, fake_upstream: ThreadedFakeUpstream, wires, stream: bool
+):
+    relay = relay_factory(fake_upstream.url, cache=CACHE, ratelimit=LIMIT)
+    body = chat(f"exact bytes {stream}", stream=stream)
+    wire = wires(relay.port)
+    miss(relay, wire, body)
+    hit = wire.exchange(request_bytes(body))
+    (entry,) = stored_entries(relay)
+    assert entry.streamed is stream
+    assert entry.head == rendered_per_hit(entry)
+    assert any(name == USAGE_HEADER for name, _ in entry.headers)  # kept, never sent
+    limit_lines = b"X-RateLimit-Limit: 5\r\nX-RateLimit-Remaining: 3\r\n"
+    if stream:
+        framed = b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (
+            len(entry.body), entry.body,
+        )
+    else:
+        framed = b"Content-Length: %d\r\n\r\n%s" % (len(entry.body), entry.body)
+    assert hit == (
+        b"HTTP/1.1 200 OK\r\n" + rendered_per_hit(entry) + limit_lines
+        + b"X-Relay-Cache: HIT\r\n" + framed
+    )
+    assert b"x-relay-usage" not in hit.lower()
+
+
+def test_the_limiter_is_charged_once_at_once_and_in_a_task(
+    relay_factory, fake_upstream: ThreadedFakeUpstream, wires
+):
+    relay = relay_factory(fake_upstream.url, cache=CACHE, ratelimit=LIMIT)
+    body = chat("charged once")
+    wire = wires(relay.port)
+    before = tasks_opened()
+    remaining = []
+    fast_hit = b""
+    remaining.append(header(miss(relay, wire, body), b"X-RateLimit-Remaining"))
+    for _ in range(2):  # the miss went on in a task, after the limiter; hits at once
+        fast_hit = wire.exchange(request_bytes(body))
+        remaining.append(header(fast_hit, b"X-RateLimit-Remaining"))
+    assert tasks_opened() == before + 1
+
+    def await_the_cache() -> None:
+        # As a shared cache does: the lookup awaits, so the hit is served
+        # by the task that goes on after the limiter.
+        assert relay.gateway is not None
+        relay.gateway.pipeline._cache_now = None
+
+    relay.call(await_the_cache)
+    task_hit = wire.exchange(request_bytes(body))
+    remaining.append(header(task_hit, b"X-RateLimit-Remaining"))
+    assert tasks_opened() == before + 2
+    assert remaining == [b"4", b"3", b"2", b"1"]
+    assert header(task_hit, b"X-Relay-Cache") == b"HIT"
+    assert task_hit.replace(b"Remaining: 1", b"Remaining: 2") == fast_hit
+    wire.exchange(request_bytes(body))
+    refused = wire.exchange(request_bytes(body))
+    assert refused.startswith(b"HTTP/1.1 429 ")
+    assert header(refused, b"X-RateLimit-Remaining") == b"0"
+    assert header(refused, b"X-Relay-Cache") == b"BYPASS"
+
+
+def test_pipelined_hits_are_answered_in_order(relay_factory, fake_upstream: ThreadedFakeUpstream, wires):
+    relay = relay_factory(fake_upstream.url, cache=CACHE, ratelimit=LIMIT)
+    first, second = chat("pipelined one"), chat("pipelined two")
+    wire = wires(relay.port)
+    miss(relay, wire, first)
+    miss(relay, wire, second)
+    before = tasks_opened()
+    # Hit, a miss (a task) in the middle, hits behind it; one write.
+    third = chat("pipelined three")
+    wire.sock.sendall(
+        request_bytes(first) + request_bytes(third) + request_bytes(second) + request_bytes(first)
+    )
+    answers = [wire.response() for _ in range(4)]
+    assert [header(a, b"X-Relay-Cache") for a in answers] == [b"HIT", b"MISS", b"HIT", b"BYPASS"]
+    assert [header(a, b"X-RateLimit-Remaining") for a in answers] == [b"2", b"1", b"0", b"0"]
+    assert answers[3].startswith(b"HTTP/1.1 429 ")  # the bucket was empty by then
+    assert tasks_opened() == before + 1
+
+
+def test_a_hit_that_closes_ends_the_read(relay_factory, fake_upstream: ThreadedFakeUpstream, wires):
+    relay = relay_factory(fake_upstream.url, cache=CACHE)
+    body = chat("close after the hit")
+    wire = wires(relay.port)
+    miss(relay, wire, body)
+    # Answered at once, in the middle of parsing this read: what follows
+    # the request that asked to close is never answered.
+    wire.sock.sendall(
+        request_bytes(body) + request_bytes(body, extra=b"Connection: close\r\n")
+        + request_bytes(body)
+    )
+    first, last = wire.response(), wire.response()
+    assert header(first, b"X-Relay-Cache") == b"HIT"
+    assert header(last, b"X-Relay-Cache") == b"HIT"
+    assert header(last, b"Connection") == b"close"
+    assert wire.closed()
+    assert wire.buffer == b""
+
+
+def test_a_hit_after_expect_continue(relay_factory, fake_upstream: ThreadedFakeUpstream, wires):
+    relay = relay_factory(fake_upstream.url, cache=CACHE)
+    body = chat("expect a hit")
+    wire = wires(relay.port)
+    miss(relay, wire, body)
+    full = request_bytes(body, extra=b"Expect: 100-continue\r\n")
+    head, _, rest = full.partition(b"\r\n\r\n")
+    wire.sock.sendall(head + b"\r\n\r\n")
+    deadline = time.monotonic() + TIMEOUT
+    while b"\r\n\r\n" not in wire.buffer and time.monotonic() < deadline:
+        assert wire._fill()
+    assert wire.buffer == b"HTTP/1.1 100 Continue\r\n\r\n"
+    wire.buffer = b""
+    assert header(wire.exchange(rest), b"X-Relay-Cache") == b"HIT"
+
+
+def test_errors_raised_while_answering_at_once(
+    relay_factory, fake_upstream: ThreadedFakeUpstream, wires
+):
+    relay = relay_factory(fake_upstream.url, cache=CACHE)
+    body = chat("errors at once")
+    wire = wires(relay.port)
+    miss(relay, wire, body)
+    seen: list[dict[str, Any]] = []
+
+    def refuse(key: bytes) -> CacheEntry | None:
+        raise errors.GatewayError(418, "refused at once", "invalid_request_error", "teapot")
+
+    def broken(key: bytes) -> CacheEntry | None:
+        raise RuntimeError("a bug in a lookup")
+
+    def install(lookup: Any) -> None:
+        assert relay.gateway is not None and relay.loop is not None
+        relay.gateway.pipeline._cache_now = lookup
+        relay.loop.set_exception_handler(lambda loop, context: seen.append(context))
+
+    before = tasks_opened()
+    relay.call(lambda: install(refuse))
+    refused = wire.exchange(request_bytes(body))
+    assert refused.startswith(b"HTTP/1.1 418 ")
+    assert json.loads(refused.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "teapot"
+    assert seen == []  # relay's own error answer: nothing to report
+    relay.call(lambda: install(broken))
+    failed = wire.exchange(request_bytes(body))
+    assert failed.startswith(b"HTTP/1.1 500 ")
+    assert json.loads(failed.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "internal_error"
+    assert [str(context["exception"]) for context in seen] == ["a bug in a lookup"]
+    assert tasks_opened() == before
+    relay.call(lambda: install(relay.gateway.pipeline._cache.get_nowait))  # type: ignore[union-attr]
+    assert header(wire.exchange(request_bytes(body)), b"X-Relay-Cache") == b"HIT"
