@@ -8,6 +8,7 @@ served by a task is counted as a ``requests`` object opened.
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 import time
@@ -30,10 +31,10 @@ CACHE = {"enabled": True, "ttl": 60}
 LIMIT = {"enabled": True, "requests_per_second": 0.0001, "burst": 5, "key": "api_key"}
 
 
-def request_bytes(body: bytes, *, extra: bytes = b"") -> bytes:
+def request_bytes(body: bytes, *, extra: bytes = b"", credential: bytes = CREDENTIAL) -> bytes:
     return (
         b"POST " + CHAT_PATH.encode() + b" HTTP/1.1\r\nHost: relay\r\n"
-        b"Authorization: Bearer " + CREDENTIAL + b"\r\n"
+        b"Authorization: Bearer " + credential + b"\r\n"
         b"Content-Type: application/json\r\n" + extra
         + b"Content-Length: %d\r\n\r\n" % len(body)
     ) + body
@@ -111,11 +112,11 @@ def stored_entries(relay: RelayThread) -> list[CacheEntry]:
     return relay.call(read)
 
 
-def miss(relay: RelayThread, wire: Wire, body: bytes) -> bytes:
+def miss(relay: RelayThread, wire: Wire, body: bytes, credential: bytes = CREDENTIAL) -> bytes:
     """Send *body* (not cached yet); returns once its entry is stored (that
     happens just after the response, not before it)."""
     stored = len(stored_entries(relay))
-    response = wire.exchange(request_bytes(body))
+    response = wire.exchange(request_bytes(body, credential=credential))
     assert header(response, b"X-Relay-Cache") == b"MISS"
     deadline = time.monotonic() + TIMEOUT
     while len(stored_entries(relay)) == stored:
@@ -317,3 +318,66 @@ def test_errors_raised_while_answering_at_once(
     assert tasks_opened() == before
     relay.call(lambda: install(relay.gateway.pipeline._cache.get_nowait))  # type: ignore[union-attr]
     assert header(wire.exchange(request_bytes(body)), b"X-Relay-Cache") == b"HIT"
+
+
+ADMIN = "admin-secret-for-hit-path"
+
+
+def create_key(port: int, **fields: Any) -> bytes:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+    try:
+        conn.request(
+            "POST", "/relay/admin/keys", json.dumps({"name": "hits", **fields}),
+            {"Authorization": f"Bearer {ADMIN}", "Content-Type": "application/json"},
+        )
+        reply = conn.getresponse()
+        created = json.loads(reply.read())
+    finally:
+        conn.close()
+    assert reply.status == 201, created
+    return created["secret"].encode()
+
+
+@pytest.mark.parametrize(
+    ("limits", "hit_tasks"),
+    [
+        ({}, 0),
+        ({"rpm": 1000}, 0),  # reserved from the process's allowance (50 requests)
+        # An allowance of one request (a large reservation against the
+        # budget): each hit waits for the store, in a task.
+        ({"rpm": 1000, "budget_usd": 100.0}, 3),
+    ],
+)
+def test_virtual_key_hits_are_admitted_at_once(
+    relay_factory,
+    fake_upstream: ThreadedFakeUpstream,
+    wires,
+    tmp_path: Any,
+    limits: dict[str, Any],
+    hit_tasks: int,
+):
+    relay = relay_factory(
+        fake_upstream.url,
+        cache=CACHE,
+        ratelimit=LIMIT,
+        keys={"enabled": True, "admin_key": ADMIN, "path": str(tmp_path / "keys.db")},
+        models={"gpt-4o-mini": {"input": 1.0, "output": 2.0}},
+    )
+    secret = create_key(relay.port, **limits)
+    body = chat(f"virtual key hits {sorted(limits)}")
+    wire = wires(relay.port)
+    before = tasks_opened()
+    remaining = [header(miss(relay, wire, body, secret), b"X-RateLimit-Remaining")]
+    # The first request waited for the store (the key's first allowance, or
+    # it was created a moment ago); the hits are admitted from this process.
+    first_tasks = tasks_opened() - before
+    assert first_tasks == 1
+    for _ in range(3):
+        hit = wire.exchange(request_bytes(body, credential=secret))
+        assert header(hit, b"X-Relay-Cache") == b"HIT"
+        remaining.append(header(hit, b"X-RateLimit-Remaining"))
+    assert remaining == [b"4", b"3", b"2", b"1"]  # charged once, either way
+    assert tasks_opened() == before + 1 + hit_tasks
+    refused = wire.exchange(request_bytes(body, credential=b"not-a-relay-key"))
+    assert refused.startswith(b"HTTP/1.1 401 ")
+    assert tasks_opened() == before + 1 + hit_tasks  # refused at once, too
