@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -13,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from relay.features.cache import (
+    USAGE_HEADER,
     CacheEntry,
     Coalescer,
     FlightAborted,
@@ -56,6 +58,32 @@ def entry(body: bytes = b'{"ok":true}', *, streamed: bool = False, status: int =
 def test_entry_roundtrip() -> None:
     for e in (entry(), entry(b"data: {}\n\ndata: [DONE]\n\n", streamed=True), entry(b"")):
         assert CacheEntry.from_bytes(e.to_bytes()) == e
+
+
+def test_entry_renders_its_head_once_without_the_usage_header() -> None:
+    stored = CacheEntry(
+        200,
+        ((b"Content-Type", b"application/json"), (USAGE_HEADER, b"3,4,0,0,gpt-4o"), (b"X-A", b"b")),
+        b"{}",
+        False,
+        1_700_000_000.0,
+    )
+    assert stored.head == b"Content-Type: application/json\r\nX-A: b\r\n"
+    assert stored.usage_value == b"3,4,0,0,gpt-4o"
+    # What any relay of this format wrote (the bytes carry no rendered
+    # head) reads back with the same head: Redis entries stay shared.
+    wire = (
+        struct.pack(">BBHdH", 2, 0, 200, 1_700_000_000.0, 3)
+        + b"".join(
+            struct.pack(">HI", len(n), len(v)) + n + v for n, v in stored.headers
+        )
+        + struct.pack(">Q", 2) + b"{}"
+    )
+    assert wire == stored.to_bytes()
+    read = CacheEntry.from_bytes(wire)
+    assert read is not None and read == stored
+    assert (read.head, read.usage_value) == (stored.head, stored.usage_value)
+    assert entry().usage_value is None
 
 
 headers_st = st.lists(
