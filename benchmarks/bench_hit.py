@@ -1,0 +1,92 @@
+"""Micro-benchmark of a cache hit with every feature on, in process.
+
+One keep-alive client connection of a real :class:`~relay.app.Gateway`
+(memory cache, memory rate limiter, breaker, metrics, usage) gets the SDK
+chat request of ``bench_hotpath.py`` and answers it from the cache: bytes
+in, the response handed to the transport, the hit counted. No sockets, so
+the figure is relay's own Python and C per hit, without the kernel's
+share. Run with ``python -m benchmarks.run --micro`` (or ``pytest benchmarks``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+
+import pytest
+import uvloop
+
+from relay import _fast
+from relay.app import Gateway
+from relay.config import load_config
+from relay.features.cache import CacheEntry
+
+from .bench_hotpath import CHAT_BODY, COMPLETION, SDK_REQUEST, _Transport
+
+CONFIG = """\
+proxy: {target: "http://127.0.0.1:9", pool_size: 64}
+cache: {enabled: true, ttl: 3600, max_entries: 10000, scope: api_key}
+ratelimit: {enabled: true, requests_per_second: 1000000000, burst: 1000000000, key: api_key}
+circuit_breaker: {enabled: true}
+redis: {enabled: false}
+models:
+  gpt-4o: {input: 0.0025, output: 0.01, cached_input: 0.00125}
+"""
+CREDENTIAL = b"sk-proj-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJ"
+# The headers an OpenAI completion is stored with (usage kept beside them).
+STORED_HEADERS = (
+    (b"Date", b"Wed, 01 Jan 2025 00:00:00 GMT"),
+    (b"Content-Type", b"application/json"),
+    (b"openai-organization", b"user-bench"),
+    (b"openai-processing-ms", b"412"),
+    (b"openai-version", b"2020-10-01"),
+    (b"x-request-id", b"req_0123456789abcdef0123456789abcdef"),
+    (b"x-relay-usage", b"38,21,0,0,gpt-4o-2024-08-06"),
+)
+
+
+class _Recording(_Transport):
+    def __init__(self) -> None:
+        self.writes = 0
+        self.last = b""
+
+    def writelines(self, list_of_data: object) -> None:
+        self.writes += 1
+        self.last = b"".join(list_of_data)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def gateway() -> Iterator[Gateway]:
+    loop = uvloop.new_event_loop()
+    fd, path = tempfile.mkstemp(suffix=".yaml")
+    with os.fdopen(fd, "w") as f:
+        f.write(CONFIG)
+    try:
+        config = dataclasses.replace(load_config(path, env={}), source=None)
+    finally:
+        os.unlink(path)
+    gateway = Gateway(config, loop)
+    loop.run_until_complete(gateway.runtime.settled())
+    yield gateway
+    loop.run_until_complete(gateway.runtime.close())
+    loop.close()
+
+
+@pytest.mark.benchmark(group="cache hit: SDK chat request answered from memory, every feature on")
+def test_cache_hit(benchmark, gateway: Gateway) -> None:
+    key = _fast.cache_key(b"POST", b"/v1/chat/completions", CHAT_BODY, CREDENTIAL, b"")
+    entry = CacheEntry(200, STORED_HEADERS, COMPLETION, False, time.time())
+    gateway.pipeline._cache.set_nowait(key, entry)
+    conn = gateway.server._make_protocol()
+    transport = _Recording()
+    conn.connection_made(transport)
+
+    benchmark(conn.data_received, SDK_REQUEST)
+
+    assert transport.writes >= 1 and not conn.busy  # answered at once, no task left
+    assert b"\r\nX-Relay-Cache: HIT\r\n" in transport.last
+    assert transport.last.endswith(b"\r\n\r\n" + COMPLETION)
+    conn.connection_lost(None)
