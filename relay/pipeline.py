@@ -4,6 +4,11 @@
       -> circuit breaker -> usage injection -> upstream exchange
       -> breaker verdict, cache store, usage and cost, metrics, request log
 
+:meth:`Pipeline.answer` takes these steps in the protocol callback as far
+as they need no await (key cache and allowance, memory limiter, memory
+cache): a hit or a refusal is answered there, without a task; a request
+that has to wait goes on as a coroutine from the step where it stopped.
+
 A :class:`Pipeline` is built from one :class:`~relay.config.Config` and is
 immutable afterwards: a hot reload builds a new one and swaps the reference,
 so requests in flight finish with the settings they started with. The
