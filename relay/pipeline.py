@@ -62,6 +62,10 @@ _BYPASS = b"X-Relay-Cache: BYPASS\r\n"
 _PROTO_HTTP = b"X-Forwarded-Proto: http\r\n"
 _CHAT_SUFFIX = b"/chat/completions"
 _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
+# Cache keys remembered by what they hash, for bodies up to this size, and
+# how many (then the memo starts over): at most 4 MiB of request bodies.
+_KEY_MEMO_BODY = 4096
+_KEY_MEMO_MAX = 1024
 # Credentials whose rate-limit key is remembered (then the memo starts over).
 _LIMIT_KEYS_MAX = 4096
 # JSON bodies read for usage up to this size; beyond it, usage is estimated.
@@ -236,6 +240,7 @@ class Pipeline:
         cache = config.cache
         self._cache = runtime.cache(config) if cache.enabled else None
         self._cache_now = self._cache.get_nowait if isinstance(self._cache, MemoryCache) else None
+        self._keys: dict[tuple[bytes, bytes, bytes, bytes], bytes] = {}
         self._cache_global = cache.scope == "global"
         self._cache_max = cache.max_body_bytes
 
@@ -373,19 +378,27 @@ class Pipeline:
         control = request.cache_control
         no_store = control is not None and b"no-store" in control
         no_cache = no_store or (control is not None and b"no-cache" in control)
-        key = _fast.cache_key(
-            request.method,
-            request.target,
-            request.body,
-            # The raw credential only feeds the SHA-256 of the key and is
-            # never stored: a short hash here could be collided with.
-            # A virtual key's caller is its id (stable across rotations).
-            b"" if self._cache_global else (
-                request.relay_key.identity if request.relay_key is not None
-                else request.credential or b""
-            ),
-            request.varying_key(),
+        body = request.body
+        # The raw credential only feeds the SHA-256 of the key and is never
+        # stored with an entry: a short hash here could be collided with.
+        # A virtual key's caller is its id (stable across rotations).
+        scope = b"" if self._cache_global else (
+            request.relay_key.identity if request.relay_key is not None
+            else request.credential or b""
         )
+        varying = request.varying_key()
+        if len(body) <= _KEY_MEMO_BODY:
+            # Repeated requests (what a cache serves) skip the canonical
+            # JSON and the SHA-256: the key is remembered by what it hashes.
+            memo = self._keys
+            parts = (request.target, body, scope, varying)
+            key = memo.get(parts)
+            if key is None:
+                if len(memo) >= _KEY_MEMO_MAX:
+                    memo.clear()
+                key = memo[parts] = _fast.cache_key(b"POST", *parts)
+        else:
+            key = _fast.cache_key(b"POST", request.target, body, scope, varying)
         if no_cache:
             extra.append(_BYPASS)
             return self._forward(request, client, route, extra, None if no_store else key, None)
