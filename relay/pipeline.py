@@ -25,7 +25,8 @@ from . import _fast
 from .accounting.recorder import USAGE_HEADER, Accounting, stored_usage, with_usage
 from .accounting.usage import Usage, inject_include_usage
 from .config import Config
-from .features.cache import CacheEntry, FlightAborted, Follower, Leader, replay_headers
+from .features.cache import CacheEntry, replay_headers
+from .features.coalescer import FlightAborted, Follower, Leader
 from .http import errors
 from .http.protocol import ClientConnection
 from .http.request import Request

@@ -28,7 +28,8 @@ from .accounting.requestlog import RequestLogger
 from .accounting.tokens import TokenEstimator
 from .accounting.usage import Usage
 from .config import AUTH_SCHEMES, Config
-from .features.cache import Coalescer, MemoryCache, RedisCache
+from .features.cache import MemoryCache, RedisCache
+from .features.coalescer import Coalescer
 from .features.limits import MemoryLimiter, RedisLimiter
 from .ops.metrics import Metrics, RequestMetricsOff, multiprocess_dir
 from .redisconn import RedisConnection

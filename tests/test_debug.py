@@ -40,10 +40,10 @@ CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "count what 
 COUNTED = {
     ("relay.app", "Gateway", "__init__"),
     ("relay.app", "Gateway", "stop"),
-    ("relay.features.cache", "Follower", "__init__"),
-    ("relay.features.cache", "Follower", "close"),
-    ("relay.features.cache", "Leader", "__init__"),
-    ("relay.features.cache", "Leader", "close"),
+    ("relay.features.coalescer", "Follower", "__init__"),
+    ("relay.features.coalescer", "Follower", "close"),
+    ("relay.features.coalescer", "Leader", "__init__"),
+    ("relay.features.coalescer", "Leader", "close"),
     ("relay.upstream.exchange", "ProxyExchange", "__init__"),
     ("relay.upstream.exchange", "ProxyExchange", "_settle"),
     ("relay.http.protocol", "ClientConnection", "_serve"),
@@ -386,7 +386,7 @@ def test_leak_check_fixture_fails_the_leaking_test(pytester: pytest.Pytester) ->
         test_inner="""
         import asyncio
 
-        from relay.features.cache import Coalescer
+        from relay.features.coalescer import Coalescer
 
 
         def test_leaves_a_flight_open():
