@@ -34,10 +34,11 @@ from .keys.admin import ADMIN_PREFIX, AdminAPI
 from .keys.admission import Admission
 from .ops.endpoints import own_endpoints
 from .ops.metrics import NO_METERS as _NO_METERS
-from .runtime import Runtime, Upstream
+from .runtime import Runtime
 from .upstream.balance import Balancer
 from .upstream.exchange import ACCEPT_IDENTITY, Outcome, ProxyExchange, stream_cut_event
 from .upstream.protocol import UpstreamConnection, UpstreamError
+from .upstream.target import Upstream
 
 __all__ = ["Pipeline"]
 

@@ -18,7 +18,6 @@ import os
 import sys
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _fast, debug
@@ -33,14 +32,14 @@ from .features.coalescer import Coalescer
 from .features.limits import MemoryLimiter, RedisLimiter
 from .ops.metrics import Metrics, RequestMetricsOff, multiprocess_dir
 from .redisconn import RedisConnection
-from .upstream.balance import TargetState
-from .upstream.pool import Origin, UpstreamPool, UpstreamPools
+from .upstream.pool import Origin, UpstreamPools
+from .upstream.target import TargetState, Upstream
 
 if TYPE_CHECKING:
     from .http.request import Request
     from .pipeline import Pipeline
 
-__all__ = ["Runtime", "Upstream"]
+__all__ = ["Runtime"]
 
 T = TypeVar("T")
 
@@ -49,47 +48,6 @@ log = logging.getLogger("relay")
 # Memory cache byte bound: entries are at most cache.max_body_bytes each, so
 # this caps the worst case independently of max_entries.
 MEMORY_CACHE_BYTES = 256 * 1024 * 1024
-
-
-@dataclass(slots=True)
-class Upstream:
-    """One target (an origin, maybe with its own key) with its pool and breaker."""
-
-    origin: Origin
-    pool: UpstreamPool
-    breaker: Any  # relay._fast CircuitBreaker (compiled or pure)
-    label: str  # the target's name, else host:port: never a key
-    host_header: bytes
-    shown_state: int = -1  # breaker state last written to the gauge
-    weight: float = 1.0
-    state: TargetState = field(default_factory=TargetState)
-    # The upstream's own credential as a header line; b"" = the client's passes.
-    auth_line: bytes = b""
-    relay_header: bytes = b""  # "X-Relay-Upstream: <label>\r\n"
-    # Its metric children (relay.ops.metrics.TargetMeters), set by the pipeline.
-    meters: Any = None
-
-    @property
-    def route_label(self) -> str:
-        return self.label
-
-    def __repr__(self) -> str:
-        # Never the credential line.
-        return f"Upstream({self.label!r}, {self.origin})"
-
-    def snapshot(self, now: float) -> dict[str, Any]:
-        """This target as relay's own JSON endpoints show it (no key, ever)."""
-        breaker = self.breaker
-        state = self.state
-        return {
-            "upstream": self.label,
-            "url": str(self.origin),
-            "breaker": _fast.STATE_NAMES[breaker.state],
-            "retry_after": round(breaker.retry_after(now), 3),
-            "in_flight": state.inflight,
-            "latency_seconds": round(state.ewma, 6),
-            "weight": self.weight,
-        }
 
 
 class Runtime:
