@@ -26,7 +26,7 @@ from .accounting.keyhash import KeyHashes
 from .accounting.ledger import SharedUsage
 from .accounting.requestlog import RequestLogger
 from .accounting.tokens import TokenEstimator
-from .config import AUTH_SCHEMES, Config
+from .config import Config
 from .features.breaker import Breakers
 from .features.cache import MemoryCache, RedisCache
 from .features.coalescer import Coalescer
@@ -34,7 +34,7 @@ from .features.limits import MemoryLimiter, RedisLimiter
 from .ops.metrics import Metrics
 from .redisconn import RedisConnection
 from .upstream.pool import Origin, UpstreamPools
-from .upstream.target import TargetState, Upstream
+from .upstream.target import TargetState, Upstream, auth_line
 
 __all__ = ["Runtime"]
 
@@ -274,10 +274,6 @@ class Runtime:
         state = self._target_states.get(ident)
         if state is None:
             state = self._target_states[ident] = TargetState()
-        auth_line = b""
-        if api_key:
-            header, prefix = AUTH_SCHEMES[auth]
-            auth_line = f"{header}: {prefix}{api_key}\r\n".encode("latin-1")
         upstream = Upstream(
             origin,
             pool,
@@ -286,7 +282,7 @@ class Runtime:
             origin.host_header(),
             weight=weight,
             state=state,
-            auth_line=auth_line,
+            auth_line=auth_line(api_key, auth),
             relay_header=b"X-Relay-Upstream: %s\r\n" % label.encode(),
         )
         self.breakers.changed(upstream)

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import _fast
+from ..config import AUTH_SCHEMES
 from .pool import Origin, UpstreamPool
 
-__all__ = ["TargetState", "Upstream"]
+__all__ = ["TargetState", "Upstream", "auth_line"]
 
 # Seconds over which an old time-to-first-byte sample loses most of its
 # weight (1/e). Short enough that a target that got faster wins traffic back
@@ -97,3 +98,12 @@ class Upstream:
             "latency_seconds": round(state.ewma, 6),
             "weight": self.weight,
         }
+
+
+def auth_line(api_key: str, auth: str) -> bytes:
+    """A target's own credential as the header line sent upstream (*auth*
+    names the scheme); b"" without a key: the client's credential passes."""
+    if not api_key:
+        return b""
+    header, prefix = AUTH_SCHEMES[auth]
+    return f"{header}: {prefix}{api_key}\r\n".encode("latin-1")
