@@ -26,8 +26,17 @@ FAST = "relay/_fast"
 # .py: the pure twin compiled unchanged, typed by the .pxd named after the
 # extension (Cython finds it by the extension's module name).
 EXTENSIONS = [
-    ("relay._fast._cachekey_c", f"{FAST}/_cachekey_c.pyx", [f"{FAST}/_cachekey_py.py"]),
-    ("relay._fast._jsonscan_c", f"{FAST}/_jsonscan_c.pyx", [f"{FAST}/_jsonscan_py.py"]),
+    # Both JSON walks cimport their lexical core from _jsonlex.pxd.
+    (
+        "relay._fast._cachekey_c",
+        f"{FAST}/_cachekey_c.pyx",
+        [f"{FAST}/_cachekey_py.py", f"{FAST}/_jsonlex.pxd"],
+    ),
+    (
+        "relay._fast._jsonscan_c",
+        f"{FAST}/_jsonscan_c.pyx",
+        [f"{FAST}/_jsonscan_py.py", f"{FAST}/_jsonlex.pxd"],
+    ),
     ("relay._fast._meters_c", f"{FAST}/_meters_c.pyx", [f"{FAST}/_meters_py.py"]),
     ("relay._fast._bucket_c", f"{FAST}/_bucket_py.py", [f"{FAST}/_bucket_c.pxd"]),
     (
