@@ -73,6 +73,12 @@ def _banner(reason: str) -> None:
 class OptionalBuildExt(build_ext):
     """Cythonizes and compiles relay/_fast; any failure falls back to pure Python."""
 
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        # The extensions compile independently: one per core, unless -j says.
+        if self.parallel is None:
+            self.parallel = os.cpu_count() or 1
+
     def run(self) -> None:
         if not self.extensions:
             return
@@ -84,6 +90,7 @@ class OptionalBuildExt(build_ext):
                 compiler_directives=CYTHON_DIRECTIVES,
                 force=self.force,
                 quiet=not self.verbose,
+                nthreads=self.parallel if isinstance(self.parallel, int) else 0,
             )
             # Keep setuptools' own Extension objects (finalize_options has
             # already annotated them); only their sources become the .c files.
