@@ -27,7 +27,6 @@ import math
 import re
 import time
 from collections.abc import Coroutine
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 from . import _fast
@@ -170,6 +169,8 @@ def _retry_after(headers: list[tuple[bytes, bytes]]) -> float:
                 return max(0.0, float(text))
             except ValueError:
                 pass
+            from email.utils import parsedate_to_datetime  # rare: an HTTP-date Retry-After
+
             try:
                 when = parsedate_to_datetime(text.decode("latin-1"))
             except (TypeError, ValueError, IndexError):

@@ -45,6 +45,8 @@ __all__ = ["Accounting", "stored_usage", "with_usage"]
 
 # Cache entries whose saved cost is remembered (then the memo starts over).
 _PRICED_MAX = 4096
+# What a cache entry without (readable) usage keeps as its usage.
+_NO_USAGE = object()
 
 
 class Accounting:
@@ -288,20 +290,20 @@ def stored_usage(entry: CacheEntry) -> Usage | None:
     """The usage :func:`with_usage` kept with a cache entry (read once per entry)."""
     usage = entry.usage
     if usage is not None:
-        return usage  # type: ignore[no-any-return]
+        return usage if usage is not _NO_USAGE else None  # type: ignore[no-any-return]
     value = entry.usage_value
-    if value is None:
-        return None
-    try:
-        prompt, completion, cached, written, model = value.split(b",", 4)
-        usage = Usage(
-            model.decode("utf-8", "replace"),
-            int(prompt),
-            int(completion),
-            int(cached),
-            cache_write_tokens=int(written),
-        )
-    except ValueError:
-        return None
+    usage = _NO_USAGE
+    if value is not None:
+        try:
+            prompt, completion, cached, written, model = value.split(b",", 4)
+            usage = Usage(
+                model.decode("utf-8", "replace"),
+                int(prompt),
+                int(completion),
+                int(cached),
+                cache_write_tokens=int(written),
+            )
+        except ValueError:
+            pass
     entry.keep_usage(usage)
-    return usage
+    return usage if usage is not _NO_USAGE else None

@@ -110,11 +110,11 @@ class CacheEntry:
     as a stream again. ``created`` is wall-clock time (``time.time()``), not
     monotonic, because Redis entries are read by other processes and hosts.
 
-    Derived once, when the entry is made (stored, or read back from Redis),
-    so a hit does not redo it: ``head``, the header lines as sent
-    (``Name: value\r\n`` each, the internal usage header left out), and
-    ``usage_value``, that header's value (None without one). ``usage`` is
-    where the reader of ``usage_value`` keeps what it made of it.
+    Derived once, at the first hit, so a hit does not redo it (and an entry
+    never hit costs no memory for it): :attr:`head`, the header lines as
+    sent (``Name: value\r\n`` each, the internal usage header left out).
+    ``usage`` is where the reader of :attr:`usage_value` keeps what it made
+    of it.
     """
 
     status: int
@@ -122,22 +122,28 @@ class CacheEntry:
     body: bytes
     streamed: bool
     created: float
-    head: bytes = field(init=False, repr=False, compare=False)
-    usage_value: bytes | None = field(init=False, repr=False, compare=False)
+    rendered: bytes | None = field(init=False, default=None, repr=False, compare=False)
     usage: Any = field(init=False, default=None, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        lines = []
-        usage_value = None
+    @property
+    def head(self) -> bytes:
+        """The header lines as a hit sends them, rendered once."""
+        head = self.rendered
+        if head is None:
+            head = b"".join(
+                [b"%s: %s\r\n" % pair for pair in self.headers if pair[0] != USAGE_HEADER]
+            )
+            # Frozen otherwise: a derived value, set once.
+            object.__setattr__(self, "rendered", head)
+        return head
+
+    @property
+    def usage_value(self) -> bytes | None:
+        """The internal usage header's value, None without one."""
         for name, value in self.headers:
             if name == USAGE_HEADER:
-                if usage_value is None:
-                    usage_value = value
-            else:
-                lines.append(b"%s: %s\r\n" % (name, value))
-        # Frozen: set once here, as dataclasses' own __init__ does.
-        object.__setattr__(self, "head", b"".join(lines))
-        object.__setattr__(self, "usage_value", usage_value)
+                return value
+        return None
 
     def keep_usage(self, usage: Any) -> None:
         """Remember what ``usage_value`` reads as (the entry is immutable otherwise)."""
@@ -210,6 +216,9 @@ class CacheEntry:
 
 # -- memory backend ---------------------------------------------------------
 
+# How many distinct header pairs a MemoryCache keeps one shared copy of.
+_SHARED_PAIRS = 4096
+
 
 class MemoryCache:
     """In-process LRU bounded by entry count and total bytes, with a TTL.
@@ -234,6 +243,12 @@ class MemoryCache:
         # key -> (expires_at, entry, accounted size)
         self._data: OrderedDict[bytes, tuple[float, CacheEntry, int]] = OrderedDict()
         self._bytes = 0
+        # (name, value) -> the one copy of that header entries share: most
+        # responses carry the same few headers, and a full cache would
+        # otherwise hold as many copies of each as it has entries (about
+        # half of a small entry's memory). Emptied when full, so headers
+        # unique to each response cannot make it grow without bound.
+        self._pairs: dict[tuple[bytes, bytes], tuple[bytes, bytes]] = {}
 
     def __len__(self) -> int:
         return len(self._data)
@@ -265,6 +280,11 @@ class MemoryCache:
         while data and (len(data) >= self.max_entries or self._bytes + size > self.max_bytes):
             _, (_, _, evicted) = data.popitem(last=False)
             self._bytes -= evicted
+        pairs = self._pairs
+        if len(pairs) >= _SHARED_PAIRS:
+            pairs.clear()
+        headers = tuple([pairs.setdefault(pair, pair) for pair in entry.headers])
+        entry = CacheEntry(entry.status, headers, entry.body, entry.streamed, entry.created)
         data[key] = (self._clock() + self.ttl, entry, size)
         self._bytes += size
 
