@@ -240,7 +240,9 @@ class Pipeline:
 
         cache = config.cache
         self._cache = runtime.cache(config) if cache.enabled else None
-        self._cache_now = self._cache.get_nowait if isinstance(self._cache, MemoryCache) else None
+        memory = self._cache if isinstance(self._cache, MemoryCache) else None
+        self._cache_now = memory.get_nowait if memory is not None else None
+        self._cache_store_now = memory.set_nowait if memory is not None else None
         self._keys: dict[tuple[bytes, bytes, bytes, bytes], bytes] = {}
         self._cache_global = cache.scope == "global"
         self._cache_max = cache.max_body_bytes
@@ -1059,9 +1061,15 @@ class Pipeline:
                 exchange.splitter is not None,
                 time.time(),
             )
-            cache = self._cache
-            assert cache is not None
-            self._spawn(cache.set(cache_key, entry))
+            store_now = self._cache_store_now
+            if store_now is not None:
+                # Stored before the client's next request is read: answered
+                # at once, it finds the entry (a spawned store came later).
+                store_now(cache_key, entry)
+            else:
+                cache = self._cache
+                assert cache is not None
+                self._spawn(cache.set(cache_key, entry))
         # 499 (nginx's "client closed request") when the client left before
         # the response was complete; 502 when the upstream broke it off (the
         # client saw the head, then an aborted body).

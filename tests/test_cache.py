@@ -59,7 +59,9 @@ def test_entry_renders_its_head_once_without_the_usage_header() -> None:
         False,
         1_700_000_000.0,
     )
+    assert stored.rendered is None  # nothing derived before the first hit
     assert stored.head == b"Content-Type: application/json\r\nX-A: b\r\n"
+    assert stored.head is stored.head  # rendered once
     assert stored.usage_value == b"3,4,0,0,gpt-4o"
     # What any relay of this format wrote (the bytes carry no rendered
     # head) reads back with the same head: Redis entries stay shared.

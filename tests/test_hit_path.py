@@ -113,8 +113,9 @@ def stored_entries(relay: RelayThread) -> list[CacheEntry]:
 
 
 def miss(relay: RelayThread, wire: Wire, body: bytes, credential: bytes = CREDENTIAL) -> bytes:
-    """Send *body* (not cached yet); returns once its entry is stored (that
-    happens just after the response, not before it)."""
+    """Send *body* (not cached yet); returns once its entry is stored (just
+    after the response: a request on a socket finds it, a look from this
+    thread may come first)."""
     stored = len(stored_entries(relay))
     response = wire.exchange(request_bytes(body, credential=credential))
     assert header(response, b"X-Relay-Cache") == b"MISS"
@@ -166,6 +167,16 @@ def test_a_hit_is_answered_without_a_task(relay_factory, fake_upstream: Threaded
     other = wires(relay.port)  # a new connection's first request, too
     assert header(other.exchange(request_bytes(body)), b"X-Relay-Cache") == b"HIT"
     assert tasks_opened() == before + 1
+
+
+def test_the_next_request_hits(relay_factory, fake_upstream: ThreadedFakeUpstream, wires):
+    relay = relay_factory(fake_upstream.url, cache=CACHE)
+    wire = wires(relay.port)
+    for n in range(5):  # sent as soon as the miss's response is in
+        body = chat(f"at once {n}")
+        assert header(wire.exchange(request_bytes(body)), b"X-Relay-Cache") == b"MISS"
+        assert header(wire.exchange(request_bytes(body)), b"X-Relay-Cache") == b"HIT"
+    assert len(stored_entries(relay)) == 5
 
 
 @pytest.mark.parametrize("stream", [False, True])
