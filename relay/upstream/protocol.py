@@ -79,7 +79,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.idle_since = 0.0
         self.exchanges = 0
         self._flow = FlowControl(loop)
+        # One timer handle per connection, moved lazily (as the client
+        # side's): a send only moves the deadlines; the handle fires at most
+        # once per timeout period and re-arms itself for what is left.
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_when = 0.0
         self._last_activity = 0.0
 
         # -- per exchange --
@@ -122,13 +126,16 @@ class UpstreamConnection(asyncio.Protocol):
         self._received_any = False
         now = self._last_activity = self._loop.time()
         self.transport.writelines(parts)
-        delay = self._read_timeout
-        if 0.0 < first_byte_timeout < delay:
-            delay = first_byte_timeout
-            self._head_deadline = now + first_byte_timeout
+        if 0.0 < first_byte_timeout < self._read_timeout:
+            self._head_deadline = deadline = now + first_byte_timeout
         else:
             self._head_deadline = 0.0
-        self._timer = self._loop.call_later(delay, self._check_timeout)
+            deadline = now + self._read_timeout
+        timer = self._timer
+        if timer is None or self._timer_when > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._arm(deadline)
 
     def __repr__(self) -> str:
         peer = self.transport.get_extra_info("peername") if self.transport is not None else None
@@ -256,7 +263,6 @@ class UpstreamConnection(asyncio.Protocol):
             # llhttp cannot be told the request was HEAD: finish here and do
             # not reuse a connection whose parser expects a body.
             self._sink = None
-            self._cancel_timer()
             self.close()
             sink.on_complete()
 
@@ -270,7 +276,8 @@ class UpstreamConnection(asyncio.Protocol):
         if sink is None or not self._head_done:
             return
         self._sink = None
-        self._cancel_timer()
+        # The timer stays armed: it finds no exchange when it fires and
+        # stops, unless the next send has moved the deadlines meanwhile.
         self.reusable = self._parser.should_keep_alive() and not self.lost
         self.idle_since = self._loop.time()
         sink.on_complete()
@@ -292,7 +299,7 @@ class UpstreamConnection(asyncio.Protocol):
         now = self._loop.time()
         if self._flow.reading_paused:
             # The client is slow, not the upstream.
-            self._timer = self._loop.call_later(self._read_timeout, self._check_timeout)
+            self._arm(now + self._read_timeout)
             return
         head_deadline = self._head_deadline
         if head_deadline and not self._head_done:
@@ -305,9 +312,13 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             remaining = self._last_activity + self._read_timeout - now
         if remaining > 0:
-            self._timer = self._loop.call_later(remaining, self._check_timeout)
+            self._arm(now + remaining)
             return
         self._fail(UpstreamError("Upstream read timed out", timeout=True))
+
+    def _arm(self, when: float) -> None:
+        self._timer = self._loop.call_at(when, self._check_timeout)
+        self._timer_when = when
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
