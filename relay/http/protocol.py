@@ -30,9 +30,11 @@ from typing import Any, TypeVar, cast
 import httptools
 
 from .. import debug
+from .._fast import BAD_TRANSFER_ENCODING, DUPLICATE_HOST, request_head
+from .._fast import HOP_BY_HOP as HOP_BY_HOP
 from . import errors
 from .flow import FlowControl, FlowListener
-from .request import VARYING_HEADERS, Request
+from .request import Request
 
 __all__ = [
     "HOP_BY_HOP",
@@ -45,35 +47,6 @@ __all__ = [
     "ProtocolStateError",
     "ReadState",
 ]
-
-# Headers that describe one hop, never forwarded (RFC 9110 7.6.1), plus the
-# framing headers relay recomputes itself.
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"content-length",
-    }
-)
-
-# Request headers relay does not pass upstream: hop-by-hop ones, and those it
-# sets itself (Host, framing, X-Forwarded-*, Accept-Encoding: relay asks for
-# identity, see relay/upstream/exchange.py), plus Expect (the body is read before
-# forwarding, so upstream never needs to say 100 Continue).
-NOT_FORWARDED = HOP_BY_HOP | {
-    b"host", b"expect", b"x-forwarded-for", b"x-forwarded-proto", b"accept-encoding"
-}
-
-# The client's credential headers: forwarded as they came unless the upstream
-# has a key of its own (then replaced by it).
-CREDENTIAL_HEADERS = frozenset({b"authorization", b"x-api-key", b"api-key"})
 
 MAX_HEADERS = 128            # aiohttp's default; AI SDKs send ~20
 MAX_PIPELINED = 32           # queued requests before the socket stops being read
@@ -580,69 +553,37 @@ class ClientConnection(asyncio.Protocol):
             self._client_ip,
             self._loop.time(),
         )
-        expect_continue = False
-        host_seen = False
-        content_length = -1
-        chunked = False
-        forward: list[bytes] = []
-        credentials: list[bytes] | None = None
-        connection_tokens: set[bytes] | None = None
-        for name, value in self._headers:
-            lname = name.lower()
-            if lname in CREDENTIAL_HEADERS:
-                # Kept apart: an upstream with its own key replaces them.
-                if credentials is None:
-                    credentials = []
-                credentials.append(b"%s: %s\r\n" % (name, value))
-            elif lname not in NOT_FORWARDED:
-                forward.append(b"%s: %s\r\n" % (name, value))
-            if lname == b"authorization":
-                request.authorization = value
-            elif lname == b"x-api-key":
-                request.api_key = value
-            elif lname == b"cache-control":
-                request.cache_control = value.lower()
-            elif lname == b"content-length":
-                content_length = int(value)  # llhttp validated digits and uniqueness
-            elif lname == b"transfer-encoding":
+        (
+            problem,
+            forward,
+            credentials,
+            request.authorization,
+            request.api_key,
+            request.cache_control,
+            length_value,
+            chunked,
+            host_seen,
+            request.forwarded_for,
+            request.varying,
+            expect_continue,
+        ) = request_head(self._headers)
+        if problem:
+            if problem == BAD_TRANSFER_ENCODING:
                 # llhttp accepts "gzip, chunked"; relay would have to forward
                 # a body coded in a way it cannot frame faithfully: refuse.
-                if value.strip().lower() != b"chunked":
-                    raise errors.bad_request("Unsupported Transfer-Encoding")
-                chunked = True
-            elif lname == b"host":
-                if host_seen:
-                    raise errors.bad_request("Duplicate Host header")
-                host_seen = True
-            elif lname == b"x-forwarded-for":
-                request.forwarded_for = value
-            elif lname in VARYING_HEADERS:
-                request.add_varying(lname, value)
-            elif lname == b"connection":
-                tokens = {t.strip().lower() for t in value.split(b",")}
-                tokens -= {b"close", b"keep-alive", b""}
-                if tokens:
-                    connection_tokens = tokens
-            elif lname == b"expect":
-                if value.lower() != b"100-continue":
-                    raise errors.GatewayError(
-                        417, "Unsupported Expect", "invalid_request_error",
-                        "expectation_failed", close=True,
-                    )
-                expect_continue = True
+                raise errors.bad_request("Unsupported Transfer-Encoding")
+            if problem == DUPLICATE_HOST:
+                raise errors.bad_request("Duplicate Host header")
+            raise errors.GatewayError(
+                417, "Unsupported Expect", "invalid_request_error",
+                "expectation_failed", close=True,
+            )
         if minor and not host_seen:
             raise errors.bad_request("Missing Host header: HTTP/1.1 requests must carry one")
-        if connection_tokens:
-            # Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1).
-            forward = [
-                line for line in forward
-                if line[: line.index(b":")].lower() not in connection_tokens
-            ]
-        request.forward_headers = b"".join(forward)
-        if credentials is not None:
-            request.credential_headers = (
-                credentials[0] if len(credentials) == 1 else b"".join(credentials)
-            )
+        request.forward_headers = forward
+        request.credential_headers = credentials
+        # llhttp validated the digits and that the header is not repeated.
+        content_length = -1 if length_value is None else int(length_value)
         if content_length > self._limits.max_body_bytes:
             raise errors.body_too_large(self._limits.max_body_bytes)
         self._req = request

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from relay._fast import NOT_AN_OBJECT, RequestFacts, request_facts, request_facts_of
+from relay._fast import NOT_AN_OBJECT, VARYING_NAMES, RequestFacts, request_facts, request_facts_of
 
 __all__ = ["VARYING_HEADERS", "Request"]
 
@@ -14,9 +14,8 @@ _UNPARSED = object()
 # Request headers that change the answer to the same body, so they are part
 # of the cache key (lowercase names): the API version and beta features of
 # Anthropic, the organization and project an OpenAI request is billed to.
-VARYING_HEADERS = frozenset(
-    {b"anthropic-version", b"anthropic-beta", b"openai-organization", b"openai-project"}
-)
+# Picked out while the head is parsed (relay._fast.request_head).
+VARYING_HEADERS = VARYING_NAMES
 
 
 class Request:
@@ -105,14 +104,6 @@ class Request:
         if value[:7].lower() == b"bearer ":
             return value[7:].strip() or None
         return value
-
-    def add_varying(self, lname: bytes, value: bytes) -> None:
-        """Note one of :data:`VARYING_HEADERS` (called while parsing)."""
-        line = lname + b":" + value.strip()
-        if self.varying is None:
-            self.varying = [line]
-        else:
-            self.varying.append(line)
 
     def varying_key(self) -> bytes:
         """The varying headers as one canonical value for the cache key.

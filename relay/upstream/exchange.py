@@ -37,7 +37,7 @@ from typing import Protocol
 from .. import debug
 from ..accounting.usage import ANTHROPIC, StreamUsage, provider_for_path
 from ..features.cache import shared_headers
-from ..http.protocol import HOP_BY_HOP, ClientConnection
+from ..http.protocol import ClientConnection
 from ..http.sse import SSESplitter, event_fields
 from .protocol import UpstreamConnection, UpstreamError
 
@@ -50,17 +50,12 @@ __all__ = [
 ]
 
 _EVENT_STREAM = b"text/event-stream"
-# relay sets X-Relay-Cache on every response itself; one from an upstream
-# (another relay in front of the origin) would make two, contradicting ones.
-# Content-Encoding is relay's to set: bodies reach clients as identity.
-_NOT_RELAYED = HOP_BY_HOP | {b"x-relay-cache", b"content-encoding"}
 _JSON = b"json"
 
 # Sent upstream in place of the client's Accept-Encoding (see module doc).
 ACCEPT_IDENTITY = b"Accept-Encoding: identity\r\n"
 _GZIP = frozenset({b"gzip", b"x-gzip"})
 _DEFLATE = b"deflate"
-_IDENTITY = b"identity"
 
 _CUT_MESSAGE = "The upstream connection broke off before the response was complete"
 _OPENAI_CUT_EVENT = b"data: " + json.dumps(
@@ -193,33 +188,6 @@ class Outcome:
     RETRY = 4         # a retryable answer (429, 5xx) held back: try again
 
 
-def response_headers(
-    headers: list[tuple[bytes, bytes]],
-) -> tuple[tuple[tuple[bytes, bytes], ...], bytes | None, bytes | None]:
-    """End-to-end headers of an upstream response, its content type and coding.
-
-    The coding is None for identity (absent or ``identity``), else the
-    lowercased ``Content-Encoding`` value.
-    """
-    drop: frozenset[bytes] | set[bytes] = _NOT_RELAYED
-    content_type = None
-    coding = None
-    for name, value in headers:
-        lname = name.lower()
-        if lname == b"connection":
-            # Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1).
-            drop = set(_NOT_RELAYED)
-            drop.update(t.strip().lower() for t in value.split(b","))
-        elif lname == b"content-type":
-            content_type = value.lower()
-        elif lname == b"content-encoding":
-            value = value.strip().lower()
-            if value and value != _IDENTITY:
-                coding = value if coding is None else coding + b", " + value
-    kept = tuple((n, v) for n, v in headers if n.lower() not in drop)
-    return kept, content_type, coding
-
-
 class ProxyExchange:
     """Relays one upstream response to the client connection."""
 
@@ -340,7 +308,7 @@ class ProxyExchange:
             self.status = status
             self.headers = tuple(headers)
             return
-        kept, content_type, coding = response_headers(headers)
+        kept, rendered, content_type, coding = self._upstream.head[:4]
         bodyless = self._head_only or status in (204, 304)
         if coding is not None and not bodyless:
             if coding in _GZIP:
@@ -388,7 +356,7 @@ class ProxyExchange:
             # each start a chain of their own against a failing upstream.
             self.recorded = []
         client = self._client
-        lines = [b"%s: %s\r\n" % pair for pair in kept]
+        lines = [rendered]
         lines.extend(self._extra_headers)
         if self._head_only and coding is None:
             # A HEAD response tells the size of what a GET would return.

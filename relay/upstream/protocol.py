@@ -11,14 +11,20 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
 
 from .. import debug
+from .._fast import response_head
 from ..http.flow import FlowControl
 
+if TYPE_CHECKING:
+    from .._fast._heads_py import ResponseHead
+
 __all__ = ["ResponseSink", "UpstreamConnection", "UpstreamError"]
+
+_NO_HEAD: ResponseHead = ((), b"", None, None, None, False)
 
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
@@ -89,6 +95,9 @@ class UpstreamConnection(asyncio.Protocol):
         # -- per exchange --
         self._sink: ResponseSink | None = None
         self._headers: list[tuple[bytes, bytes]] = []
+        # The response head as relay reads it (relay._fast.response_head):
+        # its headers for the client, rendered, content type, coding, framing.
+        self.head: ResponseHead = _NO_HEAD
         self._status = 0
         self._length: int | None = None
         self._close_delimited = False
@@ -241,14 +250,11 @@ class UpstreamConnection(asyncio.Protocol):
             self._headers = []
             return
         self._status = status
-        length: int | None = None
-        chunked = False
-        for name, value in self._headers:
-            lname = name.lower()
-            if lname == b"content-length":
-                length = int(value)
-            elif lname == b"transfer-encoding":
-                chunked = True
+        head = self.head = response_head(self._headers)
+        length_value = head[4]
+        chunked = head[5]
+        # llhttp validated the digits (and refused conflicting repeats).
+        length = None if length_value is None else int(length_value)
         if chunked:
             length = None
         no_body = self._head_only or status in (204, 304)
