@@ -393,19 +393,29 @@ class ProxyExchange:
                 return
             if not chunk:
                 return
-        splitter = self.splitter
-        if splitter is None:
+        if self.splitter is None:
             self._forward(chunk)
-            return
-        events = splitter.feed(chunk)
-        if events:
-            self._relay_events(events)
+        else:
+            self._relay_stream(chunk)
 
     def on_body_decoded(self, chunk: bytes) -> None:
         """Identity bytes (the decoder's last output) on their way on."""
-        splitter = self.splitter
-        if splitter is None:
+        if self.splitter is None:
             self._forward(chunk)
+        else:
+            self._relay_stream(chunk)
+
+    def _relay_stream(self, chunk: bytes) -> None:
+        splitter = self.splitter
+        assert splitter is not None
+        if self.stream_usage is None:
+            # Forwarded unchanged: only the event boundaries matter (a
+            # partial event waits, so a cut stream ends on a whole one).
+            span = splitter.feed_span(chunk)
+            if span:
+                self._forward(span)
+                if self._first_event_pending:
+                    self._first_event_out()
             return
         events = splitter.feed(chunk)
         if events:
@@ -435,11 +445,14 @@ class ProxyExchange:
             else:
                 self._forward_many(events)
         if self._first_event_pending and self.bytes_sent:
-            # The first event leaves now rather than with the rest of
-            # this read: a stream's first token is what users wait for.
-            self._first_event_pending = False
-            self._client.release()
-            self._client.hold()
+            self._first_event_out()
+
+    def _first_event_out(self) -> None:
+        # The first event leaves now rather than with the rest of this
+        # read: a stream's first token is what users wait for.
+        self._first_event_pending = False
+        self._client.release()
+        self._client.hold()
 
     def on_complete(self) -> None:
         if self.discarded:
