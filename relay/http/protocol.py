@@ -228,6 +228,7 @@ class ClientConnection(asyncio.Protocol):
         # -- per request (being read) --
         self._read = _AWAIT
         self._url = b""
+        self._minor = -1               # HTTP/1.x minor version, -1: not read from the line
         self._headers: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0
         self._body: list[bytes] = []
@@ -484,6 +485,7 @@ class ClientConnection(asyncio.Protocol):
         self._body = []
         self._body_size = 0
         self._end_at = -1
+        self._minor = -1
         start = self._line_at
         if start == _AFTER_HEAD:  # pipelined behind a request in this same read
             start = self._previous_end()
@@ -500,11 +502,17 @@ class ClientConnection(asyncio.Protocol):
                 and end - last == 9
                 and last > first + 1
                 and data.find(b" ", first + 1, last) < 0
-                and (data.startswith(_HTTP11, last + 1) or data.startswith(_HTTP10, last + 1))
             ):
-                self._head_at = end + 2
-            else:
-                self._check_line(data, start)
+                # The version is read here too: llhttp's own formats a string.
+                if data.startswith(_HTTP11, last + 1):
+                    self._minor = 1
+                    self._head_at = end + 2
+                    return
+                if data.startswith(_HTTP10, last + 1):
+                    self._minor = 0
+                    self._head_at = end + 2
+                    return
+            self._check_line(data, start)
         else:
             # Behind a request whose end in this read is not known (its head
             # or chunked body began in an earlier read): llhttp's own checks
@@ -534,13 +542,15 @@ class ClientConnection(asyncio.Protocol):
             # before it can reach an upstream.
             if not self._ignorable_upgrade():
                 raise errors.bad_request("Protocol upgrades are not supported")
-        version = parser.get_http_version()
-        if version == "1.1":
-            minor = 1
-        elif version == "1.0":
-            minor = 0
-        else:
-            raise errors.version_not_supported()
+        minor = self._minor
+        if minor < 0:
+            version = parser.get_http_version()
+            if version == "1.1":
+                minor = 1
+            elif version == "1.0":
+                minor = 0
+            else:
+                raise errors.version_not_supported()
         method = parser.get_method()
         keep_alive = parser.should_keep_alive()
         request = Request(

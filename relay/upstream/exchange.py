@@ -308,8 +308,11 @@ class ProxyExchange:
             self.status = status
             self.headers = tuple(headers)
             return
-        kept, rendered, content_type, coding = self._upstream.head[:4]
-        bodyless = self._head_only or status in (204, 304)
+        head = self._upstream.head
+        kept = head[0]
+        content_type = head[2]
+        coding = head[3]
+        bodyless = self._head_only or status == 204 or status == 304
         if coding is not None and not bodyless:
             if coding in _GZIP:
                 self._decoder = _Decoder(gzip=True)
@@ -332,15 +335,16 @@ class ProxyExchange:
         self.status = status
         self.headers = kept
         self.content_type = content_type
-        is_stream = content_type is not None and content_type.startswith(_EVENT_STREAM)
-        if is_stream:
+        if content_type is not None and content_type.startswith(_EVENT_STREAM):
             self.splitter = SSESplitter()
             self._cut_event = stream_cut_event(self._path, content_type)
-        if not is_stream or self.stream_usage is None:
+            if self.stream_usage is None:
+                self._strip_usage = False
+        else:
             self._strip_usage = False
             self.stream_usage = None
             if (
-                not is_stream
+                self._json_limit
                 and content_type is not None
                 and _JSON in content_type
                 and 200 <= status < 300
@@ -356,8 +360,7 @@ class ProxyExchange:
             # each start a chain of their own against a failing upstream.
             self.recorded = []
         client = self._client
-        lines = [rendered]
-        lines.extend(self._extra_headers)
+        lines = [head[1], *self._extra_headers]
         if self._head_only and coding is None:
             # A HEAD response tells the size of what a GET would return.
             lines.extend(
