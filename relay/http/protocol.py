@@ -849,10 +849,13 @@ class ClientConnection(asyncio.Protocol):
         """Send a piece of the body as it arrived (no copy for known lengths)."""
         if self._state is _CLOSED or not chunk:
             return
-        if self._answer is _CHUNKING:
-            self._emit((b"%x\r\n" % len(chunk), chunk, _CRLF))
+        parts = (b"%x\r\n" % len(chunk), chunk, _CRLF) if self._answer is _CHUNKING else (chunk,)
+        held = self._held
+        if held is not None:
+            held.extend(parts)
         else:
-            self._emit((chunk,))
+            assert self._transport is not None
+            self._transport.writelines(parts)
 
     def write_many(self, chunks: list[bytes]) -> None:
         """Send several pieces as one chunk / one vectored write."""

@@ -524,7 +524,8 @@ class ProxyExchange:
     def _forward(self, chunk: bytes) -> None:
         self.bytes_sent += len(chunk)
         self._client.write(chunk)
-        self._keep(chunk)
+        if self.recorded is not None or self._observer is not None or self.json_body is not None:
+            self._keep(chunk)
 
     def _forward_many(self, chunks: list[bytes]) -> None:
         self._client.write_many(chunks)
