@@ -48,6 +48,7 @@ class Request:
         "relay_key",
         "_json",
         "_facts",
+        "_credential",
     )
 
     def __init__(
@@ -89,6 +90,7 @@ class Request:
         self.varying: list[bytes] | None = None
         self._json: Any = _UNPARSED
         self._facts: RequestFacts | None = None
+        self._credential: Any = _UNPARSED
 
     @property
     def credential(self) -> bytes | None:
@@ -96,14 +98,20 @@ class Request:
 
         The ``Bearer`` scheme is taken off, so a key counts as the same
         caller whether an SDK sends it as ``Authorization: Bearer k``
-        (OpenAI) or ``x-api-key: k`` (Anthropic).
+        (OpenAI) or ``x-api-key: k`` (Anthropic). Worked out once: the
+        limiter, the cache key, usage and the request log all ask.
         """
-        value = self.authorization
-        if value is None:
-            return self.api_key
-        if value[:7].lower() == b"bearer ":
-            return value[7:].strip() or None
-        return value
+        credential = self._credential
+        if credential is _UNPARSED:
+            value = self.authorization
+            if value is None:
+                credential = self.api_key
+            elif value[:7].lower() == b"bearer ":
+                credential = value[7:].strip() or None
+            else:
+                credential = value
+            self._credential = credential
+        return credential  # type: ignore[no-any-return]
 
     def varying_key(self) -> bytes:
         """The varying headers as one canonical value for the cache key.
