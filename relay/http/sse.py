@@ -100,6 +100,10 @@ class SSESplitter:
             self._saw_cr = True
         buf = self._buf
         if not buf:
+            if not self._saw_cr and chunk.endswith(b"\n\n"):
+                # The usual read. Without CR, every end of a blank line ends
+                # an event: the read is complete events only.
+                return chunk
             end, scan = _walk(chunk, 0, self._saw_cr, None)
             if end == len(chunk):
                 self._scan = 0
