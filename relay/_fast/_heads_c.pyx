@@ -214,6 +214,7 @@ cdef bytes _CHUNKED = b"chunked"
 cdef bytes _CONTINUE = b"100-continue"
 cdef bytes _IDENTITY = _reference._IDENTITY
 cdef bytes _KEEP_ALIVE = b"keep-alive"
+cdef bytes _CLOSE = b"close"
 cdef object _refused = _reference._refused
 
 
@@ -281,7 +282,9 @@ def request_head(headers):
             elif kind == RELAY_R_X_FORWARDED_FOR:
                 forwarded_for = value
             elif kind == RELAY_R_CONNECTION:
-                if {t.strip().lower() for t in value.split(b",")} - _NOT_TOKENS:
+                if value == _KEEP_ALIVE or value == _CLOSE:
+                    pass  # what SDKs send: no header named
+                elif {t.strip().lower() for t in value.split(b",")} - _NOT_TOKENS:
                     named = True
             elif kind == RELAY_R_EXPECT:
                 if value.lower() != _CONTINUE:
