@@ -12,16 +12,8 @@ import redis
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.features.cache import (
-    CacheEntry,
-    Coalescer,
-    FlightAborted,
-    Follower,
-    Leader,
-    MemoryCache,
-    RedisCache,
-    replay_headers,
-)
+from relay.features.cache import CacheEntry, MemoryCache, RedisCache, replay_headers
+from relay.features.coalescer import Coalescer, FlightAborted, Follower, Leader
 from relay.redisconn import RedisConnection
 
 try:
