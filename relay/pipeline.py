@@ -25,7 +25,8 @@ from . import _fast
 from .accounting.recorder import USAGE_HEADER, Accounting, stored_usage, with_usage
 from .accounting.usage import Usage, inject_include_usage
 from .config import Config
-from .features.cache import CacheEntry, FlightAborted, Follower, Leader, replay_headers
+from .features.cache import CacheEntry, FlightAborted, Follower, Leader, MemoryCache
+from .features.limits import MemoryLimiter
 from .http import errors
 from .http.protocol import ClientConnection
 from .http.request import Request
@@ -48,6 +49,8 @@ _CHAT_SUFFIX = b"/chat/completions"
 _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 # JSON bodies read for usage up to this size; beyond it, usage is estimated.
 _JSON_USAGE_LIMIT = 8 * 1024 * 1024
+# Bound of the per-credential memos (callers are few; clients choose them).
+_MEMO_MAX = 4096
 
 
 
@@ -206,12 +209,25 @@ class Pipeline:
         # Only routes with somewhere else to go need the attempt bookkeeping.
         self._chained = retries.attempts > 0 or any(r.fallbacks for r in self._routes)
 
-        self._limiter = runtime.limiter(config) if config.ratelimit.enabled else None
+        self._limiter = limiter = runtime.limiter(config) if config.ratelimit.enabled else None
         self._limit_kind = config.ratelimit.key
         self._limit_label = config.ratelimit.key
+        # The memory limiter answers at once: no coroutine per request.
+        self._acquire_now = limiter.acquire_now if isinstance(limiter, MemoryLimiter) else None
+        # X-RateLimit-Limit is the burst, the same for every answer: rendered
+        # once, with the Remaining line's name after it.
+        self._limit_lines = (
+            b"X-RateLimit-Limit: %d\r\nX-RateLimit-Remaining: %%d\r\n" % limiter.limit
+            if limiter is not None else b""
+        )
+        # Bucket key per credential (its hash), bounded: most traffic comes
+        # from a few keys, and hashing per request showed in profiles.
+        self._limit_keys: dict[bytes, bytes] = {}
 
         cache = config.cache
         self._cache = runtime.cache(config) if cache.enabled else None
+        # The memory cache reads and stores at once: no coroutine, no task.
+        self._cache_now = self._cache if isinstance(self._cache, MemoryCache) else None
         self._cache_global = cache.scope == "global"
         self._cache_max = cache.max_body_bytes
 
@@ -254,12 +270,18 @@ class Pipeline:
 
         limiter = self._limiter
         if limiter is not None:
-            decision = await limiter.acquire(self._limit_key(request))
-            extra.append(b"X-RateLimit-Limit: %d\r\n" % decision.limit)
-            extra.append(b"X-RateLimit-Remaining: %d\r\n" % decision.remaining)
-            if not decision.allowed:
+            acquire_now = self._acquire_now
+            if acquire_now is not None:
+                allowed, remaining, retry_after = acquire_now(self._limit_key(request))
+            else:
+                decision = await limiter.acquire(self._limit_key(request))
+                allowed = decision.allowed
+                remaining = decision.remaining
+                retry_after = decision.retry_after
+            extra.append(self._limit_lines % remaining)
+            if not allowed:
                 self._metrics.ratelimit_reject(self._limit_label)
-                retry = max(1, math.ceil(decision.retry_after))
+                retry = max(1, math.ceil(retry_after))
                 extra.append(b"Retry-After: %d\r\n" % retry)
                 extra.append(_BYPASS)  # every answer on a proxied path says it
                 self._reject(
@@ -296,7 +318,8 @@ class Pipeline:
                 request.varying_key(),
             )
             if not no_cache:
-                entry = await cache.get(key)
+                cache_now = self._cache_now
+                entry = cache_now.get_nowait(key) if cache_now is not None else await cache.get(key)
                 if entry is not None:
                     self._serve_hit(request, client, upstream, entry, extra)
                     return
@@ -347,12 +370,19 @@ class Pipeline:
 
     def _limit_key(self, request: Request) -> bytes:
         kind = self._limit_kind
-        if kind == "global":
-            return b"global"
         if kind == "api_key":
             credential = request.credential
             if credential:
-                return b"k:" + _fast.credential_hash(credential)
+                known = self._limit_keys.get(credential)
+                if known is None:
+                    if len(self._limit_keys) >= _MEMO_MAX:
+                        self._limit_keys.clear()
+                    known = self._limit_keys[credential] = b"k:" + _fast.credential_hash(
+                        credential
+                    )
+                return known
+        elif kind == "global":
+            return b"global"
         # "ip", or an anonymous caller under "api_key": the socket's peer,
         # never X-Forwarded-For, which any client can write.
         return b"ip:" + request.client_ip.encode()
@@ -609,7 +639,7 @@ class Pipeline:
                     record_limit=record_limit,
                     json_limit=_JSON_USAGE_LIMIT if self._usage_on else 0,
                     strip_usage=strip_usage,
-                    stream_usage=self._accounting.stream_usage(request),
+                    count_usage=self._usage_on,
                     observer=leader,
                     loop=runtime.loop,
                     head_only=head_only,
@@ -693,13 +723,19 @@ class Pipeline:
             # Judged now: a first-time tokenizer load below can take seconds,
             # and neither the failure count nor a half-open probe may wait.
             self._judge(upstream, breaker, exchange)
-        estimator = runtime.estimator
-        if not estimator.loaded and self._accounting.needs_estimate(request, exchange):
-            # Tokenizer data (~40 MB) is loaded on first need, in a thread;
-            # the client already has its response.
-            await estimator.ensure_loaded(self.config.models)
-        # Counted before _finish, off the loop when a large estimate is needed.
-        usage = await self._accounting.usage_async(request, exchange, body)
+        usage = None
+        if self._usage_on:
+            accounting = self._accounting
+            if accounting.needs_estimate(request, exchange):
+                estimator = runtime.estimator
+                if not estimator.loaded:
+                    # Tokenizer data (~40 MB) is loaded on first need, in a
+                    # thread; the client already has its response.
+                    await estimator.ensure_loaded(self.config.models)
+                # Counted before _finish, off the loop when large.
+                usage = await accounting.estimate(request, exchange, body)
+            else:
+                usage = accounting.usage_of(request, exchange, body)  # read from the response
         self._finish(
             request, client, upstream, exchange, extra, leader, cache_key, body,
             chain.model if chain is not None else None, usage,
@@ -894,7 +930,9 @@ class Pipeline:
             and exchange.recorded is not None
             and 200 <= status < 300
         ):
-            headers = replay_headers(exchange.headers)
+            # The response headers without hop-by-hop and per-caller ones
+            # (what replay_headers keeps), picked out at the head.
+            headers = exchange.shared_headers
             if fallback_model is not None:
                 # Cached under the request the client sent, saying who answered.
                 headers = (*headers, (b"X-Relay-Model", fallback_model.encode()))
@@ -905,9 +943,15 @@ class Pipeline:
                 exchange.splitter is not None,
                 time.time(),
             )
-            cache = self._cache
-            assert cache is not None
-            runtime.spawn(cache.set(cache_key, entry))
+            cache_now = self._cache_now
+            if cache_now is not None:
+                # Stored now: the next request for it is a hit, and a miss
+                # costs no task.
+                cache_now.set_nowait(cache_key, entry)
+            else:
+                cache = self._cache
+                assert cache is not None
+                runtime.spawn(cache.set(cache_key, entry))
         # 499 (nginx's "client closed request") when the client left before
         # the response was complete; 502 when the upstream broke it off (the
         # client saw the head, then an aborted body).

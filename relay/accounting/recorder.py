@@ -21,6 +21,7 @@ from ..http.request import Request
 from ..http.sse import SSESplitter
 from ..ops.metrics import Metrics, RequestMetricsOff
 from ..upstream.exchange import ProxyExchange
+from .cost import OTHER, PriceLike, price_cost
 from .tokens import OFFLOAD_CHARS
 from .usage import (
     StreamUsage,
@@ -39,6 +40,8 @@ __all__ = ["Accounting", "stored_usage", "with_usage"]
 
 # Internal header that carries a cached response's usage; never replayed.
 USAGE_HEADER = b"x-relay-usage"
+# Bound of the per-model memo of prices and labels.
+_MODELS_MAX = 4096
 
 
 class Accounting:
@@ -52,16 +55,12 @@ class Accounting:
             runtime.metrics if config.metrics.enabled else RequestMetricsOff()
         )
         self._prices = runtime.prices(config)
+        # Per model name: its price and metric label, looked up once.
+        self._models: dict[str, tuple[PriceLike | None, str | None]] = {}
 
     # ------------------------------------------------------------------ #
     # usage of a response
     # ------------------------------------------------------------------ #
-    def stream_usage(self, request: Request) -> StreamUsage | None:
-        """The tracker an exchange feeds with the events it relays."""
-        if not self.enabled:
-            return None
-        return StreamUsage("", provider_for_path(request.path))
-
     def needs_estimate(self, request: Request, exchange: ProxyExchange) -> bool:
         """True when usage must be estimated (the tokenizer has to be loaded)."""
         if not self.enabled or not 200 <= exchange.status < 300 or request.method != b"POST":
@@ -95,12 +94,9 @@ class Accounting:
             request.model() or "", estimator, request_text, response_text_for_estimate(response)
         )
 
-    async def usage_async(
-        self, request: Request, exchange: ProxyExchange, body: bytes
-    ) -> Usage | None:
-        """:meth:`usage_of`, with a large estimate run off the event loop."""
-        if not self.needs_estimate(request, exchange):
-            return self.usage_of(request, exchange, body)  # read from the response: cheap
+    async def estimate(self, request: Request, exchange: ProxyExchange, body: bytes) -> Usage | None:
+        """:meth:`usage_of` of a response :meth:`needs_estimate` said has no
+        usage: a large estimate runs off the event loop."""
         estimator = self.runtime.estimator
         if exchange.splitter is not None:
             # A stream's kept text is not measured without walking it, and
@@ -185,27 +181,58 @@ class Accounting:
         upstream.meters.request(request.method, status, elapsed)
         cost = 0.0
         model = None
+        ticket = request.relay_key
         if usage is not None:
-            model = usage.model or request.model() or ""
-            if model != usage.model:
+            model = usage.model
+            if not model:
                 # A response that names no model is priced as the requested one.
-                usage = dataclasses.replace(usage, model=model)
-            cost = self._prices.cost(usage) if model else 0.0
-            label = runtime.labels.label(model) if model else "other"
-            ticket = request.relay_key
+                model = request.model() or ""
+                if model:
+                    usage = dataclasses.replace(usage, model=model)
+            if model:
+                known = self._models.get(model)
+                if known is None:
+                    known = self._model(model)
+                price, label = known
+                if price is not None:
+                    cost = price_cost(
+                        price,
+                        usage.prompt_tokens,
+                        usage.completion_tokens,
+                        usage.cached_tokens,
+                        usage.cache_write_tokens,
+                    )
+                if label is None:
+                    label = runtime.labels.label(model)
+            else:
+                label = OTHER
             if ticket is not None:
                 key_hash = ticket.name  # a virtual key is shown by its name
             else:
                 credential = request.credential
                 key_hash = runtime.key_hash(credential) if credential else ""
             runtime.record_usage(label, key_hash, usage, cost, saved, self.metrics)
-        if request.relay_key is not None:
+        if ticket is not None:
             # The reservation is replaced by the exact usage; a hit costs nothing.
-            request.relay_key.settle(None if saved else usage, 0.0 if saved else cost)
+            ticket.settle(None if saved else usage, 0.0 if saved else cost)
         if runtime.request_log is not None:
             runtime.log_request(
                 request, upstream, status, elapsed, cache, model, usage, 0.0 if saved else cost
             )
+
+    def _model(self, model: str) -> tuple[PriceLike | None, str | None]:
+        """Price and metric label of *model*, kept for its next request.
+
+        A label is kept only once it is the model's own: ``other`` may turn
+        into it when a reload reserves the name, so that one is asked again.
+        """
+        label = self.runtime.labels.label(model)
+        known = (self._prices.lookup(model), label if label == model else None)
+        models = self._models
+        if len(models) >= _MODELS_MAX:
+            models.clear()  # model names come from responses and clients
+        models[model] = known
+        return known
 
 
 def with_usage(
