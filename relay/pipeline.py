@@ -510,10 +510,12 @@ class Pipeline:
             and request.path.endswith(_CHAT_SUFFIX)
             and b'"stream"' in body
         ):
-            injected = inject_include_usage(body, facts=request.facts())
-            if injected is not None:
-                body = injected
-                strip_usage = True
+            facts = request.facts()
+            if facts.stream is True:  # "stream": false (or none) needs nothing
+                injected = inject_include_usage(body, facts=facts)
+                if injected is not None:
+                    body = injected
+                    strip_usage = True
         head_only = request.method == b"HEAD"
         record_limit = self._cache_max if cache_key is not None else 0
         chain = _Chain(self, route) if self._chained else None
@@ -722,7 +724,12 @@ class Pipeline:
         if breaker is not None:
             # Judged now: a first-time tokenizer load below can take seconds,
             # and neither the failure count nor a half-open probe may wait.
-            self._judge(upstream, breaker, exchange)
+            if 0 < status < 500 and outcome != Outcome.BROKEN:
+                breaker.record_success()  # the usual verdict, without _judge's call
+                if breaker.state != upstream.shown_state:
+                    runtime.breaker_changed(upstream)
+            else:
+                self._judge(upstream, breaker, exchange)
         usage = None
         if self._usage_on:
             accounting = self._accounting

@@ -119,11 +119,10 @@ class CacheEntry:
     @property
     def size(self) -> int:
         """Approximate memory footprint, used for MemoryCache's byte bound."""
-        return (
-            _ENTRY_OVERHEAD
-            + len(self.body)
-            + sum(len(n) + len(v) + 64 for n, v in self.headers)
-        )
+        size = _ENTRY_OVERHEAD + len(self.body)
+        for name, value in self.headers:  # a loop: no generator per store
+            size += len(name) + len(value) + 64
+        return size
 
     def to_bytes(self) -> bytes:
         """Compact, versioned, length-prefixed encoding (see ``from_bytes``)."""
@@ -420,7 +419,8 @@ class Leader:
         if flight.state != _OPEN or flight.head is not None:
             return
         flight.head = (status, headers)
-        flight.notify()
+        if flight.event is not None:
+            flight.notify()
 
     def chunk(self, data: bytes) -> None:
         flight = self._flight
@@ -434,7 +434,8 @@ class Leader:
         flight.retained += len(data)
         if flight.overflowed:
             flight.trim()
-        flight.notify()
+        if flight.event is not None:  # someone waits
+            flight.notify()
 
     def finish(self) -> None:
         """The response is complete. Late joiners still replay it until close()."""
@@ -445,7 +446,8 @@ class Leader:
             self.fail()
             return
         flight.state = _DONE
-        flight.notify()
+        if flight.event is not None:
+            flight.notify()
 
     def fail(self) -> None:
         flight = self._flight
@@ -457,7 +459,8 @@ class Leader:
 
     @debug.closes("flights")
     def close(self) -> None:
-        self.fail()
+        if self._flight.state == _OPEN:
+            self.fail()
         self._coalescer._detach(self._flight)
 
     def __repr__(self) -> str:
