@@ -251,7 +251,9 @@ class Pipeline:
         admission = self._admission
         if admission is not None:
             # Virtual keys: admitted (and reserved) before rate limit and cache.
-            ticket = await admission.admit(request)
+            ticket = admission.admit_now(request)  # a cached key: no wait
+            if ticket is None:
+                ticket = await admission.admit(request)
             if isinstance(ticket, errors.GatewayError):
                 self._reject(request, client, self._route(request).upstream, ticket, [_BYPASS])
                 return

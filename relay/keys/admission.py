@@ -59,6 +59,11 @@ def reset_text(seconds: float) -> str:
     return f"{int(minutes)}m{rest_text}" if minutes else rest_text
 
 
+def _needs_model(record: KeyRecord) -> bool:
+    """Whether admitting a request of *record* reads its model (globs, pricing)."""
+    return record.models is not None or record.budget_usd is not None or record.tpm is not None
+
+
 class KeyTicket:
     """One admitted request's key and reservation, settled exactly once."""
 
@@ -125,36 +130,49 @@ class Admission:
         self._metrics.key_reject(record.name if record is not None else "unknown", reason)
         return error
 
-    async def admit(self, request: Request) -> KeyTicket | errors.GatewayError:
-        """A ticket for an admitted request, else the error to answer with."""
+    def admit_now(self, request: Request) -> KeyTicket | errors.GatewayError | None:
+        """:meth:`admit` without waiting, for the usual request: a key in the
+        process cache whose allowance covers it. None when the store must be
+        asked (an uncached key, an allowance to renew); nothing is counted then."""
         secret = request.credential
         if not secret or not secret.startswith(_PREFIX):
-            return self._reject(None, "invalid", _invalid(
-                "Missing relay key: send it as 'Authorization: Bearer rk-...' or 'x-api-key: rk-...'"
-            ))
+            return self._missing()
+        record = self.service.cached(self._hash(secret))
+        if record is None:
+            return None
+        now = time.time()
+        refused = self._refused(request, record, now)
+        if refused is not None:
+            return refused
+        model = request.model() if _needs_model(record) else None
+        allowance = None
+        if record.budget_usd is not None or record.rpm is not None or record.tpm is not None:
+            tokens, cost = self._estimate(request, model)
+            period = period_start(record.budget_period, now) if record.budget_period else 0
+            allowance = self.service.reserve_now(record, tokens, cost, period)
+            if allowance is None:
+                return None
+        request.credential_headers = b""  # consumed here: see admit
+        return KeyTicket(self, record, allowance, None)
+
+    async def admit(self, request: Request) -> KeyTicket | errors.GatewayError:
+        """A ticket for an admitted request, else the error to answer with."""
+        ticket = self.admit_now(request)
+        if ticket is not None:
+            return ticket
+        secret = request.credential
+        if not secret or not secret.startswith(_PREFIX):
+            return self._missing()
         sha = self._hash(secret)
         service = self.service
         record = service.cached(sha) or await service.lookup(sha)
         now = time.time()
-        if record is None or record.revoked or (
-            record.expires_at is not None and record.expires_at <= now
-        ):
-            why = "revoked" if record is not None and record.revoked else (
-                "expired" if record is not None else "unknown"
-            )
-            return self._reject(None, "invalid", _invalid(f"Invalid relay key ({why})"))
-        model: str | None = None
-        if record.models is not None or record.budget_usd is not None or record.tpm is not None:
-            # From the body's facts scan (what json.loads would give, without
-            # decoding the rest of the body).
-            model = request.model()
-            if not record.model_allowed(model):
-                return self._reject(record, "model", errors.GatewayError(
-                    403,
-                    f"Model {model!r} is not allowed for relay key {record.name!r}",
-                    "permission_error",
-                    "model_not_allowed",
-                ))
+        if record is None:
+            return self._reject(None, "invalid", _invalid("Invalid relay key (unknown)"))
+        refused = self._refused(request, record, now)
+        if refused is not None:
+            return refused
+        model = request.model() if _needs_model(record) else None
         allowance = local = None
         if record.budget_usd is not None or record.rpm is not None or record.tpm is not None:
             tokens, cost = self._estimate(request, model)
@@ -166,6 +184,29 @@ class Admission:
         # never go upstream (the upstream's own key, if any, is sent instead).
         request.credential_headers = b""
         return KeyTicket(self, record, allowance, local)
+
+    def _missing(self) -> errors.GatewayError:
+        return self._reject(None, "invalid", _invalid(
+            "Missing relay key: send it as 'Authorization: Bearer rk-...' or 'x-api-key: rk-...'"
+        ))
+
+    def _refused(self, request: Request, record: KeyRecord, now: float) -> errors.GatewayError | None:
+        """The error for a revoked or expired key, or a model it may not use."""
+        if record.revoked or (record.expires_at is not None and record.expires_at <= now):
+            why = "revoked" if record.revoked else "expired"
+            return self._reject(None, "invalid", _invalid(f"Invalid relay key ({why})"))
+        if record.models is not None:
+            # From the body's facts scan (what json.loads would give, without
+            # decoding the rest of the body).
+            model = request.model()
+            if not record.model_allowed(model):
+                return self._reject(record, "model", errors.GatewayError(
+                    403,
+                    f"Model {model!r} is not allowed for relay key {record.name!r}",
+                    "permission_error",
+                    "model_not_allowed",
+                ))
+        return None
 
     def _estimate(self, request: Request, model: str | None) -> tuple[int, float]:
         """Prompt tokens (a generous byte-based estimate) plus the most output

@@ -253,6 +253,21 @@ class KeyService:
             self._retire(key_id, allowance)
 
     # -- reserve / settle ---------------------------------------------------
+    def reserve_now(
+        self, record: KeyRecord, tokens: int, cost: float, period: int
+    ) -> Allowance | None:
+        """The key's allowance when it covers the request (drawn from it, no
+        wait), else None: :meth:`reserve` must ask the store."""
+        key_id = record.id
+        allowance = self._allowances.get(key_id)
+        if allowance is not None and allowance.take(tokens, cost, period):
+            if allowance.running_low and key_id not in self._acquiring:
+                # Reserve the next one while this one still serves, so a
+                # steady stream of requests never waits for the store.
+                self._spawn(self._prefetch(record, tokens, cost, period))
+            return allowance
+        return None
+
     async def reserve(
         self, record: KeyRecord, tokens: int, cost: float, period: int
     ) -> tuple[ReserveResult | None, Allowance | None, Reservation | None]:
@@ -264,12 +279,8 @@ class KeyService:
         ``local_reservation`` is what was held locally).
         """
         key_id = record.id
-        allowance = self._allowances.get(key_id)
-        if allowance is not None and allowance.take(tokens, cost, period):
-            if allowance.running_low and key_id not in self._acquiring:
-                # Reserve the next one while this one still serves, so a
-                # steady stream of requests never waits for the store.
-                self._spawn(self._prefetch(record, tokens, cost, period))
+        allowance = self.reserve_now(record, tokens, cost, period)
+        if allowance is not None:
             return None, allowance, None
         refused = self._refused.get(key_id)
         if refused is not None:
