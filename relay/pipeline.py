@@ -273,10 +273,17 @@ class Pipeline:
         limiter = self._limiter
         if limiter is not None:
             acquire_now = self._acquire_now
+            bucket = None
+            if self._limit_kind == "api_key":
+                credential = request.credential
+                if credential:
+                    bucket = self._limit_keys.get(credential)  # the usual caller: known
+            if bucket is None:
+                bucket = self._limit_key(request)
             if acquire_now is not None:
-                allowed, remaining, retry_after = acquire_now(self._limit_key(request))
+                allowed, remaining, retry_after = acquire_now(bucket)
             else:
-                decision = await limiter.acquire(self._limit_key(request))
+                decision = await limiter.acquire(bucket)
                 allowed = decision.allowed
                 remaining = decision.remaining
                 retry_after = decision.retry_after

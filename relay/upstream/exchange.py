@@ -36,7 +36,7 @@ from typing import Protocol
 
 from .. import debug
 from ..accounting.usage import ANTHROPIC, StreamUsage, provider_for_path
-from ..features.cache import shared_headers
+from ..features.cache import PER_CALLER_HEADERS, shared_headers
 from ..http.protocol import HOP_BY_HOP, ClientConnection
 from ..http.sse import SSESplitter, event_fields
 from .protocol import UpstreamConnection, UpstreamError
@@ -195,29 +195,45 @@ class Outcome:
 
 def response_headers(
     headers: list[tuple[bytes, bytes]],
-) -> tuple[tuple[tuple[bytes, bytes], ...], bytes | None, bytes | None]:
-    """End-to-end headers of an upstream response, its content type and coding.
+) -> tuple[tuple[tuple[bytes, bytes], ...], bytes | None, bytes | None, bool]:
+    """End-to-end headers of an upstream response, its content type and
+    coding, and whether any of the kept ones is per caller.
 
     The coding is None for identity (absent or ``identity``), else the
-    lowercased ``Content-Encoding`` value.
+    lowercased ``Content-Encoding`` value. The last item tells whether
+    :func:`~relay.features.cache.shared_headers` has anything to take out.
     """
-    drop: frozenset[bytes] | set[bytes] = _NOT_RELAYED
+    kept: list[tuple[bytes, bytes]] = []
+    names: list[bytes] = []
     content_type = None
     coding = None
-    for name, value in headers:
+    named: set[bytes] | None = None
+    per_caller = False
+    for pair in headers:
+        name, value = pair
         lname = name.lower()
-        if lname == b"connection":
-            # Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1).
-            drop = set(_NOT_RELAYED)
-            drop.update(t.strip().lower() for t in value.split(b","))
-        elif lname == b"content-type":
+        if lname in _NOT_RELAYED:
+            if lname == b"connection":
+                # Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1).
+                extra = {t.strip().lower() for t in value.split(b",")} - _NOT_RELAYED
+                if extra:
+                    named = extra if named is None else named | extra
+            elif lname == b"content-encoding":
+                value = value.strip().lower()
+                if value and value != _IDENTITY:
+                    coding = value if coding is None else coding + b", " + value
+            continue
+        if lname == b"content-type":
             content_type = value.lower()
-        elif lname == b"content-encoding":
-            value = value.strip().lower()
-            if value and value != _IDENTITY:
-                coding = value if coding is None else coding + b", " + value
-    kept = tuple((n, v) for n, v in headers if n.lower() not in drop)
-    return kept, content_type, coding
+        elif lname in PER_CALLER_HEADERS:
+            per_caller = True
+        kept.append(pair)
+        names.append(lname)
+    if named:
+        # Rare: a Connection header naming an end-to-end header.
+        kept = [pair for pair, lname in zip(kept, names, strict=True) if lname not in named]
+        per_caller = any(n in PER_CALLER_HEADERS for n in names if n not in named)
+    return tuple(kept), content_type, coding, per_caller
 
 
 class ProxyExchange:
@@ -347,7 +363,7 @@ class ProxyExchange:
             self.status = status
             self.headers = tuple(headers)
             return
-        kept, content_type, coding = response_headers(headers)
+        kept, content_type, coding, per_caller = response_headers(headers)
         bodyless = self._head_only or status in (204, 304)
         if coding is not None and not bodyless:
             if coding in _GZIP:
@@ -397,7 +413,7 @@ class ProxyExchange:
             self.recorded = []
             # Never handed to another caller (the cache, coalesced followers):
             # this caller's cookies or authentication state.
-            self.shared_headers = shared_headers(kept)
+            self.shared_headers = shared_headers(kept) if per_caller else kept
         client = self._client
         lines = [b"%s: %s\r\n" % pair for pair in kept]
         lines.extend(self._extra_headers)
