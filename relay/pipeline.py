@@ -212,6 +212,7 @@ class Pipeline:
         self._limiter = limiter = runtime.limiter(config) if config.ratelimit.enabled else None
         self._limit_kind = config.ratelimit.key
         self._limit_label = config.ratelimit.key
+        self._limit_by_key = config.ratelimit.key == "api_key"
         # The memory limiter answers at once: no coroutine per request.
         self._acquire_now = limiter.acquire_now if isinstance(limiter, MemoryLimiter) else None
         # X-RateLimit-Limit is the burst, the same for every answer: rendered
@@ -274,7 +275,7 @@ class Pipeline:
         if limiter is not None:
             acquire_now = self._acquire_now
             bucket = None
-            if self._limit_kind == "api_key":
+            if self._limit_by_key:
                 credential = request.credential
                 if credential:
                     bucket = self._limit_keys.get(credential)  # the usual caller: known
