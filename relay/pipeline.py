@@ -7,8 +7,10 @@
 A :class:`Pipeline` is built from one :class:`~relay.config.Config` and is
 immutable afterwards: a hot reload builds a new one and swaps the reference,
 so requests in flight finish with the settings they started with. The
-long-lived things (sockets, caches, breakers, counters) belong to the
-:class:`~relay.runtime.Runtime` and are shared between generations.
+long-lived things (sockets, caches, breakers, counters) are held by the
+:class:`~relay.runtime.Runtime` and shared between generations; a pipeline
+takes the ones it needs when it is built, and per request asks the runtime
+for nothing.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from . import _fast
 from .accounting.recorder import USAGE_HEADER, Accounting, stored_usage, with_usage
 from .accounting.usage import Usage, inject_include_usage
 from .config import Config
-from .features.cache import CacheEntry, FlightAborted, Follower, Leader, MemoryCache
+from .features.cache import CacheEntry, MemoryCache
+from .features.coalescer import FlightAborted, Follower, Leader
 from .features.limits import MemoryLimiter
 from .http import errors
 from .http.protocol import ClientConnection
@@ -34,10 +37,11 @@ from .keys.admin import ADMIN_PREFIX, AdminAPI
 from .keys.admission import Admission
 from .ops.endpoints import own_endpoints
 from .ops.metrics import NO_METERS as _NO_METERS
-from .runtime import Runtime, Upstream
+from .runtime import Runtime
 from .upstream.balance import Balancer
 from .upstream.exchange import ACCEPT_IDENTITY, Outcome, ProxyExchange, stream_cut_event
 from .upstream.protocol import UpstreamConnection, UpstreamError
+from .upstream.target import Upstream
 
 __all__ = ["Pipeline"]
 
@@ -168,7 +172,11 @@ class Pipeline:
 
     def __init__(self, config: Config, runtime: Runtime) -> None:
         self.config = config
-        self.runtime = runtime
+        self._loop = runtime.loop
+        self._estimator = runtime.estimator
+        self._coalescer = runtime.coalescer
+        self._spawn = runtime.spawn
+        self._breaker_changed = runtime.breakers.changed
         proxy = config.proxy
         self._breakers = breakers = config.circuit_breaker.enabled
         default = runtime.upstream(proxy.target, config, api_key=proxy.api_key, auth=proxy.auth)
@@ -232,10 +240,28 @@ class Pipeline:
         self._cache_global = cache.scope == "global"
         self._cache_max = cache.max_body_bytes
 
-        self._accounting = accounting = Accounting(config, runtime)
+        self._accounting = accounting = Accounting(
+            config,
+            metrics=runtime.metrics,
+            prices=runtime.prices(config),
+            labels=runtime.labels,
+            estimator=runtime.estimator,
+            book=runtime.usage_book,
+            request_log=runtime.request_log,
+            key_hashes=runtime.key_hashes,
+            loop=runtime.loop,
+        )
         self._metrics = accounting.metrics
         self._usage_on = accounting.enabled
-        self._own = own_endpoints(self)
+        self._own = own_endpoints(
+            targets=tuple(self.upstreams()),
+            breakers=breakers,
+            draining=lambda: runtime.draining,
+            metrics=runtime.metrics,
+            metrics_enabled=config.metrics.enabled,
+            usage_snapshot=runtime.usage_book.snapshot,
+            loop=runtime.loop,
+        )
         self._admission, self._admin = _keys_hooks(config, runtime, accounting)
 
     # ------------------------------------------------------------------ #
@@ -334,7 +360,7 @@ class Pipeline:
                     self._serve_hit(request, client, upstream, entry, extra)
                     return
                 if store:
-                    ticket = self.runtime.coalescer.join(key)
+                    ticket = self._coalescer.join(key)
                     if isinstance(ticket, Follower):
                         try:
                             if await self._follow(request, client, upstream, ticket, extra):
@@ -508,7 +534,6 @@ class Pipeline:
         reached the client: a failure before the head, or a retryable
         status held back at the head (:class:`_Chain` decides there).
         """
-        runtime = self.runtime
         breakers = self._breakers
         # Ask OpenAI for streamed usage when the client did not; the
         # usage-only chunk is removed again before the client sees it.
@@ -586,7 +611,7 @@ class Pipeline:
             if breaker is not None and breaker.state:
                 # allow() just turned an open breaker half-open for this probe:
                 # show it on the gauge (only a probe passes a non-closed breaker).
-                runtime.breaker_changed(upstream)
+                self._breaker_changed(upstream)
             state = upstream.state
             started = now
             if wait > 0.0:
@@ -628,7 +653,7 @@ class Pipeline:
                         upstream.meters.attempt("connect")
                         if breaker is not None:
                             breaker.record_failure(failed_at)
-                            runtime.breaker_changed(upstream)
+                            self._breaker_changed(upstream)
                     if self._retry_connect and self._advance(chain):
                         attempted = True
                         continue
@@ -653,7 +678,7 @@ class Pipeline:
                     strip_usage=strip_usage,
                     count_usage=self._usage_on,
                     observer=leader,
-                    loop=runtime.loop,
+                    loop=self._loop,
                     head_only=head_only,
                     retry=chain,
                     path=request.path,
@@ -686,7 +711,7 @@ class Pipeline:
                         breaker.record_failure(time.monotonic())
                     else:
                         breaker.record_success()
-                    runtime.breaker_changed(upstream)
+                    self._breaker_changed(upstream)
                 if self._advance(chain):
                     attempted = True
                     continue
@@ -714,7 +739,7 @@ class Pipeline:
             upstream.meters.attempt(kind)
             if breaker is not None:
                 breaker.record_failure(failed_at)
-                runtime.breaker_changed(upstream)
+                self._breaker_changed(upstream)
             if retry and self._advance(chain):
                 attempted = True
                 continue
@@ -737,14 +762,14 @@ class Pipeline:
             if 0 < status < 500 and outcome != Outcome.BROKEN:
                 breaker.record_success()  # the usual verdict, without _judge's call
                 if breaker.state != upstream.shown_state:
-                    runtime.breaker_changed(upstream)
+                    self._breaker_changed(upstream)
             else:
                 self._judge(upstream, breaker, exchange)
         usage = None
         if self._usage_on:
             accounting = self._accounting
             if accounting.needs_estimate(request, exchange):
-                estimator = runtime.estimator
+                estimator = self._estimator
                 if not estimator.loaded:
                     # Tokenizer data (~40 MB) is loaded on first need, in a
                     # thread; the client already has its response.
@@ -920,7 +945,7 @@ class Pipeline:
             breaker.record_success()
         else:
             breaker.release_probe()  # the client left before the head: no verdict
-        self.runtime.breaker_changed(upstream)
+        self._breaker_changed(upstream)
 
     def _finish(
         self,
@@ -936,7 +961,6 @@ class Pipeline:
         usage: Usage | None,
     ) -> None:
         outcome = exchange.outcome
-        runtime = self.runtime
         status = exchange.status
         if status:
             upstream.meters.latency.observe(exchange.upstream_latency)
@@ -968,7 +992,7 @@ class Pipeline:
             else:
                 cache = self._cache
                 assert cache is not None
-                runtime.spawn(cache.set(cache_key, entry))
+                self._spawn(cache.set(cache_key, entry))
         # 499 (nginx's "client closed request") when the client left before
         # the response was complete; 502 when the upstream broke it off (the
         # client saw the head, then an aborted body).

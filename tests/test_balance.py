@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from relay import _fast
-from relay.upstream.balance import Balancer, TargetState
+from relay.upstream.balance import Balancer
+from relay.upstream.target import TargetState
 
 
 @dataclass

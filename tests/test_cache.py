@@ -14,15 +14,12 @@ from hypothesis import strategies as st
 
 from relay.features.cache import (
     CacheEntry,
-    Coalescer,
-    FlightAborted,
-    Follower,
-    Leader,
     MemoryCache,
     RedisCache,
     replay_headers,
     shared_headers,
 )
+from relay.features.coalescer import Coalescer, FlightAborted, Follower, Leader
 from relay.http.protocol import HOP_BY_HOP
 from relay.redisconn import RedisConnection
 from relay.upstream.exchange import response_headers

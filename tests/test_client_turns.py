@@ -14,7 +14,6 @@ from typing import Any
 
 import httptools
 
-from relay.accounting.requestlog import RequestLogger
 from relay.testing import ThreadedFakeUpstream
 from tests.conftest import RelayFactory
 from tests.support import RelayThread
@@ -106,7 +105,7 @@ def test_follower_whose_client_left_is_never_sent_nor_billed(
     log = io.StringIO()
 
     def capture_log() -> None:
-        runtime.request_log = RequestLogger(log)
+        runtime.request_log.stream = log
 
     relay.call(capture_log)
     before = len(fake_upstream.requests)

@@ -23,7 +23,7 @@ from typing import Any
 import openai
 import pytest
 
-from relay.features.cache import _OPEN
+from relay.features.coalescer import _OPEN
 from relay.testing import ThreadedFakeUpstream
 from tests.support import RelayThread, free_port
 

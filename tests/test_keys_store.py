@@ -443,4 +443,55 @@ def test_a_cached_key_with_an_allowance_is_admitted_without_the_store(tmp_path, 
                 one.settle(None, 0.0)
             await service.close()
 
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_two_services_near_the_budget_never_overspend(tmp_path, run, seed):
+    """Two processes' services on one store, requests racing at the budget's
+    edge while each still has releases on their way: the store decides
+    (it alone sees both processes' reservations), so recorded spend stays
+    within the budget and equals what was admitted."""
+    import asyncio
+    import random
+
+    from relay.keys.service import KeyService
+
+    rng = random.Random(seed)
+    cost = 0.01  # each answer uses exactly what it reserved
+
+    async def main() -> None:
+        path = os.path.join(str(tmp_path), "keys.db")
+        stores = [SQLiteKeyStore(path), SQLiteKeyStore(path)]
+        loop = asyncio.get_running_loop()
+        services = [KeyService(s, loop) for s in stores]
+        key, _ = _key(budget_usd=0.1)
+        await stores[0].create(key)
+        admitted = 0
+
+        async def one(service: KeyService) -> None:
+            nonlocal admitted
+            await asyncio.sleep(rng.random() * 0.3)
+            refusal, allowance, local = await service.reserve(key, 10, cost, 0)
+            if refusal is not None:
+                return
+            admitted += 1
+            await asyncio.sleep(rng.random() * 0.05)
+            service.settle(key, allowance, local, cost, 5, 5, 0)
+
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(one(services[i % 2]) for i in range(60))), timeout=60
+            )
+        finally:
+            for service in services:
+                await service.close()
+        check = SQLiteKeyStore(path)
+        try:
+            spend = await check.spend(key.id, 0)
+        finally:
+            await check.close()
+        assert admitted >= 1
+        assert spend.requests == admitted
+        assert spend.spend_usd == pytest.approx(admitted * cost)
+        assert spend.spend_usd <= 0.1 + 1e-9
+
     run(main())

@@ -337,10 +337,10 @@ def test_an_edit_that_fails_to_build_applies_nothing(
         return build
 
     def refuse_accounting(real):
-        def build(config, runtime):
+        def build(config, **resources):
             if config.ratelimit.burst == 77:
                 raise ValueError("accounting refused")
-            return real(config, runtime)
+            return real(config, **resources)
         return build
 
     if failing == "limiter":

@@ -1,0 +1,1 @@
+"""What a finished request counts as: usage, cost, totals, the request log."""

@@ -1,8 +1,9 @@
 """What a finished request is counted as: usage, cost, metrics, the request log.
 
 :class:`Accounting` is built with each :class:`~relay.pipeline.Pipeline`
-(prices, switches and metric sinks are per config generation); the totals
-it adds to belong to the :class:`~relay.runtime.Runtime`.
+(prices, switches and metric sinks are per config generation) and is handed
+the long-lived things it adds to: the :class:`~relay.accounting.book.UsageBook`
+of totals, the request log, the tokenizer, the model labels.
 
 Usage comes from the response (JSON ``usage``, or the stream's usage events
 seen as they passed) and is estimated with the tokenizer when there is
@@ -12,6 +13,7 @@ as saved cost without parsing the body again.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from typing import TYPE_CHECKING
 
@@ -21,8 +23,11 @@ from ..http.request import Request
 from ..http.sse import SSESplitter
 from ..ops.metrics import Metrics, RequestMetricsOff
 from ..upstream.exchange import ProxyExchange
-from .cost import OTHER, PriceLike, price_cost
-from .tokens import OFFLOAD_CHARS
+from .book import UsageBook
+from .cost import OTHER, ModelLabels, PriceLike, PriceTable, price_cost
+from .keyhash import KeyHashes
+from .requestlog import RequestLogger
+from .tokens import OFFLOAD_CHARS, TokenEstimator
 from .usage import (
     StreamUsage,
     Usage,
@@ -34,7 +39,7 @@ from .usage import (
 )
 
 if TYPE_CHECKING:
-    from ..runtime import Runtime, Upstream
+    from ..upstream.target import Upstream
 
 __all__ = ["Accounting", "stored_usage", "with_usage"]
 
@@ -47,14 +52,32 @@ _MODELS_MAX = 4096
 class Accounting:
     """Counts finished requests for one config generation."""
 
-    def __init__(self, config: Config, runtime: Runtime) -> None:
-        self.runtime = runtime
+    def __init__(
+        self,
+        config: Config,
+        *,
+        metrics: Metrics,
+        prices: PriceTable,
+        labels: ModelLabels,
+        estimator: TokenEstimator,
+        book: UsageBook,
+        request_log: RequestLogger | None,
+        key_hashes: KeyHashes,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
         self.models = config.models
         self.enabled = config.usage.enabled
         self.metrics: Metrics | RequestMetricsOff = (
-            runtime.metrics if config.metrics.enabled else RequestMetricsOff()
+            metrics if config.metrics.enabled else RequestMetricsOff()
         )
-        self._prices = runtime.prices(config)
+        self._prices = prices
+        self._labels = labels
+        self.estimator = estimator
+        self._book = book
+        self.request_log = request_log
+        self._key_hash = key_hashes.of
+        self._key_hashes = key_hashes
+        self._loop = loop
         # Per model name: its price and metric label, looked up once.
         self._models: dict[str, tuple[PriceLike | None, str | None]] = {}
 
@@ -74,7 +97,7 @@ class Accounting:
         if not self.enabled or not 200 <= exchange.status < 300 or request.method != b"POST":
             return None
         stream = exchange.stream_usage
-        estimator = self.runtime.estimator
+        estimator = self.estimator
         if exchange.splitter is not None and stream is not None:
             if not stream.model:
                 # No usage event named the model (none came, or the client
@@ -97,7 +120,7 @@ class Accounting:
     async def estimate(self, request: Request, exchange: ProxyExchange, body: bytes) -> Usage | None:
         """:meth:`usage_of` of a response :meth:`needs_estimate` said has no
         usage: a large estimate runs off the event loop."""
-        estimator = self.runtime.estimator
+        estimator = self.estimator
         if exchange.splitter is not None:
             # A stream's kept text is not measured without walking it, and
             # a stream without usage is rare: always off the loop.
@@ -125,7 +148,7 @@ class Accounting:
         for name, value in headers:
             if name.lower() == b"content-type":
                 content_type = value.lower()
-        estimator = self.runtime.estimator
+        estimator = self.estimator
         if content_type.startswith(b"text/event-stream"):
             stream = StreamUsage(request.model() or "", provider_for_path(request.path))
             splitter = SSESplitter()
@@ -157,7 +180,7 @@ class Accounting:
             return None
         return estimate_usage(
             request.model() or "",
-            self.runtime.estimator,
+            self.estimator,
             request_text,
             response_text_for_estimate(body),
         )
@@ -176,8 +199,7 @@ class Accounting:
         saved: bool = False,
     ) -> None:
         """Count a finished request: metrics, usage and cost, request log."""
-        runtime = self.runtime
-        elapsed = runtime.loop.time() - request.started
+        elapsed = self._loop.time() - request.started
         upstream.meters.request(request.method, status, elapsed)
         cost = 0.0
         model = None
@@ -203,21 +225,29 @@ class Accounting:
                         usage.cache_write_tokens,
                     )
                 if label is None:
-                    label = runtime.labels.label(model)
+                    label = self._labels.label(model)
             else:
                 label = OTHER
             if ticket is not None:
                 key_hash = ticket.name  # a virtual key is shown by its name
             else:
                 credential = request.credential
-                key_hash = runtime.key_hash(credential) if credential else ""
-            runtime.record_usage(label, key_hash, usage, cost, saved, self.metrics)
+                key_hash = self._key_hash(credential) if credential else ""
+            # A hit counts as a hit and saved cost, not as tokens paid again.
+            if saved:
+                self.metrics.record_saved(label, cost)
+                self._book.record(label, key_hash, usage, 0.0, cost, True)
+            else:
+                self.metrics.record_tokens(label, usage.prompt_tokens, usage.completion_tokens, cost)
+                self._book.record(label, key_hash, usage, cost, 0.0, False)
         if ticket is not None:
             # The reservation is replaced by the exact usage; a hit costs nothing.
             ticket.settle(None if saved else usage, 0.0 if saved else cost)
-        if runtime.request_log is not None:
-            runtime.log_request(
-                request, upstream, status, elapsed, cache, model, usage, 0.0 if saved else cost
+        request_log = self.request_log
+        if request_log is not None:
+            request_log.finished(
+                request, upstream.label, status, elapsed, cache, model, usage,
+                0.0 if saved else cost, self._key_hashes,
             )
 
     def _model(self, model: str) -> tuple[PriceLike | None, str | None]:
@@ -226,7 +256,7 @@ class Accounting:
         A label is kept only once it is the model's own: ``other`` may turn
         into it when a reload reserves the name, so that one is asked again.
         """
-        label = self.runtime.labels.label(model)
+        label = self._labels.label(model)
         known = (self._prices.lookup(model), label if label == model else None)
         models = self._models
         if len(models) >= _MODELS_MAX:

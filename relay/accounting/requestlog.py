@@ -23,7 +23,12 @@ import asyncio
 import json
 import sys
 import time
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from ..http.request import Request
+    from .keyhash import KeyHashes
+    from .usage import Usage
 
 __all__ = ["RequestLogger", "strip_query"]
 
@@ -68,7 +73,7 @@ class RequestLogger:
         flush_interval: float = 0.5,
         max_buffered: int = 256,
     ) -> None:
-        self._stream = stream
+        self.stream = stream  # None: standard error, as it is when a batch is written
         self.flush_interval = flush_interval
         self.max_buffered = max_buffered
         self._lines: list[str] = []
@@ -148,6 +153,38 @@ class RequestLogger:
             text = memo[value] = json.dumps(cut)  # type: ignore[arg-type]
         return text
 
+    def finished(
+        self,
+        request: Request,
+        upstream: str,
+        status: int,
+        seconds: float,
+        cache: str,
+        model: str | None,
+        usage: Usage | None,
+        cost: float,
+        key_hashes: KeyHashes,
+    ) -> None:
+        """Log a request relay answered; its caller is shown by a virtual
+        key's name, else by the hash of its credential."""
+        credential = request.credential
+        ticket = request.relay_key
+        self.log(
+            method=request.method,
+            path=request.path,
+            status=status,
+            model=model,
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+            cost_usd=cost,
+            cache=cache,
+            latency_ms=seconds * 1000.0,
+            upstream=upstream,
+            key=ticket.name if ticket is not None else (
+                key_hashes.of(credential) if credential else None
+            ),
+        )
+
     def _on_timer(self) -> None:
         self._timer = None
         self.flush()
@@ -160,7 +197,7 @@ class RequestLogger:
         if not self._lines:
             return
         lines, self._lines = self._lines, []
-        stream = self._stream if self._stream is not None else sys.stderr
+        stream = self.stream if self.stream is not None else sys.stderr
         try:
             stream.write("".join(lines))
             stream.flush()

@@ -1,0 +1,1 @@
+"""Features on the request path: response cache, coalescing, rate limits, circuit breakers."""

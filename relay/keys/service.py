@@ -154,6 +154,7 @@ class KeyService:
         self.store = store
         self.loop = loop
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._settling: set[asyncio.Task[Any]] = set()  # settlements on their way
         self._clock = clock
         self._by_hash: dict[str, KeyRecord] = {}
         self._misses: dict[str, float] = {}
@@ -355,13 +356,31 @@ class KeyService:
             self._local.pop(record.id, None)
         if result.reason == "budget" and for_request and self._releasing.get(record.id):
             # The store still holds reservations this process is giving back
-            # (made before or during an outage, released by settlements on
-            # their way): decide from this process's view, not from that.
-            one = Reservation(reservation.id, tokens, cost, period, 1)
-            refusal = self._reserve_locally(record, one)
-            if refusal.reason is None:
-                return None, None, one
-            return refusal, None, None
+            # (released by settlements not yet written, or waiting since an
+            # outage). Hand them back now and ask the store again: only the
+            # store sees the other processes' reservations, so deciding from
+            # this process's view here would let two of them overspend.
+            if await self._hand_back_now():
+                reservation = Reservation(self.new_id(), tokens, cost, period, 1)
+                try:
+                    result = await self.store.reserve(record, reservation)
+                except StoreUnavailable as exc:
+                    self._store_down(exc)
+                    self._orphan(record, reservation.id, period)
+                    refusal = self._reserve_locally(record, reservation)
+                    return (refusal if refusal.reason is not None else None), None, reservation
+                self._seen[record.id] = (
+                    period, result.spend - mark, result.rpm_remaining, result.tpm_remaining,
+                    self._clock(),
+                )
+            else:
+                # The store took no writes just now: it is away again, and
+                # this process decides alone until it is back.
+                one = Reservation(reservation.id, tokens, cost, period, 1)
+                refusal = self._reserve_locally(record, one)
+                if refusal.reason is None:
+                    return None, None, one
+                return refusal, None, None
         if result.reason is not None:
             if for_request:
                 hold = min(_REFUSAL_HOLD, result.retry_after or _REFUSAL_HOLD)
@@ -492,7 +511,26 @@ class KeyService:
             if self._pending:
                 self._queue(settlement)  # keep order behind what waits already
             else:
-                self._spawn(self._settle(settlement))
+                task = self._spawn(self._settle(settlement))
+                self._settling.add(task)
+                task.add_done_callback(self._settling.discard)
+
+    async def _hand_back_now(self) -> bool:
+        """Write every settlement now (releases included), in order; False
+        when the store could not take them all."""
+        self._flush()
+        if self._settling:
+            await asyncio.wait(list(self._settling), timeout=5.0)
+        while self._pending and not self._closed:
+            settlement = self._pending[0]
+            try:
+                await self.store.settle(settlement)
+            except StoreUnavailable:
+                return False
+            if self._pending and self._pending[0] is settlement:
+                self._pending.pop(0)
+                self._confirmed(settlement)
+        return not self._settling
 
     async def _settle(self, settlement: Settlement) -> None:
         try:
@@ -541,8 +579,11 @@ class KeyService:
                         await self.store.settle(settlement)
                     except StoreUnavailable:
                         break
-                    self._pending.pop(0)
-                    self._confirmed(settlement)
+                    # A budget refusal may have handed it back meanwhile: the
+                    # store applies an id once, the queue drops it once.
+                    if self._pending and self._pending[0] is settlement:
+                        self._pending.pop(0)
+                        self._confirmed(settlement)
                 if not self._pending:
                     log.info("keys: store is back; spend recorded meanwhile is merged")
                     self._store_down_logged = False

@@ -1,1 +1,1 @@
-"""Operator-facing views of a running relay: the status page and its figures."""
+"""Operator-facing views of a running relay: its own endpoints, metrics, the status page and its figures."""

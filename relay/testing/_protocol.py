@@ -11,7 +11,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol, cast
 
 import httptools
 
@@ -25,9 +25,6 @@ from relay.testing._wire import (
     reset_transport,
     unsent_bytes,
 )
-
-if TYPE_CHECKING:
-    from relay.testing.fake_upstream import FakeUpstream
 
 _WRITE_HIGH = 256 * 1024
 _WRITE_LOW = 64 * 1024
@@ -67,10 +64,27 @@ class Request:
         self.anthropic = anthropic
 
 
+class Owner(Protocol):
+    """What a connection needs of its server (the FakeUpstream): the answers,
+    the faults it injects, and where requests and connections are counted."""
+
+    record: bool
+
+    def _connection_made(self, conn: Connection) -> None: ...
+
+    def _connection_lost(self, conn: Connection) -> None: ...
+
+    def _record(self, request: RecordedRequest) -> None: ...
+
+    def _server_faults(self) -> dict[bytes, bytes] | None: ...
+
+    def _answer(self, conn: Connection, req: Request) -> Any: ...
+
+
 class Connection(asyncio.Protocol):
     """One client connection: parses requests, answers them in order."""
 
-    def __init__(self, owner: FakeUpstream) -> None:
+    def __init__(self, owner: Owner) -> None:
         self._owner = owner
         self._loop = asyncio.get_running_loop()
         self._parser = httptools.HttpRequestParser(self)

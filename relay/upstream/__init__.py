@@ -1,1 +1,1 @@
-"""Upstream side of relay: pooled keep-alive connections and response relaying."""
+"""Upstream side of relay: targets and balancing, pooled keep-alive connections, response relaying."""

@@ -3,7 +3,7 @@
 A :class:`Balancer` belongs to one route of one config generation; the
 state it reads (requests in flight, a decaying average of time to first
 byte, a 429's "not before" time, the circuit breaker) lives in each
-target's long-lived :class:`TargetState`, so a hot reload keeps it.
+target's long-lived :class:`~relay.upstream.target.TargetState`, so a hot reload keeps it.
 
 ``pick`` runs per request: it allocates nothing, and a one-target route
 returns its target without looking at anything (the breaker is asked by
@@ -21,55 +21,12 @@ from __future__ import annotations
 import math
 import random
 from bisect import bisect_right
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from ..runtime import Upstream
+from .target import Upstream
 
-__all__ = ["STRATEGIES", "Balancer", "TargetState"]
+__all__ = ["STRATEGIES", "Balancer"]
 
 STRATEGIES = ("weighted", "least_busy", "latency")
-
-# Seconds over which an old time-to-first-byte sample loses most of its
-# weight (1/e). Short enough that a target that got faster wins traffic back
-# within a few seconds, long enough that one lucky answer does not.
-DECAY_SECONDS = 10.0
-
-
-class TargetState:
-    """What the balancer knows of one target; outlives config generations."""
-
-    __slots__ = ("inflight", "ewma", "stamp", "not_before")
-
-    def __init__(self) -> None:
-        self.inflight = 0
-        self.ewma = 0.0  # seconds to first byte, decaying average (0: never measured)
-        self.stamp = 0.0  # loop time of the last sample
-        self.not_before = 0.0  # loop time before which a retry must not go here (429)
-
-    def observe(self, seconds: float, now: float) -> None:
-        """One time to first byte (or the time a failed attempt cost)."""
-        ewma = self.ewma
-        if seconds >= ewma or ewma == 0.0:
-            # Peak-sensitive: a slowdown counts at once, recovery decays in.
-            self.ewma = seconds
-        else:
-            weight = math.exp(-(now - self.stamp) / DECAY_SECONDS)
-            self.ewma = ewma * weight + seconds * (1.0 - weight)
-        self.stamp = now
-
-    def cost(self, now: float) -> float:
-        """Expected wait here: the average decayed to *now*, times the queue.
-
-        The decay without new samples (Finagle's PeakEWMA does the same)
-        lets a target that was slow once, or whose samples stopped because
-        it lost the comparison, be tried again after a while.
-        """
-        ewma = self.ewma
-        if ewma and now > self.stamp:
-            ewma *= math.exp(-(now - self.stamp) / DECAY_SECONDS)
-        return ewma * (self.inflight + 1)
-
 
 def _blocked(upstream: Upstream, now: float, breakers: bool) -> bool:
     """Open breaker still in its recovery time: skip without asking it."""

@@ -157,7 +157,7 @@ _SPACED_NULL_USAGE = re.compile(rb',\s*"usage"\s*:\s*null(?=\s*[,}])|"usage"\s*:
 
 class ExchangeObserver(Protocol):
     """Something else that wants the response as it passes: the leader of a
-    coalesced miss (:class:`relay.features.cache.Leader`) publishing to its followers."""
+    coalesced miss (:class:`relay.features.coalescer.Leader`) publishing to its followers."""
 
     @property
     def followers(self) -> int: ...
