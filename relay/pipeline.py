@@ -288,7 +288,8 @@ class Pipeline:
             try:
                 await self._proxy(request, client)
             finally:
-                ticket.release()  # unless settled: nothing was sent upstream
+                if not ticket.settled:
+                    ticket.release()  # nothing was sent upstream
             return
         await self._proxy(request, client)
 

@@ -229,7 +229,7 @@ class Accounting:
             else:
                 label = OTHER
             if ticket is not None:
-                key_hash = ticket.name  # a virtual key is shown by its name
+                key_hash = ticket.record.name  # a virtual key is shown by its name
             else:
                 credential = request.credential
                 key_hash = self._key_hash(credential) if credential else ""
