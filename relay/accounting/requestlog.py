@@ -111,24 +111,46 @@ class RequestLogger:
         now: float | None = None,
     ) -> None:
         """Log one finished request. ``key`` must be a hash, never a key."""
+        self._add(
+            method, path, status, model, prompt_tokens, completion_tokens, cost_usd, cache,
+            latency_ms, upstream, key, time.time() if now is None else now,
+        )
+
+    def _add(
+        self,
+        method: bytes | str,
+        path: bytes | str,
+        status: int,
+        model: str | None,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cost_usd: float,
+        cache: str,
+        latency_ms: float,
+        upstream: str | None,
+        key: str | None,
+        now: float,
+    ) -> None:
         # The line json.dumps would write for the record (same keys, order
         # and separators), assembled from pieces: the strings repeat from
-        # request to request, so each is escaped once and remembered.
-        if now is None:
-            now = time.time()
+        # request to request, so each is escaped once and remembered (a
+        # JSON text is never empty, so ``or`` falls back only on a miss).
+        strings = self._strings
         line = (
             f'{{"time":"{self._timestamp(now)}"'
-            f',"method":{self._json(self._methods, method, 16)}'
-            f',"path":{self._json(self._paths, path, 0)}'
-            f',"status":{_number(status)}'
-            f',"model":{self._json(self._strings, model, _MAX_FIELD)}'
-            f',"prompt_tokens":{_number(prompt_tokens)}'
-            f',"completion_tokens":{_number(completion_tokens)}'
+            f',"method":{self._methods.get(method) or self._json(self._methods, method, 16)}'
+            f',"path":{self._paths.get(path) or self._json(self._paths, path, 0)}'
+            f',"status":{status if status.__class__ is int else _number(status)}'
+            f',"model":{strings.get(model) or self._json(strings, model, _MAX_FIELD)}'
+            f',"prompt_tokens":'
+            f'{prompt_tokens if prompt_tokens.__class__ is int else _number(prompt_tokens)}'
+            f',"completion_tokens":'
+            f'{completion_tokens if completion_tokens.__class__ is int else _number(completion_tokens)}'
             f',"cost_usd":{_number(cost_usd)}'
-            f',"cache":{self._json(self._strings, cache, _MAX_FIELD)}'
+            f',"cache":{strings.get(cache) or self._json(strings, cache, _MAX_FIELD)}'
             f',"latency_ms":{_number(round(latency_ms, 3))}'
-            f',"upstream":{self._json(self._strings, upstream, _MAX_FIELD)}'
-            f',"key":{self._json(self._keys, key, 64)}}}\n'
+            f',"upstream":{strings.get(upstream) or self._json(strings, upstream, _MAX_FIELD)}'
+            f',"key":{self._keys.get(key) or self._json(self._keys, key, 64)}}}\n'
         )
         self._lines.append(line)
         if len(self._lines) >= self.max_buffered:
@@ -169,20 +191,21 @@ class RequestLogger:
         key's name, else by the hash of its credential."""
         credential = request.credential
         ticket = request.relay_key
-        self.log(
-            method=request.method,
-            path=request.path,
-            status=status,
-            model=model,
-            prompt_tokens=usage.prompt_tokens if usage else 0,
-            completion_tokens=usage.completion_tokens if usage else 0,
-            cost_usd=cost,
-            cache=cache,
-            latency_ms=seconds * 1000.0,
-            upstream=upstream,
-            key=ticket.name if ticket is not None else (
+        self._add(
+            request.method,
+            request.path,
+            status,
+            model,
+            usage.prompt_tokens if usage else 0,
+            usage.completion_tokens if usage else 0,
+            cost,
+            cache,
+            seconds * 1000.0,
+            upstream,
+            ticket.record.name if ticket is not None else (
                 key_hashes.of(credential) if credential else None
             ),
+            time.time(),
         )
 
     def _on_timer(self) -> None:
