@@ -26,8 +26,17 @@ FAST = "relay/_fast"
 # .py: the pure twin compiled unchanged, typed by the .pxd named after the
 # extension (Cython finds it by the extension's module name).
 EXTENSIONS = [
-    ("relay._fast._cachekey_c", f"{FAST}/_cachekey_c.pyx", [f"{FAST}/_cachekey_py.py"]),
-    ("relay._fast._jsonscan_c", f"{FAST}/_jsonscan_c.pyx", [f"{FAST}/_jsonscan_py.py"]),
+    # Both JSON walks cimport their lexical core from _jsonlex.pxd.
+    (
+        "relay._fast._cachekey_c",
+        f"{FAST}/_cachekey_c.pyx",
+        [f"{FAST}/_cachekey_py.py", f"{FAST}/_jsonlex.pxd"],
+    ),
+    (
+        "relay._fast._jsonscan_c",
+        f"{FAST}/_jsonscan_c.pyx",
+        [f"{FAST}/_jsonscan_py.py", f"{FAST}/_jsonlex.pxd"],
+    ),
     ("relay._fast._meters_c", f"{FAST}/_meters_c.pyx", [f"{FAST}/_meters_py.py"]),
     ("relay._fast._bucket_c", f"{FAST}/_bucket_py.py", [f"{FAST}/_bucket_c.pxd"]),
     (
@@ -64,6 +73,12 @@ def _banner(reason: str) -> None:
 class OptionalBuildExt(build_ext):
     """Cythonizes and compiles relay/_fast; any failure falls back to pure Python."""
 
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        # The extensions compile independently: one per core, unless -j says.
+        if self.parallel is None:
+            self.parallel = os.cpu_count() or 1
+
     def run(self) -> None:
         if not self.extensions:
             return
@@ -75,6 +90,7 @@ class OptionalBuildExt(build_ext):
                 compiler_directives=CYTHON_DIRECTIVES,
                 force=self.force,
                 quiet=not self.verbose,
+                nthreads=self.parallel if isinstance(self.parallel, int) else 0,
             )
             # Keep setuptools' own Extension objects (finalize_options has
             # already annotated them); only their sources become the .c files.

@@ -406,6 +406,20 @@ def _markdown_results(results: dict[str, Any], summary: dict[str, Any], png: Pat
         rel = os.path.relpath(png, docs.parent)
         out.append(f"![requests/s and added latency per target]({rel})")
         out.append("")
+    memory = results.get("memory")
+    if memory:
+        out.append("### Memory over consecutive runs")
+        out.append("")
+        out.append(f"After the runs above, {len(memory[0]['rss_mb'])} more unique-body runs, "
+                   "each followed by the worker's RSS: the memory cache is full (10,000 "
+                   "entries) and evicts, so the figure must stay flat.")
+        out.append("")
+        out.append("| target | RSS MB, first run | RSS MB, last run | growth |")
+        out.append("|---|--:|--:|--:|")
+        for row in memory:
+            out.append(f"| {row['label']} | {row['rss_mb'][0]:.1f} | {row['rss_mb'][-1]:.1f} "
+                       f"| {row['growth_pct']:+.1f}% |")
+        out.append("")
     prof = results.get("profile")
     if prof and prof.get("self"):
         out.append("### Where relay's time goes (py-spy, compiled, 1 worker, cache misses)")

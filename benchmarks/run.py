@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     crashes: list[dict[str, str]] = []
     targets: list[Target] = []
     profile: dict[str, object] | None = None
+    memory: list[dict[str, object]] = []
     try:
         env.start_fake_upstream()
         if tools.nginx:
@@ -177,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         targets = _start_targets(env, tools, args, wanted, skipped)
         if tools.wrk:
             _throughput(targets, settings, runs, crashes, skipped, procs)
+            memory = _memory_growth(targets, settings, crashes)
             if args.profile and tools.pyspy:
                 relay = next((t for t in targets if t.key == "relay-c1" and t.proc), None)
                 if relay is not None:
@@ -206,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [r.as_dict() for r in runs],
         "streams": [s.as_dict() for s in streams],
         "profile": profile,
+        "memory": memory,
     }
     args.results.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(started_at))
@@ -345,6 +348,37 @@ def _throughput(targets: list[Target], s: Settings, runs: list[Run],
             runs.append(hit)
             say(f"round {r} {t.label:34} same body: {hit.rps:9.0f} req/s p50 {_ms(hit.p50_ms)}"
                 + (f"  FAILED {hit.error}" if hit.error else ""))
+
+
+# Consecutive unique-body runs after which a worker's RSS is read: a cache
+# that is full, pools and allocator that are warm must not keep growing.
+GROWTH_RUNS = 10
+
+
+def _memory_growth(targets: list[Target], s: Settings,
+                   crashes: list[dict[str, str]]) -> list[dict[str, object]]:
+    """RSS of relay (compiled, 1 worker) after each of GROWTH_RUNS runs, every
+    feature on and every feature off; the growth is last over first."""
+    out: list[dict[str, object]] = []
+    for t in targets:
+        if t.kind != "relay" or t.workers != 1 or t.impl != "compiled" or t.variant not in ("", "off"):
+            continue
+        rss: list[float] = []
+        for n in range(1, GROWTH_RUNS + 1):
+            if not _alive(t, crashes, "during the memory runs"):
+                break
+            run = measure_wrk(t, "growth", n, connections=s.connections, threads=s.threads,
+                              seconds=s.latency_seconds, vary=True)
+            if run.error or run.rss_mb is None:
+                break
+            rss.append(round(run.rss_mb, 1))
+        if len(rss) == GROWTH_RUNS:
+            growth = (rss[-1] - rss[0]) / rss[0] * 100
+            out.append({"target": t.key, "label": t.label, "rss_mb": rss,
+                        "growth_pct": round(growth, 2)})
+            say(f"{t.label:34} RSS over {GROWTH_RUNS} runs: {rss[0]:.1f} -> {rss[-1]:.1f} MB "
+                f"({growth:+.1f}%)")
+    return out
 
 
 def _streaming(env: Env, targets: list[Target], tools: Tools, args: argparse.Namespace,

@@ -16,7 +16,6 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 
@@ -115,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_workers(config: Config, file_config: Config) -> int:
+    import tempfile  # the launcher's alone: a single worker never needs it
+
     from .ops import metrics
 
     metrics_dir = os.environ.get(metrics.MULTIPROC_ENV) or tempfile.mkdtemp(prefix="relay-metrics-")

@@ -12,7 +12,6 @@ were validated and typed once, never strings or dicts.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import fnmatch
 import math
 import os
@@ -683,6 +682,8 @@ def known_keys() -> list[str]:
 
 
 def _suggest(word: str, choices: Any) -> str:
+    import difflib  # only for a config with a typo
+
     match = difflib.get_close_matches(str(word).lower(), list(choices), n=1, cutoff=0.6)
     return f" (did you mean {match[0]!r}?)" if match else ""
 

@@ -214,27 +214,18 @@ def _check(kind: str) -> None:
         raise ValueError(f"unknown debug counter {kind!r}")
 
 
-def opens(kind: str) -> Callable[[F], F]:
-    """The decorated method opens ``self`` as one *kind* (after it returns)."""
-    _check(kind)
-    if not ENABLED:
-        return _unchanged
-
-    def decorate(method: F) -> F:
-        @functools.wraps(method)
-        def counted(self: object, *args: Any, **kwargs: Any) -> Any:
-            result = method(self, *args, **kwargs)
-            counters.open(kind, self)
-            return result
-
-        return cast(F, counted)
-
-    return decorate
-
-
-def closes(kind: str, when: Callable[[Any], bool] | None = None) -> Callable[[F], F]:
-    """The decorated method (plain or async) closes ``self`` as one *kind*;
-    with *when*, only if ``when(self)`` holds after it."""
+def _counting(
+    kind: str,
+    *,
+    enter: Callable[[Callable[..., Any], Any], object] | None = None,
+    leave: Callable[[Any, object], None] | None = None,
+    returned: Callable[[Any, Any], None] | None = None,
+) -> Callable[[F], F]:
+    """The one shape of every decorator here: around a method (plain or
+    async), ``enter(method, self)`` runs before it and gives a token,
+    ``leave(self, token)`` runs after it even when it raises, and
+    ``returned(self, result)`` once it has returned. Off, the method is
+    handed back untouched."""
     _check(kind)
     if not ENABLED:
         return _unchanged
@@ -244,67 +235,70 @@ def closes(kind: str, when: Callable[[Any], bool] | None = None) -> Callable[[F]
 
             @functools.wraps(method)
             async def counted_async(self: object, *args: Any, **kwargs: Any) -> Any:
+                token = enter(method, self) if enter is not None else None
                 try:
-                    return await method(self, *args, **kwargs)
+                    result = await method(self, *args, **kwargs)
                 finally:
-                    if when is None or when(self):
-                        counters.close(kind, self)
+                    if leave is not None:
+                        leave(self, token)
+                if returned is not None:
+                    returned(self, result)
+                return result
 
             return cast(F, counted_async)
 
         @functools.wraps(method)
         def counted(self: object, *args: Any, **kwargs: Any) -> Any:
+            token = enter(method, self) if enter is not None else None
             try:
-                return method(self, *args, **kwargs)
+                result = method(self, *args, **kwargs)
             finally:
-                if when is None or when(self):
-                    counters.close(kind, self)
+                if leave is not None:
+                    leave(self, token)
+            if returned is not None:
+                returned(self, result)
+            return result
 
         return cast(F, counted)
 
     return decorate
+
+
+def opens(kind: str) -> Callable[[F], F]:
+    """The decorated method opens ``self`` as one *kind* (after it returns)."""
+    return _counting(kind, returned=lambda self, _: counters.open(kind, self))
+
+
+def closes(kind: str, when: Callable[[Any], bool] | None = None) -> Callable[[F], F]:
+    """The decorated method (plain or async) closes ``self`` as one *kind*;
+    with *when*, only if ``when(self)`` holds after it."""
+
+    def leave(self: object, _: object) -> None:
+        if when is None or when(self):
+            counters.close(kind, self)
+
+    return _counting(kind, leave=leave)
 
 
 def during(kind: str) -> Callable[[F], F]:
     """The decorated coroutine method counts as one open *kind* while it runs."""
-    _check(kind)
-    if not ENABLED:
-        return _unchanged
 
-    def decorate(method: F) -> F:
-        name = method.__qualname__
+    def enter(method: Callable[..., Any], self: object) -> _Call:
+        call = _Call(method.__qualname__, self)
+        counters.open(kind, call)
+        return call
 
-        @functools.wraps(method)
-        async def counted(self: object, *args: Any, **kwargs: Any) -> Any:
-            call = _Call(name, self)
-            counters.open(kind, call)
-            try:
-                return await method(self, *args, **kwargs)
-            finally:
-                counters.close(kind, call)
-
-        return cast(F, counted)
-
-    return decorate
+    return _counting(kind, enter=enter, leave=lambda _, call: counters.close(kind, call))
 
 
 def spawns(kind: str) -> Callable[[F], F]:
     """The decorated method returns a task: it counts as *kind* until done."""
-    _check(kind)
-    if not ENABLED:
-        return _unchanged
 
-    def decorate(method: F) -> F:
-        @functools.wraps(method)
-        def counted(self: object, *args: Any, **kwargs: Any) -> Any:
-            task = method(self, *args, **kwargs)
-            counters.open(kind, task)
-            task.add_done_callback(functools.partial(counters.close, kind))
-            return task
+    def returned(_: object, task: asyncio.Task[Any]) -> None:
+        counters.open(kind, task)
+        task.add_done_callback(functools.partial(counters.close, kind))
 
-        return cast(F, counted)
-
-    return decorate
+    return _counting(kind, returned=returned)
 
 
 def _unchanged(method: F) -> F:

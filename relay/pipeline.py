@@ -21,7 +21,6 @@ import json
 import math
 import re
 import time
-from email.utils import parsedate_to_datetime
 
 from . import _fast
 from .accounting.recorder import USAGE_HEADER, Accounting, stored_usage, with_usage
@@ -159,6 +158,8 @@ def _retry_after(headers: list[tuple[bytes, bytes]]) -> float:
                 return max(0.0, float(text))
             except ValueError:
                 pass
+            from email.utils import parsedate_to_datetime  # rare: an HTTP-date Retry-After
+
             try:
                 when = parsedate_to_datetime(text.decode("latin-1"))
             except (TypeError, ValueError, IndexError):

@@ -18,9 +18,11 @@ from typing import Any
 import httptools
 import pytest
 
+import relay._fast as fast
+from relay.config import Config
 from relay.testing import ThreadedFakeUpstream
 from tests.redis_server import ClusterSetup, RedisServer, SentinelSetup
-from tests.support import RelayThread, make_config, run_on
+from tests.support import RelayThread, compiled_or_skip, make_config, run_on
 
 pytest_plugins = ["tests.leakcheck", "pytester"]
 
@@ -65,6 +67,39 @@ def relay_factory(request: pytest.FixtureRequest) -> Iterator[RelayFactory]:
         relay.start()
         started.append(relay)
         return relay
+
+    yield make
+    for relay in started:
+        relay.stop()
+
+
+@pytest.fixture(scope="module", params=["pure", "compiled"])
+def impl(request: pytest.FixtureRequest) -> fast.Implementation:
+    """Each twin of relay._fast in turn (the compiled one skipped when not built)."""
+    return fast.pure if request.param == "pure" else compiled_or_skip()
+
+
+@pytest.fixture(scope="module")
+def both() -> tuple[fast.Implementation, fast.Implementation]:
+    """(pure, compiled), for tests that compare the twins."""
+    return fast.pure, compiled_or_skip()
+
+
+RelayPair = Callable[[Config], tuple[RelayThread, RelayThread]]
+
+
+@pytest.fixture
+def relay_pair() -> Iterator[RelayPair]:
+    """``make(config)``: two relay instances of one config (so of one Redis),
+    one on each event loop (uvloop, asyncio); all stopped after the test."""
+    started: list[RelayThread] = []
+
+    def make(config: Config) -> tuple[RelayThread, RelayThread]:
+        for loop in ("uvloop", "asyncio"):
+            relay = RelayThread(config, loop=loop)
+            relay.start()
+            started.append(relay)
+        return started[-2], started[-1]
 
     yield make
     for relay in started:

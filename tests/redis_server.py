@@ -209,17 +209,25 @@ def wait_until(check: Callable[[], Any], what: str, timeout: float = TOPOLOGY_TI
     raise AssertionError(f"{what}: not within {timeout} s (last error: {last!r})")
 
 
+# A master starts syncing a new replica at once (by default it waits 5 s
+# for more replicas to sync them together): start-up and every rejoin.
+_SYNC_AT_ONCE = ("--repl-diskless-sync-delay", "0")
+
+
 class SentinelSetup:
     """A master, one replica and three sentinels monitoring them as ``mymaster``.
 
     Sentinels mark the master down after ``down_after_ms`` and fail over to
     the replica (quorum 2). ``fail_over()`` kills the master and waits for the
-    promotion; the old master is restarted empty and rejoins as a replica.
+    promotion; the old master is restarted empty as a replica of the new one.
     """
 
     def __init__(
-        self, master_name: str = "mymaster", down_after_ms: int = 1000, failover_timeout_ms: int = 5000
+        self, master_name: str = "mymaster", down_after_ms: int = 1000, failover_timeout_ms: int = 2000
     ) -> None:
+        # Sentinels start no new failover of a master within twice the
+        # failover timeout of the last one: short, so that a test's failover
+        # right after another's starts once the master is seen down.
         self.master_name = master_name
         self.binary = find_redis_server()
         self.master = RedisServer(binary=self.binary)
@@ -243,8 +251,9 @@ class SentinelSetup:
         return self.master if self.master.port == port else self.replica
 
     def start(self) -> None:
+        self.master.extra_args = _SYNC_AT_ONCE
         self.master.start()
-        self.replica.extra_args = ("--replicaof", "127.0.0.1", str(self.master.port))
+        self.replica.extra_args = (*_SYNC_AT_ONCE, "--replicaof", "127.0.0.1", str(self.master.port))
         self.replica.start()
         for _ in range(3):
             sentinel = RedisServer(binary=self.binary)
@@ -301,8 +310,13 @@ class SentinelSetup:
         return new
 
     def restore_old_master(self, old: RedisServer) -> None:
-        """Start the killed master again: the sentinels make it a replica."""
-        old.extra_args = ()
+        """Start the killed master again, as a replica of the promoted one.
+
+        Started as a master, it would wait for the sentinels to demote it:
+        they look at a returning instance's role only every 10 s and leave
+        it a few seconds more, about 15 s in all. As a replica from the
+        start it is what they expect at once."""
+        old.extra_args = (*_SYNC_AT_ONCE, "--replicaof", "127.0.0.1", str(self.master_port()))
         old.start()
         wait_until(self.ready, "old master rejoined as a replica")
 

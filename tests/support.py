@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -18,11 +19,15 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 
+import relay._fast as fast
 from relay.app import Gateway
 from relay.config import Config, load_config
 from relay.http.server import bind_socket
 
 T = TypeVar("T")
+
+# Set where the build must have produced the compiled twins (CI after building).
+EXPECT_COMPILED = os.environ.get("RELAY_EXPECT_EXTENSIONS") == "1"
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -150,6 +155,54 @@ class RelayThread:
         self._thread.join(timeout)
 
 
+class StderrLines:
+    """Collects a relay subprocess's stderr lines in a thread (so the pipe never fills)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            self.lines.append(raw.decode(errors="replace"))
+
+    def count(self, text: str) -> int:
+        return sum(text in line for line in list(self.lines))
+
+    def wait_for(self, text: str, count: int = 1, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.count(text) < count:
+            assert time.monotonic() < deadline, "".join(self.lines)
+            assert self.proc.poll() is None, "".join(self.lines)
+            time.sleep(0.02)
+
+    def close(self, timeout: float = 30.0) -> str:
+        """Wait for the process to exit (killing it after *timeout*); all of stderr."""
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout)
+        self._thread.join(timeout)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        return "".join(self.lines)
+
+
+def compiled_or_skip() -> fast.Implementation:
+    """The compiled twins; without them the test is skipped, or fails where
+    RELAY_EXPECT_EXTENSIONS=1 says they must be there."""
+    if fast.compiled is None:
+        reason = f"compiled relay._fast not loaded: {fast.COMPILED_IMPORT_ERROR}"
+        if EXPECT_COMPILED:
+            pytest.fail(f"RELAY_EXPECT_EXTENSIONS=1 but {reason}")
+        pytest.skip(reason)
+    return fast.compiled
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -216,6 +269,28 @@ def run_on(factory: Callable[[], asyncio.AbstractEventLoop], coro: Coroutine[Any
 
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(bounded())
+
+
+@contextlib.contextmanager
+def relay_workers(sections: dict[str, Any], metrics_dir: str, *, workers: int = 2) -> Iterator[int]:
+    """``python -m relay`` with *workers* worker processes on a free port,
+    configured with *sections* (config sections as dicts); yields the port
+    once every worker listens. Stopped with SIGTERM after; it must exit 0."""
+    port = free_port()
+    server = {"shutdown_timeout": 2, **sections.get("server", {})}
+    server.update(port=f"127.0.0.1:{port}", workers=workers)
+    path = write_config({**sections, "server": server})
+    proc = start_relay_process(["--config", path], env={"PROMETHEUS_MULTIPROC_DIR": metrics_dir})
+    log = StderrLines(proc)
+    try:
+        wait_for_port(port, proc=proc)
+        log.wait_for("listening on", count=workers)
+        yield port
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        log.close()
+        os.unlink(path)
+    assert proc.returncode == 0, "".join(log.lines)
 
 
 @contextlib.contextmanager

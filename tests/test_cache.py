@@ -200,6 +200,25 @@ def test_memory_overwrite_keeps_accounting() -> None:
     assert cache.nbytes == 0
 
 
+def test_memory_entries_share_equal_headers() -> None:
+    cache = MemoryCache(max_entries=10, ttl=60)
+
+    def fresh(body: bytes) -> CacheEntry:
+        # New bytes objects, as every parsed response brings its own.
+        pairs = ((b"Server", bytes(bytearray(b"nginx"))), (b"Date", bytearray(body).hex().encode()))
+        return CacheEntry(200, pairs, body, False, 1.0)
+
+    cache.set_nowait(b"a", fresh(b"1"))
+    cache.set_nowait(b"b", fresh(b"1"))
+    cache.set_nowait(b"c", fresh(b"2"))
+    a, b, c = (cache.get_nowait(k) for k in (b"a", b"b", b"c"))
+    assert a is not None and b is not None and c is not None
+    assert a.headers == b.headers == ((b"Server", b"nginx"), (b"Date", b"31"))
+    assert c.headers == ((b"Server", b"nginx"), (b"Date", b"32"))
+    assert a.headers[0] is b.headers[0] is c.headers[0] and a.headers[1] is b.headers[1]
+    assert c.headers[1] is not a.headers[1]
+
+
 def test_memory_ttl_zero_disables() -> None:
     cache = MemoryCache(ttl=0)
     cache.set_nowait(b"k", entry())

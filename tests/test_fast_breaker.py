@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 from hypothesis import given, settings
@@ -11,27 +10,7 @@ from hypothesis import strategies as st
 
 import relay._fast as fast
 from relay._fast import CLOSED, HALF_OPEN, OPEN, BreakerTransitionError
-
-EXPECT_COMPILED = os.environ.get("RELAY_EXPECT_EXTENSIONS") == "1"
-
-
-def _compiled_or_skip() -> fast.Implementation:
-    if fast.compiled is None:
-        reason = f"compiled relay._fast not loaded: {fast.COMPILED_IMPORT_ERROR}"
-        if EXPECT_COMPILED:
-            pytest.fail(f"RELAY_EXPECT_EXTENSIONS=1 but {reason}")
-        pytest.skip(reason)
-    return fast.compiled
-
-
-@pytest.fixture(scope="module", params=["pure", "compiled"])
-def impl(request: pytest.FixtureRequest) -> fast.Implementation:
-    return fast.pure if request.param == "pure" else _compiled_or_skip()
-
-
-@pytest.fixture(scope="module")
-def both() -> tuple[fast.Implementation, fast.Implementation]:
-    return fast.pure, _compiled_or_skip()
+from tests.support import compiled_or_skip
 
 
 def opened(impl: fast.Implementation, threshold: int = 3, recovery: float = 10.0, at: float = 0.0):
@@ -180,7 +159,7 @@ def test_invalid_transition_is_refused() -> None:
 
 
 def test_compiled_hides_its_state() -> None:
-    compiled = _compiled_or_skip()
+    compiled = compiled_or_skip()
     breaker = compiled.CircuitBreaker(1, 1.0)
     assert not hasattr(breaker, "_set_state")
     with pytest.raises(AttributeError):

@@ -3,35 +3,12 @@
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import relay._fast as fast
-
-EXPECT_COMPILED = os.environ.get("RELAY_EXPECT_EXTENSIONS") == "1"
-
-
-def _compiled_or_skip() -> fast.Implementation:
-    if fast.compiled is None:
-        reason = f"compiled relay._fast not loaded: {fast.COMPILED_IMPORT_ERROR}"
-        if EXPECT_COMPILED:
-            pytest.fail(f"RELAY_EXPECT_EXTENSIONS=1 but {reason}")
-        pytest.skip(reason)
-    return fast.compiled
-
-
-@pytest.fixture(scope="module", params=["pure", "compiled"])
-def impl(request: pytest.FixtureRequest) -> fast.Implementation:
-    return fast.pure if request.param == "pure" else _compiled_or_skip()
-
-
-@pytest.fixture(scope="module")
-def both() -> tuple[fast.Implementation, fast.Implementation]:
-    return fast.pure, _compiled_or_skip()
-
 
 # ---------------------------------------------------------------- validation
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
 import struct
@@ -20,31 +19,7 @@ from hypothesis import strategies as st
 import relay._fast as fast
 from relay._fast import _cachekey_py
 
-EXPECT_COMPILED = os.environ.get("RELAY_EXPECT_EXTENSIONS") == "1"
 HEX = re.compile(rb"[0-9a-f]+")
-
-
-@pytest.fixture(scope="module", params=["pure", "compiled"])
-def impl(request: pytest.FixtureRequest) -> fast.Implementation:
-    if request.param == "pure":
-        return fast.pure
-    if fast.compiled is None:
-        reason = f"compiled relay._fast not loaded: {fast.COMPILED_IMPORT_ERROR}"
-        if EXPECT_COMPILED:
-            pytest.fail(f"RELAY_EXPECT_EXTENSIONS=1 but {reason}")
-        pytest.skip(reason)
-    return fast.compiled
-
-
-@pytest.fixture(scope="module")
-def both() -> tuple[fast.Implementation, fast.Implementation]:
-    """(pure, compiled) for differential tests."""
-    if fast.compiled is None:
-        reason = f"compiled relay._fast not loaded: {fast.COMPILED_IMPORT_ERROR}"
-        if EXPECT_COMPILED:
-            pytest.fail(f"RELAY_EXPECT_EXTENSIONS=1 but {reason}")
-        pytest.skip(reason)
-    return fast.pure, fast.compiled
 
 
 def key(impl: fast.Implementation, body: bytes, scope: bytes = b"") -> bytes:

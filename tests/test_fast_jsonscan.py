@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 from typing import Any
 
 import openai
@@ -31,32 +30,17 @@ from relay._fast import (
 from relay.accounting.usage import Usage, inject_include_usage, usage_from_json
 from relay.http.request import Request
 from relay.testing.fake_upstream import ThreadedFakeUpstream
-from tests.support import RelayThread, make_config
+from tests.support import EXPECT_COMPILED, RelayThread, compiled_or_skip, make_config
 
-EXPECT_COMPILED = os.environ.get("RELAY_EXPECT_EXTENSIONS") == "1"
 SETTINGS = settings(
     max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 
 
-def _compiled_or_skip() -> fast.Implementation:
-    if fast.compiled is None:
-        reason = f"compiled relay._fast not loaded: {fast.COMPILED_IMPORT_ERROR}"
-        if EXPECT_COMPILED:
-            pytest.fail(f"RELAY_EXPECT_EXTENSIONS=1 but {reason}")
-        pytest.skip(reason)
-    return fast.compiled
-
-
-@pytest.fixture(scope="module", params=["pure", "compiled"])
-def impl(request: pytest.FixtureRequest) -> fast.Implementation:
-    return fast.pure if request.param == "pure" else _compiled_or_skip()
-
-
 @pytest.fixture(scope="module")
 def walk() -> Any:
     """The compiled module itself (decides_alone tells whether it fell back)."""
-    _compiled_or_skip()
+    compiled_or_skip()
     from relay._fast import _jsonscan_c
 
     return _jsonscan_c
@@ -504,7 +488,7 @@ def test_request_facts_come_from_the_document_when_already_decoded() -> None:
 @pytest.fixture
 def no_json_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     """json.loads fails loudly: only the compiled walk may read bodies."""
-    _compiled_or_skip()
+    compiled_or_skip()
     if not fast.EXTENSIONS_LOADED:
         pytest.skip("the pure twin decodes bodies by definition")
 

@@ -4,30 +4,20 @@ from __future__ import annotations
 
 import math
 import mmap
-import os
 from bisect import bisect_left
 
 import pytest
 
 import relay._fast as fast
+from tests.support import compiled_or_skip
 
 BOUNDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 60.0)
-EXPECT_COMPILED = os.environ.get("RELAY_EXPECT_EXTENSIONS") == "1"
 OBSERVED = (0.0, 0.0005, 0.00050001, 0.003, 0.3, 1.0, 59.9, 60.0, 60.5, 1e9, -1.0, math.inf)
-
-
-def _compiled_or_skip() -> fast.Implementation:
-    if fast.compiled is None:
-        reason = f"compiled relay._fast not loaded: {fast.COMPILED_IMPORT_ERROR}"
-        if EXPECT_COMPILED:
-            pytest.fail(f"RELAY_EXPECT_EXTENSIONS=1 but {reason}")
-        pytest.skip(reason)
-    return fast.compiled
 
 
 @pytest.fixture(params=["pure", "compiled"])
 def fast_impl(request: pytest.FixtureRequest) -> fast.Implementation:
-    return fast.pure if request.param == "pure" else _compiled_or_skip()
+    return fast.pure if request.param == "pure" else compiled_or_skip()
 
 
 def values(slots: int = 64) -> memoryview:
@@ -70,7 +60,7 @@ def test_histogram_buckets_as_bisect_left(fast_impl: fast.Implementation) -> Non
 def test_twins_agree_on_random_values() -> None:
     import random
 
-    compiled_impl = _compiled_or_skip()
+    compiled_impl = compiled_or_skip()
     rng = random.Random(7)
     a, b = values(), values()
     pure = fast.pure.HistogramChild(a, 0, BOUNDS)

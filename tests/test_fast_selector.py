@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 import relay._fast as fast
+from tests.support import EXPECT_COMPILED
 
 ROOT = Path(fast.__file__).resolve().parents[2]
-EXPECT_COMPILED = os.environ.get("RELAY_EXPECT_EXTENSIONS") == "1"
 
 PROBE = """
 import json, sys

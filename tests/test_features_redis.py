@@ -19,6 +19,7 @@ import pytest
 import redis
 
 from relay.testing import ThreadedFakeUpstream
+from tests.conftest import RelayPair
 from tests.redis_server import RedisServer
 from tests.support import RelayThread, make_config
 from tests.test_features import CHAT, KEY_A, KEY_B, Reply, call, metric, stream_body
@@ -50,25 +51,17 @@ def upstream(fake_upstream: ThreadedFakeUpstream) -> ThreadedFakeUpstream:
 
 @pytest.fixture
 def pair(
-    redis_server: RedisServer, upstream: ThreadedFakeUpstream
-) -> Iterator[Callable[..., tuple[RelayThread, RelayThread]]]:
+    redis_server: RedisServer, upstream: ThreadedFakeUpstream, relay_pair: RelayPair
+) -> Callable[..., tuple[RelayThread, RelayThread]]:
     """``make(**sections)``: two relay instances (one per loop) on one Redis."""
-    started: list[RelayThread] = []
 
     def make(**sections: Any) -> tuple[RelayThread, RelayThread]:
         sections.setdefault("circuit_breaker", {"enabled": False})
         sections.setdefault("server", {"shutdown_timeout": 1})
         sections["redis"] = {"enabled": True, "address": redis_server.address, "timeout": 0.25}
-        config = make_config(upstream.url, **sections)
-        for loop in ("uvloop", "asyncio"):
-            relay = RelayThread(config, loop=loop)
-            relay.start()
-            started.append(relay)
-        return started[-2], started[-1]
+        return relay_pair(make_config(upstream.url, **sections))
 
-    yield make
-    for relay in started:
-        relay.stop()
+    return make
 
 
 def wait_for(check: Callable[[], Any], timeout: float, what: str) -> Any:

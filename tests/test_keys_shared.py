@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from relay.testing import ThreadedFakeUpstream
+from tests.conftest import RelayPair
 from tests.redis_server import RedisServer
 from tests.support import RelayThread, free_port, make_config, start_relay_process, wait_for_port
 from tests.test_keys import (
@@ -58,28 +59,19 @@ def redis_server() -> Iterator[RedisServer]:
 
 @pytest.fixture
 def two_relays(
-    redis_server: RedisServer, upstream: ThreadedFakeUpstream, tmp_path: Any
-) -> Iterator[Callable[..., tuple[RelayThread, RelayThread]]]:
-    started: list[RelayThread] = []
-
+    redis_server: RedisServer, upstream: ThreadedFakeUpstream, tmp_path: Any, relay_pair: RelayPair
+) -> Callable[..., tuple[RelayThread, RelayThread]]:
     def make(redis_timeout: float = 2.0) -> tuple[RelayThread, RelayThread]:
-        config = make_config(
+        return relay_pair(make_config(
             upstream.url,
             keys=keys_section(tmp_path, store="redis"),
             redis={"enabled": True, "address": redis_server.address, "timeout": redis_timeout},
             models=PRICES,
             circuit_breaker={"enabled": False},
             server={"shutdown_timeout": 2},
-        )
-        for loop in ("uvloop", "asyncio"):
-            relay = RelayThread(config, loop=loop)
-            relay.start()
-            started.append(relay)
-        return started[0], started[1]
+        ))
 
-    yield make
-    for relay in started:
-        relay.stop()
+    return make
 
 
 def _fire(relays: list[RelayThread], secret: str, count: int, **extra: Any) -> list[Any]:

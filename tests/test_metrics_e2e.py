@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import threading
 import time
 
 import pytest
@@ -20,6 +19,7 @@ from relay.ops.metrics import render_files
 from relay.testing.fake_upstream import ThreadedFakeUpstream
 from tests.support import (
     RelayThread,
+    StderrLines,
     free_port,
     make_config,
     start_relay_process,
@@ -75,43 +75,6 @@ def _no_watch(config):
     """make_config removes its file: without a source there is nothing to watch
     (a watcher would count the missing file as a refused edit)."""
     return dataclasses.replace(config, source=None)
-
-
-class StderrLines:
-    """Collects a relay subprocess's stderr lines in a thread (so the pipe never fills)."""
-
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
-        self.proc = proc
-        self.lines: list[str] = []
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            self.lines.append(raw.decode(errors="replace"))
-
-    def count(self, text: str) -> int:
-        return sum(text in line for line in list(self.lines))
-
-    def wait_for(self, text: str, count: int = 1, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while self.count(text) < count:
-            assert time.monotonic() < deadline, "".join(self.lines)
-            assert self.proc.poll() is None, "".join(self.lines)
-            time.sleep(0.02)
-
-    def close(self, timeout: float = 30.0) -> str:
-        """Wait for the process to exit (killing it after *timeout*); all of stderr."""
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout)
-        self._thread.join(timeout)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        return "".join(self.lines)
 
 
 def _types(text: str) -> dict[str, str]:

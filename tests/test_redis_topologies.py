@@ -24,7 +24,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,7 @@ import yaml
 from relay.config import load_config
 from relay.redisconn import RedisConnection
 from relay.testing import ThreadedFakeUpstream
+from tests.conftest import RelayPair
 from tests.redis_server import ClusterSetup, RedisServer, SentinelSetup, command, wait_until
 from tests.support import RelayThread, make_config
 from tests.test_features import CHAT, Reply, call, metric
@@ -132,29 +133,20 @@ class Pair:
 
 
 @pytest.fixture
-def make_pair(upstream: ThreadedFakeUpstream) -> Iterator[Callable[..., Pair]]:
+def make_pair(upstream: ThreadedFakeUpstream, relay_pair: RelayPair) -> Callable[..., Pair]:
     """``make(topology, **sections)``: two relays (uvloop and asyncio) on it,
     returned once both use Redis."""
-    started: list[RelayThread] = []
 
     def make(topo: Topology, **sections: Any) -> Pair:
         sections.setdefault("circuit_breaker", {"enabled": False})
         sections.setdefault("server", {"shutdown_timeout": 1})
         sections["redis"] = topo.redis
-        config = make_config(upstream.url, **sections)
-        relays = []
-        for loop in ("uvloop", "asyncio"):
-            relay = RelayThread(config, loop=loop)
-            relay.start()
-            started.append(relay)
-            relays.append(relay)
+        relays = relay_pair(make_config(upstream.url, **sections))
         for relay in relays:
             wait_until(lambda r=relay: usage(r)["backend"] == "redis", "relay uses Redis", 15)
-        return Pair(relays[0], relays[1])
+        return Pair(*relays)
 
-    yield make
-    for relay in started:
-        relay.stop()
+    return make
 
 
 def get_json(relay: RelayThread, path: str) -> Any:

@@ -19,8 +19,7 @@ import yaml
 
 from relay.config import load_config
 from relay.testing.fake_upstream import ThreadedFakeUpstream
-from tests.support import RelayThread, free_port, start_relay_process, wait_for_port
-from tests.test_metrics_e2e import StderrLines
+from tests.support import RelayThread, StderrLines, free_port, start_relay_process, wait_for_port
 from tests.test_usage_e2e import (
     AUTH,
     REPLY_WORDS,

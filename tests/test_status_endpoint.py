@@ -6,9 +6,7 @@ origin)."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import time
 from typing import Any
 
@@ -16,8 +14,7 @@ import pytest
 
 from relay.ops.status import histogram_quantile
 from relay.testing.fake_upstream import ThreadedFakeUpstream
-from tests.support import free_port, start_relay_process, wait_for_port, write_config
-from tests.test_metrics_e2e import StderrLines
+from tests.support import free_port, relay_workers
 from tests.test_usage_e2e import KEY_HASH, MODELS, OTHER_KEY, chat, counted, get, post, wait_usage
 
 
@@ -194,23 +191,19 @@ def test_status_shows_each_target_of_a_route(relay_factory, upstream):
     assert status["upstreams"]["backup"]["attempts"] == {"ok": answered + 1}
 
 
-def test_status_sums_two_workers(upstream, tmp_path):
-    port = free_port()
-    path = write_config({
-        "server": {"port": f"127.0.0.1:{port}", "workers": 2, "shutdown_timeout": 2},
-        "proxy": {"target": upstream.url},
+def two_worker_sections(upstream_url: str) -> dict[str, Any]:
+    """The config of the two-worker runs: memory cache on, no rate limit."""
+    return {
+        "proxy": {"target": upstream_url},
         "cache": {"enabled": True},
         "ratelimit": {"enabled": False},
         "models": MODELS,
-    })  # fmt: skip
-    proc = start_relay_process(
-        ["--config", path], env={"PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom")}
-    )
-    log = StderrLines(proc)
+    }
+
+
+def test_status_sums_two_workers(upstream, tmp_path):
     n = 30
-    try:
-        wait_for_port(port, proc=proc)
-        log.wait_for("listening on", count=2)
+    with relay_workers(two_worker_sections(upstream.url), str(tmp_path / "prom")) as port:
         # Fresh connections: SO_REUSEPORT spreads them over both workers;
         # every third body repeats the one before it (a hit on that worker,
         # or a miss if the other worker answered the first).
@@ -231,11 +224,6 @@ def test_status_sums_two_workers(upstream, tmp_path):
         usage, _ = wait_usage(port, counted(n))
         assert usage["totals"]["requests"] == cache["misses"]
         assert usage["totals"]["cache_hits"] == cache["hits"]
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        log.close()
-        os.unlink(path)
-    assert proc.returncode == 0
 
 
 def test_histogram_quantile_interpolates_like_prometheus():

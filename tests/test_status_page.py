@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -26,16 +25,8 @@ import pytest
 from relay.testing.fake_upstream import ThreadedFakeUpstream
 from tests.browser import Browser, Page
 from tests.redis_server import RedisServer
-from tests.support import (
-    RelayThread,
-    free_port,
-    make_config,
-    start_relay_process,
-    wait_for_port,
-    write_config,
-)
-from tests.test_metrics_e2e import StderrLines
-from tests.test_status_endpoint import send_until_open, two_targets
+from tests.support import RelayThread, free_port, make_config, relay_workers
+from tests.test_status_endpoint import send_until_open, two_targets, two_worker_sections
 from tests.test_usage_e2e import MODELS, chat, counted, get, post, wait_usage
 
 KEYS = ("sk-page-first-0123456789", "sk-page-second-9876543210")
@@ -292,22 +283,8 @@ def test_page_works_with_the_keyboard_alone(browser, upstream):
 
 
 def test_page_shows_the_totals_of_two_workers(browser, upstream, tmp_path):
-    port = free_port()
-    path = write_config({
-        "server": {"port": f"127.0.0.1:{port}", "workers": 2, "shutdown_timeout": 2},
-        "proxy": {"target": upstream.url},
-        "cache": {"enabled": True},
-        "ratelimit": {"enabled": False},
-        "models": MODELS,
-    })  # fmt: skip
-    proc = start_relay_process(
-        ["--config", path], env={"PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom")}
-    )
-    log = StderrLines(proc)
     n = 24
-    try:
-        wait_for_port(port, proc=proc)
-        log.wait_for("listening on", count=2)
+    with relay_workers(two_worker_sections(upstream.url), str(tmp_path / "prom")) as port:
         for i in range(n):  # fresh connections: both workers answer some
             assert post(port, "/v1/chat/completions", chat(f"workers page {i % 16}"))[0] == 200
         usage, _ = wait_usage(port, counted(n))
@@ -317,11 +294,6 @@ def test_page_shows_the_totals_of_two_workers(browser, upstream, tmp_path):
         assert shown["requests"] == count(n)
         assert shown["scope"] == "Tokens and spend: this instance (all its workers)."
         page.close()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        log.close()
-        os.unlink(path)
-    assert proc.returncode == 0
 
 
 @pytest.mark.redis

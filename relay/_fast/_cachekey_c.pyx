@@ -24,6 +24,8 @@ from libc.stdint cimport uint64_t
 from libc.stdlib cimport qsort
 from libc.string cimport memcmp, memcpy, strlen
 
+from ._jsonlex cimport hex4, is_digit, is_ws, number_end, plain_run_end
+
 from . import _cachekey_py as _reference
 
 # The pure module is the definition: its constants are read once here.
@@ -38,34 +40,6 @@ cdef unsigned char TAG_RAW = ord(_reference.TAG_RAW)
 cdef unsigned char TAG_JSON_VARYING = ord(_reference.TAG_JSON_VARYING)
 cdef unsigned char TAG_RAW_VARYING = ord(_reference.TAG_RAW_VARYING)
 cdef object sha256 = _reference.sha256
-
-cdef extern from *:
-    """
-    #include <stdint.h>
-    #include <string.h>
-    /* Nonzero when one of the 8 bytes at p ends an unchanged string run:
-       < 0x20, '"', '\\' or >= 0x80 (the classic SWAR "has zero byte" test;
-       as a yes/no answer it is exact). */
-    static inline int relay_run_stop8(const unsigned char *p) {
-        const uint64_t ones = 0x0101010101010101ULL;
-        const uint64_t high = 0x8080808080808080ULL;
-        uint64_t v, quote, backslash;
-        memcpy(&v, p, 8);
-        quote = v ^ (ones * 0x22);
-        backslash = v ^ (ones * 0x5C);
-        return (((v - ones * 0x20) & ~v) | ((quote - ones) & ~quote) |
-                ((backslash - ones) & ~backslash) | v) & high ? 1 : 0;
-    }
-    """
-    int relay_run_stop8(const unsigned char *p) noexcept nogil
-
-
-# Bytes that end an unchanged run inside a string: controls, '"', '\\' and
-# non-ASCII (checked as UTF-8). A table keeps the common ASCII loop tight.
-cdef unsigned char STRING_STOP[256]
-cdef int _byte
-for _byte in range(256):
-    STRING_STOP[_byte] = _byte < 0x20 or _byte == 34 or _byte == 92 or _byte >= 0x80
 
 # Result of a parse step; errors (MemoryError) propagate as exceptions.
 cdef enum:
@@ -166,78 +140,9 @@ cdef inline int buf_write(Buf *b, const unsigned char *src, Py_ssize_t length) e
     return 0
 
 
-cdef inline bint is_ws(unsigned char c) noexcept nogil:
-    return c == 32 or c == 10 or c == 13 or c == 9
-
-
 cdef inline void skip_ws(Walk *w) noexcept nogil:
     while w.i < w.n and is_ws(w.s[w.i]):
         w.i += 1
-
-
-cdef inline bint is_digit(unsigned char c) noexcept nogil:
-    return 48 <= c <= 57
-
-
-cdef inline int hex_value(unsigned char c) noexcept nogil:
-    if 48 <= c <= 57:
-        return c - 48
-    if 97 <= c <= 102:
-        return c - 87
-    if 65 <= c <= 70:
-        return c - 55
-    return -1
-
-
-cdef inline long hex4(const unsigned char *p) noexcept nogil:
-    """The value of four hex digits, or -1."""
-    cdef long value = 0
-    cdef int k, d
-    for k in range(4):
-        d = hex_value(p[k])
-        if d < 0:
-            return -1
-        value = (value << 4) | d
-    return value
-
-
-cdef inline Py_ssize_t utf8_length(const unsigned char *p, Py_ssize_t avail) noexcept nogil:
-    """Length of the strict UTF-8 sequence at p (lead byte >= 0x80), or 0 if invalid.
-
-    Strict as Python's codec: no overlong forms, no encoded surrogates,
-    nothing above U+10FFFF.
-    """
-    cdef unsigned char c0 = p[0]
-    cdef unsigned char lo = 0x80
-    cdef unsigned char hi = 0xBF
-    cdef Py_ssize_t length
-    if c0 < 0xC2:
-        return 0
-    if c0 < 0xE0:
-        length = 2
-    elif c0 < 0xF0:
-        length = 3
-        if c0 == 0xE0:
-            lo = 0xA0
-        elif c0 == 0xED:
-            hi = 0x9F
-    elif c0 < 0xF5:
-        length = 4
-        if c0 == 0xF0:
-            lo = 0x90
-        elif c0 == 0xF4:
-            hi = 0x8F
-    else:
-        return 0
-    if avail < length:
-        return 0
-    if p[1] < lo or p[1] > hi:
-        return 0
-    if length > 2 and (p[2] < 0x80 or p[2] > 0xBF):
-        return 0
-    if length > 3 and (p[3] < 0x80 or p[3] > 0xBF):
-        return 0
-    return length
 
 
 cdef int put_code_point(Walk *w, Buf *decoded, long cp) except -1:
@@ -311,27 +216,16 @@ cdef int walk_string(Walk *w, Buf *decoded) except -1:
     cdef const unsigned char *s = w.s
     cdef Py_ssize_t n = w.n
     cdef Py_ssize_t i = w.i + 1
-    cdef Py_ssize_t run, seq
+    cdef Py_ssize_t run
     cdef unsigned char c, e
     cdef long cp, low
     buf_put(&w.out, 34)
     while True:
         # A run of bytes written unchanged.
         run = i
-        while True:
-            while i + 8 <= n and not relay_run_stop8(s + i):
-                i += 8  # plain ASCII, 8 bytes at a time
-            if i >= n:
-                break
-            if not STRING_STOP[s[i]]:
-                i += 1
-            elif s[i] >= 0x80:
-                seq = utf8_length(s + i, n - i)
-                if seq == 0:
-                    return INVALID
-                i += seq
-            else:
-                break
+        i = plain_run_end(s, n, i)
+        if i < 0:
+            return INVALID
         if i > run:
             buf_write(&w.out, s + run, i - run)
             if decoded != NULL:
@@ -385,43 +279,14 @@ cdef int walk_string(Walk *w, Buf *decoded) except -1:
 
 cdef int walk_number(Walk *w) except -1:
     cdef const unsigned char *s = w.s
-    cdef Py_ssize_t n = w.n
     cdef Py_ssize_t start = w.i
-    cdef Py_ssize_t i = w.i
-    cdef Py_ssize_t j, length
-    cdef bint is_float = False
-    if s[i] == 45:  # -
-        i += 1
-    if i >= n:
+    cdef Py_ssize_t length
+    cdef bint is_float
+    cdef Py_ssize_t end = number_end(s, w.n, start, &is_float)
+    if end < 0:
         return INVALID
-    if s[i] == 48:  # a leading 0 stands alone
-        i += 1
-    elif is_digit(s[i]):
-        while i < n and is_digit(s[i]):
-            i += 1
-    else:
-        return INVALID
-    if i < n and s[i] == 46:  # .
-        if i + 1 < n and is_digit(s[i + 1]):
-            i += 1
-            while i < n and is_digit(s[i]):
-                i += 1
-            is_float = True
-        else:
-            return INVALID  # "1." leaves a stray "." that no context accepts
-    if i < n and (s[i] == 101 or s[i] == 69):  # e E
-        j = i + 1
-        if j < n and (s[j] == 43 or s[j] == 45):
-            j += 1
-        if j < n and is_digit(s[j]):
-            i = j
-            while i < n and is_digit(s[i]):
-                i += 1
-            is_float = True
-        else:
-            return INVALID
-    w.i = i
-    length = i - start
+    w.i = end
+    length = end - start
     if not is_float:
         if length > MAX_INT_LITERAL:
             return INVALID

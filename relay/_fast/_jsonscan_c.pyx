@@ -25,6 +25,8 @@ from cpython.long cimport PyLong_FromLongLong
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.string cimport memcmp, memset
 
+from ._jsonlex cimport hex4, is_digit, is_ws, number_end, plain_run_end
+
 import json
 
 from . import _jsonscan_py as _reference
@@ -42,35 +44,6 @@ cdef object reference_response_usage = _reference.response_usage
 cdef object loads = json.loads
 # A NamedTuple made the way its own __new__ makes it, minus a Python call.
 cdef object tuple_new = tuple.__new__
-
-cdef extern from *:
-    """
-    #include <stdint.h>
-    #include <string.h>
-    /* Nonzero when one of the 8 bytes at p ends a plain string run:
-       < 0x20, '"', '\\' or >= 0x80 (the SWAR "has zero byte" test; as a
-       yes/no answer it is exact). */
-    static inline int relay_scan_stop8(const unsigned char *p) {
-        const uint64_t ones = 0x0101010101010101ULL;
-        const uint64_t high = 0x8080808080808080ULL;
-        uint64_t v, quote, backslash;
-        memcpy(&v, p, 8);
-        quote = v ^ (ones * 0x22);
-        backslash = v ^ (ones * 0x5C);
-        return (((v - ones * 0x20) & ~v) | ((quote - ones) & ~quote) |
-                ((backslash - ones) & ~backslash) | v) & high ? 1 : 0;
-    }
-    /* Nonzero when the 8 bytes at p are all ASCII digits. */
-    static inline int relay_scan_digits8(const unsigned char *p) {
-        const uint64_t nibbles = 0xF0F0F0F0F0F0F0F0ULL;
-        const uint64_t threes = 0x3030303030303030ULL;
-        uint64_t v;
-        memcpy(&v, p, 8);
-        return (v & nibbles) == threes && ((v + 0x0606060606060606ULL) & nibbles) == threes;
-    }
-    """
-    int relay_scan_stop8(const unsigned char *p) noexcept nogil
-    int relay_scan_digits8(const unsigned char *p) noexcept nogil
 
 
 cdef enum:
@@ -127,151 +100,55 @@ cdef struct Found:
     Py_ssize_t open_brace
 
 
-cdef inline bint is_ws(unsigned char c) noexcept nogil:
-    return c == 32 or c == 10 or c == 13 or c == 9
-
-
 cdef inline Py_ssize_t skip_ws(const unsigned char *s, Py_ssize_t n, Py_ssize_t i) noexcept nogil:
     while i < n and is_ws(s[i]):
         i += 1
     return i
 
 
-cdef inline bint is_digit(unsigned char c) noexcept nogil:
-    return 48 <= c <= 57
-
-
-cdef inline bint is_hex(unsigned char c) noexcept nogil:
-    return 48 <= c <= 57 or 97 <= c <= 102 or 65 <= c <= 70
-
-
-cdef inline Py_ssize_t utf8_length(const unsigned char *p, Py_ssize_t avail) noexcept nogil:
-    """Length of the strict UTF-8 sequence at p (lead byte >= 0x80), or 0 if invalid.
-
-    Strict as Python's codec without surrogatepass: no overlong forms,
-    nothing above U+10FFFF, and no encoded surrogates (json.loads accepts
-    those: such a body is left to the reference).
-    """
-    cdef unsigned char c0 = p[0]
-    cdef unsigned char lo = 0x80
-    cdef unsigned char hi = 0xBF
-    cdef Py_ssize_t length
-    if c0 < 0xC2:
-        return 0
-    if c0 < 0xE0:
-        length = 2
-    elif c0 < 0xF0:
-        length = 3
-        if c0 == 0xE0:
-            lo = 0xA0
-        elif c0 == 0xED:
-            hi = 0x9F
-    elif c0 < 0xF5:
-        length = 4
-        if c0 == 0xF0:
-            lo = 0x90
-        elif c0 == 0xF4:
-            hi = 0x8F
-    else:
-        return 0
-    if avail < length:
-        return 0
-    if p[1] < lo or p[1] > hi:
-        return 0
-    if length > 2 and (p[2] < 0x80 or p[2] > 0xBF):
-        return 0
-    if length > 3 and (p[3] < 0x80 or p[3] > 0xBF):
-        return 0
-    return length
-
-
 cdef Py_ssize_t skip_string(
     const unsigned char *s, Py_ssize_t n, Py_ssize_t i, bint *escaped
 ) noexcept nogil:
     """The string whose opening quote is s[i]: index past its closing quote, or -1."""
-    cdef Py_ssize_t seq
-    cdef unsigned char c, e
+    cdef unsigned char e
     i += 1
     while True:
-        while i + 8 <= n and not relay_scan_stop8(s + i):
-            i += 8  # plain ASCII, 8 bytes at a time
-        if i >= n:
-            return -1  # unterminated
-        c = s[i]
-        if c == 34:  # "
+        i = plain_run_end(s, n, i)
+        if i < 0 or i >= n:
+            return -1  # invalid UTF-8, or unterminated
+        if s[i] == 34:  # "
             return i + 1
-        if c == 92:  # backslash
-            if i + 1 >= n:
-                return -1
-            e = s[i + 1]
-            if e == 117:  # \uXXXX: any code unit, lone surrogates included
-                if i + 6 > n or not (
-                    is_hex(s[i + 2]) and is_hex(s[i + 3]) and is_hex(s[i + 4]) and is_hex(s[i + 5])
-                ):
-                    return -1
-                i += 6
-            elif e == 34 or e == 92 or e == 47 or e == 98 or e == 102 or e == 110 or e == 114 or e == 116:
-                i += 2
-            else:
-                return -1
-            escaped[0] = True
-        elif c < 0x20:
+        if s[i] != 92:
             return -1  # a raw control character (the decoder is strict)
-        elif c >= 0x80:
-            seq = utf8_length(s + i, n - i)
-            if seq == 0:
+        if i + 1 >= n:
+            return -1
+        e = s[i + 1]
+        if e == 117:  # \uXXXX: any code unit, lone surrogates included
+            if i + 6 > n or hex4(s + i + 2) < 0:
                 return -1
-            i += seq
+            i += 6
+        elif e == 34 or e == 92 or e == 47 or e == 98 or e == 102 or e == 110 or e == 114 or e == 116:
+            i += 2
         else:
-            i += 1
-
-
-cdef inline Py_ssize_t skip_digits(const unsigned char *s, Py_ssize_t n, Py_ssize_t i) noexcept nogil:
-    while i + 8 <= n and relay_scan_digits8(s + i):
-        i += 8  # e.g. the fractions of an embedding, 8 digits at a time
-    while i < n and is_digit(s[i]):
-        i += 1
-    return i
+            return -1
+        escaped[0] = True
 
 
 cdef Py_ssize_t skip_number(
     const unsigned char *s, Py_ssize_t n, Py_ssize_t i, int *kind
 ) noexcept nogil:
-    """The number at s[i]: index past it, or -1 (kind: V_INT or V_FLOAT).
-
-    The grammar of json's NUMBER_RE; what may follow is left to the caller,
-    so "01" or "1." fail there as they do in the decoder.
-    """
-    cdef Py_ssize_t start = i
-    cdef Py_ssize_t j
-    cdef bint is_float = False
-    if s[i] == 45:  # -
-        i += 1
-        if i >= n:
-            return -1
-    if s[i] == 48:  # a leading 0 stands alone
-        i += 1
-    elif is_digit(s[i]):
-        i = skip_digits(s, n, i + 1)
-    else:
-        return -1  # not a number (or "-Infinity": the reference decides)
-    if i + 1 < n and s[i] == 46 and is_digit(s[i + 1]):  # .
-        i = skip_digits(s, n, i + 2)
-        is_float = True
-    if i < n and (s[i] == 101 or s[i] == 69):  # e E
-        j = i + 1
-        if j < n and (s[j] == 43 or s[j] == 45):
-            j += 1
-        if j < n and is_digit(s[j]):
-            i = skip_digits(s, n, j + 1)
-            is_float = True
+    """The number at s[i]: index past it, or -1 (kind: V_INT or V_FLOAT)."""
+    cdef bint is_float
+    cdef Py_ssize_t end = number_end(s, n, i, &is_float)
+    if end < 0:
+        return -1
     if is_float:
         kind[0] = V_FLOAT
     else:
-        if i - start > MAX_INT_LITERAL:
+        if end - i > MAX_INT_LITERAL:
             return -1
         kind[0] = V_INT
-    return i
+    return end
 
 
 cdef inline Py_ssize_t skip_literal(
@@ -302,14 +179,17 @@ cdef Py_ssize_t skip_scalar(
     return skip_number(s, n, i, kind)
 
 
-cdef Py_ssize_t skip_key(const unsigned char *s, Py_ssize_t n, Py_ssize_t i) noexcept nogil:
-    """A member's key and colon at s[i]: index of its value, or -1."""
-    cdef bint escaped = False
+cdef Py_ssize_t skip_key(
+    const unsigned char *s, Py_ssize_t n, Py_ssize_t i, Py_ssize_t *key_end, bint *escaped
+) noexcept nogil:
+    """A member's key and colon at s[i]: index of its value, or -1 (key_end:
+    past the key's closing quote; escaped: the key has a backslash escape)."""
     if i >= n or s[i] != 34:
         return -1
-    i = skip_string(s, n, i, &escaped)
+    i = skip_string(s, n, i, escaped)
     if i < 0:
         return -1
+    key_end[0] = i
     i = skip_ws(s, n, i)
     if i >= n or s[i] != 58:  # :
         return -1
@@ -329,6 +209,7 @@ cdef Py_ssize_t skip_container(
     cdef unsigned char c
     cdef int kind = V_ABSENT
     cdef bint escaped = False
+    cdef Py_ssize_t key_end  # not needed here
     while True:
         # A value begins at s[i] (i < n).
         c = s[i]
@@ -344,7 +225,7 @@ cdef Py_ssize_t skip_container(
                 is_object[top] = c == 123
                 top += 1
                 if c == 123:
-                    i = skip_key(s, n, i)
+                    i = skip_key(s, n, i, &key_end, &escaped)
                     if i < 0:
                         return -1
                 continue
@@ -363,7 +244,7 @@ cdef Py_ssize_t skip_container(
             if c == 44:  # ,
                 i = skip_ws(s, n, i + 1)
                 if is_object[top - 1]:
-                    i = skip_key(s, n, i)
+                    i = skip_key(s, n, i, &key_end, &escaped)
                     if i < 0:
                         return -1
                 elif i >= n:
@@ -376,35 +257,27 @@ cdef Py_ssize_t skip_container(
                 return -1
 
 
+# Each member's key, in the order of the M_* values.
+cdef extern from *:
+    """
+    static const char *const relay_member_keys[] = {
+        "stream", "model", "max_tokens", "max_completion_tokens", "max_output_tokens",
+        "messages", "stream_options", "usage", "include_usage",
+    };
+    static const Py_ssize_t relay_member_key_lengths[] = {6, 5, 10, 21, 17, 8, 14, 5, 13};
+    """
+    const char *relay_member_keys[]
+    const Py_ssize_t relay_member_key_lengths[]
+
+
 cdef int member_of(const unsigned char *k, Py_ssize_t length, bint inner) noexcept nogil:
     """Which member a key (its decoded UTF-8 bytes) names."""
-    if inner:
-        if length == 13 and memcmp(k, b"include_usage", 13) == 0:
-            return M_INCLUDE_USAGE
-        return M_OTHER
-    if length == 5:
-        if memcmp(k, b"model", 5) == 0:
-            return M_MODEL
-        if memcmp(k, b"usage", 5) == 0:
-            return M_USAGE
-    elif length == 6:
-        if memcmp(k, b"stream", 6) == 0:
-            return M_STREAM
-    elif length == 8:
-        if memcmp(k, b"messages", 8) == 0:
-            return M_MESSAGES
-    elif length == 10:
-        if memcmp(k, b"max_tokens", 10) == 0:
-            return M_MAX_TOKENS
-    elif length == 14:
-        if memcmp(k, b"stream_options", 14) == 0:
-            return M_STREAM_OPTIONS
-    elif length == 17:
-        if memcmp(k, b"max_output_tokens", 17) == 0:
-            return M_MAX_OUTPUT_TOKENS
-    elif length == 21:
-        if memcmp(k, b"max_completion_tokens", 21) == 0:
-            return M_MAX_COMPLETION_TOKENS
+    cdef int member = M_INCLUDE_USAGE if inner else M_STREAM
+    cdef int last = M_COUNT if inner else M_INCLUDE_USAGE
+    while member < last:
+        if length == relay_member_key_lengths[member] and memcmp(k, relay_member_keys[member], <size_t>length) == 0:
+            return member
+        member += 1
     return M_OTHER
 
 
@@ -427,7 +300,7 @@ cdef int scan_members(
     """
     cdef const unsigned char *s = <const unsigned char *>PyBytes_AS_STRING(body)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(body)
-    cdef Py_ssize_t key_start, start
+    cdef Py_ssize_t key_start, key_end, start
     cdef int member
     cdef int kind = V_ABSENT
     cdef bint escaped
@@ -439,23 +312,15 @@ cdef int scan_members(
         end[0] = i + 1
         return 0
     while True:
-        if i >= n or s[i] != 34:
-            return -1
         key_start = i
         escaped = False
-        i = skip_string(s, n, i, &escaped)
+        i = skip_key(s, n, i, &key_end, &escaped)
         if i < 0:
             return -1
         if escaped:
-            member = escaped_member_of(body, key_start, i, inner)
+            member = escaped_member_of(body, key_start, key_end, inner)
         else:
-            member = member_of(s + key_start + 1, i - key_start - 2, inner)
-        i = skip_ws(s, n, i)
-        if i >= n or s[i] != 58:  # :
-            return -1
-        i = skip_ws(s, n, i + 1)
-        if i >= n:
-            return -1
+            member = member_of(s + key_start + 1, key_end - key_start - 2, inner)
         start = i
         escaped = False
         c = s[i]

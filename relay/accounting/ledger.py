@@ -28,9 +28,7 @@ disagree with the provider's invoice and with ``relay_tokens_total``.
 from __future__ import annotations
 
 import asyncio
-import importlib.resources
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
@@ -282,6 +280,8 @@ class RedisUsageLedger:
         # of one batch more than the rows read a moment earlier.
         self._atomic = not hasattr(client, "nodes_manager")
         # For record(): this ledger as a writer of one-record batches.
+        import uuid
+
         self._writer_id = uuid.uuid4().hex
         self._seq = 0
         self._record_lock = asyncio.Lock()
@@ -348,6 +348,8 @@ class RedisUsageLedger:
 
 
 def _load_script() -> str:
+    import importlib.resources  # Redis only
+
     return (
         importlib.resources.files("relay")
         .joinpath("lua", "usage_batch.lua")
@@ -391,6 +393,8 @@ class SharedUsage:
         self.loop = loop
         self.retry_interval = retry_interval
         self._on_outage_change = on_outage_change
+        import uuid
+
         self._writer_id = uuid.uuid4().hex
         self._seq = 0
         self._pending = UsageLedger(max_keys=ledger.max_keys)

@@ -29,7 +29,6 @@ import asyncio
 import hashlib
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -87,6 +86,8 @@ def _tiktoken_cache_dir() -> str:
         return os.environ["TIKTOKEN_CACHE_DIR"]
     if "DATA_GYM_CACHE_DIR" in os.environ:
         return os.environ["DATA_GYM_CACHE_DIR"]
+    import tempfile  # with shutil and the compression modules: only when estimating
+
     return os.path.join(tempfile.gettempdir(), "data-gym-cache")
 
 

@@ -178,6 +178,9 @@ class CacheEntry:
 
 # -- memory backend ---------------------------------------------------------
 
+# How many distinct header pairs a MemoryCache keeps one shared copy of.
+_SHARED_PAIRS = 4096
+
 
 class MemoryCache:
     """In-process LRU bounded by entry count and total bytes, with a TTL.
@@ -202,6 +205,12 @@ class MemoryCache:
         # key -> (expires_at, entry, accounted size)
         self._data: OrderedDict[bytes, tuple[float, CacheEntry, int]] = OrderedDict()
         self._bytes = 0
+        # (name, value) -> the one copy of that header entries share: most
+        # responses carry the same few headers, and a full cache would
+        # otherwise hold as many copies of each as it has entries (about
+        # half of a small entry's memory). Emptied when full, so headers
+        # unique to each response cannot make it grow without bound.
+        self._pairs: dict[tuple[bytes, bytes], tuple[bytes, bytes]] = {}
 
     def __len__(self) -> int:
         return len(self._data)
@@ -233,6 +242,11 @@ class MemoryCache:
         while data and (len(data) >= self.max_entries or self._bytes + size > self.max_bytes):
             _, (_, _, evicted) = data.popitem(last=False)
             self._bytes -= evicted
+        pairs = self._pairs
+        if len(pairs) >= _SHARED_PAIRS:
+            pairs.clear()
+        headers = tuple([pairs.setdefault(pair, pair) for pair in entry.headers])
+        entry = CacheEntry(entry.status, headers, entry.body, entry.streamed, entry.created)
         data[key] = (self._clock() + self.ttl, entry, size)
         self._bytes += size
 

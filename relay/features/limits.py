@@ -11,7 +11,6 @@ beats refusing or stalling traffic).
 
 from __future__ import annotations
 
-import importlib.resources
 import math
 import time
 from collections.abc import Callable
@@ -134,6 +133,8 @@ class MemoryLimiter:
 
 
 def _load_script() -> str:
+    import importlib.resources  # Redis only
+
     return (
         importlib.resources.files("relay")
         .joinpath("lua", "token_bucket.lua")

@@ -14,8 +14,8 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 from relay.config import ConfigError, load_config, resolve_config_path
 
@@ -33,69 +33,82 @@ class _Usage(Exception):
     """A flag whose value cannot be used; the message says which and why."""
 
 
+def _number(whole: bool) -> Callable[[str, str], Any]:
+    def read(text: str, field: str) -> Any:
+        try:
+            return int(text) if whole else float(text)
+        except ValueError:
+            kind = "a whole number" if whole else "a number"
+            raise KeyError_(field, f"must be {kind} or none, got {text!r}") from None
+
+    return read
+
+
+def _metadata(text: str, field: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise KeyError_(field, "must be a JSON object") from None
+
+
+class _Setting(NamedTuple):
+    """A key setting as a flag of ``create`` and ``update``."""
+
+    field: str  # the admin API's field; the flag is --field-with-dashes
+    metavar: str | None
+    help: str
+    parse: Callable[[str, str], Any]  # (flag's text, field) -> the field's value
+    nullable: bool  # "none" (or "null", or nothing) clears it
+
+
+_SETTINGS = (
+    _Setting("name", None, "the application's name", lambda text, _: text, False),
+    _Setting("budget_usd", "X", "budget in USD per period (none: no budget)", _number(False), True),
+    _Setting("budget_period", "P", "daily | weekly | monthly | none (lifetime)",
+             lambda text, _: text.strip().lower(), True),
+    _Setting("rpm", "N", "requests per minute (none: no limit)", _number(True), True),
+    _Setting("tpm", "N", "tokens per minute (none: no limit)", _number(True), True),
+    _Setting("models", "G,G", "allowed model globs, comma-separated (none: all)",
+             lambda text, _: [g.strip() for g in text.split(",") if g.strip()], True),
+    _Setting("expires_at", "T", "ISO 8601 time it stops working (none: never)",
+             lambda text, _: text.strip(), True),
+    _Setting("metadata", "JSON", "a JSON object kept with the key", _metadata, False),
+)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="relay keys", description="Manage relay's virtual keys.")
     p.add_argument("--config", metavar="PATH", help="config file naming the key store")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def settings(cmd: argparse.ArgumentParser, creating: bool) -> None:
-        cmd.add_argument("--name", required=creating, help="the application's name")
-        cmd.add_argument("--budget-usd", metavar="X", help="budget in USD per period (none: no budget)")
-        cmd.add_argument("--budget-period", metavar="P", help="daily | weekly | monthly | none (lifetime)")
-        cmd.add_argument("--rpm", metavar="N", help="requests per minute (none: no limit)")
-        cmd.add_argument("--tpm", metavar="N", help="tokens per minute (none: no limit)")
-        cmd.add_argument("--models", metavar="G,G", help="allowed model globs, comma-separated (none: all)")
-        cmd.add_argument("--expires-at", metavar="T", help="ISO 8601 time it stops working (none: never)")
-        cmd.add_argument("--metadata", metavar="JSON", help="a JSON object kept with the key")
-
-    settings(sub.add_parser("create", help="create a key (prints its secret, once)"), True)
+    create = sub.add_parser("create", help="create a key (prints its secret, once)")
     sub.add_parser("list", help="list every key")
     for name, text in (("show", "show one key"), ("rotate", "new secret; the old one stops"),
                        ("revoke", "revoke a key")):
         sub.add_parser(name, help=text).add_argument("id")
     update = sub.add_parser("update", help="change a key's settings")
     update.add_argument("id")
-    settings(update, False)
+    for cmd in (create, update):
+        for setting in _SETTINGS:
+            cmd.add_argument(
+                "--" + setting.field.replace("_", "-"),
+                metavar=setting.metavar,
+                required=cmd is create and setting.field == "name",
+                help=setting.help,
+            )
     return p
-
-
-def _number(text: str, name: str, whole: bool) -> Any:
-    if text.strip().lower() in _NULLS:
-        return None
-    try:
-        return int(text) if whole else float(text)
-    except ValueError:
-        kind = "a whole number" if whole else "a number"
-        raise KeyError_(name, f"must be {kind} or none, got {text!r}") from None
 
 
 def _fields(args: argparse.Namespace) -> dict[str, Any]:
     """The flags given, as admin-API fields (validated by the same rules)."""
     fields: dict[str, Any] = {}
-    if args.name is not None:
-        fields["name"] = args.name
-    if args.budget_usd is not None:
-        fields["budget_usd"] = _number(args.budget_usd, "budget_usd", whole=False)
-    if args.budget_period is not None:
-        value = args.budget_period.strip().lower()
-        fields["budget_period"] = None if value in _NULLS else value
-    for name in ("rpm", "tpm"):
-        value = getattr(args, name)
-        if value is not None:
-            fields[name] = _number(value, name, whole=True)
-    if args.models is not None:
-        text = args.models.strip()
-        fields["models"] = (
-            None if text.lower() in _NULLS else [g.strip() for g in text.split(",") if g.strip()]
-        )
-    if args.expires_at is not None:
-        text = args.expires_at.strip()
-        fields["expires_at"] = None if text.lower() in _NULLS else text
-    if args.metadata is not None:
-        try:
-            fields["metadata"] = json.loads(args.metadata)
-        except ValueError:
-            raise KeyError_("metadata", "must be a JSON object") from None
+    for setting in _SETTINGS:
+        text = getattr(args, setting.field)
+        if text is None:
+            continue
+        if setting.nullable and text.strip().lower() in _NULLS:
+            fields[setting.field] = None
+        else:
+            fields[setting.field] = setting.parse(text, setting.field)
     return fields
 
 

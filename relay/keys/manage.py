@@ -9,7 +9,6 @@ Every operation answers with the key object of the contract (plus
 from __future__ import annotations
 
 import dataclasses
-import sqlite3
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -111,6 +110,8 @@ class KeyManager:
     async def apply_static(self, declared: Iterable[KeyRecord]) -> None:
         """Make the store's static keys exactly ``declared`` (a hot reload:
         new ones created, changed ones updated, removed ones revoked)."""
+        import sqlite3  # only where static keys are declared
+
         wanted = {r.id: r for r in declared}
         for record in wanted.values():
             current = await self.store.get(record.id)

@@ -21,7 +21,6 @@ health state); a failure raises :class:`StoreUnavailable`.
 
 from __future__ import annotations
 
-import importlib.resources
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -40,6 +39,8 @@ _HASH = "relay:keys:hash:"
 
 
 def _script(name: str) -> str:
+    import importlib.resources
+
     return importlib.resources.files("relay").joinpath("lua", name).read_text(encoding="utf-8")
 
 

@@ -33,7 +33,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -610,6 +609,8 @@ class KeyService:
 
     @staticmethod
     def new_id() -> str:
+        import uuid
+
         return uuid.uuid4().hex
 
     async def flush(self, timeout: float = 5.0) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from typing import TYPE_CHECKING
 
@@ -27,6 +26,8 @@ def open_store(keys: KeysConfig, redis: RedisConnection | None) -> KeyStore:
         from .redis_store import RedisKeyStore
 
         return RedisKeyStore(redis)
+    import sqlite3
+
     from .sqlite_store import SQLiteKeyStore
 
     try:
@@ -40,6 +41,8 @@ def check_store(config: Config) -> str | None:
     keys = config.keys
     if keys.store != "sqlite" or not (keys.enabled or keys.admin_key or keys.static):
         return None
+    import sqlite3
+
     from .sqlite_store import open_sqlite
 
     try:

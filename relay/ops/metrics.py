@@ -30,6 +30,7 @@ are what the HTTP parser accepts. Never a key, a prompt or a client-chosen strin
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import mmap
@@ -37,9 +38,12 @@ import os
 import secrets
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import _fast
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 __all__ = [
     "DURATION_BUCKETS",
@@ -539,8 +543,6 @@ class Metrics:
     """
 
     def __init__(self, directory: str | None = _UNSET) -> None:
-        from prometheus_client import CollectorRegistry
-
         self.store = _Store(multiprocess_dir() if directory is _UNSET else directory)
         s = self.store
         self.requests = Counter(
@@ -650,8 +652,17 @@ class Metrics:
         self._key_spend: dict[str, Any] = {}  # by key name: one lookup per settled request
         self._key_rejected = _Children(self.key_rejected)
         self._collector = s.collector = _Collector(self)
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(self._collector)  # type: ignore[arg-type]
+
+    @functools.cached_property
+    def registry(self) -> CollectorRegistry:
+        """The prometheus-client registry, made at the first scrape: the
+        library (with its HTTP server and WSGI modules, ~4 MB) is loaded
+        only by a process that is asked for its metrics."""
+        from prometheus_client import CollectorRegistry
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(self._collector)  # type: ignore[arg-type]
+        return registry
 
     # -- hot-path helpers -------------------------------------------------
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:

@@ -14,7 +14,6 @@ import base64
 import functools
 import hashlib
 import re
-from importlib import resources
 
 __all__ = ["StatusPage", "status_page"]
 
@@ -57,5 +56,7 @@ class StatusPage:
 @functools.cache
 def status_page() -> StatusPage:
     """The packaged page, read once per process."""
+    from importlib import resources  # with tempfile and shutil: only once the page is asked for
+
     html = resources.files("relay.ops").joinpath("status.html").read_bytes()
     return StatusPage(html)
