@@ -22,7 +22,8 @@ from setuptools.command.build_ext import build_ext
 FAST = "relay/_fast"
 
 # .pyx: hand-written where C-level buffer access pays (canonical JSON + hash,
-# the JSON facts scan, metric children writing into a values array).
+# the JSON facts scan, metric children writing into a values array, header
+# classification and rendering).
 # .py: the pure twin compiled unchanged, typed by the .pxd named after the
 # extension (Cython finds it by the extension's module name).
 EXTENSIONS = [
@@ -38,6 +39,7 @@ EXTENSIONS = [
         [f"{FAST}/_jsonscan_py.py", f"{FAST}/_jsonlex.pxd"],
     ),
     ("relay._fast._meters_c", f"{FAST}/_meters_c.pyx", [f"{FAST}/_meters_py.py"]),
+    ("relay._fast._heads_c", f"{FAST}/_heads_c.pyx", [f"{FAST}/_heads_py.py"]),
     ("relay._fast._bucket_c", f"{FAST}/_bucket_py.py", [f"{FAST}/_bucket_c.pxd"]),
     (
         "relay._fast._breaker_c",

@@ -12,6 +12,7 @@ import redis
 from hypothesis import given
 from hypothesis import strategies as st
 
+from relay._fast import response_head
 from relay.features.cache import (
     CacheEntry,
     MemoryCache,
@@ -22,7 +23,6 @@ from relay.features.cache import (
 from relay.features.coalescer import Coalescer, FlightAborted, Follower, Leader
 from relay.http.protocol import HOP_BY_HOP
 from relay.redisconn import RedisConnection
-from relay.upstream.exchange import response_headers
 
 try:
     from redis_server import RedisServer
@@ -137,17 +137,16 @@ def test_replay_headers_drops_hop_by_hop_and_framing() -> None:
 def test_relayed_and_shared_headers_are_what_replay_headers_keeps(
     upstream: list[tuple[bytes, bytes]],
 ) -> None:
-    # The exchange picks both at the head; the cache stores the shared ones.
-    kept, content_type, _, per_caller = response_headers(upstream)
+    # The exchange keeps the relayed headers of the head and stores their
+    # shared part: that is what replay_headers keeps of the upstream's.
+    kept, _, content_type, *_ = response_head(upstream)
     named = {t.strip().lower() for n, v in upstream if n.lower() == b"connection" for t in v.split(b",")}
     assert kept == tuple(
         (n, v) for n, v in upstream
         if n.lower() not in HOP_BY_HOP | {b"x-relay-cache", b"content-encoding"} | named
     )
     assert content_type == next((v.lower() for n, v in upstream if n.lower() == b"content-type"), None)
-    shared = shared_headers(kept) if per_caller else kept
-    assert shared == replay_headers(upstream) == replay_headers(kept)
-    assert per_caller == (shared != kept)
+    assert shared_headers(kept) == replay_headers(upstream) == replay_headers(kept)
 
 
 # -- MemoryCache --------------------------------------------------------------

@@ -103,11 +103,13 @@ def test_compiled_chosen_when_built(value: str | None) -> None:
     assert result["bucket_module"] == "relay._fast._bucket_c"
     assert result["imported"] == sorted(
         f"relay._fast.{name}"
-        for name in ("_breaker_c", "_bucket_c", "_cachekey_c", "_jsonscan_c", "_meters_c")
+        for name in (
+            "_breaker_c", "_bucket_c", "_cachekey_c", "_heads_c", "_jsonscan_c", "_meters_c"
+        )
     )
 
 
-@pytest.mark.parametrize("module", ["_breaker_c", "_jsonscan_c", "_meters_c"])
+@pytest.mark.parametrize("module", ["_breaker_c", "_heads_c", "_jsonscan_c", "_meters_c"])
 def test_any_missing_compiled_module_falls_back_to_pure(module: str) -> None:
     # None in sys.modules makes that import fail, as a missing build would.
     result = probe(None, prelude=f"sys.modules['relay._fast.{module}'] = None")
@@ -140,6 +142,8 @@ def test_chosen_names_come_from_one_implementation() -> None:
     assert fast.CounterChild is chosen.CounterChild
     assert fast.GaugeChild is chosen.GaugeChild
     assert fast.HistogramChild is chosen.HistogramChild
+    assert fast.request_head is chosen.request_head
+    assert fast.response_head is chosen.response_head
 
 
 def test_twins_expose_the_same_public_api() -> None:

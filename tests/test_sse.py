@@ -171,3 +171,42 @@ def test_a_read_of_exactly_one_event_is_returned_uncopied() -> None:
     assert splitter.feed(crlf) == [crlf]
     assert splitter.feed(b"data: d\n\n") == [b"data: d\n\n"]  # the CR path from now on
     assert splitter.pending == 0
+
+
+def spans_all(data: bytes, cuts: list[int]) -> tuple[list[bytes], bytes, list[int]]:
+    splitter = SSESplitter()
+    spans: list[bytes] = []
+    pending: list[int] = []
+    last = 0
+    for cut in [*sorted(set(cuts)), len(data)]:
+        spans.append(splitter.feed_span(data[last:cut]))
+        pending.append(splitter.pending)
+        last = cut
+    return spans, splitter.flush(), pending
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=_pieces, cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=20))
+def test_spans_cut_where_events_do(data: bytes, cuts: list[int]) -> None:
+    """feed_span hands back, per read, exactly the events feed would."""
+    cuts = [c for c in cuts if c <= len(data)]
+    spans, rest, pending = spans_all(data, cuts)
+    splitter = SSESplitter()
+    last = 0
+    for cut, span, held in zip([*sorted(set(cuts)), len(data)], spans, pending, strict=True):
+        assert span == b"".join(splitter.feed(data[last:cut]))
+        assert type(span) is bytes and held == splitter.pending
+        last = cut
+    assert rest == splitter.flush()
+    assert b"".join(spans) + rest == data
+
+
+def test_a_read_that_ends_an_event_is_forwarded_uncopied() -> None:
+    splitter = SSESplitter()
+    two = b"data: a\n\ndata: b\n\n"
+    assert splitter.feed_span(two) is two
+    assert splitter.feed_span(b"data: c\n\ndata: d") == b"data: c\n\n"
+    assert splitter.pending == len(b"data: d")
+    assert splitter.feed_span(b"\n\n") == b"data: d\n\n"
+    assert splitter.pending == 0
+    assert splitter.feed_span(b"") == b""

@@ -26,8 +26,16 @@ from importlib.machinery import EXTENSION_SUFFIXES
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from . import _breaker_py, _bucket_py, _cachekey_py, _jsonscan_py, _meters_py
+from . import _breaker_py, _bucket_py, _cachekey_py, _heads_py, _jsonscan_py, _meters_py
 from ._breaker_states import CLOSED, HALF_OPEN, OPEN, STATE_NAMES, BreakerTransitionError
+from ._heads_py import (
+    BAD_EXPECT,
+    BAD_TRANSFER_ENCODING,
+    DUPLICATE_HOST,
+    HEAD_OK,
+    HOP_BY_HOP,
+    VARYING_NAMES,
+)
 from ._jsonscan_py import (
     NOT_AN_OBJECT,
     STREAM_OPTIONS_ABSENT,
@@ -40,10 +48,15 @@ from ._jsonscan_py import (
 )
 
 __all__ = [
+    "BAD_EXPECT",
+    "BAD_TRANSFER_ENCODING",
     "CLOSED",
     "COMPILED_IMPORT_ERROR",
+    "DUPLICATE_HOST",
     "EXTENSIONS_LOADED",
     "HALF_OPEN",
+    "HEAD_OK",
+    "HOP_BY_HOP",
     "IMPLEMENTATION",
     "NOT_AN_OBJECT",
     "NO_EXTENSIONS",
@@ -53,6 +66,7 @@ __all__ = [
     "STREAM_OPTIONS_INCLUDE_USAGE",
     "STREAM_OPTIONS_NOT_OBJECT",
     "STREAM_OPTIONS_WITHOUT_USAGE",
+    "VARYING_NAMES",
     "BreakerTransitionError",
     "BucketTable",
     "CircuitBreaker",
@@ -69,6 +83,8 @@ __all__ = [
     "pure",
     "request_facts",
     "request_facts_of",
+    "request_head",
+    "response_head",
     "response_usage",
 ]
 
@@ -79,6 +95,7 @@ _COMPILED_MODULES = {
     "_breaker_c": _breaker_py,
     "_jsonscan_c": _jsonscan_py,
     "_meters_c": _meters_py,
+    "_heads_c": _heads_py,
 }
 
 
@@ -98,6 +115,8 @@ class Implementation:
     CounterChild: Any
     GaugeChild: Any
     HistogramChild: Any
+    request_head: Any
+    response_head: Any
 
 
 def extensions_disabled(value: str | None) -> bool:
@@ -121,12 +140,13 @@ def _load_compiled() -> tuple[Implementation | None, str | None]:
         if not _is_extension(module):
             return None, f"{name}: not a compiled extension ({module.__file__})"
         modules[name] = module
-    cachekey, bucket, breaker, jsonscan, meters = (
+    cachekey, bucket, breaker, jsonscan, meters, heads = (
         modules["_cachekey_c"],
         modules["_bucket_c"],
         modules["_breaker_c"],
         modules["_jsonscan_c"],
         modules["_meters_c"],
+        modules["_heads_c"],
     )
     return (
         Implementation(
@@ -142,6 +162,8 @@ def _load_compiled() -> tuple[Implementation | None, str | None]:
             CounterChild=meters.CounterChild,
             GaugeChild=meters.GaugeChild,
             HistogramChild=meters.HistogramChild,
+            request_head=heads.request_head,
+            response_head=heads.response_head,
         ),
         None,
     )
@@ -160,6 +182,8 @@ pure = Implementation(
     CounterChild=_meters_py.CounterChild,
     GaugeChild=_meters_py.GaugeChild,
     HistogramChild=_meters_py.HistogramChild,
+    request_head=_heads_py.request_head,
+    response_head=_heads_py.response_head,
 )
 
 NO_EXTENSIONS: bool = extensions_disabled(os.environ.get("RELAY_NO_EXTENSIONS"))
@@ -180,6 +204,7 @@ if TYPE_CHECKING:
     from ._breaker_py import CircuitBreaker
     from ._bucket_py import BucketTable, TokenBucket
     from ._cachekey_py import cache_key, credential_hash
+    from ._heads_py import request_head, response_head
     from ._jsonscan_py import request_facts, response_usage
     from ._meters_py import CounterChild, GaugeChild, HistogramChild
 else:
@@ -193,5 +218,7 @@ else:
     CounterChild = _chosen.CounterChild
     GaugeChild = _chosen.GaugeChild
     HistogramChild = _chosen.HistogramChild
+    request_head = _chosen.request_head
+    response_head = _chosen.response_head
 
 del _chosen

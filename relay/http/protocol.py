@@ -30,9 +30,11 @@ from typing import Any, TypeVar, cast
 import httptools
 
 from .. import debug
+from .._fast import BAD_TRANSFER_ENCODING, DUPLICATE_HOST, request_head
+from .._fast import HOP_BY_HOP as HOP_BY_HOP
 from . import errors
 from .flow import FlowControl, FlowListener
-from .request import VARYING_HEADERS, Request
+from .request import Request
 
 __all__ = [
     "HOP_BY_HOP",
@@ -45,35 +47,6 @@ __all__ = [
     "ProtocolStateError",
     "ReadState",
 ]
-
-# Headers that describe one hop, never forwarded (RFC 9110 7.6.1), plus the
-# framing headers relay recomputes itself.
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"content-length",
-    }
-)
-
-# Request headers relay does not pass upstream: hop-by-hop ones, and those it
-# sets itself (Host, framing, X-Forwarded-*, Accept-Encoding: relay asks for
-# identity, see relay/upstream/exchange.py), plus Expect (the body is read before
-# forwarding, so upstream never needs to say 100 Continue).
-NOT_FORWARDED = HOP_BY_HOP | {
-    b"host", b"expect", b"x-forwarded-for", b"x-forwarded-proto", b"accept-encoding"
-}
-
-# The client's credential headers: forwarded as they came unless the upstream
-# has a key of its own (then replaced by it).
-CREDENTIAL_HEADERS = frozenset({b"authorization", b"x-api-key", b"api-key"})
 
 MAX_HEADERS = 128            # aiohttp's default; AI SDKs send ~20
 MAX_PIPELINED = 32           # queued requests before the socket stops being read
@@ -255,6 +228,7 @@ class ClientConnection(asyncio.Protocol):
         # -- per request (being read) --
         self._read = _AWAIT
         self._url = b""
+        self._minor = -1               # HTTP/1.x minor version, -1: not read from the line
         self._headers: list[tuple[bytes, bytes]] = []
         self._header_bytes = 0
         self._body: list[bytes] = []
@@ -511,6 +485,7 @@ class ClientConnection(asyncio.Protocol):
         self._body = []
         self._body_size = 0
         self._end_at = -1
+        self._minor = -1
         start = self._line_at
         if start == _AFTER_HEAD:  # pipelined behind a request in this same read
             start = self._previous_end()
@@ -527,11 +502,17 @@ class ClientConnection(asyncio.Protocol):
                 and end - last == 9
                 and last > first + 1
                 and data.find(b" ", first + 1, last) < 0
-                and (data.startswith(_HTTP11, last + 1) or data.startswith(_HTTP10, last + 1))
             ):
-                self._head_at = end + 2
-            else:
-                self._check_line(data, start)
+                # The version is read here too: llhttp's own formats a string.
+                if data.startswith(_HTTP11, last + 1):
+                    self._minor = 1
+                    self._head_at = end + 2
+                    return
+                if data.startswith(_HTTP10, last + 1):
+                    self._minor = 0
+                    self._head_at = end + 2
+                    return
+            self._check_line(data, start)
         else:
             # Behind a request whose end in this read is not known (its head
             # or chunked body began in an earlier read): llhttp's own checks
@@ -561,13 +542,15 @@ class ClientConnection(asyncio.Protocol):
             # before it can reach an upstream.
             if not self._ignorable_upgrade():
                 raise errors.bad_request("Protocol upgrades are not supported")
-        version = parser.get_http_version()
-        if version == "1.1":
-            minor = 1
-        elif version == "1.0":
-            minor = 0
-        else:
-            raise errors.version_not_supported()
+        minor = self._minor
+        if minor < 0:
+            version = parser.get_http_version()
+            if version == "1.1":
+                minor = 1
+            elif version == "1.0":
+                minor = 0
+            else:
+                raise errors.version_not_supported()
         method = parser.get_method()
         keep_alive = parser.should_keep_alive()
         request = Request(
@@ -580,69 +563,37 @@ class ClientConnection(asyncio.Protocol):
             self._client_ip,
             self._loop.time(),
         )
-        expect_continue = False
-        host_seen = False
-        content_length = -1
-        chunked = False
-        forward: list[bytes] = []
-        credentials: list[bytes] | None = None
-        connection_tokens: set[bytes] | None = None
-        for name, value in self._headers:
-            lname = name.lower()
-            if lname in CREDENTIAL_HEADERS:
-                # Kept apart: an upstream with its own key replaces them.
-                if credentials is None:
-                    credentials = []
-                credentials.append(b"%s: %s\r\n" % (name, value))
-            elif lname not in NOT_FORWARDED:
-                forward.append(b"%s: %s\r\n" % (name, value))
-            if lname == b"authorization":
-                request.authorization = value
-            elif lname == b"x-api-key":
-                request.api_key = value
-            elif lname == b"cache-control":
-                request.cache_control = value.lower()
-            elif lname == b"content-length":
-                content_length = int(value)  # llhttp validated digits and uniqueness
-            elif lname == b"transfer-encoding":
+        (
+            problem,
+            forward,
+            credentials,
+            request.authorization,
+            request.api_key,
+            request.cache_control,
+            length_value,
+            chunked,
+            host_seen,
+            request.forwarded_for,
+            request.varying,
+            expect_continue,
+        ) = request_head(self._headers)
+        if problem:
+            if problem == BAD_TRANSFER_ENCODING:
                 # llhttp accepts "gzip, chunked"; relay would have to forward
                 # a body coded in a way it cannot frame faithfully: refuse.
-                if value.strip().lower() != b"chunked":
-                    raise errors.bad_request("Unsupported Transfer-Encoding")
-                chunked = True
-            elif lname == b"host":
-                if host_seen:
-                    raise errors.bad_request("Duplicate Host header")
-                host_seen = True
-            elif lname == b"x-forwarded-for":
-                request.forwarded_for = value
-            elif lname in VARYING_HEADERS:
-                request.add_varying(lname, value)
-            elif lname == b"connection":
-                tokens = {t.strip().lower() for t in value.split(b",")}
-                tokens -= {b"close", b"keep-alive", b""}
-                if tokens:
-                    connection_tokens = tokens
-            elif lname == b"expect":
-                if value.lower() != b"100-continue":
-                    raise errors.GatewayError(
-                        417, "Unsupported Expect", "invalid_request_error",
-                        "expectation_failed", close=True,
-                    )
-                expect_continue = True
+                raise errors.bad_request("Unsupported Transfer-Encoding")
+            if problem == DUPLICATE_HOST:
+                raise errors.bad_request("Duplicate Host header")
+            raise errors.GatewayError(
+                417, "Unsupported Expect", "invalid_request_error",
+                "expectation_failed", close=True,
+            )
         if minor and not host_seen:
             raise errors.bad_request("Missing Host header: HTTP/1.1 requests must carry one")
-        if connection_tokens:
-            # Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1).
-            forward = [
-                line for line in forward
-                if line[: line.index(b":")].lower() not in connection_tokens
-            ]
-        request.forward_headers = b"".join(forward)
-        if credentials is not None:
-            request.credential_headers = (
-                credentials[0] if len(credentials) == 1 else b"".join(credentials)
-            )
+        request.forward_headers = forward
+        request.credential_headers = credentials
+        # llhttp validated the digits and that the header is not repeated.
+        content_length = -1 if length_value is None else int(length_value)
         if content_length > self._limits.max_body_bytes:
             raise errors.body_too_large(self._limits.max_body_bytes)
         self._req = request
@@ -898,10 +849,13 @@ class ClientConnection(asyncio.Protocol):
         """Send a piece of the body as it arrived (no copy for known lengths)."""
         if self._state is _CLOSED or not chunk:
             return
-        if self._answer is _CHUNKING:
-            self._emit((b"%x\r\n" % len(chunk), chunk, _CRLF))
+        parts = (b"%x\r\n" % len(chunk), chunk, _CRLF) if self._answer is _CHUNKING else (chunk,)
+        held = self._held
+        if held is not None:
+            held.extend(parts)
         else:
-            self._emit((chunk,))
+            assert self._transport is not None
+            self._transport.writelines(parts)
 
     def write_many(self, chunks: list[bytes]) -> None:
         """Send several pieces as one chunk / one vectored write."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from relay._fast import NOT_AN_OBJECT, RequestFacts, request_facts, request_facts_of
+from relay._fast import NOT_AN_OBJECT, VARYING_NAMES, RequestFacts, request_facts, request_facts_of
 
 __all__ = ["VARYING_HEADERS", "Request"]
 
@@ -14,9 +14,8 @@ _UNPARSED = object()
 # Request headers that change the answer to the same body, so they are part
 # of the cache key (lowercase names): the API version and beta features of
 # Anthropic, the organization and project an OpenAI request is billed to.
-VARYING_HEADERS = frozenset(
-    {b"anthropic-version", b"anthropic-beta", b"openai-organization", b"openai-project"}
-)
+# Picked out while the head is parsed (relay._fast.request_head).
+VARYING_HEADERS = VARYING_NAMES
 
 
 class Request:
@@ -49,6 +48,7 @@ class Request:
         "relay_key",
         "_json",
         "_facts",
+        "_credential",
     )
 
     def __init__(
@@ -90,6 +90,7 @@ class Request:
         self.varying: list[bytes] | None = None
         self._json: Any = _UNPARSED
         self._facts: RequestFacts | None = None
+        self._credential: Any = _UNPARSED
 
     @property
     def credential(self) -> bytes | None:
@@ -97,22 +98,20 @@ class Request:
 
         The ``Bearer`` scheme is taken off, so a key counts as the same
         caller whether an SDK sends it as ``Authorization: Bearer k``
-        (OpenAI) or ``x-api-key: k`` (Anthropic).
+        (OpenAI) or ``x-api-key: k`` (Anthropic). Worked out once: the
+        limiter, the cache key, usage and the request log all ask.
         """
-        value = self.authorization
-        if value is None:
-            return self.api_key
-        if value[:7].lower() == b"bearer ":
-            return value[7:].strip() or None
-        return value
-
-    def add_varying(self, lname: bytes, value: bytes) -> None:
-        """Note one of :data:`VARYING_HEADERS` (called while parsing)."""
-        line = lname + b":" + value.strip()
-        if self.varying is None:
-            self.varying = [line]
-        else:
-            self.varying.append(line)
+        credential = self._credential
+        if credential is _UNPARSED:
+            value = self.authorization
+            if value is None:
+                credential = self.api_key
+            elif value[:7].lower() == b"bearer ":
+                credential = value[7:].strip() or None
+            else:
+                credential = value
+            self._credential = credential
+        return credential  # type: ignore[no-any-return]
 
     def varying_key(self) -> bytes:
         """The varying headers as one canonical value for the cache key.

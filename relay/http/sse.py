@@ -31,10 +31,16 @@ _LF = 0x0A
 class SSESplitter:
     """Cuts a byte stream into complete SSE events, bytes preserved exactly.
 
-    Keeps one ``bytearray`` of not-yet-complete bytes and only scans what is
-    new since the last call (plus one byte of overlap, for a terminator split
-    across chunks). While no ``\\r`` has been seen, which is every OpenAI and
+    Keeps the not-yet-complete bytes and only scans what is new since the
+    last call (plus one byte of overlap, for a terminator split across
+    chunks). While no ``\\r`` has been seen, which is every OpenAI and
     Anthropic stream, the scan is a plain ``find(b"\\n\\n")``.
+
+    :meth:`feed` hands back each event (for whoever reads them one by one);
+    :meth:`feed_span` hands back all the complete events of a read as one
+    piece, for a stream forwarded unchanged: a read that ends at an event's
+    end is returned as the same object, and only an event cut across reads
+    is copied. The two cut at the same places.
     """
 
     __slots__ = ("_buf", "_scan", "_saw_cr")
@@ -65,49 +71,56 @@ class SSESplitter:
             # The usual read: exactly one whole event. Handed back as the
             # same object, no copy.
             return [chunk]
-        buf += chunk
         if not self._saw_cr and _CR in chunk:
             self._saw_cr = True
-        events: list[bytes] = []
-        start = 0  # start of the current (incomplete) event in buf
-        scan = self._scan
-        size = len(buf)
-        while start < size:
-            first = buf[start]
-            if scan == start and (first == _LF or first == _CR):
-                # Blank line at the start of an event: an event of its own.
-                if first == _LF:
-                    end = start + 1
-                elif start + 1 < size:
-                    end = start + 2 if buf[start + 1] == _LF else start + 1
-                else:
-                    break  # "\r" at the end: wait to see whether "\n" follows
-                events.append(bytes(buf[start:end]))
-                start = scan = end
-                continue
-            if self._saw_cr:
-                m = _EVENT_END.search(buf, scan)
-                if m is None:
-                    scan = max(start, size - 1)
-                    break
-                end = m.end()
-                if buf[end - 1] == _CR and end == size:
-                    # The blank line may be "\r\n" with "\n" still to come.
-                    scan = m.start()
-                    break
-            else:
-                pos = buf.find(b"\n\n", scan)
-                if pos < 0:
-                    scan = max(start, size - 1)
-                    break
-                end = pos + 2
-            events.append(bytes(buf[start:end]))
-            start = scan = end
+        ends: list[int] = []
+        if not buf:
+            # Cut from the read itself: one copy per event, one of the rest.
+            start, scan = _walk(chunk, 0, self._saw_cr, ends)
+            events = _slices(chunk, ends)
+            if start < len(chunk):
+                buf += memoryview(chunk)[start:]
+            self._scan = scan - start
+            return events
+        buf += chunk
+        start, scan = _walk(buf, self._scan, self._saw_cr, ends)
+        with memoryview(buf) as view:
+            events = [bytes(view[a:b]) for a, b in zip([0, *ends], ends, strict=False)]
         if start:
             del buf[:start]
-            scan -= start
-        self._scan = scan
+        self._scan = scan - start
         return events
+
+    def feed_span(self, chunk: bytes) -> bytes:
+        """Add ``chunk``; return the complete events it finished as one piece
+        (``b""`` if none): the bytes as they came, the incomplete rest kept."""
+        if not chunk:
+            return b""
+        if not self._saw_cr and _CR in chunk:
+            self._saw_cr = True
+        buf = self._buf
+        if not buf:
+            if not self._saw_cr and chunk.endswith(b"\n\n"):
+                # The usual read. Without CR, every end of a blank line ends
+                # an event: the read is complete events only.
+                return chunk
+            end, scan = _walk(chunk, 0, self._saw_cr, None)
+            if end == len(chunk):
+                self._scan = 0
+                return chunk  # the usual read: it ends where an event does
+            buf += memoryview(chunk)[end:]
+            self._scan = scan - end
+            return chunk[:end]
+        buf += chunk
+        end, scan = _walk(buf, self._scan, self._saw_cr, None)
+        if not end:
+            self._scan = scan
+            return b""
+        with memoryview(buf) as view:
+            span = bytes(view[:end])
+        del buf[:end]
+        self._scan = scan - end
+        return span
 
     def flush(self) -> bytes:
         """Return and forget the incomplete rest (end of stream)."""
@@ -115,6 +128,59 @@ class SSESplitter:
         self._buf.clear()
         self._scan = 0
         return rest
+
+
+def _walk(
+    buf: bytes | bytearray, scan: int, saw_cr: bool, ends: list[int] | None
+) -> tuple[int, int]:
+    """Find the complete events at the start of *buf*.
+
+    *scan*: where a search for an event's end may begin (bytes before it
+    were searched already). Appends each event's end to *ends* (if given);
+    returns the end of the last complete event (0: none) and where the next
+    search may begin.
+    """
+    start = 0  # start of the current (incomplete) event in buf
+    size = len(buf)
+    while start < size:
+        first = buf[start]
+        if scan == start and (first == _LF or first == _CR):
+            # Blank line at the start of an event: an event of its own.
+            if first == _LF:
+                end = start + 1
+            elif start + 1 < size:
+                end = start + 2 if buf[start + 1] == _LF else start + 1
+            else:
+                break  # "\r" at the end: wait to see whether "\n" follows
+        elif saw_cr:
+            m = _EVENT_END.search(buf, scan)
+            if m is None:
+                scan = max(start, size - 1)
+                break
+            end = m.end()
+            if buf[end - 1] == _CR and end == size:
+                # The blank line may be "\r\n" with "\n" still to come.
+                scan = m.start()
+                break
+        else:
+            pos = buf.find(b"\n\n", scan)
+            if pos < 0:
+                scan = max(start, size - 1)
+                break
+            end = pos + 2
+        if ends is not None:
+            ends.append(end)
+        start = scan = end
+    return start, scan
+
+
+def _slices(data: bytes, ends: list[int]) -> list[bytes]:
+    events = []
+    start = 0
+    for end in ends:
+        events.append(data[start:end])
+        start = end
+    return events
 
 
 def event_fields(raw: bytes) -> tuple[bytes | None, bytes | None]:

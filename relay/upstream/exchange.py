@@ -36,8 +36,8 @@ from typing import Protocol
 
 from .. import debug
 from ..accounting.usage import ANTHROPIC, StreamUsage, provider_for_path
-from ..features.cache import PER_CALLER_HEADERS, shared_headers
-from ..http.protocol import HOP_BY_HOP, ClientConnection
+from ..features.cache import shared_headers
+from ..http.protocol import ClientConnection
 from ..http.sse import SSESplitter, event_fields
 from .protocol import UpstreamConnection, UpstreamError
 
@@ -50,17 +50,12 @@ __all__ = [
 ]
 
 _EVENT_STREAM = b"text/event-stream"
-# relay sets X-Relay-Cache on every response itself; one from an upstream
-# (another relay in front of the origin) would make two, contradicting ones.
-# Content-Encoding is relay's to set: bodies reach clients as identity.
-_NOT_RELAYED = HOP_BY_HOP | {b"x-relay-cache", b"content-encoding"}
 _JSON = b"json"
 
 # Sent upstream in place of the client's Accept-Encoding (see module doc).
 ACCEPT_IDENTITY = b"Accept-Encoding: identity\r\n"
 _GZIP = frozenset({b"gzip", b"x-gzip"})
 _DEFLATE = b"deflate"
-_IDENTITY = b"identity"
 
 _CUT_MESSAGE = "The upstream connection broke off before the response was complete"
 _OPENAI_CUT_EVENT = b"data: " + json.dumps(
@@ -193,49 +188,6 @@ class Outcome:
     RETRY = 4         # a retryable answer (429, 5xx) held back: try again
 
 
-def response_headers(
-    headers: list[tuple[bytes, bytes]],
-) -> tuple[tuple[tuple[bytes, bytes], ...], bytes | None, bytes | None, bool]:
-    """End-to-end headers of an upstream response, its content type and
-    coding, and whether any of the kept ones is per caller.
-
-    The coding is None for identity (absent or ``identity``), else the
-    lowercased ``Content-Encoding`` value. The last item tells whether
-    :func:`~relay.features.cache.shared_headers` has anything to take out.
-    """
-    kept: list[tuple[bytes, bytes]] = []
-    names: list[bytes] = []
-    content_type = None
-    coding = None
-    named: set[bytes] | None = None
-    per_caller = False
-    for pair in headers:
-        name, value = pair
-        lname = name.lower()
-        if lname in _NOT_RELAYED:
-            if lname == b"connection":
-                # Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1).
-                extra = {t.strip().lower() for t in value.split(b",")} - _NOT_RELAYED
-                if extra:
-                    named = extra if named is None else named | extra
-            elif lname == b"content-encoding":
-                value = value.strip().lower()
-                if value and value != _IDENTITY:
-                    coding = value if coding is None else coding + b", " + value
-            continue
-        if lname == b"content-type":
-            content_type = value.lower()
-        elif lname in PER_CALLER_HEADERS:
-            per_caller = True
-        kept.append(pair)
-        names.append(lname)
-    if named:
-        # Rare: a Connection header naming an end-to-end header.
-        kept = [pair for pair, lname in zip(kept, names, strict=True) if lname not in named]
-        per_caller = any(n in PER_CALLER_HEADERS for n in names if n not in named)
-    return tuple(kept), content_type, coding, per_caller
-
-
 class ProxyExchange:
     """Relays one upstream response to the client connection."""
 
@@ -363,8 +315,11 @@ class ProxyExchange:
             self.status = status
             self.headers = tuple(headers)
             return
-        kept, content_type, coding, per_caller = response_headers(headers)
-        bodyless = self._head_only or status in (204, 304)
+        head = self._upstream.head
+        kept = head[0]
+        content_type = head[2]
+        coding = head[3]
+        bodyless = self._head_only or status == 204 or status == 304
         if coding is not None and not bodyless:
             if coding in _GZIP:
                 self._decoder = _Decoder(gzip=True)
@@ -387,16 +342,17 @@ class ProxyExchange:
         self.status = status
         self.headers = kept
         self.content_type = content_type
-        is_stream = content_type is not None and content_type.startswith(_EVENT_STREAM)
-        if is_stream:
+        if content_type is not None and content_type.startswith(_EVENT_STREAM):
             self.splitter = SSESplitter()
             self._cut_event = stream_cut_event(self._path, content_type)
             if self._count_usage:
                 self.stream_usage = StreamUsage("", provider_for_path(self._path))
-        if self.stream_usage is None:
+            else:
+                self._strip_usage = False
+        else:
             self._strip_usage = False
             if (
-                not is_stream
+                self._json_limit
                 and content_type is not None
                 and _JSON in content_type
                 and 200 <= status < 300
@@ -413,10 +369,9 @@ class ProxyExchange:
             self.recorded = []
             # Never handed to another caller (the cache, coalesced followers):
             # this caller's cookies or authentication state.
-            self.shared_headers = shared_headers(kept) if per_caller else kept
+            self.shared_headers = shared_headers(kept)
         client = self._client
-        lines = [b"%s: %s\r\n" % pair for pair in kept]
-        lines.extend(self._extra_headers)
+        lines = [head[1], *self._extra_headers]
         if self._head_only and coding is None:
             # A HEAD response tells the size of what a GET would return.
             lines.extend(
@@ -450,19 +405,29 @@ class ProxyExchange:
                 return
             if not chunk:
                 return
-        splitter = self.splitter
-        if splitter is None:
+        if self.splitter is None:
             self._forward(chunk)
-            return
-        events = splitter.feed(chunk)
-        if events:
-            self._relay_events(events)
+        else:
+            self._relay_stream(chunk)
 
     def on_body_decoded(self, chunk: bytes) -> None:
         """Identity bytes (the decoder's last output) on their way on."""
-        splitter = self.splitter
-        if splitter is None:
+        if self.splitter is None:
             self._forward(chunk)
+        else:
+            self._relay_stream(chunk)
+
+    def _relay_stream(self, chunk: bytes) -> None:
+        splitter = self.splitter
+        assert splitter is not None
+        if self.stream_usage is None:
+            # Forwarded unchanged: only the event boundaries matter (a
+            # partial event waits, so a cut stream ends on a whole one).
+            span = splitter.feed_span(chunk)
+            if span:
+                self._forward(span)
+                if self._first_event_pending:
+                    self._first_event_out()
             return
         events = splitter.feed(chunk)
         if events:
@@ -492,11 +457,14 @@ class ProxyExchange:
             else:
                 self._forward_many(events)
         if self._first_event_pending and self.bytes_sent:
-            # The first event leaves now rather than with the rest of
-            # this read: a stream's first token is what users wait for.
-            self._first_event_pending = False
-            self._client.release()
-            self._client.hold()
+            self._first_event_out()
+
+    def _first_event_out(self) -> None:
+        # The first event leaves now rather than with the rest of this
+        # read: a stream's first token is what users wait for.
+        self._first_event_pending = False
+        self._client.release()
+        self._client.hold()
 
     def on_complete(self) -> None:
         if self.discarded:
@@ -565,7 +533,8 @@ class ProxyExchange:
     def _forward(self, chunk: bytes) -> None:
         self.bytes_sent += len(chunk)
         self._client.write(chunk)
-        self._keep(chunk)
+        if self.recorded is not None or self._observer is not None or self.json_body is not None:
+            self._keep(chunk)
 
     def _forward_many(self, chunks: list[bytes]) -> None:
         self._client.write_many(chunks)

@@ -11,14 +11,20 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
 
 from .. import debug
+from .._fast import response_head
 from ..http.flow import FlowControl
 
+if TYPE_CHECKING:
+    from .._fast._heads_py import ResponseHead
+
 __all__ = ["ResponseSink", "UpstreamConnection", "UpstreamError"]
+
+_NO_HEAD: ResponseHead = ((), b"", None, None, None, False)
 
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
@@ -79,12 +85,19 @@ class UpstreamConnection(asyncio.Protocol):
         self.idle_since = 0.0
         self.exchanges = 0
         self._flow = FlowControl(loop)
+        # One timer handle per connection, moved lazily (as the client
+        # side's): a send only moves the deadlines; the handle fires at most
+        # once per timeout period and re-arms itself for what is left.
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_when = 0.0
         self._last_activity = 0.0
 
         # -- per exchange --
         self._sink: ResponseSink | None = None
         self._headers: list[tuple[bytes, bytes]] = []
+        # The response head as relay reads it (relay._fast.response_head):
+        # its headers for the client, rendered, content type, coding, framing.
+        self.head: ResponseHead = _NO_HEAD
         self._status = 0
         self._length: int | None = None
         self._close_delimited = False
@@ -122,13 +135,16 @@ class UpstreamConnection(asyncio.Protocol):
         self._received_any = False
         now = self._last_activity = self._loop.time()
         self.transport.writelines(parts)
-        delay = self._read_timeout
-        if 0.0 < first_byte_timeout < delay:
-            delay = first_byte_timeout
-            self._head_deadline = now + first_byte_timeout
+        if 0.0 < first_byte_timeout < self._read_timeout:
+            self._head_deadline = deadline = now + first_byte_timeout
         else:
             self._head_deadline = 0.0
-        self._timer = self._loop.call_later(delay, self._check_timeout)
+            deadline = now + self._read_timeout
+        timer = self._timer
+        if timer is None or self._timer_when > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._arm(deadline)
 
     def __repr__(self) -> str:
         peer = self.transport.get_extra_info("peername") if self.transport is not None else None
@@ -234,14 +250,11 @@ class UpstreamConnection(asyncio.Protocol):
             self._headers = []
             return
         self._status = status
-        length: int | None = None
-        chunked = False
-        for name, value in self._headers:
-            lname = name.lower()
-            if lname == b"content-length":
-                length = int(value)
-            elif lname == b"transfer-encoding":
-                chunked = True
+        head = self.head = response_head(self._headers)
+        length_value = head[4]
+        chunked = head[5]
+        # llhttp validated the digits (and refused conflicting repeats).
+        length = None if length_value is None else int(length_value)
         if chunked:
             length = None
         no_body = self._head_only or status in (204, 304)
@@ -256,7 +269,6 @@ class UpstreamConnection(asyncio.Protocol):
             # llhttp cannot be told the request was HEAD: finish here and do
             # not reuse a connection whose parser expects a body.
             self._sink = None
-            self._cancel_timer()
             self.close()
             sink.on_complete()
 
@@ -270,7 +282,8 @@ class UpstreamConnection(asyncio.Protocol):
         if sink is None or not self._head_done:
             return
         self._sink = None
-        self._cancel_timer()
+        # The timer stays armed: it finds no exchange when it fires and
+        # stops, unless the next send has moved the deadlines meanwhile.
         self.reusable = self._parser.should_keep_alive() and not self.lost
         self.idle_since = self._loop.time()
         sink.on_complete()
@@ -292,7 +305,7 @@ class UpstreamConnection(asyncio.Protocol):
         now = self._loop.time()
         if self._flow.reading_paused:
             # The client is slow, not the upstream.
-            self._timer = self._loop.call_later(self._read_timeout, self._check_timeout)
+            self._arm(now + self._read_timeout)
             return
         head_deadline = self._head_deadline
         if head_deadline and not self._head_done:
@@ -305,9 +318,13 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             remaining = self._last_activity + self._read_timeout - now
         if remaining > 0:
-            self._timer = self._loop.call_later(remaining, self._check_timeout)
+            self._arm(now + remaining)
             return
         self._fail(UpstreamError("Upstream read timed out", timeout=True))
+
+    def _arm(self, when: float) -> None:
+        self._timer = self._loop.call_at(when, self._check_timeout)
+        self._timer_when = when
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
