@@ -30,10 +30,10 @@ from collections.abc import Coroutine
 from typing import Any
 
 from . import _fast
-from .accounting.recorder import Accounting, with_usage
+from .accounting.recorder import Accounting, stored_usage, with_usage
 from .accounting.usage import Usage, inject_include_usage
 from .config import Config
-from .features.cache import CacheEntry, MemoryCache, RedisCache, replay_headers
+from .features.cache import CacheEntry, MemoryCache, RedisCache
 from .features.coalescer import FlightAborted, Follower, Leader
 from .features.limits import MemoryLimiter, RedisLimiter
 from .http import errors
@@ -61,10 +61,10 @@ _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 # how many (then the memo starts over): at most 4 MiB of request bodies.
 _KEY_MEMO_BODY = 4096
 _KEY_MEMO_MAX = 1024
-# Credentials whose rate-limit key is remembered (then the memo starts over).
-_LIMIT_KEYS_MAX = 4096
 # JSON bodies read for usage up to this size; beyond it, usage is estimated.
 _JSON_USAGE_LIMIT = 8 * 1024 * 1024
+# Bound of the per-credential memos (callers are few; clients choose them).
+_MEMO_MAX = 4096
 
 
 
@@ -230,19 +230,25 @@ class Pipeline:
         self._chained = retries.attempts > 0 or any(r.fallbacks for r in self._routes)
 
         self._limiter = limiter = runtime.limiter(config) if config.ratelimit.enabled else None
-        # The in-process limiter and cache answer without an await: a hit
-        # is served without a task.
-        self._acquire_now = limiter.acquire_now if isinstance(limiter, MemoryLimiter) else None
-        self._limit_line = b"X-RateLimit-Limit: %d\r\n" % (limiter.limit if limiter else 0)
         self._limit_kind = config.ratelimit.key
-        self._limit_keys: dict[bytes, bytes] = {}  # credential -> its bucket's key
         self._limit_label = config.ratelimit.key
+        self._limit_by_key = config.ratelimit.key == "api_key"
+        # The memory limiter answers at once: no coroutine per request.
+        self._acquire_now = limiter.acquire_now if isinstance(limiter, MemoryLimiter) else None
+        # X-RateLimit-Limit is the burst, the same for every answer: rendered
+        # once, with the Remaining line's name after it.
+        self._limit_lines = (
+            b"X-RateLimit-Limit: %d\r\nX-RateLimit-Remaining: %%d\r\n" % limiter.limit
+            if limiter is not None else b""
+        )
+        # Bucket key per credential (its hash), bounded: most traffic comes
+        # from a few keys, and hashing per request showed in profiles.
+        self._limit_keys: dict[bytes, bytes] = {}
 
         cache = config.cache
         self._cache = runtime.cache(config) if cache.enabled else None
-        memory = self._cache if isinstance(self._cache, MemoryCache) else None
-        self._cache_now = memory.get_nowait if memory is not None else None
-        self._cache_store_now = memory.set_nowait if memory is not None else None
+        # The memory cache reads and stores at once: no coroutine, no task.
+        self._cache_now = self._cache if isinstance(self._cache, MemoryCache) else None
         self._keys: dict[tuple[bytes, bytes, bytes, bytes], bytes] = {}
         self._cache_global = cache.scope == "global"
         self._cache_max = cache.max_body_bytes
@@ -332,9 +338,16 @@ class Pipeline:
         limiter = self._limiter
         if limiter is not None:
             acquire_now = self._acquire_now
+            bucket = None
+            if self._limit_by_key:
+                credential = request.credential
+                if credential:
+                    bucket = self._limit_keys.get(credential)  # the usual caller: known
+            if bucket is None:
+                bucket = self._limit_key(request)
             if acquire_now is None:
-                return self._limit(limiter, request, client, route, extra)
-            allowed, remaining, retry_after = acquire_now(self._limit_key(request))
+                return self._limit(limiter, bucket, request, client, route, extra)
+            allowed, remaining, retry_after = acquire_now(bucket)
             if self._limited(request, client, route, extra, allowed, remaining, retry_after):
                 return None
         return self._lookup_now(request, client, route, extra)
@@ -342,13 +355,14 @@ class Pipeline:
     async def _limit(
         self,
         limiter: RedisLimiter,
+        bucket: bytes,
         request: Request,
         client: ClientConnection,
         route: _Route,
         extra: list[bytes],
     ) -> None:
         """The shared (Redis) limiter, then on as :meth:`_proxy_now`."""
-        decision = await limiter.acquire(self._limit_key(request))
+        decision = await limiter.acquire(bucket)
         if self._limited(
             request, client, route, extra, decision.allowed, decision.remaining, decision.retry_after
         ):
@@ -368,8 +382,7 @@ class Pipeline:
         retry_after: float,
     ) -> bool:
         """Add the rate-limit headers; True if refused (then answered, 429)."""
-        extra.append(self._limit_line)
-        extra.append(b"X-RateLimit-Remaining: %d\r\n" % remaining)
+        extra.append(self._limit_lines % remaining)
         if allowed:
             return False
         self._metrics.ratelimit_reject(self._limit_label)
@@ -423,10 +436,10 @@ class Pipeline:
         if no_cache:
             extra.append(_BYPASS)
             return self._forward(request, client, route, extra, None if no_store else key, None)
-        get_now = self._cache_now
-        if get_now is None:
+        memory = self._cache_now
+        if memory is None:
             return self._lookup(cache, request, client, route, extra, key)
-        entry = get_now(key)
+        entry = memory.get_nowait(key)
         if entry is not None:
             self._serve_hit(request, client, route.upstream, entry, extra)
             return None
@@ -497,18 +510,19 @@ class Pipeline:
 
     def _limit_key(self, request: Request) -> bytes:
         kind = self._limit_kind
-        if kind == "global":
-            return b"global"
         if kind == "api_key":
             credential = request.credential
             if credential:
-                # Memoized (bounded): most traffic comes from a few keys.
                 known = self._limit_keys.get(credential)
                 if known is None:
-                    if len(self._limit_keys) >= _LIMIT_KEYS_MAX:
+                    if len(self._limit_keys) >= _MEMO_MAX:
                         self._limit_keys.clear()
-                    known = self._limit_keys[credential] = b"k:" + _fast.credential_hash(credential)
+                    known = self._limit_keys[credential] = b"k:" + _fast.credential_hash(
+                        credential
+                    )
                 return known
+        elif kind == "global":
+            return b"global"
         # "ip", or an anonymous caller under "api_key": the socket's peer,
         # never X-Forwarded-For, which any client can write.
         return b"ip:" + request.client_ip.encode()
@@ -547,7 +561,7 @@ class Pipeline:
             client.finish()
         else:
             client.respond(entry.status, lines, entry.body)
-        self._accounting.hit(request, upstream, entry)
+        self._accounting.done(request, upstream, entry.status, "HIT", stored_usage(entry), saved=True)
 
     async def _follow(
         self,
@@ -637,10 +651,12 @@ class Pipeline:
             and request.path.endswith(_CHAT_SUFFIX)
             and b'"stream"' in body
         ):
-            injected = inject_include_usage(body, facts=request.facts())
-            if injected is not None:
-                body = injected
-                strip_usage = True
+            facts = request.facts()
+            if facts.stream is True:  # "stream": false (or none) needs nothing
+                injected = inject_include_usage(body, facts=facts)
+                if injected is not None:
+                    body = injected
+                    strip_usage = True
         head_only = request.method == b"HEAD"
         record_limit = self._cache_max if cache_key is not None else 0
         chain = _Chain(self, route) if self._chained else None
@@ -766,7 +782,7 @@ class Pipeline:
                     record_limit=record_limit,
                     json_limit=_JSON_USAGE_LIMIT if self._usage_on else 0,
                     strip_usage=strip_usage,
-                    stream_usage=self._accounting.stream_usage(request),
+                    count_usage=self._usage_on,
                     observer=leader,
                     loop=self._loop,
                     head_only=head_only,
@@ -849,14 +865,25 @@ class Pipeline:
         if breaker is not None:
             # Judged now: a first-time tokenizer load below can take seconds,
             # and neither the failure count nor a half-open probe may wait.
-            self._judge(upstream, breaker, exchange)
-        estimator = self._estimator
-        if not estimator.loaded and self._accounting.needs_estimate(request, exchange):
-            # Tokenizer data (~40 MB) is loaded on first need, in a thread;
-            # the client already has its response.
-            await estimator.ensure_loaded(self.config.models)
-        # Counted before _finish, off the loop when a large estimate is needed.
-        usage = await self._accounting.usage_async(request, exchange, body)
+            if 0 < status < 500 and outcome != Outcome.BROKEN:
+                breaker.record_success()  # the usual verdict, without _judge's call
+                if breaker.state != upstream.shown_state:
+                    self._breaker_changed(upstream)
+            else:
+                self._judge(upstream, breaker, exchange)
+        usage = None
+        if self._usage_on:
+            accounting = self._accounting
+            if accounting.needs_estimate(request, exchange):
+                estimator = self._estimator
+                if not estimator.loaded:
+                    # Tokenizer data (~40 MB) is loaded on first need, in a
+                    # thread; the client already has its response.
+                    await estimator.ensure_loaded(self.config.models)
+                # Counted before _finish, off the loop when large.
+                usage = await accounting.estimate(request, exchange, body)
+            else:
+                usage = accounting.usage_of(request, exchange, body)  # read from the response
         self._finish(
             request, client, upstream, exchange, extra, leader, cache_key, body,
             chain.model if chain is not None else None, usage,
@@ -1050,7 +1077,9 @@ class Pipeline:
             and exchange.recorded is not None
             and 200 <= status < 300
         ):
-            headers = replay_headers(exchange.headers)
+            # The response headers without hop-by-hop and per-caller ones
+            # (what replay_headers keeps), picked out at the head.
+            headers = exchange.shared_headers
             if fallback_model is not None:
                 # Cached under the request the client sent, saying who answered.
                 headers = (*headers, (b"X-Relay-Model", fallback_model.encode()))
@@ -1061,11 +1090,11 @@ class Pipeline:
                 exchange.splitter is not None,
                 time.time(),
             )
-            store_now = self._cache_store_now
-            if store_now is not None:
-                # Stored before the client's next request is read: answered
-                # at once, it finds the entry (a spawned store came later).
-                store_now(cache_key, entry)
+            cache_now = self._cache_now
+            if cache_now is not None:
+                # Stored now: the next request for it is a hit, and a miss
+                # costs no task.
+                cache_now.set_nowait(cache_key, entry)
             else:
                 cache = self._cache
                 assert cache is not None

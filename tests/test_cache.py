@@ -13,8 +13,17 @@ import redis
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.features.cache import USAGE_HEADER, CacheEntry, MemoryCache, RedisCache, replay_headers
+from relay._fast import response_head
+from relay.features.cache import (
+    USAGE_HEADER,
+    CacheEntry,
+    MemoryCache,
+    RedisCache,
+    replay_headers,
+    shared_headers,
+)
 from relay.features.coalescer import Coalescer, FlightAborted, Follower, Leader
+from relay.http.protocol import HOP_BY_HOP
 from relay.redisconn import RedisConnection
 
 try:
@@ -137,6 +146,37 @@ def test_replay_headers_drops_hop_by_hop_and_framing() -> None:
         (b"Content-Type", b"text/event-stream"),
         (b"openai-processing-ms", b"120"),
     )
+
+
+@pytest.mark.parametrize(
+    "upstream",
+    [
+        [(b"Content-Type", b"Application/JSON"), (b"Content-Length", b"5"),
+         (b"Connection", b"keep-alive"), (b"Date", b"x")],
+        [(b"Content-Type", b"text/event-stream"), (b"Transfer-Encoding", b"chunked"),
+         (b"Connection", b"keep-alive, X-Private"), (b"X-Private", b"1"),
+         (b"Set-Cookie", b"a=b"), (b"X-Relay-Cache", b"HIT"), (b"openai-model", b"m")],
+        [(b"set-cookie", b"a=1"), (b"WWW-Authenticate", b"Bearer"), (b"Content-Encoding", b"gzip"),
+         (b"content-encoding", b"identity"), (b"X-A", b"1")],
+        [(b"Connection", b"Set-Cookie"), (b"Set-Cookie", b"a=1"), (b"X-B", b"2")],
+        [(b"Connection", b"close"), (b"Connection", b"x-c , content-type"),
+         (b"Content-Type", b"text/plain"), (b"X-C", b"3")],
+        [],
+    ],
+)
+def test_relayed_and_shared_headers_are_what_replay_headers_keeps(
+    upstream: list[tuple[bytes, bytes]],
+) -> None:
+    # The exchange keeps the relayed headers of the head and stores their
+    # shared part: that is what replay_headers keeps of the upstream's.
+    kept, _, content_type, *_ = response_head(upstream)
+    named = {t.strip().lower() for n, v in upstream if n.lower() == b"connection" for t in v.split(b",")}
+    assert kept == tuple(
+        (n, v) for n, v in upstream
+        if n.lower() not in HOP_BY_HOP | {b"x-relay-cache", b"content-encoding"} | named
+    )
+    assert content_type == next((v.lower() for n, v in upstream if n.lower() == b"content-type"), None)
+    assert shared_headers(kept) == replay_headers(upstream) == replay_headers(kept)
 
 
 # -- MemoryCache --------------------------------------------------------------

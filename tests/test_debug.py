@@ -255,6 +255,31 @@ def test_debug_counts_a_coalesced_flight_and_its_follower(
     follower.close()
 
 
+def test_a_miss_with_every_memory_feature_on_starts_no_task(
+    relay_factory: RelayFactory, fake_upstream: ThreadedFakeUpstream
+) -> None:
+    # Cache (stored at once), limiter, breaker, metrics, usage: a miss is
+    # served by its request's own task, nothing spawned beside it.
+    relay = relay_factory(
+        fake_upstream.url,
+        cache={"enabled": True},
+        ratelimit={"enabled": True, "requests_per_second": 1000, "burst": 1000},
+        circuit_breaker={"enabled": True},
+    )
+    client = RawClient(relay.port, timeout=TIMEOUT)
+    first = {**CHAT, "messages": [{"role": "user", "content": "warm up"}]}
+    client.send(chat_request(first, {"Authorization": "Bearer sk-no-task"}))
+    assert client.response().status == 200
+    spawned = relay.call(lambda: debug.counters.opened["tasks"])
+    for i in range(20):
+        body = {**CHAT, "messages": [{"role": "user", "content": f"miss {i}"}]}
+        client.send(chat_request(body, {"Authorization": "Bearer sk-no-task"}))
+        reply = client.response()
+        assert reply.status == 200 and reply.header("x-relay-cache") == "MISS"
+    assert relay.call(lambda: debug.counters.opened["tasks"]) == spawned
+    client.close()
+
+
 def test_debug_counts_a_request_waiting_for_a_connection_slot(
     relay_factory: RelayFactory, fake_upstream: ThreadedFakeUpstream
 ) -> None:

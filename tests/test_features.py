@@ -156,6 +156,25 @@ def test_miss_then_hit_without_touching_upstream(relay_factory, upstream):
     assert metric(relay, "relay_cache_misses_total") == 1
 
 
+def test_a_stored_miss_answers_the_next_pipelined_request(relay_factory, upstream, connect):
+    # The memory cache stores a response before the connection reads its
+    # next request: the second of two identical pipelined requests is a hit.
+    relay = relay_factory(upstream.url, cache=CACHE)
+    body = json.dumps({**CHAT, "messages": [{"role": "user", "content": "pipelined"}]}).encode()
+    one = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: relay\r\n"
+        b"Authorization: Bearer sk-test-key-a\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    ) + body
+    client = connect(relay.port)
+    client.send(one + one)
+    first, second = client.response(), client.response()
+    assert first.status == 200 and first.header("x-relay-cache") == "MISS"
+    assert second.status == 200 and second.header("x-relay-cache") == "HIT"
+    assert second.body == first.body
+    assert len(upstream.requests) == 1
+
+
 def test_key_ignores_json_key_order_and_whitespace(relay_factory, upstream):
     relay = relay_factory(upstream.url, cache=CACHE)
     assert call(relay, json.dumps(CHAT).encode()).cache == "MISS"

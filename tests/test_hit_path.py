@@ -304,11 +304,15 @@ def test_errors_raised_while_answering_at_once(
     miss(relay, wire, body)
     seen: list[dict[str, Any]] = []
 
-    def refuse(key: bytes) -> CacheEntry | None:
-        raise errors.GatewayError(418, "refused at once", "invalid_request_error", "teapot")
+    class Refusing:
+        def get_nowait(self, key: bytes) -> CacheEntry | None:
+            raise errors.GatewayError(418, "refused at once", "invalid_request_error", "teapot")
 
-    def broken(key: bytes) -> CacheEntry | None:
-        raise RuntimeError("a bug in a lookup")
+    class Broken:
+        def get_nowait(self, key: bytes) -> CacheEntry | None:
+            raise RuntimeError("a bug in a lookup")
+
+    refuse, broken = Refusing(), Broken()
 
     def install(lookup: Any) -> None:
         assert relay.gateway is not None and relay.loop is not None
@@ -327,7 +331,7 @@ def test_errors_raised_while_answering_at_once(
     assert json.loads(failed.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "internal_error"
     assert [str(context["exception"]) for context in seen] == ["a bug in a lookup"]
     assert tasks_opened() == before
-    relay.call(lambda: install(relay.gateway.pipeline._cache.get_nowait))  # type: ignore[union-attr]
+    relay.call(lambda: install(relay.gateway.pipeline._cache))  # type: ignore[union-attr]
     assert header(wire.exchange(request_bytes(body)), b"X-Relay-Cache") == b"HIT"
 
 

@@ -374,6 +374,76 @@ def test_service_repeats_a_fresh_refusal_without_asking_the_store(tmp_path, run)
     run(main())
 
 
+def test_a_cached_key_with_an_allowance_is_admitted_without_the_store(tmp_path, run):
+    import asyncio
+
+    from relay.accounting.cost import PriceTable
+    from relay.http.request import Request
+    from relay.keys.admission import Admission, KeyTicket
+    from relay.keys.service import KeyService
+
+    class Rejections:
+        def __init__(self) -> None:
+            self.seen: list[tuple[str, str]] = []
+
+        def key_reject(self, key: str, reason: str) -> None:
+            self.seen.append((key, reason))
+
+        def key_spend(self, key: str, cost_usd: float) -> None:
+            pass
+
+    def request(secret: str) -> Request:
+        req = Request(b"POST", b"/v1/chat/completions", [], b'{"model":"m","max_tokens":5}',
+                      True, 1, "127.0.0.1", 0.0)
+        req.authorization = b"Bearer " + secret.encode()
+        req.credential_headers = b"Authorization: Bearer x\r\n"
+        return req
+
+    async def main() -> None:
+        store = SQLiteKeyStore(os.path.join(str(tmp_path), "keys.db"))
+        service = KeyService(store, asyncio.get_running_loop())
+        calls = 0
+        reserve = store.reserve
+
+        async def counted(record: KeyRecord, reservation: Reservation) -> Any:
+            nonlocal calls
+            calls += 1
+            return await reserve(record, reservation)
+
+        store.reserve = counted  # type: ignore[method-assign]
+        key, secret = _key(rpm=100_000)
+        await store.create(key)
+        rejections = Rejections()
+        admission = Admission(service, PriceTable({}), 100, rejections)  # type: ignore[arg-type]
+        tickets: list[KeyTicket] = []
+        try:
+            first = request(secret)
+            # Not in the process cache yet: only the store can answer, and
+            # nothing is counted or consumed meanwhile.
+            assert admission.admit_now(first) is None
+            assert calls == 0 and first.credential_headers and rejections.seen == []
+            ticket = await admission.admit(first)
+            assert isinstance(ticket, KeyTicket) and calls == 1
+            tickets.append(ticket)
+            for _ in range(10):
+                again = request(secret)
+                now = admission.admit_now(again)
+                assert isinstance(now, KeyTicket) and now.allowance is ticket.allowance
+                assert again.credential_headers == b""  # the relay key never goes upstream
+                tickets.append(now)
+            assert calls == 1 and rejections.seen == []
+            assert ticket.allowance is not None and ticket.allowance.outstanding == 11
+            wrong = request("rk-not-a-key")
+            assert admission.admit_now(wrong) is None  # unknown here: asked at the store
+            refused = await admission.admit(wrong)
+            assert not isinstance(refused, KeyTicket) and refused.status == 401
+            assert rejections.seen == [("unknown", "invalid")]
+        finally:
+            for one in tickets:
+                one.settle(None, 0.0)
+            await service.close()
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_two_services_near_the_budget_never_overspend(tmp_path, run, seed):
     """Two processes' services on one store, requests racing at the budget's

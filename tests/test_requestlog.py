@@ -147,3 +147,58 @@ def test_broken_stream_never_raises() -> None:
 def test_defaults_to_stderr(capsys: pytest.CaptureFixture[str]) -> None:
     RequestLogger().log(**entry())
     assert json.loads(capsys.readouterr().err)["status"] == 200
+
+
+def _dumped(**fields: object) -> str:
+    """The line the logger must write: json.dumps of the record, as documented."""
+    args = entry(**fields)
+    path = args["path"]
+    return json.dumps(
+        {
+            "time": "2023-11-14T22:13:20.250Z",
+            "method": args["method"].decode("latin-1")[:16] if isinstance(args["method"], bytes)
+            else args["method"][:16],
+            "path": strip_query(path),
+            "status": args["status"],
+            "model": None if args["model"] is None else args["model"][:256],
+            "prompt_tokens": args["prompt_tokens"],
+            "completion_tokens": args["completion_tokens"],
+            "cost_usd": args["cost_usd"],
+            "cache": args["cache"],
+            "latency_ms": round(args["latency_ms"], 3),
+            "upstream": None if args["upstream"] is None else args["upstream"][:256],
+            "key": None if args["key"] is None else args["key"][:64],
+        },
+        separators=(",", ":"),
+    ) + "\n"
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"model": "gpt-4o-\u00e9\u4e2d\U0001f600", "key": "n\u00e4me"},
+        {"model": 'a"b\\c\x00\x1f\u2028', "upstream": "up\tstream", "cache": "HIT"},
+        {"cost_usd": 1e-07, "latency_ms": 0.0, "prompt_tokens": 0, "completion_tokens": 10**20},
+        {"cost_usd": 0, "latency_ms": 1e16, "status": 499, "model": None, "key": None},
+        {"cost_usd": 123456789.123456789, "latency_ms": 2.0005},
+        {"method": "GET", "path": "/v1/models#frag?x", "upstream": None},
+        {"path": b"/v1/\xff\xfe?k=v", "key": "k" * 100, "model": "m" * 300},
+    ],
+)
+def test_lines_are_what_json_dumps_writes(fields: dict[str, object]) -> None:
+    # Twice each: the second line comes from the remembered pieces.
+    out = io.StringIO()
+    logger = RequestLogger(out)
+    logger.log(**entry(**fields))
+    logger.log(**entry(**fields))
+    assert out.getvalue() == _dumped(**fields) * 2
+
+
+def test_remembered_pieces_stay_bounded() -> None:
+    out = io.StringIO()
+    logger = RequestLogger(out)
+    for i in range(10_000):
+        logger.log(**entry(path=f"/v1/p{i}", model=f"m{i}"))
+    assert lines(out)[-1]["path"] == "/v1/p9999" and lines(out)[-1]["model"] == "m9999"
+    assert all(len(memo) <= 4096 for memo in (logger._paths, logger._strings))

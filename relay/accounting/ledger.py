@@ -123,11 +123,32 @@ class UsageLedger:
         model_row = self._models.get(model_label)
         if model_row is None:
             model_row = self._models[model_label] = _empty()
-        totals = self._totals
-        for name, amount in _increments(usage, cost, saved, hit):
-            totals[name] += amount
-            model_row[name] += amount
-            row[name] += amount
+        # The same additions as _increments gives, written out: this runs
+        # once per request. Adding a zero changes no total.
+        if hit:
+            for target in (self._totals, model_row, row):
+                target["cache_hits"] += 1
+                if saved:
+                    target["saved_usd"] += saved
+            return
+        prompt = usage.prompt_tokens
+        completion = usage.completion_tokens
+        cached = usage.cached_tokens
+        estimated = usage.estimated
+        for target in (self._totals, model_row, row):
+            target["requests"] += 1
+            if estimated:
+                target["estimated_requests"] += 1
+            if prompt:
+                target["prompt_tokens"] += prompt
+            if completion:
+                target["completion_tokens"] += completion
+            if cached:
+                target["cached_tokens"] += cached
+            if cost:
+                target["cost_usd"] += cost
+            if saved:
+                target["saved_usd"] += saved
 
     @property
     def empty(self) -> bool:

@@ -24,7 +24,7 @@ from ..http.sse import SSESplitter
 from ..ops.metrics import Metrics, RequestMetricsOff
 from ..upstream.exchange import ProxyExchange
 from .book import UsageBook
-from .cost import ModelLabels, PriceTable
+from .cost import OTHER, ModelLabels, PriceLike, PriceTable, price_cost
 from .keyhash import KeyHashes
 from .requestlog import RequestLogger
 from .tokens import OFFLOAD_CHARS, TokenEstimator
@@ -43,10 +43,10 @@ if TYPE_CHECKING:
 
 __all__ = ["Accounting", "stored_usage", "with_usage"]
 
-# Cache entries whose saved cost is remembered (then the memo starts over).
-_PRICED_MAX = 4096
 # What a cache entry without (readable) usage keeps as its usage.
 _NO_USAGE = object()
+# Bound of the per-model memo of prices and labels.
+_MODELS_MAX = 4096
 
 
 class Accounting:
@@ -78,18 +78,12 @@ class Accounting:
         self._key_hash = key_hashes.of
         self._key_hashes = key_hashes
         self._loop = loop
-        # id(usage of a cache entry) -> (that usage, (cost, model label)).
-        self._priced: dict[int, tuple[Usage, tuple[float, str]]] = {}
+        # Per model name: its price and metric label, looked up once.
+        self._models: dict[str, tuple[PriceLike | None, str | None]] = {}
 
     # ------------------------------------------------------------------ #
     # usage of a response
     # ------------------------------------------------------------------ #
-    def stream_usage(self, request: Request) -> StreamUsage | None:
-        """The tracker an exchange feeds with the events it relays."""
-        if not self.enabled:
-            return None
-        return StreamUsage("", provider_for_path(request.path))
-
     def needs_estimate(self, request: Request, exchange: ProxyExchange) -> bool:
         """True when usage must be estimated (the tokenizer has to be loaded)."""
         if not self.enabled or not 200 <= exchange.status < 300 or request.method != b"POST":
@@ -123,12 +117,9 @@ class Accounting:
             request.model() or "", estimator, request_text, response_text_for_estimate(response)
         )
 
-    async def usage_async(
-        self, request: Request, exchange: ProxyExchange, body: bytes
-    ) -> Usage | None:
-        """:meth:`usage_of`, with a large estimate run off the event loop."""
-        if not self.needs_estimate(request, exchange):
-            return self.usage_of(request, exchange, body)  # read from the response: cheap
+    async def estimate(self, request: Request, exchange: ProxyExchange, body: bytes) -> Usage | None:
+        """:meth:`usage_of` of a response :meth:`needs_estimate` said has no
+        usage: a large estimate runs off the event loop."""
         estimator = self.estimator
         if exchange.splitter is not None:
             # A stream's kept text is not measured without walking it, and
@@ -197,26 +188,6 @@ class Accounting:
     # ------------------------------------------------------------------ #
     # counting
     # ------------------------------------------------------------------ #
-    def hit(self, request: Request, upstream: Upstream, entry: CacheEntry) -> None:
-        """Count a response served from the cache: as :meth:`done`, its saved
-        cost and model label worked out once per entry (and config)."""
-        usage = stored_usage(entry)
-        if usage is None or not usage.model:
-            # No usage, or one priced as the model each request names.
-            self.done(request, upstream, entry.status, "HIT", usage, saved=True)
-            return
-        # By the usage object's identity (one per entry, see stored_usage);
-        # it is kept in the value, so its id cannot be another's meanwhile.
-        memo = self._priced
-        known = memo.get(id(usage))
-        if known is None or known[0] is not usage:
-            if len(memo) >= _PRICED_MAX:
-                memo.clear()
-            known = memo[id(usage)] = (
-                usage, (self._prices.cost(usage), self._labels.label(usage.model))
-            )
-        self.done(request, upstream, entry.status, "HIT", usage, saved=True, priced=known[1])
-
     def done(
         self,
         request: Request,
@@ -226,29 +197,39 @@ class Accounting:
         usage: Usage | None = None,
         *,
         saved: bool = False,
-        priced: tuple[float, str] | None = None,
     ) -> None:
-        """Count a finished request: metrics, usage and cost, request log.
-
-        *priced*: the cost and model label of *usage*, when known already.
-        """
+        """Count a finished request: metrics, usage and cost, request log."""
         elapsed = self._loop.time() - request.started
         upstream.meters.request(request.method, status, elapsed)
         cost = 0.0
         model = None
+        ticket = request.relay_key
         if usage is not None:
-            model = usage.model or request.model() or ""
-            if model != usage.model:
+            model = usage.model
+            if not model:
                 # A response that names no model is priced as the requested one.
-                usage = dataclasses.replace(usage, model=model)
-            if priced is not None:
-                cost, label = priced
+                model = request.model() or ""
+                if model:
+                    usage = dataclasses.replace(usage, model=model)
+            if model:
+                known = self._models.get(model)
+                if known is None:
+                    known = self._model(model)
+                price, label = known
+                if price is not None:
+                    cost = price_cost(
+                        price,
+                        usage.prompt_tokens,
+                        usage.completion_tokens,
+                        usage.cached_tokens,
+                        usage.cache_write_tokens,
+                    )
+                if label is None:
+                    label = self._labels.label(model)
             else:
-                cost = self._prices.cost(usage) if model else 0.0
-                label = self._labels.label(model) if model else "other"
-            ticket = request.relay_key
+                label = OTHER
             if ticket is not None:
-                key_hash = ticket.name  # a virtual key is shown by its name
+                key_hash = ticket.record.name  # a virtual key is shown by its name
             else:
                 credential = request.credential
                 key_hash = self._key_hash(credential) if credential else ""
@@ -259,15 +240,29 @@ class Accounting:
             else:
                 self.metrics.record_tokens(label, usage.prompt_tokens, usage.completion_tokens, cost)
                 self._book.record(label, key_hash, usage, cost, 0.0, False)
-        if request.relay_key is not None:
+        if ticket is not None:
             # The reservation is replaced by the exact usage; a hit costs nothing.
-            request.relay_key.settle(None if saved else usage, 0.0 if saved else cost)
+            ticket.settle(None if saved else usage, 0.0 if saved else cost)
         request_log = self.request_log
         if request_log is not None:
             request_log.finished(
                 request, upstream.label, status, elapsed, cache, model, usage,
                 0.0 if saved else cost, self._key_hashes,
             )
+
+    def _model(self, model: str) -> tuple[PriceLike | None, str | None]:
+        """Price and metric label of *model*, kept for its next request.
+
+        A label is kept only once it is the model's own: ``other`` may turn
+        into it when a reload reserves the name, so that one is asked again.
+        """
+        label = self._labels.label(model)
+        known = (self._prices.lookup(model), label if label == model else None)
+        models = self._models
+        if len(models) >= _MODELS_MAX:
+            models.clear()  # model names come from responses and clients
+        models[model] = known
+        return known
 
 
 def with_usage(

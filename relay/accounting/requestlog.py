@@ -34,6 +34,7 @@ __all__ = ["RequestLogger", "strip_query"]
 
 _MAX_PATH = 2048
 _MAX_FIELD = 256
+_MEMO_MAX = 4096
 
 
 def strip_query(path: bytes | str) -> str:
@@ -45,6 +46,14 @@ def strip_query(path: bytes | str) -> str:
         if cut >= 0:
             path = path[:cut]
     return path[:_MAX_PATH]
+
+
+def _number(value: float) -> str:
+    """*value* as json.dumps writes it (a finite float or an int as its repr)."""
+    kind = type(value)
+    if kind is int or (kind is float and value - value == 0.0):
+        return repr(value)
+    return json.dumps(value)
 
 
 def _text(value: bytes | str | None, limit: int = _MAX_FIELD) -> str | None:
@@ -72,6 +81,11 @@ class RequestLogger:
         self._second = -1
         self._second_text = ""
         self.dropped = 0  # lines lost to a broken stream
+        # JSON text of the strings already logged, by field kind (the cuts differ).
+        self._methods: dict[Any, str] = {}
+        self._paths: dict[Any, str] = {}
+        self._strings: dict[Any, str] = {}
+        self._keys: dict[Any, str] = {}
 
     def _timestamp(self, now: float) -> str:
         second = int(now)
@@ -97,21 +111,48 @@ class RequestLogger:
         now: float | None = None,
     ) -> None:
         """Log one finished request. ``key`` must be a hash, never a key."""
-        record: dict[str, Any] = {
-            "time": self._timestamp(time.time() if now is None else now),
-            "method": _text(method, 16),
-            "path": strip_query(path),
-            "status": status,
-            "model": _text(model),
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "cost_usd": cost_usd,
-            "cache": cache,
-            "latency_ms": round(latency_ms, 3),
-            "upstream": _text(upstream),
-            "key": _text(key, 64),
-        }
-        self._lines.append(json.dumps(record, separators=(",", ":")) + "\n")
+        self._add(
+            method, path, status, model, prompt_tokens, completion_tokens, cost_usd, cache,
+            latency_ms, upstream, key, time.time() if now is None else now,
+        )
+
+    def _add(
+        self,
+        method: bytes | str,
+        path: bytes | str,
+        status: int,
+        model: str | None,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cost_usd: float,
+        cache: str,
+        latency_ms: float,
+        upstream: str | None,
+        key: str | None,
+        now: float,
+    ) -> None:
+        # The line json.dumps would write for the record (same keys, order
+        # and separators), assembled from pieces: the strings repeat from
+        # request to request, so each is escaped once and remembered (a
+        # JSON text is never empty, so ``or`` falls back only on a miss).
+        strings = self._strings
+        line = (
+            f'{{"time":"{self._timestamp(now)}"'
+            f',"method":{self._methods.get(method) or self._json(self._methods, method, 16)}'
+            f',"path":{self._paths.get(path) or self._json(self._paths, path, 0)}'
+            f',"status":{status if status.__class__ is int else _number(status)}'
+            f',"model":{strings.get(model) or self._json(strings, model, _MAX_FIELD)}'
+            f',"prompt_tokens":'
+            f'{prompt_tokens if prompt_tokens.__class__ is int else _number(prompt_tokens)}'
+            f',"completion_tokens":'
+            f'{completion_tokens if completion_tokens.__class__ is int else _number(completion_tokens)}'
+            f',"cost_usd":{_number(cost_usd)}'
+            f',"cache":{strings.get(cache) or self._json(strings, cache, _MAX_FIELD)}'
+            f',"latency_ms":{_number(round(latency_ms, 3))}'
+            f',"upstream":{strings.get(upstream) or self._json(strings, upstream, _MAX_FIELD)}'
+            f',"key":{self._keys.get(key) or self._json(self._keys, key, 64)}}}\n'
+        )
+        self._lines.append(line)
         if len(self._lines) >= self.max_buffered:
             self.flush()
         elif self._timer is None:
@@ -121,6 +162,18 @@ class RequestLogger:
                 self.flush()
                 return
             self._timer = loop.call_later(self.flush_interval, self._on_timer)
+
+    @staticmethod
+    def _json(memo: dict[Any, str], value: bytes | str | None, limit: int) -> str:
+        """*value* as its JSON string (``null`` for None), cut to *limit*
+        (0: a path, without its query); remembered in *memo*, which is bounded."""
+        text = memo.get(value)
+        if text is None:
+            if len(memo) >= _MEMO_MAX:
+                memo.clear()  # the values come from clients
+            cut = strip_query(value) if limit == 0 and value is not None else _text(value, limit)
+            text = memo[value] = json.dumps(cut)  # type: ignore[arg-type]
+        return text
 
     def finished(
         self,
@@ -138,20 +191,21 @@ class RequestLogger:
         key's name, else by the hash of its credential."""
         credential = request.credential
         ticket = request.relay_key
-        self.log(
-            method=request.method,
-            path=request.path,
-            status=status,
-            model=model,
-            prompt_tokens=usage.prompt_tokens if usage else 0,
-            completion_tokens=usage.completion_tokens if usage else 0,
-            cost_usd=cost,
-            cache=cache,
-            latency_ms=seconds * 1000.0,
-            upstream=upstream,
-            key=ticket.name if ticket is not None else (
+        self._add(
+            request.method,
+            request.path,
+            status,
+            model,
+            usage.prompt_tokens if usage else 0,
+            usage.completion_tokens if usage else 0,
+            cost,
+            cache,
+            seconds * 1000.0,
+            upstream,
+            ticket.record.name if ticket is not None else (
                 key_hashes.of(credential) if credential else None
             ),
+            time.time(),
         )
 
     def _on_timer(self) -> None:

@@ -171,12 +171,23 @@ def usage_from_json(body: bytes, model_hint: str = "") -> Usage | None:
     if b'"usage"' not in body:
         return None
     found = response_usage(body)
-    if found is None or found.usage is None:
+    if found is None:
         return None
-    counts = _counts(found.usage)
+    u, model = found
+    if u is None:
+        return None
+    prompt = u.get("prompt_tokens")
+    if type(prompt) is int and prompt >= 0:
+        # OpenAI chat, the usual answer: read here without _counts' calls.
+        completion = u.get("completion_tokens", 0)
+        details = u.get("prompt_tokens_details")
+        cached = details.get("cached_tokens", 0) if type(details) is dict else 0
+        if type(completion) is int and completion >= 0 and type(cached) is int and cached >= 0:
+            return Usage(model or model_hint, prompt, completion, cached)
+    counts = _counts(u)
     if counts is None:
         return None
-    return _usage(found.model or model_hint, counts)
+    return _usage(model or model_hint, counts)
 
 
 def provider_for_path(path: bytes | str) -> str:

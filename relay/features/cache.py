@@ -152,11 +152,10 @@ class CacheEntry:
     @property
     def size(self) -> int:
         """Approximate memory footprint, used for MemoryCache's byte bound."""
-        return (
-            _ENTRY_OVERHEAD
-            + len(self.body)
-            + sum(len(n) + len(v) + 64 for n, v in self.headers)
-        )
+        size = _ENTRY_OVERHEAD + len(self.body)
+        for name, value in self.headers:  # a loop: no generator per store
+            size += len(name) + len(value) + 64
+        return size
 
     def to_bytes(self) -> bytes:
         """Compact, versioned, length-prefixed encoding (see ``from_bytes``)."""

@@ -126,7 +126,8 @@ class Leader:
         if flight.state != _OPEN or flight.head is not None:
             return
         flight.head = (status, headers)
-        flight.notify()
+        if flight.event is not None:  # someone waits
+            flight.notify()
 
     def chunk(self, data: bytes) -> None:
         flight = self._flight
@@ -140,7 +141,8 @@ class Leader:
         flight.retained += len(data)
         if flight.overflowed:
             flight.trim()
-        flight.notify()
+        if flight.event is not None:
+            flight.notify()
 
     def finish(self) -> None:
         """The response is complete. Late joiners still replay it until close()."""
@@ -151,7 +153,8 @@ class Leader:
             self.fail()
             return
         flight.state = _DONE
-        flight.notify()
+        if flight.event is not None:
+            flight.notify()
 
     def fail(self) -> None:
         flight = self._flight
@@ -163,7 +166,8 @@ class Leader:
 
     @debug.closes("flights")
     def close(self) -> None:
-        self.fail()
+        if self._flight.state == _OPEN:
+            self.fail()
         self._coalescer._detach(self._flight)
 
     def __repr__(self) -> str:

@@ -116,9 +116,10 @@ class MemoryLimiter:
         self._table = BucketTable(rate, burst, max_keys)
 
     def acquire_now(self, key: bytes) -> tuple[bool, int, float]:
-        """(allowed, remaining, retry_after) of one acquire, as RateDecision
-        has them, without building one (the per-request path)."""
-        return self._table.acquire(key, self._clock())
+        """``(allowed, remaining, retry_after)`` of one acquire, as :class:`RateDecision`
+        has them (``limit`` is :attr:`limit`); for the request path, which
+        renders the headers itself and needs no object per request."""
+        return self._table.acquire(key, self._clock())  # type: ignore[no-any-return]
 
     def acquire_nowait(self, key: bytes) -> RateDecision:
         allowed, remaining, retry_after = self._table.acquire(key, self._clock())

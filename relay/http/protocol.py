@@ -770,6 +770,7 @@ class ClientConnection(asyncio.Protocol):
         """The current response is complete: close, or serve the next request."""
         self._set_answer(_NONE)
         self._current = None
+        tasked = self._task is not None
         self._task = None
         self._flow.listener = None
         self.on_lost = None
@@ -791,9 +792,14 @@ class ClientConnection(asyncio.Protocol):
                 self.send_error(item.error)
             else:
                 # Not answered from inside this call: the response just
-                # finished is counted (request log, usage) before the next.
+                # finished is counted (request log, usage, its cache entry)
+                # before the next. A task's finish is woken after this
+                # call, so its successor waits one more turn of the loop.
                 self._begin(item)
-                self._loop.call_soon(self._run_queued, item)
+                if tasked:
+                    self._loop.call_soon(self._loop.call_soon, self._run_queued, item)
+                else:
+                    self._loop.call_soon(self._run_queued, item)
             return
         if self._state >= _CLOSING:
             transport.close()

@@ -59,6 +59,11 @@ def reset_text(seconds: float) -> str:
     return f"{int(minutes)}m{rest_text}" if minutes else rest_text
 
 
+def _needs_model(record: KeyRecord) -> bool:
+    """Whether admitting a request of *record* reads its model (globs, pricing)."""
+    return record.models is not None or record.budget_usd is not None or record.tpm is not None
+
+
 class KeyTicket:
     """One admitted request's key and reservation, settled exactly once."""
 
@@ -126,59 +131,71 @@ class Admission:
         return error
 
     def admit_now(self, request: Request) -> KeyTicket | errors.GatewayError | None:
-        """:meth:`admit` when it needs no await (the key is in the process
-        cache, the reservation comes from this process's allowance); None
-        when the store must be asked, then nothing was taken or counted."""
-        secret = self._secret(request)
-        if isinstance(secret, errors.GatewayError):
-            return secret
+        """:meth:`admit` without waiting, for the usual request: a key in the
+        process cache whose allowance covers it. None when the store must be
+        asked (an uncached key, an allowance to renew); nothing is counted then."""
+        secret = request.credential
+        if not secret or not secret.startswith(_PREFIX):
+            return self._missing()
         record = self.service.cached(self._hash(secret))
         if record is None:
             return None
-        checked = self._check(request, record)
-        if not isinstance(checked, tuple):
-            return checked
-        reserved = self.service.reserve_now(*checked)
-        if reserved is None:
-            return None
-        return self._ticket(request, record, *reserved)
+        now = time.time()
+        refused = self._refused(request, record, now)
+        if refused is not None:
+            return refused
+        model = request.model() if _needs_model(record) else None
+        allowance = None
+        if record.budget_usd is not None or record.rpm is not None or record.tpm is not None:
+            tokens, cost = self._estimate(request, model)
+            period = period_start(record.budget_period, now) if record.budget_period else 0
+            allowance = self.service.reserve_now(record, tokens, cost, period)
+            if allowance is None:
+                return None
+        request.credential_headers = b""  # consumed here: see admit
+        return KeyTicket(self, record, allowance, None)
 
     async def admit(self, request: Request) -> KeyTicket | errors.GatewayError:
         """A ticket for an admitted request, else the error to answer with."""
-        secret = self._secret(request)
-        if isinstance(secret, errors.GatewayError):
-            return secret
+        ticket = self.admit_now(request)
+        if ticket is not None:
+            return ticket
+        secret = request.credential
+        if not secret or not secret.startswith(_PREFIX):
+            return self._missing()
         sha = self._hash(secret)
         service = self.service
         record = service.cached(sha) or await service.lookup(sha)
-        checked = self._check(request, record)
-        if not isinstance(checked, tuple):
-            return checked
-        return self._ticket(request, checked[0], *await service.reserve(*checked))
-
-    def _secret(self, request: Request) -> bytes | errors.GatewayError:
-        secret = request.credential
-        if not secret or not secret.startswith(_PREFIX):
-            return self._reject(None, "invalid", _invalid(
-                "Missing relay key: send it as 'Authorization: Bearer rk-...' or 'x-api-key: rk-...'"
-            ))
-        return secret
-
-    def _check(
-        self, request: Request, record: KeyRecord | None
-    ) -> KeyTicket | errors.GatewayError | tuple[KeyRecord, int, float, int]:
-        """The checks before a reservation: a ticket when none is needed, an
-        error, or what to reserve (record, tokens, cost, period)."""
         now = time.time()
-        if record is None or record.revoked or (
-            record.expires_at is not None and record.expires_at <= now
-        ):
-            why = "revoked" if record is not None and record.revoked else (
-                "expired" if record is not None else "unknown"
-            )
+        if record is None:
+            return self._reject(None, "invalid", _invalid("Invalid relay key (unknown)"))
+        refused = self._refused(request, record, now)
+        if refused is not None:
+            return refused
+        model = request.model() if _needs_model(record) else None
+        allowance = local = None
+        if record.budget_usd is not None or record.rpm is not None or record.tpm is not None:
+            tokens, cost = self._estimate(request, model)
+            period = period_start(record.budget_period, now) if record.budget_period else 0
+            refusal, allowance, local = await service.reserve(record, tokens, cost, period)
+            if refusal is not None:
+                return self._refusal(record, refusal)
+        # The relay key is consumed here: the client's credential headers
+        # never go upstream (the upstream's own key, if any, is sent instead).
+        request.credential_headers = b""
+        return KeyTicket(self, record, allowance, local)
+
+    def _missing(self) -> errors.GatewayError:
+        return self._reject(None, "invalid", _invalid(
+            "Missing relay key: send it as 'Authorization: Bearer rk-...' or 'x-api-key: rk-...'"
+        ))
+
+    def _refused(self, request: Request, record: KeyRecord, now: float) -> errors.GatewayError | None:
+        """The error for a revoked or expired key, or a model it may not use."""
+        if record.revoked or (record.expires_at is not None and record.expires_at <= now):
+            why = "revoked" if record.revoked else "expired"
             return self._reject(None, "invalid", _invalid(f"Invalid relay key ({why})"))
-        model: str | None = None
-        if record.models is not None or record.budget_usd is not None or record.tpm is not None:
+        if record.models is not None:
             # From the body's facts scan (what json.loads would give, without
             # decoding the rest of the body).
             model = request.model()
@@ -189,26 +206,7 @@ class Admission:
                     "permission_error",
                     "model_not_allowed",
                 ))
-        if record.budget_usd is not None or record.rpm is not None or record.tpm is not None:
-            tokens, cost = self._estimate(request, model)
-            period = period_start(record.budget_period, now) if record.budget_period else 0
-            return record, tokens, cost, period
-        return self._ticket(request, record, None, None, None)
-
-    def _ticket(
-        self,
-        request: Request,
-        record: KeyRecord,
-        refusal: ReserveResult | None,
-        allowance: Allowance | None,
-        local: Reservation | None,
-    ) -> KeyTicket | errors.GatewayError:
-        if refusal is not None:
-            return self._refusal(record, refusal)
-        # The relay key is consumed here: the client's credential headers
-        # never go upstream (the upstream's own key, if any, is sent instead).
-        request.credential_headers = b""
-        return KeyTicket(self, record, allowance, local)
+        return None
 
     def _estimate(self, request: Request, model: str | None) -> tuple[int, float]:
         """Prompt tokens (a generous byte-based estimate) plus the most output

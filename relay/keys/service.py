@@ -253,6 +253,21 @@ class KeyService:
             self._retire(key_id, allowance)
 
     # -- reserve / settle ---------------------------------------------------
+    def reserve_now(
+        self, record: KeyRecord, tokens: int, cost: float, period: int
+    ) -> Allowance | None:
+        """The key's allowance when it covers the request (drawn from it, no
+        wait), else None: :meth:`reserve` must ask the store."""
+        key_id = record.id
+        allowance = self._allowances.get(key_id)
+        if allowance is not None and allowance.take(tokens, cost, period):
+            if allowance.running_low and key_id not in self._acquiring:
+                # Reserve the next one while this one still serves, so a
+                # steady stream of requests never waits for the store.
+                self._spawn(self._prefetch(record, tokens, cost, period))
+            return allowance
+        return None
+
     async def reserve(
         self, record: KeyRecord, tokens: int, cost: float, period: int
     ) -> tuple[ReserveResult | None, Allowance | None, Reservation | None]:
@@ -263,10 +278,21 @@ class KeyService:
         locally because the store could not answer, then
         ``local_reservation`` is what was held locally).
         """
-        known = self.reserve_now(record, tokens, cost, period)
-        if known is not None:
-            return known
         key_id = record.id
+        allowance = self.reserve_now(record, tokens, cost, period)
+        if allowance is not None:
+            return None, allowance, None
+        refused = self._refused.get(key_id)
+        if refused is not None:
+            until, refusal, least_tokens, least_cost = refused
+            if time.monotonic() < until and (
+                refusal.reason == "rpm" or (tokens >= least_tokens and cost >= least_cost)
+            ):
+                # Refused a moment ago and nothing this small got in since:
+                # answer the same without asking the store again, so a flood
+                # of over-limit requests costs the store nothing.
+                return refusal, None, None
+            del self._refused[key_id]
         # One new allowance at a time per key: a burst of requests that find
         # the old one spent waits for the one being reserved instead of each
         # reserving its own (which would hold far more than the burst needs).
@@ -283,33 +309,6 @@ class KeyService:
         finally:
             del self._acquiring[key_id]
             done.set_result(None)
-
-    def reserve_now(
-        self, record: KeyRecord, tokens: int, cost: float, period: int
-    ) -> tuple[ReserveResult | None, Allowance | None, Reservation | None] | None:
-        """:meth:`reserve` when this process can answer alone (from its
-        allowance, or a refusal it repeats); None when the store must be asked
-        (then nothing was taken)."""
-        key_id = record.id
-        allowance = self._allowances.get(key_id)
-        if allowance is not None and allowance.take(tokens, cost, period):
-            if allowance.running_low and key_id not in self._acquiring:
-                # Reserve the next one while this one still serves, so a
-                # steady stream of requests never waits for the store.
-                self._spawn(self._prefetch(record, tokens, cost, period))
-            return None, allowance, None
-        refused = self._refused.get(key_id)
-        if refused is not None:
-            until, refusal, least_tokens, least_cost = refused
-            if time.monotonic() < until and (
-                refusal.reason == "rpm" or (tokens >= least_tokens and cost >= least_cost)
-            ):
-                # Refused a moment ago and nothing this small got in since:
-                # answer the same without asking the store again, so a flood
-                # of over-limit requests costs the store nothing.
-                return refusal, None, None
-            del self._refused[key_id]
-        return None
 
     async def _prefetch(self, record: KeyRecord, tokens: int, cost: float, period: int) -> None:
         key_id = record.id

@@ -206,6 +206,7 @@ class ProxyExchange:
         "done",
         "status",
         "headers",
+        "shared_headers",
         "content_type",
         "first_byte_at",
         "recorded",
@@ -223,6 +224,7 @@ class ProxyExchange:
         "_cut_event",
         "_path",
         "_started",
+        "_count_usage",
     )
 
     @debug.opens("exchanges")
@@ -236,7 +238,7 @@ class ProxyExchange:
         record_limit: int,
         json_limit: int,
         strip_usage: bool,
-        stream_usage: StreamUsage | None,
+        count_usage: bool,
         observer: ExchangeObserver | None,
         loop: asyncio.AbstractEventLoop,
         head_only: bool = False,
@@ -257,11 +259,16 @@ class ProxyExchange:
         self.done: asyncio.Future[int] = loop.create_future()
         self.status = 0
         self.headers: tuple[tuple[bytes, bytes], ...] = ()
+        # The headers another caller may see (the cache's, the followers'):
+        # set at the head when the response is recorded.
+        self.shared_headers: tuple[tuple[bytes, bytes], ...] = ()
         self.content_type: bytes | None = None
         self.first_byte_at = 0.0
         self.recorded: list[bytes] | None = None
         self.recorded_size = 0
-        self.stream_usage = stream_usage
+        # Made at the head, for a stream only: most responses are JSON.
+        self.stream_usage: StreamUsage | None = None
+        self._count_usage = count_usage
         self.splitter: SSESplitter | None = None
         self.json_body: list[bytes] | None = None
         self.outcome = -1
@@ -338,11 +345,12 @@ class ProxyExchange:
         if content_type is not None and content_type.startswith(_EVENT_STREAM):
             self.splitter = SSESplitter()
             self._cut_event = stream_cut_event(self._path, content_type)
-            if self.stream_usage is None:
+            if self._count_usage:
+                self.stream_usage = StreamUsage("", provider_for_path(self._path))
+            else:
                 self._strip_usage = False
         else:
             self._strip_usage = False
-            self.stream_usage = None
             if (
                 self._json_limit
                 and content_type is not None
@@ -359,6 +367,9 @@ class ProxyExchange:
             # followers whatever its status (only 2xx is cached): they must not
             # each start a chain of their own against a failing upstream.
             self.recorded = []
+            # Never handed to another caller (the cache, coalesced followers):
+            # this caller's cookies or authentication state.
+            self.shared_headers = shared_headers(kept)
         client = self._client
         lines = [head[1], *self._extra_headers]
         if self._head_only and coding is None:
@@ -379,9 +390,7 @@ class ProxyExchange:
                 self._observer.fail()
                 self._observer = None
             else:
-                # Followers are other callers: never hand them this caller's
-                # cookies or authentication state.
-                self._observer.start(status, shared_headers(kept))
+                self._observer.start(status, self.shared_headers)
 
     def on_body(self, chunk: bytes) -> None:
         if self.discarded:
