@@ -84,10 +84,11 @@ class Allowance:
     """
 
     __slots__ = ("reservation", "cost", "tokens", "requests", "outstanding", "open",
-                 "released", "rpm", "tpm")
+                 "released", "rpm", "tpm", "since")
 
-    def __init__(self, reservation: Reservation, rpm: int, tpm: int) -> None:
+    def __init__(self, reservation: Reservation, rpm: int, tpm: int, since: float = 0.0) -> None:
         self.reservation = reservation
+        self.since = since  # time.monotonic() when it was reserved
         self.cost = reservation.cost
         self.tokens = reservation.tokens
         self.requests = reservation.requests
@@ -99,12 +100,17 @@ class Allowance:
 
     @property
     def running_low(self) -> bool:
-        """A quarter or less left of a sizeable allowance: time to get the next."""
+        """Half or less left of a sizeable allowance: time to get the next.
+
+        Half, not less: under load the store's answer takes a while (its
+        thread waits for the loop's turn to run), and requests that find the
+        allowance spent before the next one came wait for the store.
+        """
         full = self.reservation
         return full.requests >= 4 and (
-            self.requests * 4 <= full.requests
-            or (full.tokens > 0 and self.tokens * 4 <= full.tokens)
-            or (full.cost > 0 and self.cost * 4 <= full.cost)
+            self.requests * 2 <= full.requests
+            or (full.tokens > 0 and self.tokens * 2 <= full.tokens)
+            or (full.cost > 0 and self.cost * 2 <= full.cost)
         )
 
     def take(self, tokens: int, cost: float, period: int) -> bool:
@@ -127,10 +133,16 @@ class Allowance:
 # the key's rpm, tpm or budget: small limits are checked request by request.
 _ALLOWANCE_MAX = 256
 _ALLOWANCE_SHARE = 20
+# A key whose allowance was spent within ``_ALLOWANCE_FAST`` seconds gets one
+# twice as large next (up to ``_ALLOWANCE_CEILING`` requests, and still
+# within the share above): a busy key then asks the store a few times a
+# second, not once per ``_ALLOWANCE_MAX`` requests. An idle one goes back.
+_ALLOWANCE_CEILING = 4096
+_ALLOWANCE_FAST = 0.25
 
 
-def _allowance_size(record: KeyRecord, tokens: int, cost: float) -> int:
-    size = _ALLOWANCE_MAX
+def _allowance_size(record: KeyRecord, tokens: int, cost: float, most: int = _ALLOWANCE_MAX) -> int:
+    size = most
     if record.rpm:
         size = min(size, record.rpm // _ALLOWANCE_SHARE)
     if record.tpm and tokens:
@@ -161,6 +173,7 @@ class KeyService:
         self._pending: list[Settlement] = []
         self._deltas: dict[tuple[str, int], _Delta] = {}
         self._allowances: dict[str, Allowance] = {}
+        self._sizes: dict[str, int] = {}  # key id -> its allowance size, when grown
         self._acquiring: dict[str, asyncio.Future[None]] = {}
         # key id -> (until, refusal, its tokens, its cost): a store refusal
         # repeated for a moment to requests at least as large.
@@ -264,7 +277,11 @@ class KeyService:
             if allowance.running_low and key_id not in self._acquiring:
                 # Reserve the next one while this one still serves, so a
                 # steady stream of requests never waits for the store.
-                self._spawn(self._prefetch(record, tokens, cost, period))
+                # Marked before the task runs: the requests that arrive until
+                # it does must not each spawn one of their own.
+                done = self._acquiring[key_id] = self.loop.create_future()
+                task = self._spawn(self._prefetch(record, tokens, cost, period))
+                task.add_done_callback(lambda _: self._acquired(key_id, done))
             return allowance
         return None
 
@@ -311,20 +328,26 @@ class KeyService:
             done.set_result(None)
 
     async def _prefetch(self, record: KeyRecord, tokens: int, cost: float, period: int) -> None:
-        key_id = record.id
-        if key_id in self._acquiring:
-            return
-        done = self._acquiring[key_id] = self.loop.create_future()
-        try:
-            await self._new_allowance(record, tokens, cost, period, for_request=False)
-        finally:
+        await self._new_allowance(record, tokens, cost, period, for_request=False)
+
+    def _acquired(self, key_id: str, done: asyncio.Future[None]) -> None:
+        """A prefetch ended (even cancelled before it ran): the next may start."""
+        if self._acquiring.get(key_id) is done:
             del self._acquiring[key_id]
+        if not done.done():
             done.set_result(None)
 
     async def _new_allowance(
         self, record: KeyRecord, tokens: int, cost: float, period: int, for_request: bool = True
     ) -> tuple[ReserveResult | None, Allowance | None, Reservation | None]:
-        size = _allowance_size(record, tokens, cost)
+        previous = self._allowances.get(record.id)
+        most = self._sizes.get(record.id, _ALLOWANCE_MAX)
+        if previous is not None and time.monotonic() - previous.since < _ALLOWANCE_FAST:
+            most = min(most * 2, _ALLOWANCE_CEILING)
+            if len(self._sizes) >= _MISS_MAX:
+                self._sizes.clear()
+            self._sizes[record.id] = most
+        size = _allowance_size(record, tokens, cost, most)
         reservation = Reservation(self.new_id(), tokens * size, cost * size, period, size)
         # What the store's answer cannot contain yet: what this process
         # recorded from now on, and (unless the store took it before this
@@ -386,7 +409,7 @@ class KeyService:
                 self._refused[record.id] = (time.monotonic() + hold, result, tokens, cost)
             return result, None, None
         self._refused.pop(record.id, None)
-        fresh = Allowance(reservation, record.rpm or 0, record.tpm or 0)
+        fresh = Allowance(reservation, record.rpm or 0, record.tpm or 0, time.monotonic())
         if for_request:
             fresh.take(tokens, cost, period)
         previous = self._allowances.get(record.id)
@@ -497,6 +520,7 @@ class KeyService:
         for key_id, allowance in list(self._allowances.items()):
             if allowance.outstanding == 0:
                 del self._allowances[key_id]
+                self._sizes.pop(key_id, None)
                 self._retire(key_id, allowance)
         if self._flush_timer is not None:  # _retire scheduled one: this flush covers it
             self._flush_timer.cancel()
