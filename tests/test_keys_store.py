@@ -444,6 +444,52 @@ def test_a_cached_key_with_an_allowance_is_admitted_without_the_store(tmp_path, 
             await service.close()
 
 
+def test_a_busy_key_prefetches_once_and_gets_larger_allowances(tmp_path, run):
+    """Requests that find the allowance half spent start one prefetch between
+    them (not one each), and an allowance spent at once is followed by one
+    twice as large; every request still draws from an allowance."""
+    import asyncio
+
+    from relay.keys.service import KeyService
+
+    async def main() -> None:
+        store = SQLiteKeyStore(os.path.join(str(tmp_path), "keys.db"))
+        service = KeyService(store, asyncio.get_running_loop())
+        sizes: list[int] = []
+        reserve = store.reserve
+
+        async def counted(record: KeyRecord, reservation: Reservation) -> Any:
+            sizes.append(reservation.requests)
+            return await reserve(record, reservation)
+
+        store.reserve = counted  # type: ignore[method-assign]
+        key, _ = _key(rpm=10**9)
+        await store.create(key)
+        drawn = []
+        try:
+            refusal, first, _local = await service.reserve(key, 10, 0.0, 0)
+            assert refusal is None and first is not None and sizes == [256]
+            drawn.append(first)
+            for _ in range(200):  # past half: one prefetch, however many requests
+                allowance = service.reserve_now(key, 10, 0.0, 0)
+                assert allowance is first
+                drawn.append(allowance)
+            assert len(service._tasks) == 1
+            await asyncio.wait(list(service._tasks), timeout=10.0)
+            assert sizes == [256, 512]  # the first was spent at once: twice as large
+            second = service.reserve_now(key, 10, 0.0, 0)
+            assert second is not None and second is not first and not first.open
+            assert second.reservation.requests == 512 and second.requests == 511
+            drawn.append(second)
+        finally:
+            for allowance in drawn:
+                service.settle(key, allowance, None, 0.0, 1, 1, 0)
+            await service.close()
+        assert first.released and second.released
+
+    run(main())
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_two_services_near_the_budget_never_overspend(tmp_path, run, seed):
     """Two processes' services on one store, requests racing at the budget's
