@@ -230,9 +230,7 @@ class Pipeline:
         self._chained = retries.attempts > 0 or any(r.fallbacks for r in self._routes)
 
         self._limiter = limiter = runtime.limiter(config) if config.ratelimit.enabled else None
-        self._limit_kind = config.ratelimit.key
-        self._limit_label = config.ratelimit.key
-        self._limit_by_key = config.ratelimit.key == "api_key"
+        self._limit_kind = config.ratelimit.key  # also the label of its rejections
         # The memory limiter answers at once: no coroutine per request.
         self._acquire_now = limiter.acquire_now if isinstance(limiter, MemoryLimiter) else None
         # X-RateLimit-Limit is the burst, the same for every answer: rendered
@@ -338,13 +336,7 @@ class Pipeline:
         limiter = self._limiter
         if limiter is not None:
             acquire_now = self._acquire_now
-            bucket = None
-            if self._limit_by_key:
-                credential = request.credential
-                if credential:
-                    bucket = self._limit_keys.get(credential)  # the usual caller: known
-            if bucket is None:
-                bucket = self._limit_key(request)
+            bucket = self._limit_key(request)
             if acquire_now is None:
                 return self._limit(limiter, bucket, request, client, route, extra)
             allowed, remaining, retry_after = acquire_now(bucket)
@@ -385,7 +377,7 @@ class Pipeline:
         extra.append(self._limit_lines % remaining)
         if allowed:
             return False
-        self._metrics.ratelimit_reject(self._limit_label)
+        self._metrics.ratelimit_reject(self._limit_kind)
         retry = max(1, math.ceil(retry_after))
         extra.append(b"Retry-After: %d\r\n" % retry)
         extra.append(_BYPASS)  # every answer on a proxied path says it

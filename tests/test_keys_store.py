@@ -101,6 +101,19 @@ def _res(n: int, tokens: int, cost: float, period: int = 0) -> Reservation:
     return Reservation(f"r{n}", tokens, cost, period)
 
 
+def _recording_reserves(store: Any) -> list[Reservation]:
+    """Every reservation *store* is asked for from now on, in order."""
+    asked: list[Reservation] = []
+    reserve = store.reserve
+
+    async def recorded(record: KeyRecord, reservation: Reservation) -> Any:
+        asked.append(reservation)
+        return await reserve(record, reservation)
+
+    store.reserve = recorded
+    return asked
+
+
 def _settle(n: int, key: KeyRecord, cost: float, prompt: int, completion: int,
             reservation: str | None = None, period: int = 0) -> Settlement:
     reservations = (f"r{n}",) if reservation is None else ((reservation,) if reservation else ())
@@ -346,28 +359,20 @@ def test_service_repeats_a_fresh_refusal_without_asking_the_store(tmp_path, run)
     async def main() -> None:
         store = SQLiteKeyStore(os.path.join(str(tmp_path), "keys.db"))
         service = KeyService(store, asyncio.get_running_loop())
-        calls = 0
-        reserve = store.reserve
-
-        async def counted(record: KeyRecord, reservation: Reservation) -> Any:
-            nonlocal calls
-            calls += 1
-            return await reserve(record, reservation)
-
-        store.reserve = counted  # type: ignore[method-assign]
+        asked = _recording_reserves(store)
         key, _ = _key(rpm=1)
         await store.create(key)
         try:
             assert (await service.reserve(key, 0, 0.0, 0))[0] is None
             first = (await service.reserve(key, 0, 0.0, 0))[0]
-            assert first is not None and first.reason == "rpm" and calls == 2
+            assert first is not None and first.reason == "rpm" and len(asked) == 2
             for _ in range(50):  # a flood of over-limit requests
                 again = (await service.reserve(key, 0, 0.0, 0))[0]
                 assert again is not None and again.reason == "rpm"
-            assert calls == 2
+            assert len(asked) == 2
             await asyncio.sleep(0.15)  # the refusal is repeated for 0.1 s only
             assert (await service.reserve(key, 0, 0.0, 0))[0] is not None
-            assert calls == 3
+            assert len(asked) == 3
         finally:
             await service.close()
 
@@ -402,15 +407,7 @@ def test_a_cached_key_with_an_allowance_is_admitted_without_the_store(tmp_path, 
     async def main() -> None:
         store = SQLiteKeyStore(os.path.join(str(tmp_path), "keys.db"))
         service = KeyService(store, asyncio.get_running_loop())
-        calls = 0
-        reserve = store.reserve
-
-        async def counted(record: KeyRecord, reservation: Reservation) -> Any:
-            nonlocal calls
-            calls += 1
-            return await reserve(record, reservation)
-
-        store.reserve = counted  # type: ignore[method-assign]
+        asked = _recording_reserves(store)
         key, secret = _key(rpm=100_000)
         await store.create(key)
         rejections = Rejections()
@@ -421,9 +418,9 @@ def test_a_cached_key_with_an_allowance_is_admitted_without_the_store(tmp_path, 
             # Not in the process cache yet: only the store can answer, and
             # nothing is counted or consumed meanwhile.
             assert admission.admit_now(first) is None
-            assert calls == 0 and first.credential_headers and rejections.seen == []
+            assert len(asked) == 0 and first.credential_headers and rejections.seen == []
             ticket = await admission.admit(first)
-            assert isinstance(ticket, KeyTicket) and calls == 1
+            assert isinstance(ticket, KeyTicket) and len(asked) == 1
             tickets.append(ticket)
             for _ in range(10):
                 again = request(secret)
@@ -431,7 +428,7 @@ def test_a_cached_key_with_an_allowance_is_admitted_without_the_store(tmp_path, 
                 assert isinstance(now, KeyTicket) and now.allowance is ticket.allowance
                 assert again.credential_headers == b""  # the relay key never goes upstream
                 tickets.append(now)
-            assert calls == 1 and rejections.seen == []
+            assert len(asked) == 1 and rejections.seen == []
             assert ticket.allowance is not None and ticket.allowance.outstanding == 11
             wrong = request("rk-not-a-key")
             assert admission.admit_now(wrong) is None  # unknown here: asked at the store
@@ -455,20 +452,13 @@ def test_a_busy_key_prefetches_once_and_gets_larger_allowances(tmp_path, run):
     async def main() -> None:
         store = SQLiteKeyStore(os.path.join(str(tmp_path), "keys.db"))
         service = KeyService(store, asyncio.get_running_loop())
-        sizes: list[int] = []
-        reserve = store.reserve
-
-        async def counted(record: KeyRecord, reservation: Reservation) -> Any:
-            sizes.append(reservation.requests)
-            return await reserve(record, reservation)
-
-        store.reserve = counted  # type: ignore[method-assign]
+        asked = _recording_reserves(store)
         key, _ = _key(rpm=10**9)
         await store.create(key)
         drawn = []
         try:
             refusal, first, _local = await service.reserve(key, 10, 0.0, 0)
-            assert refusal is None and first is not None and sizes == [256]
+            assert refusal is None and first is not None and [r.requests for r in asked] == [256]
             drawn.append(first)
             for _ in range(200):  # past half: one prefetch, however many requests
                 allowance = service.reserve_now(key, 10, 0.0, 0)
@@ -476,7 +466,7 @@ def test_a_busy_key_prefetches_once_and_gets_larger_allowances(tmp_path, run):
                 drawn.append(allowance)
             assert len(service._tasks) == 1
             await asyncio.wait(list(service._tasks), timeout=10.0)
-            assert sizes == [256, 512]  # the first was spent at once: twice as large
+            assert [r.requests for r in asked] == [256, 512]  # the first was spent at once: twice as large
             second = service.reserve_now(key, 10, 0.0, 0)
             assert second is not None and second is not first and not first.open
             assert second.reservation.requests == 512 and second.requests == 511

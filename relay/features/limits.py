@@ -122,7 +122,7 @@ class MemoryLimiter:
         return self._table.acquire(key, self._clock())  # type: ignore[no-any-return]
 
     def acquire_nowait(self, key: bytes) -> RateDecision:
-        allowed, remaining, retry_after = self._table.acquire(key, self._clock())
+        allowed, remaining, retry_after = self.acquire_now(key)
         return RateDecision(allowed, self.limit, remaining, retry_after)
 
     async def acquire(self, key: bytes) -> RateDecision:
