@@ -46,6 +46,13 @@ EXTENSIONS = [
         f"{FAST}/_breaker_py.py",
         [f"{FAST}/_breaker_c.pxd", f"{FAST}/_breaker_states.py"],
     ),
+    # The client connection, beside the http package it imports; chosen by
+    # relay/http/protocol.py through relay._fast.twin.
+    (
+        "relay.http._client_c",
+        "relay/http/_client_py.py",
+        ["relay/http/_client_c.pxd", "relay/http/states.py"],
+    ),
 ]
 
 CYTHON_DIRECTIVES = {
