@@ -22,6 +22,7 @@ from relay.http.protocol import ClientConnection, ConnectionLimits
 from relay.http.request import Request
 from relay.http.server import RelayServer, bind_socket
 from relay.testing import ThreadedFakeUpstream
+from relay.upstream.protocol import UpstreamConnection
 from tests.conftest import RawClient, RelayFactory
 from tests.leakcheck import check_released
 from tests.support import (
@@ -39,6 +40,7 @@ CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "count what 
 # The module whose class serves client connections in this process (the
 # compiled twin or the pure one, as relay.http.protocol chose).
 CLIENT_MODULE = ClientConnection.__module__
+UPSTREAM_MODULE = UpstreamConnection.__module__
 
 # Every method the debug mode wraps: (module, class, method).
 COUNTED = {
@@ -65,8 +67,8 @@ COUNTED = {
     ("relay.upstream.pool", "UpstreamPool", "__init__"),
     ("relay.upstream.pool", "UpstreamPool", "_closed_one"),
     ("relay.upstream.pool", "UpstreamPool", "close"),
-    ("relay.upstream.protocol", "UpstreamConnection", "connection_lost"),
-    ("relay.upstream.protocol", "UpstreamConnection", "connection_made"),
+    (UPSTREAM_MODULE, "UpstreamConnection", "connection_lost"),
+    (UPSTREAM_MODULE, "UpstreamConnection", "connection_made"),
 }
 
 

@@ -157,18 +157,23 @@ def test_twins_expose_the_same_public_api() -> None:
         assert pure_api == compiled_api, name
 
 
-# -- twins kept beside what they serve: the client connection ----------------
+# -- twins kept beside what they serve: the client and upstream connections --
 
 PROTOCOL_PROBE = """
 import json, sys
 {prelude}
 import relay.http.protocol as protocol
+import relay.upstream.protocol as upstream
 print(json.dumps({{
     "implementation": protocol.IMPLEMENTATION,
     "connection_module": protocol.ClientConnection.__module__,
     "limits_module": protocol.ConnectionLimits.__module__,
     "compiled_imported": "relay.http._client_c" in sys.modules,
     "pure_imported": "relay.http._client_py" in sys.modules,
+    "upstream_implementation": upstream.IMPLEMENTATION,
+    "upstream_module": upstream.UpstreamConnection.__module__,
+    "upstream_pure_imported": "relay.upstream._conn_py" in sys.modules,
+    "upstream_compiled_imported": "relay.upstream._conn_c" in sys.modules,
 }}))
 """
 
@@ -185,7 +190,7 @@ def protocol_probe(env_value: str | None, prelude: str = "") -> dict:
     return json.loads(out.stdout)
 
 
-def test_flag_forces_the_pure_client_connection_without_importing_it() -> None:
+def test_flag_forces_the_pure_connections_without_importing_the_compiled() -> None:
     result = protocol_probe("1")
     assert result == {
         "implementation": "pure",
@@ -193,10 +198,14 @@ def test_flag_forces_the_pure_client_connection_without_importing_it() -> None:
         "limits_module": "relay.http._client_py",
         "compiled_imported": False,
         "pure_imported": True,
+        "upstream_implementation": "pure",
+        "upstream_module": "relay.upstream._conn_py",
+        "upstream_pure_imported": True,
+        "upstream_compiled_imported": False,
     }
 
 
-def test_compiled_client_connection_chosen_when_built() -> None:
+def test_compiled_connections_chosen_when_built() -> None:
     if fast.compiled is None:
         reason = f"compiled relay._fast not built: {fast.COMPILED_IMPORT_ERROR}"
         if EXPECT_COMPILED:
@@ -209,6 +218,10 @@ def test_compiled_client_connection_chosen_when_built() -> None:
         "limits_module": "relay.http._client_c",
         "compiled_imported": True,
         "pure_imported": False,  # only the chosen twin is imported
+        "upstream_implementation": "compiled",
+        "upstream_module": "relay.upstream._conn_c",
+        "upstream_pure_imported": False,
+        "upstream_compiled_imported": True,
     }
 
 
@@ -218,3 +231,9 @@ def test_a_missing_compiled_client_connection_falls_back_to_pure() -> None:
     assert result["connection_module"] == "relay.http._client_py"
     assert result["limits_module"] == "relay.http._client_py"
 
+
+
+def test_a_missing_compiled_upstream_connection_falls_back_to_pure() -> None:
+    result = protocol_probe(None, prelude="sys.modules['relay.upstream._conn_c'] = None")
+    assert result["upstream_implementation"] == "pure"
+    assert result["upstream_module"] == "relay.upstream._conn_py"
