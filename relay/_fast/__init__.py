@@ -26,7 +26,15 @@ from importlib.machinery import EXTENSION_SUFFIXES
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from . import _breaker_py, _bucket_py, _cachekey_py, _heads_py, _jsonscan_py, _meters_py
+from . import (
+    _breaker_py,
+    _bucket_py,
+    _cachekey_py,
+    _heads_py,
+    _jsonscan_py,
+    _meters_py,
+    _usagerow_py,
+)
 from ._breaker_states import CLOSED, HALF_OPEN, OPEN, STATE_NAMES, BreakerTransitionError
 from ._heads_py import (
     BAD_EXPECT,
@@ -74,6 +82,8 @@ __all__ = [
     "RequestFacts",
     "ResponseUsage",
     "TokenBucket",
+    "UsageRow",
+    "add_paid",
     "cache_key",
     "CounterChild",
     "GaugeChild",
@@ -96,6 +106,7 @@ _COMPILED_MODULES = {
     "_jsonscan_c": _jsonscan_py,
     "_meters_c": _meters_py,
     "_heads_c": _heads_py,
+    "_usagerow_c": _usagerow_py,
 }
 
 
@@ -117,6 +128,8 @@ class Implementation:
     HistogramChild: Any
     request_head: Any
     response_head: Any
+    UsageRow: Any
+    add_paid: Any
 
 
 def extensions_disabled(value: str | None) -> bool:
@@ -140,13 +153,14 @@ def _load_compiled() -> tuple[Implementation | None, str | None]:
         if not _is_extension(module):
             return None, f"{name}: not a compiled extension ({module.__file__})"
         modules[name] = module
-    cachekey, bucket, breaker, jsonscan, meters, heads = (
+    cachekey, bucket, breaker, jsonscan, meters, heads, usagerow = (
         modules["_cachekey_c"],
         modules["_bucket_c"],
         modules["_breaker_c"],
         modules["_jsonscan_c"],
         modules["_meters_c"],
         modules["_heads_c"],
+        modules["_usagerow_c"],
     )
     return (
         Implementation(
@@ -164,6 +178,8 @@ def _load_compiled() -> tuple[Implementation | None, str | None]:
             HistogramChild=meters.HistogramChild,
             request_head=heads.request_head,
             response_head=heads.response_head,
+            UsageRow=usagerow.UsageRow,
+            add_paid=usagerow.add_paid,
         ),
         None,
     )
@@ -184,6 +200,8 @@ pure = Implementation(
     HistogramChild=_meters_py.HistogramChild,
     request_head=_heads_py.request_head,
     response_head=_heads_py.response_head,
+    UsageRow=_usagerow_py.UsageRow,
+    add_paid=_usagerow_py.add_paid,
 )
 
 NO_EXTENSIONS: bool = extensions_disabled(os.environ.get("RELAY_NO_EXTENSIONS"))
@@ -207,6 +225,7 @@ if TYPE_CHECKING:
     from ._heads_py import request_head, response_head
     from ._jsonscan_py import request_facts, response_usage
     from ._meters_py import CounterChild, GaugeChild, HistogramChild
+    from ._usagerow_py import UsageRow, add_paid
 else:
     cache_key = _chosen.cache_key
     credential_hash = _chosen.credential_hash
@@ -220,5 +239,7 @@ else:
     HistogramChild = _chosen.HistogramChild
     request_head = _chosen.request_head
     response_head = _chosen.response_head
+    UsageRow = _chosen.UsageRow
+    add_paid = _chosen.add_paid
 
 del _chosen

@@ -61,6 +61,7 @@ __all__ = [
     "response_text_for_estimate",
     "usage_from_json",
     "usage_from_mapping",
+    "usage_in_json",
 ]
 
 OPENAI = "openai"
@@ -170,6 +171,11 @@ def usage_from_json(body: bytes, model_hint: str = "") -> Usage | None:
     """
     if b'"usage"' not in body:
         return None
+    return usage_in_json(body, model_hint)
+
+
+def usage_in_json(body: bytes, model_hint: str = "") -> Usage | None:
+    """:func:`usage_from_json` of a body already known to hold ``"usage"``."""
     found = response_usage(body)
     if found is None:
         return None
