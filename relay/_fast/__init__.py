@@ -51,6 +51,7 @@ from ._jsonscan_py import (
     STREAM_OPTIONS_NOT_OBJECT,
     STREAM_OPTIONS_WITHOUT_USAGE,
     RequestFacts,
+    ResponseCounts,
     ResponseUsage,
     request_facts_of,
 )
@@ -80,6 +81,7 @@ __all__ = [
     "CircuitBreaker",
     "Implementation",
     "RequestFacts",
+    "ResponseCounts",
     "ResponseUsage",
     "TokenBucket",
     "UsageRow",
@@ -95,6 +97,7 @@ __all__ = [
     "request_facts_of",
     "request_head",
     "response_head",
+    "response_counts",
     "response_usage",
 ]
 
@@ -123,6 +126,7 @@ class Implementation:
     CircuitBreaker: Any
     request_facts: Any
     response_usage: Any
+    response_counts: Any
     CounterChild: Any
     GaugeChild: Any
     HistogramChild: Any
@@ -173,6 +177,7 @@ def _load_compiled() -> tuple[Implementation | None, str | None]:
             CircuitBreaker=breaker.CircuitBreaker,
             request_facts=jsonscan.request_facts,
             response_usage=jsonscan.response_usage,
+            response_counts=jsonscan.response_counts,
             CounterChild=meters.CounterChild,
             GaugeChild=meters.GaugeChild,
             HistogramChild=meters.HistogramChild,
@@ -195,6 +200,7 @@ pure = Implementation(
     CircuitBreaker=_breaker_py.CircuitBreaker,
     request_facts=_jsonscan_py.request_facts,
     response_usage=_jsonscan_py.response_usage,
+    response_counts=_jsonscan_py.response_counts,
     CounterChild=_meters_py.CounterChild,
     GaugeChild=_meters_py.GaugeChild,
     HistogramChild=_meters_py.HistogramChild,
@@ -223,7 +229,7 @@ if TYPE_CHECKING:
     from ._bucket_py import BucketTable, TokenBucket
     from ._cachekey_py import cache_key, credential_hash
     from ._heads_py import request_head, response_head
-    from ._jsonscan_py import request_facts, response_usage
+    from ._jsonscan_py import request_facts, response_counts, response_usage
     from ._meters_py import CounterChild, GaugeChild, HistogramChild
     from ._usagerow_py import UsageRow, add_paid
 else:
@@ -234,6 +240,7 @@ else:
     CircuitBreaker = _chosen.CircuitBreaker
     request_facts = _chosen.request_facts
     response_usage = _chosen.response_usage
+    response_counts = _chosen.response_counts
     CounterChild = _chosen.CounterChild
     GaugeChild = _chosen.GaugeChild
     HistogramChild = _chosen.HistogramChild

@@ -14,8 +14,6 @@ integers (no bound); the two USD sums are doubles, as Python floats are.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 __all__ = ["ROW_FIELDS", "UsageRow", "add_paid"]
 
 # The counters of a row, in the order a snapshot shows them.
@@ -95,18 +93,6 @@ class UsageRow:
         self.cost_usd += other.cost_usd
         self.cache_hits += other.cache_hits
         self.saved_usd += other.saved_usd
-
-    def add_counts(self, counts: Mapping[str, int | float]) -> None:
-        """Add the sums of a row in its dictionary shape (absent ones are 0)."""
-        get = counts.get
-        self.requests += get("requests", 0)
-        self.estimated_requests += get("estimated_requests", 0)
-        self.prompt_tokens += get("prompt_tokens", 0)
-        self.completion_tokens += get("completion_tokens", 0)
-        self.cached_tokens += get("cached_tokens", 0)
-        self.cost_usd += get("cost_usd", 0)
-        self.cache_hits += get("cache_hits", 0)
-        self.saved_usd += get("saved_usd", 0)
 
     def counts(self) -> dict[str, int | float]:
         """The row as a snapshot shows it (the fields of :data:`ROW_FIELDS`)."""
