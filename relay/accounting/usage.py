@@ -119,12 +119,13 @@ class Usage:
 # request, fills the slots directly instead: the same object, made in half
 # the time.
 _new_object = object.__new__
-_set_model = Usage.model.__set__  # type: ignore[attr-defined]
-_set_prompt = Usage.prompt_tokens.__set__  # type: ignore[attr-defined]
-_set_completion = Usage.completion_tokens.__set__  # type: ignore[attr-defined]
-_set_cached = Usage.cached_tokens.__set__  # type: ignore[attr-defined]
-_set_estimated = Usage.estimated.__set__  # type: ignore[attr-defined]
-_set_written = Usage.cache_write_tokens.__set__  # type: ignore[attr-defined]
+_usage_slots: Any = Usage.__dict__  # the slot descriptors, by field name
+_set_model = _usage_slots["model"].__set__
+_set_prompt = _usage_slots["prompt_tokens"].__set__
+_set_completion = _usage_slots["completion_tokens"].__set__
+_set_cached = _usage_slots["cached_tokens"].__set__
+_set_estimated = _usage_slots["estimated"].__set__
+_set_written = _usage_slots["cache_write_tokens"].__set__
 
 
 def _read_usage(model: str, prompt: int, completion: int, cached: int) -> Usage:
@@ -205,7 +206,7 @@ def usage_in_json(body: bytes, model_hint: str = "") -> Usage | None:
     found = response_counts(body)
     if found is None:
         return None
-    if type(found) is ResponseCounts:
+    if isinstance(found, ResponseCounts):
         # OpenAI chat, the usual answer: its counts read without a dict.
         return _read_usage(
             found.model or model_hint, found.prompt_tokens, found.completion_tokens, found.cached_tokens
