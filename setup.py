@@ -41,6 +41,7 @@ EXTENSIONS = [
     ("relay._fast._meters_c", f"{FAST}/_meters_c.pyx", [f"{FAST}/_meters_py.py"]),
     ("relay._fast._heads_c", f"{FAST}/_heads_c.pyx", [f"{FAST}/_heads_py.py"]),
     ("relay._fast._bucket_c", f"{FAST}/_bucket_py.py", [f"{FAST}/_bucket_c.pxd"]),
+    ("relay._fast._usagerow_c", f"{FAST}/_usagerow_py.py", [f"{FAST}/_usagerow_c.pxd"]),
     (
         "relay._fast._breaker_c",
         f"{FAST}/_breaker_py.py",

@@ -30,7 +30,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from . import _fast
-from .accounting.recorder import Accounting, stored_usage, with_usage
+from .accounting.recorder import ESTIMATE, Accounting, stored_usage, with_usage
 from .accounting.usage import Usage, inject_include_usage
 from .config import Config
 from .features.cache import CacheEntry, MemoryCache, RedisCache
@@ -867,7 +867,8 @@ class Pipeline:
         usage = None
         if self._usage_on:
             accounting = self._accounting
-            if accounting.needs_estimate(request, exchange):
+            read = accounting.read_usage(request, exchange, body)  # from the response
+            if read is ESTIMATE:
                 estimator = self._estimator
                 if not estimator.loaded:
                     # Tokenizer data (~40 MB) is loaded on first need, in a
@@ -876,7 +877,7 @@ class Pipeline:
                 # Counted before _finish, off the loop when large.
                 usage = await accounting.estimate(request, exchange, body)
             else:
-                usage = accounting.usage_of(request, exchange, body)  # read from the response
+                usage = read
         self._finish(
             request, client, upstream, exchange, extra, leader, cache_key, body,
             chain.model if chain is not None else None, usage,

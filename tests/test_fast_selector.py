@@ -104,12 +104,15 @@ def test_compiled_chosen_when_built(value: str | None) -> None:
     assert result["imported"] == sorted(
         f"relay._fast.{name}"
         for name in (
-            "_breaker_c", "_bucket_c", "_cachekey_c", "_heads_c", "_jsonscan_c", "_meters_c"
+            "_breaker_c", "_bucket_c", "_cachekey_c", "_heads_c", "_jsonscan_c", "_meters_c",
+            "_usagerow_c",
         )
     )
 
 
-@pytest.mark.parametrize("module", ["_breaker_c", "_heads_c", "_jsonscan_c", "_meters_c"])
+@pytest.mark.parametrize(
+    "module", ["_breaker_c", "_heads_c", "_jsonscan_c", "_meters_c", "_usagerow_c"]
+)
 def test_any_missing_compiled_module_falls_back_to_pure(module: str) -> None:
     # None in sys.modules makes that import fail, as a missing build would.
     result = probe(None, prelude=f"sys.modules['relay._fast.{module}'] = None")
