@@ -429,6 +429,15 @@ class ProxyExchange:
                 if self._first_event_pending:
                     self._first_event_out()
             return
+        if self._first_event_pending and not splitter.pending:
+            # A read of many events (an upstream that sends them at once):
+            # the head and the first event leave before the others are even
+            # cut, accounted, stripped and kept. The splitter cuts the same
+            # events however the bytes are divided.
+            end = chunk.find(b"\n\n") + 2
+            if 1 < end < len(chunk):
+                self._relay_events(splitter.feed(chunk[:end]))
+                chunk = chunk[end:]
         events = splitter.feed(chunk)
         if events:
             self._relay_events(events)
