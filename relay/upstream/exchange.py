@@ -392,6 +392,10 @@ class ProxyExchange:
     def on_body(self, chunk: bytes) -> None:
         if self.discarded:
             return
+        # What one read brings (an upstream, or a proxy before it, may frame
+        # it in many small chunks) leaves in one write at the read's end
+        # (on_read_end), not in one write per chunk.
+        self._client.hold()
         decoder = self._decoder
         if decoder is not None:
             try:
