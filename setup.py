@@ -46,6 +46,16 @@ EXTENSIONS = [
         f"{FAST}/_breaker_py.py",
         [f"{FAST}/_breaker_c.pxd", f"{FAST}/_breaker_states.py"],
     ),
+    # The client connection, beside the http package it imports; chosen by
+    # relay/http/protocol.py through relay._fast.twin. Its .pxd is named
+    # after the extension, as in relay/_fast.
+    (
+        "relay.http._client_c",
+        "relay/http/_client_py.py",
+        ["relay/http/_client_c.pxd", "relay/http/states.py"],
+    ),
+    # The upstream connection, likewise (relay/upstream/protocol.py chooses).
+    ("relay.upstream._conn_c", "relay/upstream/_conn_py.py", ["relay/upstream/_conn_c.pxd"]),
 ]
 
 CYTHON_DIRECTIVES = {

@@ -191,7 +191,8 @@ class Pipeline:
         self._breaker_changed = runtime.breakers.changed
         proxy = config.proxy
         self._breakers = breakers = config.circuit_breaker.enabled
-        default = runtime.upstream(proxy.target, config, api_key=proxy.api_key, auth=proxy.auth)
+        targets, cb = runtime.targets, config.circuit_breaker
+        default = targets.target(proxy.target, proxy, cb, api_key=proxy.api_key, auth=proxy.auth)
         self._default = _Route(None, None, Balancer((default,), "weighted", breakers=breakers))
         self._routes = tuple(
             _Route(
@@ -199,8 +200,8 @@ class Pipeline:
                 r.path,
                 Balancer(
                     tuple(
-                        runtime.upstream(
-                            t.url, config, name=t.name, api_key=t.api_key, auth=t.auth,
+                        targets.target(
+                            t.url, proxy, cb, name=t.name, api_key=t.api_key, auth=t.auth,
                             weight=t.weight,
                         )
                         for t in r.targets

@@ -15,6 +15,11 @@ This is the one place that chooses. Everything else imports from here:
 Both twins stay reachable for tests and benchmarks as ``pure`` and
 ``compiled`` (None when not built or disabled). The pure modules are the
 typing reference: type checkers see their signatures.
+
+Twins that live beside what they serve (the client connection in
+``relay.http``, whose source imports the rest of ``relay.http``) are
+chosen by :func:`twin` under the same rule, so ``RELAY_NO_EXTENSIONS``
+means one thing everywhere.
 """
 
 from __future__ import annotations
@@ -86,6 +91,7 @@ __all__ = [
     "request_head",
     "response_head",
     "response_usage",
+    "twin",
 ]
 
 # Compiled module -> the pure module it twins.
@@ -187,6 +193,26 @@ pure = Implementation(
 )
 
 NO_EXTENSIONS: bool = extensions_disabled(os.environ.get("RELAY_NO_EXTENSIONS"))
+
+
+def twin(pure_name: str, compiled_name: str) -> ModuleType:
+    """The module to run of a pair of twins kept outside this package.
+
+    *compiled_name* (absolute) is the extension compiled from the source of
+    *pure_name*; it is imported and used unless ``RELAY_NO_EXTENSIONS`` is
+    set or it was not built, and only then is *pure_name* imported. The
+    caller names both, so this package still imports nothing outside itself.
+    """
+    if not NO_EXTENSIONS:
+        try:
+            module = importlib.import_module(compiled_name)
+        except ImportError:
+            pass
+        else:
+            if _is_extension(module):
+                return module
+    return importlib.import_module(pure_name)
+
 
 compiled: Implementation | None
 COMPILED_IMPORT_ERROR: str | None
