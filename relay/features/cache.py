@@ -266,7 +266,6 @@ _COMPACT_STREAMED = 0x01
 _COMPACT_USAGE = 0x02
 _COMPACT_ENCODED = 0x04
 _EXPIRES = struct.Struct("=d")
-_COMPACT_USAGE_LINE = b"\n" + USAGE_HEADER + b": "
 # Rough per-entry bookkeeping cost (key object, dict slot, object headers),
 # so that many tiny entries still count against MemoryCache.max_bytes.
 _ENTRY_OVERHEAD = 256
@@ -288,8 +287,7 @@ def _compact(entry: CacheEntry, expires: float) -> bytes:
     if (
         head.count(b"\r\n") == count
         and head.count(b": ") == count
-        and _COMPACT_USAGE_LINE not in head
-        and not head.startswith(_COMPACT_USAGE_LINE[1:])
+        and USAGE_HEADER not in head  # else it may name a pair not left out
         and len(usage) <= 0xFFFF
     ):
         entry.rendered = head  # what a hit sends: rendered here once anyway
@@ -395,23 +393,23 @@ class MemoryCache:
         return entry
 
     def set_nowait(self, key: bytes, entry: CacheEntry) -> None:
-        self.delete(key)
+        data = self._data
+        old = data.pop(key, None)
+        if old is not None:
+            self._drop(key, old)
         if self.ttl <= 0 or self.max_entries <= 0:
             return
         compact = _compact(entry, self._clock() + self.ttl)
         size = _ENTRY_OVERHEAD + len(compact) + len(key)
         if size > self.max_bytes:
             return
-        data = self._data
         while data and (len(data) >= self.max_entries or self._bytes + size > self.max_bytes):
-            self._evict_oldest()
+            self._drop(*data.popitem(last=False))  # the least recently used
         data[key] = compact
         self._bytes += size
 
-    def _evict_oldest(self) -> None:
-        self._drop(*self._data.popitem(last=False))
-
     def _drop(self, key: bytes, item: bytes | CacheEntry) -> None:
+        """Give back the bytes of an entry taken out of the cache."""
         if type(item) is bytes:
             self._bytes -= _ENTRY_OVERHEAD + len(item) + len(key)
         else:
