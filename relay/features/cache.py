@@ -403,10 +403,16 @@ class MemoryCache:
         size = _ENTRY_OVERHEAD + len(compact) + len(key)
         if size > self.max_bytes:
             return
-        while data and (len(data) >= self.max_entries or self._bytes + size > self.max_bytes):
-            self._drop(*data.popitem(last=False))  # the least recently used
+        if len(data) >= self.max_entries or self._bytes + size > self.max_bytes:
+            self._make_room(size)
         data[key] = compact
         self._bytes += size
+
+    def _make_room(self, size: int) -> None:
+        """Evict the least recently used entries until one of *size* fits."""
+        data = self._data
+        while data and (len(data) >= self.max_entries or self._bytes + size > self.max_bytes):
+            self._drop(*data.popitem(last=False))
 
     def _drop(self, key: bytes, item: bytes | CacheEntry) -> None:
         """Give back the bytes of an entry taken out of the cache."""
