@@ -259,13 +259,13 @@ def _encode(entry: CacheEntry, prefix: bytes = b"") -> bytes:
 #   expires (the cache's clock), created, status, flags, usage and head lengths,
 #   the usage value, the head as a hit sends it, the body;
 # or, for headers whose rendered lines would not read back the same (a name
-# holding ": ", a value holding CRLF, the usage header elsewhere than last),
+# or value holding ": " or CRLF, the usage header elsewhere than last),
 #   expires, then the to_bytes encoding (_COMPACT_ENCODED).
 _COMPACT = struct.Struct("=ddHBHI")
 _COMPACT_STREAMED = 0x01
 _COMPACT_USAGE = 0x02
 _COMPACT_ENCODED = 0x04
-_EXPIRES = struct.Struct("=d")
+_EXPIRES = struct.Struct("=d")  # the first field of both: read without the rest
 # Rough per-entry bookkeeping cost (key object, dict slot, object headers),
 # so that many tiny entries still count against MemoryCache.max_bytes.
 _ENTRY_OVERHEAD = 256
@@ -337,11 +337,10 @@ class MemoryCache:
     The async methods never await: they exist so both backends look alike.
 
     An entry is kept in its compact form (one bytes object, see
-    :data:`_EXPIRES`) until its first hit, which turns it into a
+    :data:`_COMPACT`) until its first hit, which turns it into a
     :class:`CacheEntry` kept from then on (its rendered head and usage read
-    once): most entries of a cache full of misses are never hit.
-    The LRU order is the insertion order of a plain dict (a hit moves its
-    entry to the end; eviction takes the first).
+    once): most entries of a cache full of misses are never hit. Either
+    form is accounted the same size, from lengths alone.
     """
 
     def __init__(
