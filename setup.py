@@ -41,11 +41,22 @@ EXTENSIONS = [
     ("relay._fast._meters_c", f"{FAST}/_meters_c.pyx", [f"{FAST}/_meters_py.py"]),
     ("relay._fast._heads_c", f"{FAST}/_heads_c.pyx", [f"{FAST}/_heads_py.py"]),
     ("relay._fast._bucket_c", f"{FAST}/_bucket_py.py", [f"{FAST}/_bucket_c.pxd"]),
+    ("relay._fast._usagerow_c", f"{FAST}/_usagerow_py.py", [f"{FAST}/_usagerow_c.pxd"]),
     (
         "relay._fast._breaker_c",
         f"{FAST}/_breaker_py.py",
         [f"{FAST}/_breaker_c.pxd", f"{FAST}/_breaker_states.py"],
     ),
+    # The client connection, beside the http package it imports; chosen by
+    # relay/http/protocol.py through relay._fast.twin. Its .pxd is named
+    # after the extension, as in relay/_fast.
+    (
+        "relay.http._client_c",
+        "relay/http/_client_py.py",
+        ["relay/http/_client_c.pxd", "relay/http/states.py"],
+    ),
+    # The upstream connection, likewise (relay/upstream/protocol.py chooses).
+    ("relay.upstream._conn_c", "relay/upstream/_conn_py.py", ["relay/upstream/_conn_c.pxd"]),
 ]
 
 CYTHON_DIRECTIVES = {

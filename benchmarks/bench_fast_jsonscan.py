@@ -91,6 +91,14 @@ def test_response_usage(benchmark, fast_impl: fast.Implementation, size: str) ->
 
 
 @pytest.mark.parametrize("size", RESPONSES)
+def test_response_counts(benchmark, fast_impl: fast.Implementation, size: str) -> None:
+    benchmark.group = f"response usage, {size} chat response"
+    body = RESPONSES[size]
+    found = benchmark(fast_impl.response_counts, body)
+    assert isinstance(found, fast.ResponseCounts) and found.prompt_tokens == 1200
+
+
+@pytest.mark.parametrize("size", RESPONSES)
 def test_response_json_loads(benchmark, size: str) -> None:
     benchmark.group = f"response usage, {size} chat response"
     body = RESPONSES[size]

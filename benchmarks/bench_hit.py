@@ -5,12 +5,15 @@ One keep-alive client connection of a real :class:`~relay.app.Gateway`
 chat request of ``bench_hotpath.py`` and answers it from the cache: bytes
 in, the response handed to the transport, the hit counted. No sockets, so
 the figure is relay's own Python and C per hit, without the kernel's
-share. Run with ``python -m benchmarks.run --micro`` (or ``pytest benchmarks``).
+share. The same with virtual keys on (SQLite store, one key with limits
+that never trip) shows what admission and its settle add to a hit. Run with ``python -m benchmarks.run --micro`` (or ``pytest benchmarks``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import hashlib
 import os
 import tempfile
 import time
@@ -58,12 +61,14 @@ class _Recording(_Transport):
         self.last = b"".join(list_of_data)  # type: ignore[arg-type]
 
 
-@pytest.fixture(scope="module")
-def gateway() -> Iterator[Gateway]:
+VIRTUAL_KEY = b"rk-bench0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def _gateway(text: str) -> Iterator[Gateway]:
     loop = uvloop.new_event_loop()
     fd, path = tempfile.mkstemp(suffix=".yaml")
     with os.fdopen(fd, "w") as f:
-        f.write(CONFIG)
+        f.write(text)
     try:
         config = dataclasses.replace(load_config(path, env={}), source=None)
     finally:
@@ -73,6 +78,25 @@ def gateway() -> Iterator[Gateway]:
     yield gateway
     loop.run_until_complete(gateway.runtime.close())
     loop.close()
+
+
+@pytest.fixture(scope="module")
+def gateway() -> Iterator[Gateway]:
+    yield from _gateway(CONFIG)
+
+
+@pytest.fixture(scope="module")
+def gateway_with_keys() -> Iterator[Gateway]:
+    digest = hashlib.sha256(VIRTUAL_KEY).hexdigest()
+    with tempfile.TemporaryDirectory() as store:
+        yield from _gateway(CONFIG + f"""\
+keys:
+  enabled: true
+  path: "{os.path.join(store, 'keys.db')}"
+  static:
+    - {{id: bench, name: bench, secret_sha256: "{digest}", budget_usd: 1000000000,
+       rpm: 1000000000, tpm: 1000000000000}}
+""")
 
 
 @pytest.mark.benchmark(group="cache hit: SDK chat request answered from memory, every feature on")
@@ -87,6 +111,45 @@ def test_cache_hit(benchmark, gateway: Gateway) -> None:
     benchmark(conn.data_received, SDK_REQUEST)
 
     assert transport.writes >= 1 and not conn.busy  # answered at once, no task left
+    assert b"\r\nX-Relay-Cache: HIT\r\n" in transport.last
+    assert transport.last.endswith(b"\r\n\r\n" + COMPLETION)
+    conn.connection_lost(None)
+
+
+@pytest.mark.benchmark(group="cache hit: SDK chat request answered from memory, every feature on")
+def test_cache_hit_with_virtual_key(benchmark, gateway_with_keys: Gateway) -> None:
+    gateway = gateway_with_keys
+    loop = gateway.runtime.loop
+    request = SDK_REQUEST.replace(CREDENTIAL, VIRTUAL_KEY)
+    key = _fast.cache_key(b"POST", b"/v1/chat/completions", CHAT_BODY, b"relay-key:bench", b"")
+    entry = CacheEntry(200, STORED_HEADERS, COMPLETION, False, time.time())
+    gateway.pipeline._cache.set_nowait(key, entry)
+    conn = gateway.server._make_protocol()
+    transport = _Recording()
+    conn.connection_made(transport)
+
+    async def answered() -> None:
+        for _ in range(10000):
+            if not conn.busy:
+                return
+            await asyncio.sleep(0.001)
+
+    # The first request finds the key through the store and reserves its
+    # first allowance; after it the key's requests are admitted at once.
+    # When an allowance is spent before the next one came (the loop runs
+    # only here), the request waits for it as it would under load.
+    loop.run_until_complete(answered())
+    conn.data_received(request)
+    loop.run_until_complete(answered())
+
+    def one_hit() -> None:
+        conn.data_received(request)
+        if conn.busy:
+            loop.run_until_complete(answered())
+
+    benchmark(one_hit)
+
+    assert transport.writes >= 1 and not conn.busy
     assert b"\r\nX-Relay-Cache: HIT\r\n" in transport.last
     assert transport.last.endswith(b"\r\n\r\n" + COMPLETION)
     conn.connection_lost(None)

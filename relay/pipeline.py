@@ -30,7 +30,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from . import _fast
-from .accounting.recorder import Accounting, stored_usage, with_usage
+from .accounting.recorder import ESTIMATE, Accounting, stored_usage, with_usage
 from .accounting.usage import Usage, inject_include_usage
 from .config import Config
 from .features.cache import CacheEntry, MemoryCache, RedisCache
@@ -191,7 +191,8 @@ class Pipeline:
         self._breaker_changed = runtime.breakers.changed
         proxy = config.proxy
         self._breakers = breakers = config.circuit_breaker.enabled
-        default = runtime.upstream(proxy.target, config, api_key=proxy.api_key, auth=proxy.auth)
+        targets, cb = runtime.targets, config.circuit_breaker
+        default = targets.target(proxy.target, proxy, cb, api_key=proxy.api_key, auth=proxy.auth)
         self._default = _Route(None, None, Balancer((default,), "weighted", breakers=breakers))
         self._routes = tuple(
             _Route(
@@ -199,8 +200,8 @@ class Pipeline:
                 r.path,
                 Balancer(
                     tuple(
-                        runtime.upstream(
-                            t.url, config, name=t.name, api_key=t.api_key, auth=t.auth,
+                        targets.target(
+                            t.url, proxy, cb, name=t.name, api_key=t.api_key, auth=t.auth,
                             weight=t.weight,
                         )
                         for t in r.targets
@@ -878,7 +879,8 @@ class Pipeline:
         usage = None
         if self._usage_on:
             accounting = self._accounting
-            if accounting.needs_estimate(request, exchange):
+            read = accounting.read_usage(request, exchange, body)  # from the response
+            if read is ESTIMATE:
                 estimator = self._estimator
                 if not estimator.loaded:
                     # Tokenizer data (~40 MB) is loaded on first need, in a
@@ -887,7 +889,7 @@ class Pipeline:
                 # Counted before _finish, off the loop when large.
                 usage = await accounting.estimate(request, exchange, body)
             else:
-                usage = accounting.usage_of(request, exchange, body)  # read from the response
+                usage = read
         self._finish(
             request, client, upstream, exchange, extra, leader, cache_key, body,
             chain.model if chain is not None else None, usage,

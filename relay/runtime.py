@@ -1,7 +1,8 @@
 """The long-lived resources of one relay process, shared by every config generation.
 
-:class:`Runtime` holds what outlives a config generation: upstream pools,
-circuit breakers, cache and limiter backends, the Redis connection, the
+:class:`Runtime` holds what outlives a config generation: the targets (their
+pools, breakers and balancing states, in `upstream.registry.Targets`),
+cache and limiter backends, the Redis connection, the
 coalescer of in-flight misses, the usage totals, metrics, the request log,
 the key store, and the background tasks. It decides nothing per request:
 the logic of each lives in its family (accounting/, features/, upstream/,
@@ -33,8 +34,8 @@ from .features.coalescer import Coalescer
 from .features.limits import MemoryLimiter, RedisLimiter
 from .ops.metrics import Metrics
 from .redisconn import RedisConnection
-from .upstream.pool import Origin, UpstreamPools
-from .upstream.target import TargetState, Upstream, auth_line
+from .upstream.pool import UpstreamPools
+from .upstream.registry import Targets
 
 __all__ = ["Runtime"]
 
@@ -64,9 +65,9 @@ class Runtime:
         self.usage_book = UsageBook(loop)
         self.key_hashes = KeyHashes()
         self.breakers = Breakers(metrics)
+        self.targets = Targets(self.pools, self.breakers)
         self.redis: RedisConnection | None = None
         self._redis_settings: tuple[Any, ...] | None = None
-        self._target_states: dict[tuple[Origin, str], TargetState] = {}
         self._cache: tuple[tuple[Any, ...], Any] | None = None
         self._limiter: tuple[tuple[Any, ...], Any] | None = None
         self._prices: tuple[Any, PriceTable] | None = None
@@ -244,49 +245,6 @@ class Runtime:
         self._redis_settings = settings
         self.redis = redis
         return True, writer
-
-    def upstream(
-        self,
-        url: str,
-        config: Config,
-        *,
-        name: str | None = None,
-        api_key: str = "",
-        auth: str = "bearer",
-        weight: float = 1.0,
-    ) -> Upstream:
-        """The target at *url*; its pool is per origin, its breaker and
-        balancing state per (origin, label), all kept across reloads."""
-        origin = Origin.parse(url)
-        proxy = config.proxy
-        pool = self.pools.get(
-            origin,
-            pool_size=proxy.pool_size,
-            connect_timeout=proxy.connect_timeout,
-            read_timeout=proxy.read_timeout,
-            first_byte_timeout=proxy.first_byte_timeout,
-            max_connections=proxy.max_connections,
-        )
-        label = name or origin.label
-        ident = (origin, label)
-        cb = config.circuit_breaker
-        breaker = self.breakers.get(ident, cb.failure_threshold, cb.recovery_timeout)
-        state = self._target_states.get(ident)
-        if state is None:
-            state = self._target_states[ident] = TargetState()
-        upstream = Upstream(
-            origin,
-            pool,
-            breaker,
-            label,
-            origin.host_header(),
-            weight=weight,
-            state=state,
-            auth_line=auth_line(api_key, auth),
-            relay_header=b"X-Relay-Upstream: %s\r\n" % label.encode(),
-        )
-        self.breakers.changed(upstream)
-        return upstream
 
     def cache(self, config: Config) -> Any:
         c = config.cache

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import importlib
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
+from types import ModuleType
 from typing import Any, TypeVar
 
 import pytest
@@ -322,3 +324,23 @@ def unanswered_port() -> Iterator[int]:
         for s in fillers:
             s.close()
         listener.close()
+
+
+def compiled_twin_or_skip(name: str) -> ModuleType:
+    """The compiled twin *name* kept outside relay._fast (e.g.
+    ``relay.http._client_c``), skipped or failed as :func:`compiled_or_skip`."""
+    reason = None
+    if fast.NO_EXTENSIONS:
+        reason = "disabled by RELAY_NO_EXTENSIONS"
+    else:
+        try:
+            module = importlib.import_module(name)
+        except ImportError as exc:
+            reason = f"{name} not built: {exc}"
+        else:
+            if fast._is_extension(module):
+                return module
+            reason = f"{name} is not a compiled extension"
+    if EXPECT_COMPILED:
+        pytest.fail(f"RELAY_EXPECT_EXTENSIONS=1 but {reason}")
+    pytest.skip(reason)

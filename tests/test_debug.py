@@ -22,6 +22,7 @@ from relay.http.protocol import ClientConnection, ConnectionLimits
 from relay.http.request import Request
 from relay.http.server import RelayServer, bind_socket
 from relay.testing import ThreadedFakeUpstream
+from relay.upstream.protocol import UpstreamConnection
 from tests.conftest import RawClient, RelayFactory
 from tests.leakcheck import check_released
 from tests.support import (
@@ -36,6 +37,11 @@ from tests.support import (
 TIMEOUT = 10.0
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "count what is open"}]}
 
+# The module whose class serves client connections in this process (the
+# compiled twin or the pure one, as relay.http.protocol chose).
+CLIENT_MODULE = ClientConnection.__module__
+UPSTREAM_MODULE = UpstreamConnection.__module__
+
 # Every method the debug mode wraps: (module, class, method).
 COUNTED = {
     ("relay.app", "Gateway", "__init__"),
@@ -46,13 +52,13 @@ COUNTED = {
     ("relay.features.coalescer", "Leader", "close"),
     ("relay.upstream.exchange", "ProxyExchange", "__init__"),
     ("relay.upstream.exchange", "ProxyExchange", "_settle"),
-    ("relay.http.protocol", "ClientConnection", "_serve"),
+    (CLIENT_MODULE, "ClientConnection", "_serve"),
     ("relay.keys.service", "KeyService", "__init__"),
     ("relay.keys.service", "KeyService", "_refresh_loop"),
     ("relay.keys.service", "KeyService", "_spawn"),
     ("relay.keys.service", "KeyService", "close"),
-    ("relay.http.protocol", "ClientConnection", "connection_lost"),
-    ("relay.http.protocol", "ClientConnection", "connection_made"),
+    (CLIENT_MODULE, "ClientConnection", "connection_lost"),
+    (CLIENT_MODULE, "ClientConnection", "connection_made"),
     ("relay.accounting.ledger", "SharedUsage", "_send_all"),
     ("relay.redisconn", "RedisConnection", "__init__"),
     ("relay.redisconn", "RedisConnection", "_probe_until_up"),
@@ -61,8 +67,8 @@ COUNTED = {
     ("relay.upstream.pool", "UpstreamPool", "__init__"),
     ("relay.upstream.pool", "UpstreamPool", "_closed_one"),
     ("relay.upstream.pool", "UpstreamPool", "close"),
-    ("relay.upstream.protocol", "UpstreamConnection", "connection_lost"),
-    ("relay.upstream.protocol", "UpstreamConnection", "connection_made"),
+    (UPSTREAM_MODULE, "UpstreamConnection", "connection_lost"),
+    (UPSTREAM_MODULE, "UpstreamConnection", "connection_made"),
 }
 
 

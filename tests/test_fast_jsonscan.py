@@ -25,6 +25,7 @@ from relay._fast import (
     STREAM_OPTIONS_NOT_OBJECT,
     STREAM_OPTIONS_WITHOUT_USAGE,
     RequestFacts,
+    ResponseCounts,
     ResponseUsage,
 )
 from relay.accounting.usage import Usage, inject_include_usage, usage_from_json
@@ -105,9 +106,38 @@ def reference_response(body: bytes) -> ResponseUsage | None:
     )
 
 
+def reference_counts(body: bytes) -> ResponseCounts | ResponseUsage | None:
+    """The counts of an OpenAI chat usage, else the ResponseUsage, from json.loads."""
+    found = reference_response(body)
+    if found is None or found.usage is None:
+        return found
+
+    def count(owner: dict[str, Any], name: str) -> int | None:
+        value = owner.get(name, 0)  # absent: 0; anything but an int >= 0: None
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+        return None
+
+    usage = found.usage
+    if "prompt_tokens" not in usage:
+        return found
+    details = usage.get("prompt_tokens_details")
+    counts = (
+        count(usage, "prompt_tokens"),
+        count(usage, "completion_tokens"),
+        count(details, "cached_tokens") if isinstance(details, dict) else 0,
+    )
+    if None in counts:
+        return found
+    return ResponseCounts(found.model, *counts)
+
+
 def check(impl: fast.Implementation, body: bytes) -> None:
     assert impl.request_facts(body) == reference_request(body)
     assert impl.response_usage(body) == reference_response(body)
+    counts = impl.response_counts(body)
+    assert counts == reference_counts(body)
+    assert type(counts) is type(reference_counts(body))
 
 
 # --------------------------------------------------------------- fixed cases
@@ -116,6 +146,17 @@ CHAT = (
     b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi \\"there\\" \\u00e9",'
     b'"stream":true,"model":"inner","max_tokens":9}],"temperature":0.2,"max_tokens":256,'
     b'"stream":false,"metadata":{"stream_options":{"include_usage":true},"usage":{"a":1}}}'
+)
+
+# A chat completion as the OpenAI API answers it.
+CHAT_RESPONSE = (
+    b'{"id":"chatcmpl-1","object":"chat.completion","created":1735689600,'
+    b'"model":"gpt-4o-2024-08-06","choices":[{"index":0,"message":{"role":"assistant","content":'
+    b'"Reusing skips the handshakes.","refusal":null},"logprobs":null,"finish_reason":"stop"}],'
+    b'"usage":{"prompt_tokens":38,"completion_tokens":21,"total_tokens":59,"prompt_tokens_details":'
+    b'{"cached_tokens":0,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":0,'
+    b'"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}},'
+    b'"service_tier":"default","system_fingerprint":"fp_1"}'
 )
 
 REQUESTS = {
@@ -285,6 +326,79 @@ def test_walk_decides_ordinary_bodies_alone(walk) -> None:
         assert walk.decides_alone(body), body
 
 
+COUNTS = {
+    "the usual chat answer": (
+        CHAT_RESPONSE,
+        ResponseCounts("gpt-4o-2024-08-06", 38, 21, 0),
+    ),
+    "cached tokens": (
+        b'{"usage":{"prompt_tokens":30,"prompt_tokens_details":{"cached_tokens":20},'
+        b'"completion_tokens":2},"model":"m"}',
+        ResponseCounts("m", 30, 2, 20),
+    ),
+    "absent counts are 0, -0 is 0": (
+        b'{"usage":{"prompt_tokens":-0,"prompt_tokens_details":{}}}',
+        ResponseCounts(None, 0, 0, 0),
+    ),
+    "details not an object": (
+        b'{"usage":{"prompt_tokens":1,"prompt_tokens_details":null,"completion_tokens":0}}',
+        ResponseCounts(None, 1, 0, 0),
+    ),
+    "the last of duplicates": (
+        b'{"usage":{"prompt_tokens":-1,"prompt_tokens":4,"completion_tokens":true,'
+        b'"completion_tokens":5}}',
+        ResponseCounts(None, 4, 5, 0),
+    ),
+    "escaped keys": (
+        b'{"usage":{"prompt_\\u0074okens":7,"completion_tokens":1,'
+        b'"prompt_tokens_details":{"cached\\u005ftokens":3}}}',
+        ResponseCounts(None, 7, 1, 3),
+    ),
+    "counts beyond 64 bits": (
+        b'{"usage":{"prompt_tokens":123456789012345678901234,"completion_tokens":'
+        b'999999999999999999}}',
+        ResponseCounts(None, 123456789012345678901234, 999999999999999999, 0),
+    ),
+    "a negative count": (
+        b'{"usage":{"prompt_tokens":3,"completion_tokens":-2}}',
+        ResponseUsage({"prompt_tokens": 3, "completion_tokens": -2}, None),
+    ),
+    "a float count": (
+        b'{"usage":{"prompt_tokens":3.0},"model":"m"}',
+        ResponseUsage({"prompt_tokens": 3.0}, "m"),
+    ),
+    "a bool cached count": (
+        b'{"usage":{"prompt_tokens":3,"prompt_tokens_details":{"cached_tokens":false}}}',
+        ResponseUsage({"prompt_tokens": 3, "prompt_tokens_details": {"cached_tokens": False}}, None),
+    ),
+    "a negative long cached count": (
+        b'{"usage":{"prompt_tokens":3,"prompt_tokens_details":{"cached_tokens":'
+        b'-12345678901234567890123}}}',
+        ResponseUsage(
+            {"prompt_tokens": 3, "prompt_tokens_details": {"cached_tokens": -12345678901234567890123}},
+            None,
+        ),
+    ),
+    "Anthropic's usage": (
+        b'{"model":"claude","usage":{"input_tokens":5,"output_tokens":1}}',
+        ResponseUsage({"input_tokens": 5, "output_tokens": 1}, "claude"),
+    ),
+    "prompt_tokens only in a nested object": (
+        b'{"usage":{"prompt_tokens_details":{"prompt_tokens":3}}}',
+        ResponseUsage({"prompt_tokens_details": {"prompt_tokens": 3}}, None),
+    ),
+    "no usage object": (b'{"usage":7,"model":"m"}', ResponseUsage(None, "m")),
+    "not an object": (b"[]", None),
+}
+
+
+@pytest.mark.parametrize(("body", "expected"), COUNTS.values(), ids=COUNTS.keys())
+def test_response_counts_fixed_cases(impl, body, expected) -> None:
+    assert impl.response_counts(body) == expected == reference_counts(body)
+    assert type(impl.response_counts(body)) is type(expected)
+    check(impl, body)
+
+
 def test_facts_are_named_tuples_of_the_same_type(impl) -> None:
     facts = impl.request_facts(CHAT)
     assert type(facts) is RequestFacts
@@ -304,6 +418,7 @@ def test_a_bytearray_body_gets_the_same_facts(impl) -> None:
 KEYS = [
     "stream", "model", "usage", "messages", "stream_options", "include_usage",
     "max_tokens", "max_completion_tokens", "max_output_tokens", "prompt_tokens",
+    "completion_tokens", "prompt_tokens_details", "cached_tokens",
     "", "x", "streams", "Model", "mod\u00e8l", "\u6a21\u578b", "str\u0000eam",
 ]  # fmt: skip
 _chars = st.characters(min_codepoint=0, max_codepoint=0x10FFFF, exclude_categories=())
@@ -432,6 +547,49 @@ def test_generated_usage_objects_decode_as_json_loads_decodes_them(body: bytes) 
 
         assert _jsonscan_c.decides_alone(body), body
         assert _jsonscan_c.response_usage(body) == expected
+        assert _jsonscan_c.response_counts(body) == reference_counts(body)
+
+
+token_counts = (
+    st.integers(min_value=0, max_value=2**64)
+    | st.integers(min_value=-(2**64), max_value=-1)
+    | st.booleans()
+    | st.none()
+    | st.floats(allow_nan=False, allow_infinity=False)
+)
+
+
+@st.composite
+def chat_usages(draw: st.DrawFn) -> bytes:
+    """A response whose usage has some of the OpenAI chat counts, in any order."""
+    counts = st.sampled_from(["prompt_tokens", "completion_tokens"])
+    details = st.lists(
+        st.tuples(st.sampled_from(["cached_tokens", "audio_tokens"]), token_counts), max_size=3
+    ).map(Members)
+    usage = draw(
+        st.lists(
+            st.tuples(counts, token_counts)
+            | st.tuples(st.just("prompt_tokens_details"), details | values)
+            | st.tuples(keys, values),
+            max_size=6,
+        ).map(Members)
+    )
+    members = Members([("model", draw(scalars)), ("usage", usage)])
+    if draw(st.booleans()):
+        members.reverse()
+    return render(draw, members).encode("utf-8")
+
+
+@SETTINGS
+@given(chat_usages())
+@example(CHAT_RESPONSE)
+def test_generated_chat_usages_give_the_counts_of_json_loads(body: bytes) -> None:
+    check(fast.pure, body)
+    if fast.compiled is not None:
+        from relay._fast import _jsonscan_c
+
+        assert _jsonscan_c.decides_alone(body), body
+        check(fast.compiled, body)
 
 
 @SETTINGS

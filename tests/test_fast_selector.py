@@ -104,12 +104,15 @@ def test_compiled_chosen_when_built(value: str | None) -> None:
     assert result["imported"] == sorted(
         f"relay._fast.{name}"
         for name in (
-            "_breaker_c", "_bucket_c", "_cachekey_c", "_heads_c", "_jsonscan_c", "_meters_c"
+            "_breaker_c", "_bucket_c", "_cachekey_c", "_heads_c", "_jsonscan_c", "_meters_c",
+            "_usagerow_c",
         )
     )
 
 
-@pytest.mark.parametrize("module", ["_breaker_c", "_heads_c", "_jsonscan_c", "_meters_c"])
+@pytest.mark.parametrize(
+    "module", ["_breaker_c", "_heads_c", "_jsonscan_c", "_meters_c", "_usagerow_c"]
+)
 def test_any_missing_compiled_module_falls_back_to_pure(module: str) -> None:
     # None in sys.modules makes that import fail, as a missing build would.
     result = probe(None, prelude=f"sys.modules['relay._fast.{module}'] = None")
@@ -155,3 +158,85 @@ def test_twins_expose_the_same_public_api() -> None:
         pure_api = {a for a in dir(getattr(fast.pure, name)) if not a.startswith("_")}
         compiled_api = {a for a in dir(getattr(fast.compiled, name)) if not a.startswith("_")}
         assert pure_api == compiled_api, name
+
+
+# -- twins kept beside what they serve: the client and upstream connections --
+
+PROTOCOL_PROBE = """
+import json, sys
+{prelude}
+import relay.http.protocol as protocol
+import relay.upstream.protocol as upstream
+print(json.dumps({{
+    "implementation": protocol.IMPLEMENTATION,
+    "connection_module": protocol.ClientConnection.__module__,
+    "limits_module": protocol.ConnectionLimits.__module__,
+    "compiled_imported": "relay.http._client_c" in sys.modules,
+    "pure_imported": "relay.http._client_py" in sys.modules,
+    "upstream_implementation": upstream.IMPLEMENTATION,
+    "upstream_module": upstream.UpstreamConnection.__module__,
+    "upstream_pure_imported": "relay.upstream._conn_py" in sys.modules,
+    "upstream_compiled_imported": "relay.upstream._conn_c" in sys.modules,
+}}))
+"""
+
+
+def protocol_probe(env_value: str | None, prelude: str = "") -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "RELAY_NO_EXTENSIONS"}
+    if env_value is not None:
+        env["RELAY_NO_EXTENSIONS"] = env_value
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    out = subprocess.run(
+        [sys.executable, "-c", PROTOCOL_PROBE.format(prelude=prelude)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True,
+    )
+    return json.loads(out.stdout)
+
+
+def test_flag_forces_the_pure_connections_without_importing_the_compiled() -> None:
+    result = protocol_probe("1")
+    assert result == {
+        "implementation": "pure",
+        "connection_module": "relay.http._client_py",
+        "limits_module": "relay.http._client_py",
+        "compiled_imported": False,
+        "pure_imported": True,
+        "upstream_implementation": "pure",
+        "upstream_module": "relay.upstream._conn_py",
+        "upstream_pure_imported": True,
+        "upstream_compiled_imported": False,
+    }
+
+
+def test_compiled_connections_chosen_when_built() -> None:
+    if fast.compiled is None:
+        reason = f"compiled relay._fast not built: {fast.COMPILED_IMPORT_ERROR}"
+        if EXPECT_COMPILED:
+            pytest.fail(reason)
+        pytest.skip(reason)
+    result = protocol_probe(None)
+    assert result == {
+        "implementation": "compiled",
+        "connection_module": "relay.http._client_c",
+        "limits_module": "relay.http._client_c",
+        "compiled_imported": True,
+        "pure_imported": False,  # only the chosen twin is imported
+        "upstream_implementation": "compiled",
+        "upstream_module": "relay.upstream._conn_c",
+        "upstream_pure_imported": False,
+        "upstream_compiled_imported": True,
+    }
+
+
+def test_a_missing_compiled_client_connection_falls_back_to_pure() -> None:
+    result = protocol_probe(None, prelude="sys.modules['relay.http._client_c'] = None")
+    assert result["implementation"] == "pure"
+    assert result["connection_module"] == "relay.http._client_py"
+    assert result["limits_module"] == "relay.http._client_py"
+
+
+
+def test_a_missing_compiled_upstream_connection_falls_back_to_pure() -> None:
+    result = protocol_probe(None, prelude="sys.modules['relay.upstream._conn_c'] = None")
+    assert result["upstream_implementation"] == "pure"
+    assert result["upstream_module"] == "relay.upstream._conn_py"

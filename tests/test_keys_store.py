@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import calendar
 import contextlib
+import dataclasses
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -151,7 +152,7 @@ def test_store_records_round_trip(backend, run):
 
 
 def _fields(record: KeyRecord) -> dict[str, Any]:
-    return {name: getattr(record, name) for name in record.__slots__}  # type: ignore[attr-defined]
+    return {f.name: getattr(record, f.name) for f in dataclasses.fields(record) if f.init}
 
 
 def test_store_budget_refuses_what_does_not_fit(backend, run):
@@ -476,6 +477,79 @@ def test_a_busy_key_prefetches_once_and_gets_larger_allowances(tmp_path, run):
                 service.settle(key, allowance, None, 0.0, 1, 1, 0)
             await service.close()
         assert first.released and second.released
+
+    run(main())
+
+
+def test_admission_period_follows_the_calendar_across_period_starts(monkeypatch):
+    """The remembered period start turns exactly where the calendar's does."""
+    import calendar as _calendar
+
+    from relay.accounting.cost import PriceTable
+    from relay.keys import admission as admission_module
+    from relay.keys.admission import Admission
+
+    class Service:
+        def start(self) -> None:
+            pass
+
+    admission = Admission(Service(), PriceTable({}), 100, None)  # type: ignore[arg-type]
+    starts = [_calendar.timegm((2024, month, day, 0, 0, 0)) for month, day in
+              ((1, 1), (1, 31), (2, 1), (2, 28), (2, 29), (3, 1), (12, 30), (12, 31))]
+    starts.append(_calendar.timegm((2025, 1, 1, 0, 0, 0)))
+    moments = sorted({t + d for t in starts for d in (-86400.5, -0.001, 0.0, 0.001, 3600.0)})
+    for period in ("daily", "weekly", "monthly"):
+        record, _ = _key(budget_usd=1.0, budget_period=period)
+        for now in moments:  # forward in time, as a clock goes
+            monkeypatch.setattr(admission_module.time, "time", lambda: now)
+            assert admission._period(record) == period_start(period, now), (period, now)
+        for now in reversed(moments):  # and a clock set back
+            monkeypatch.setattr(admission_module.time, "time", lambda: now)
+            assert admission._period(record) == period_start(period, now), (period, now)
+    lifetime, _ = _key(budget_usd=1.0)
+    assert admission._period(lifetime) == 0
+
+
+def test_an_allowance_drawn_from_by_requests_that_end_at_once_outlives_a_flush(tmp_path, run):
+    """Cache hits settle as soon as they are admitted, so a flush never finds
+    one outstanding: the allowance stays while requests draw from it (no new
+    store reservation per flush), and goes back once a whole interval passed
+    without any (or at once when nothing is left of it)."""
+    import asyncio
+
+    from relay.keys.service import KeyService
+
+    async def main() -> None:
+        store = SQLiteKeyStore(os.path.join(str(tmp_path), "keys.db"))
+        service = KeyService(store, asyncio.get_running_loop())
+        asked = _recording_reserves(store)
+        key, _ = _key(rpm=10**9)
+        await store.create(key)
+        try:
+            refusal, first, _local = await service.reserve(key, 10, 0.0, 0)
+            assert refusal is None and first is not None
+            service.settle(key, first, None, 0.0, 0, 0, 0)
+            for _ in range(3):  # an interval with requests, then a flush
+                for _ in range(5):
+                    drawn = service.reserve_now(key, 10, 0.0, 0)
+                    assert drawn is first
+                    service.settle(key, drawn, None, 0.0, 0, 0, 0)
+                service._flush()
+                assert first.open and not first.released
+            assert len(asked) == 1
+            service._flush()  # an interval without any request: given back
+            assert not first.open and first.released
+            assert service.reserve_now(key, 10, 0.0, 0) is None
+
+            size_one, _ = _key("key_c", name="one", rpm=20)  # 1/20 of rpm: one request each
+            await store.create(size_one)
+            refusal, single, _local = await service.reserve(size_one, 10, 0.0, 0)
+            assert refusal is None and single is not None and single.requests == 0
+            service.settle(size_one, single, None, 0.0, 0, 0, 0)
+            service._flush()  # drawn from, but nothing left: given back at once
+            assert single.released
+        finally:
+            await service.close()
 
     run(main())
 

@@ -15,6 +15,11 @@ This is the one place that chooses. Everything else imports from here:
 Both twins stay reachable for tests and benchmarks as ``pure`` and
 ``compiled`` (None when not built or disabled). The pure modules are the
 typing reference: type checkers see their signatures.
+
+Twins that live beside what they serve (the client connection in
+``relay.http``, whose source imports the rest of ``relay.http``) are
+chosen by :func:`twin` under the same rule, so ``RELAY_NO_EXTENSIONS``
+means one thing everywhere.
 """
 
 from __future__ import annotations
@@ -26,7 +31,15 @@ from importlib.machinery import EXTENSION_SUFFIXES
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from . import _breaker_py, _bucket_py, _cachekey_py, _heads_py, _jsonscan_py, _meters_py
+from . import (
+    _breaker_py,
+    _bucket_py,
+    _cachekey_py,
+    _heads_py,
+    _jsonscan_py,
+    _meters_py,
+    _usagerow_py,
+)
 from ._breaker_states import CLOSED, HALF_OPEN, OPEN, STATE_NAMES, BreakerTransitionError
 from ._heads_py import (
     BAD_EXPECT,
@@ -43,6 +56,7 @@ from ._jsonscan_py import (
     STREAM_OPTIONS_NOT_OBJECT,
     STREAM_OPTIONS_WITHOUT_USAGE,
     RequestFacts,
+    ResponseCounts,
     ResponseUsage,
     request_facts_of,
 )
@@ -72,8 +86,11 @@ __all__ = [
     "CircuitBreaker",
     "Implementation",
     "RequestFacts",
+    "ResponseCounts",
     "ResponseUsage",
     "TokenBucket",
+    "UsageRow",
+    "add_paid",
     "cache_key",
     "CounterChild",
     "GaugeChild",
@@ -85,7 +102,9 @@ __all__ = [
     "request_facts_of",
     "request_head",
     "response_head",
+    "response_counts",
     "response_usage",
+    "twin",
 ]
 
 # Compiled module -> the pure module it twins.
@@ -96,6 +115,7 @@ _COMPILED_MODULES = {
     "_jsonscan_c": _jsonscan_py,
     "_meters_c": _meters_py,
     "_heads_c": _heads_py,
+    "_usagerow_c": _usagerow_py,
 }
 
 
@@ -112,11 +132,14 @@ class Implementation:
     CircuitBreaker: Any
     request_facts: Any
     response_usage: Any
+    response_counts: Any
     CounterChild: Any
     GaugeChild: Any
     HistogramChild: Any
     request_head: Any
     response_head: Any
+    UsageRow: Any
+    add_paid: Any
 
 
 def extensions_disabled(value: str | None) -> bool:
@@ -140,13 +163,14 @@ def _load_compiled() -> tuple[Implementation | None, str | None]:
         if not _is_extension(module):
             return None, f"{name}: not a compiled extension ({module.__file__})"
         modules[name] = module
-    cachekey, bucket, breaker, jsonscan, meters, heads = (
+    cachekey, bucket, breaker, jsonscan, meters, heads, usagerow = (
         modules["_cachekey_c"],
         modules["_bucket_c"],
         modules["_breaker_c"],
         modules["_jsonscan_c"],
         modules["_meters_c"],
         modules["_heads_c"],
+        modules["_usagerow_c"],
     )
     return (
         Implementation(
@@ -159,11 +183,14 @@ def _load_compiled() -> tuple[Implementation | None, str | None]:
             CircuitBreaker=breaker.CircuitBreaker,
             request_facts=jsonscan.request_facts,
             response_usage=jsonscan.response_usage,
+            response_counts=jsonscan.response_counts,
             CounterChild=meters.CounterChild,
             GaugeChild=meters.GaugeChild,
             HistogramChild=meters.HistogramChild,
             request_head=heads.request_head,
             response_head=heads.response_head,
+            UsageRow=usagerow.UsageRow,
+            add_paid=usagerow.add_paid,
         ),
         None,
     )
@@ -179,14 +206,37 @@ pure = Implementation(
     CircuitBreaker=_breaker_py.CircuitBreaker,
     request_facts=_jsonscan_py.request_facts,
     response_usage=_jsonscan_py.response_usage,
+    response_counts=_jsonscan_py.response_counts,
     CounterChild=_meters_py.CounterChild,
     GaugeChild=_meters_py.GaugeChild,
     HistogramChild=_meters_py.HistogramChild,
     request_head=_heads_py.request_head,
     response_head=_heads_py.response_head,
+    UsageRow=_usagerow_py.UsageRow,
+    add_paid=_usagerow_py.add_paid,
 )
 
 NO_EXTENSIONS: bool = extensions_disabled(os.environ.get("RELAY_NO_EXTENSIONS"))
+
+
+def twin(pure_name: str, compiled_name: str) -> ModuleType:
+    """The module to run of a pair of twins kept outside this package.
+
+    *compiled_name* (absolute) is the extension compiled from the source of
+    *pure_name*; it is imported and used unless ``RELAY_NO_EXTENSIONS`` is
+    set or it was not built, and only then is *pure_name* imported. The
+    caller names both, so this package still imports nothing outside itself.
+    """
+    if not NO_EXTENSIONS:
+        try:
+            module = importlib.import_module(compiled_name)
+        except ImportError:
+            pass
+        else:
+            if _is_extension(module):
+                return module
+    return importlib.import_module(pure_name)
+
 
 compiled: Implementation | None
 COMPILED_IMPORT_ERROR: str | None
@@ -205,8 +255,9 @@ if TYPE_CHECKING:
     from ._bucket_py import BucketTable, TokenBucket
     from ._cachekey_py import cache_key, credential_hash
     from ._heads_py import request_head, response_head
-    from ._jsonscan_py import request_facts, response_usage
+    from ._jsonscan_py import request_facts, response_counts, response_usage
     from ._meters_py import CounterChild, GaugeChild, HistogramChild
+    from ._usagerow_py import UsageRow, add_paid
 else:
     cache_key = _chosen.cache_key
     credential_hash = _chosen.credential_hash
@@ -215,10 +266,13 @@ else:
     CircuitBreaker = _chosen.CircuitBreaker
     request_facts = _chosen.request_facts
     response_usage = _chosen.response_usage
+    response_counts = _chosen.response_counts
     CounterChild = _chosen.CounterChild
     GaugeChild = _chosen.GaugeChild
     HistogramChild = _chosen.HistogramChild
     request_head = _chosen.request_head
     response_head = _chosen.response_head
+    UsageRow = _chosen.UsageRow
+    add_paid = _chosen.add_paid
 
 del _chosen

@@ -34,6 +34,7 @@ from . import _jsonscan_py as _reference
 # The pure module is the definition: its types and constants are read once.
 cdef object RequestFacts = _reference.RequestFacts
 cdef object ResponseUsage = _reference.ResponseUsage
+cdef object ResponseCounts = _reference.ResponseCounts
 cdef object NOT_AN_OBJECT = _reference.NOT_AN_OBJECT
 cdef object STREAM_OPTIONS_ABSENT = _reference.STREAM_OPTIONS_ABSENT
 cdef object STREAM_OPTIONS_INCLUDE_USAGE = _reference.STREAM_OPTIONS_INCLUDE_USAGE
@@ -41,6 +42,7 @@ cdef object STREAM_OPTIONS_WITHOUT_USAGE = _reference.STREAM_OPTIONS_WITHOUT_USA
 cdef object STREAM_OPTIONS_NOT_OBJECT = _reference.STREAM_OPTIONS_NOT_OBJECT
 cdef object reference_request_facts = _reference.request_facts
 cdef object reference_response_usage = _reference.response_usage
+cdef object reference_response_counts = _reference.response_counts
 cdef object loads = json.loads
 # A NamedTuple made the way its own __new__ makes it, minus a Python call.
 cdef object tuple_new = tuple.__new__
@@ -73,7 +75,9 @@ cdef enum:
     V_OBJECT
     V_ARRAY
 
-# The members relay reads (M_INCLUDE_USAGE inside "stream_options" only).
+# The members relay reads, by the object they are members of (the G_*
+# groups): the top level; "stream_options"; a response's "usage"; its
+# "prompt_tokens_details".
 cdef enum:
     M_OTHER = -1
     M_STREAM = 0
@@ -85,7 +89,17 @@ cdef enum:
     M_STREAM_OPTIONS
     M_USAGE
     M_INCLUDE_USAGE
+    M_PROMPT_TOKENS
+    M_COMPLETION_TOKENS
+    M_PROMPT_TOKENS_DETAILS
+    M_CACHED_TOKENS
     M_COUNT
+
+cdef enum:
+    G_TOP = 0
+    G_STREAM_OPTIONS
+    G_USAGE
+    G_DETAILS
 
 
 cdef struct Value:
@@ -263,17 +277,23 @@ cdef extern from *:
     static const char *const relay_member_keys[] = {
         "stream", "model", "max_tokens", "max_completion_tokens", "max_output_tokens",
         "messages", "stream_options", "usage", "include_usage",
+        "prompt_tokens", "completion_tokens", "prompt_tokens_details", "cached_tokens",
     };
-    static const Py_ssize_t relay_member_key_lengths[] = {6, 5, 10, 21, 17, 8, 14, 5, 13};
+    static const Py_ssize_t relay_member_key_lengths[] = {
+        6, 5, 10, 21, 17, 8, 14, 5, 13, 13, 17, 21, 13,
+    };
+    /* The members of each G_* group: M_* from first to just before the next's. */
+    static const int relay_group_first[] = {0, 8, 9, 12, 13};
     """
     const char *relay_member_keys[]
     const Py_ssize_t relay_member_key_lengths[]
+    const int relay_group_first[]
 
 
-cdef int member_of(const unsigned char *k, Py_ssize_t length, bint inner) noexcept nogil:
-    """Which member a key (its decoded UTF-8 bytes) names."""
-    cdef int member = M_INCLUDE_USAGE if inner else M_STREAM
-    cdef int last = M_COUNT if inner else M_INCLUDE_USAGE
+cdef int member_of(const unsigned char *k, Py_ssize_t length, int group) noexcept nogil:
+    """Which member of a ``group`` object a key (its decoded UTF-8 bytes) names."""
+    cdef int member = relay_group_first[group]
+    cdef int last = relay_group_first[group + 1]
     while member < last:
         if length == relay_member_key_lengths[member] and memcmp(k, relay_member_keys[member], <size_t>length) == 0:
             return member
@@ -281,20 +301,20 @@ cdef int member_of(const unsigned char *k, Py_ssize_t length, bint inner) noexce
     return M_OTHER
 
 
-cdef int escaped_member_of(bytes body, Py_ssize_t start, Py_ssize_t end, bint inner) except -2:
+cdef int escaped_member_of(bytes body, Py_ssize_t start, Py_ssize_t end, int group) except -2:
     # A key written with escapes ("str\u0065am") is decoded by json itself;
     # keys relay reads are short, so only short ones are worth decoding.
     cdef bytes key
     if end - start > 6 * 21 + 2:
         return M_OTHER
     key = loads(body[start:end]).encode("utf-8", "surrogatepass")
-    return member_of(<const unsigned char *>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), inner)
+    return member_of(<const unsigned char *>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), group)
 
 
 cdef int scan_members(
-    bytes body, Py_ssize_t i, Found *found, bint inner, Py_ssize_t *end
+    bytes body, Py_ssize_t i, Found *found, int group, Py_ssize_t *end
 ) except -2:
-    """The members of the object opening at body[i], noted in ``found``.
+    """The members (of ``group``) of the object opening at body[i], noted in ``found``.
 
     0 with ``end`` past the closing brace, or -1: the reference decides.
     """
@@ -318,9 +338,9 @@ cdef int scan_members(
         if i < 0:
             return -1
         if escaped:
-            member = escaped_member_of(body, key_start, key_end, inner)
+            member = escaped_member_of(body, key_start, key_end, group)
         else:
-            member = member_of(s + key_start + 1, key_end - key_start - 2, inner)
+            member = member_of(s + key_start + 1, key_end - key_start - 2, group)
         start = i
         escaped = False
         c = s[i]
@@ -373,7 +393,7 @@ cdef int scan(bytes body, Found *found) except -2:
             return FALL_BACK
         return NOT_OBJECT
     found.open_brace = i
-    if scan_members(body, i, found, False, &end) < 0:
+    if scan_members(body, i, found, G_TOP, &end) < 0:
         return FALL_BACK
     if skip_ws(s, n, end) != n:
         return FALL_BACK  # extra data after the object
@@ -486,7 +506,7 @@ cdef object request_from(bytes body, Found *found):
     v = &found.member[M_STREAM_OPTIONS]
     if v.kind == V_OBJECT:
         memset(&inner, 0, sizeof(Found))
-        if scan_members(body, v.start, &inner, True, &end) < 0:
+        if scan_members(body, v.start, &inner, G_STREAM_OPTIONS, &end) < 0:
             return None  # cannot happen: the walk has checked it
         if inner.member[M_INCLUDE_USAGE].kind == V_TRUE:
             options = STREAM_OPTIONS_INCLUDE_USAGE
@@ -533,10 +553,6 @@ def response_usage(body):
     """The top-level ``usage`` and ``model`` of a response body; None if not an object."""
     cdef Found found
     cdef int outcome
-    cdef Value *v
-    cdef Py_ssize_t start
-    cdef object usage = None
-    cdef object model = None
     if not isinstance(body, bytes):
         return reference_response_usage(body)
     outcome = scan(body, &found)
@@ -544,6 +560,15 @@ def response_usage(body):
         return None
     if outcome == FALL_BACK:
         return reference_response_usage(body)
+    return usage_from(body, &found)
+
+
+cdef object usage_from(bytes body, Found *found):
+    """The ResponseUsage of a scanned body."""
+    cdef Value *v
+    cdef Py_ssize_t start
+    cdef object usage = None
+    cdef object model = None
     v = &found.member[M_USAGE]
     if v.kind == V_OBJECT:
         start = v.start
@@ -552,6 +577,87 @@ def response_usage(body):
     if v.kind == V_STRING:
         model = string_value(body, v)
     return tuple_new(ResponseUsage, (usage, model))
+
+
+# What count() finds.
+cdef enum:
+    COUNT_OTHER = -1  # present, not a non-negative integer: not the chat shape
+    COUNT_LONG = -2  # an integer literal too long for C: the reference reads it
+
+
+cdef long long count(bytes body, Value *v):
+    """A token count: its value, 0 when absent, or a COUNT_* value."""
+    cdef const unsigned char *s
+    cdef Py_ssize_t i, end
+    cdef long long value = 0
+    if v.kind == V_ABSENT:
+        return 0
+    if v.kind != V_INT:
+        return COUNT_OTHER
+    s = <const unsigned char *>PyBytes_AS_STRING(body)
+    i = v.start
+    end = v.end
+    if s[i] == 45:  # -: negative, or -0
+        i += 1
+        while i < end:
+            if s[i] != 48:
+                return COUNT_OTHER
+            i += 1
+        return 0
+    if end - i > C_INT_DIGITS:
+        return COUNT_LONG
+    while i < end:
+        value = value * 10 + (s[i] - 48)
+        i += 1
+    return value
+
+
+def response_counts(body):
+    """The ResponseCounts of an OpenAI chat answer's usage, else what
+    response_usage gives (None if not an object); see the pure twin."""
+    cdef Found found
+    cdef Found usage
+    cdef Found details
+    cdef int outcome
+    cdef Py_ssize_t end = 0
+    cdef long long prompt, completion
+    cdef long long cached = 0
+    cdef Value *v
+    cdef object model = None
+    if not isinstance(body, bytes):
+        return reference_response_counts(body)
+    outcome = scan(body, &found)
+    if outcome == NOT_OBJECT:
+        return None
+    if outcome == FALL_BACK:
+        return reference_response_counts(body)
+    if found.member[M_USAGE].kind != V_OBJECT:
+        return usage_from(body, &found)
+    memset(&usage, 0, sizeof(Found))
+    if scan_members(body, found.member[M_USAGE].start, &usage, G_USAGE, &end) < 0:
+        return None  # cannot happen: the walk has checked it
+    if usage.member[M_PROMPT_TOKENS].kind != V_INT:
+        return usage_from(body, &found)
+    prompt = count(body, &usage.member[M_PROMPT_TOKENS])
+    completion = count(body, &usage.member[M_COMPLETION_TOKENS])
+    v = &usage.member[M_PROMPT_TOKENS_DETAILS]
+    if v.kind == V_OBJECT:
+        memset(&details, 0, sizeof(Found))
+        if scan_members(body, v.start, &details, G_DETAILS, &end) < 0:
+            return None  # cannot happen: the walk has checked it
+        cached = count(body, &details.member[M_CACHED_TOKENS])
+    if prompt == COUNT_LONG or completion == COUNT_LONG or cached == COUNT_LONG:
+        return reference_response_counts(body)
+    if prompt < 0 or completion < 0 or cached < 0:
+        return usage_from(body, &found)
+    v = &found.member[M_MODEL]
+    if v.kind == V_STRING:
+        model = string_value(body, v)
+    return tuple_new(
+        ResponseCounts,
+        (model, PyLong_FromLongLong(prompt), PyLong_FromLongLong(completion),
+         PyLong_FromLongLong(cached)),
+    )
 
 
 def decides_alone(bytes body not None):

@@ -28,9 +28,11 @@ __all__ = [
     "STREAM_OPTIONS_NOT_OBJECT",
     "STREAM_OPTIONS_WITHOUT_USAGE",
     "RequestFacts",
+    "ResponseCounts",
     "ResponseUsage",
     "request_facts",
     "request_facts_of",
+    "response_counts",
     "response_usage",
 ]
 
@@ -66,6 +68,21 @@ class ResponseUsage(NamedTuple):
 
     usage: dict[str, Any] | None  # the "usage" member when it is an object
     model: str | None  # the "model" member when it is a string
+
+
+class ResponseCounts(NamedTuple):
+    """The usage of an OpenAI chat answer, the usual one, read as counts.
+
+    Its ``usage`` has ``prompt_tokens``, a non-negative integer;
+    ``completion_tokens`` absent or a non-negative integer; and
+    ``prompt_tokens_details``, when it is an object, a ``cached_tokens``
+    absent or a non-negative integer (an absent count is 0).
+    """
+
+    model: str | None  # the "model" member when it is a string
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
 
 
 NOT_AN_OBJECT = RequestFacts(False, None, None, None, None, None, False, STREAM_OPTIONS_ABSENT, -1)
@@ -140,3 +157,20 @@ def response_usage(body: bytes | bytearray) -> ResponseUsage | None:
     return ResponseUsage(
         usage if type(usage) is dict else None, model if type(model) is str else None
     )
+
+
+def response_counts(body: bytes | bytearray) -> ResponseCounts | ResponseUsage | None:
+    """:class:`ResponseCounts` of a response whose usage has the OpenAI chat
+    shape; else what :func:`response_usage` gives (None if not an object)."""
+    found = response_usage(body)
+    if found is None or found.usage is None:
+        return found
+    usage = found.usage
+    prompt = usage.get("prompt_tokens")
+    if type(prompt) is int and prompt >= 0:
+        completion = usage.get("completion_tokens", 0)
+        details = usage.get("prompt_tokens_details")
+        cached = details.get("cached_tokens", 0) if type(details) is dict else 0
+        if type(completion) is int and completion >= 0 and type(cached) is int and cached >= 0:
+            return ResponseCounts(found.model, prompt, completion, cached)
+    return found

@@ -14,7 +14,10 @@ from typing import Protocol
 
 from relay.accounting.usage import Usage
 
-__all__ = ["ModelLabels", "OTHER", "PriceLike", "PriceTable", "price_cost", "sanitize_label"]
+__all__ = [
+    "ModelLabels", "OTHER", "PriceLike", "PriceTable", "PriceTerms", "price_cost", "price_terms",
+    "sanitize_label", "terms_cost",
+]  # fmt: skip
 
 OTHER = "other"
 _LABEL_OK = re.compile(r"[A-Za-z0-9._:/-]{1,64}")
@@ -91,6 +94,18 @@ class PriceTable:
         )
 
 
+# The four USD-per-1000-token prices a cost multiplies: ordinary input,
+# output, cache reads, cache writes (the last two already defaulted).
+PriceTerms = tuple[float, float, float, float]
+
+
+def price_terms(price: PriceLike) -> PriceTerms:
+    """The prices :func:`terms_cost` multiplies, read once per model."""
+    cached_price = price.cached_input if price.cached_input is not None else price.input
+    write_price = price.cache_write_input if price.cache_write_input is not None else price.input
+    return price.input, price.output, cached_price, write_price
+
+
 def price_cost(
     price: PriceLike, prompt: int, completion: int, cached: int = 0, written: int = 0
 ) -> float:
@@ -104,15 +119,23 @@ def price_cost(
     it; without ``cached_input`` / ``cache_write_input`` they cost the
     ordinary input price.
     """
-    cached = min(max(cached, 0), prompt)
-    written = min(max(written, 0), prompt - cached)
-    cached_price = price.cached_input if price.cached_input is not None else price.input
-    write_price = price.cache_write_input if price.cache_write_input is not None else price.input
+    return terms_cost(price_terms(price), prompt, completion, cached, written)
+
+
+def terms_cost(
+    terms: PriceTerms, prompt: int, completion: int, cached: int = 0, written: int = 0
+) -> float:
+    """:func:`price_cost` with the prices already read by :func:`price_terms`."""
+    if not 0 <= cached <= prompt:
+        cached = min(max(cached, 0), prompt)
+    if not 0 <= written <= prompt - cached:
+        written = min(max(written, 0), prompt - cached)
+    input_price, output_price, cached_price, write_price = terms
     return (
-        (prompt - cached - written) / 1000 * price.input
+        (prompt - cached - written) / 1000 * input_price
         + cached / 1000 * cached_price
         + written / 1000 * write_price
-        + completion / 1000 * price.output
+        + completion / 1000 * output_price
     )
 
 

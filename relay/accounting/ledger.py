@@ -35,6 +35,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from relay import debug
+from relay._fast import UsageRow, add_paid
 from relay.accounting.usage import Usage
 
 if TYPE_CHECKING:
@@ -91,14 +92,31 @@ def _empty() -> dict[str, int | float]:
 
 
 class UsageLedger:
-    """In-memory totals of this process since it started."""
+    """In-memory totals of this process since it started.
+
+    Each owner's sums are a :class:`~relay._fast.UsageRow` (a record adds to
+    three of them in C where built); the dictionary shape of a snapshot is
+    made when the totals are read.
+    """
 
     def __init__(self, max_keys: int = 10000, now: float | None = None) -> None:
         self.max_keys = max_keys
         self._since = time.time() if now is None else now
-        self._totals = _empty()
-        self._models: dict[str, dict[str, int | float]] = {}
-        self._keys: dict[str, dict[str, int | float]] = {}
+        self._totals = UsageRow()
+        self._models: dict[str, UsageRow] = {}
+        self._keys: dict[str, UsageRow] = {}
+
+    def _key_row(self, key: str) -> UsageRow:
+        """The row of *key*, made on its first record (past the bound: other's)."""
+        keys = self._keys
+        row = keys.get(key)
+        if row is None:
+            if len(keys) >= self.max_keys:
+                key = OTHER
+                row = keys.get(OTHER)
+            if row is None:
+                row = keys[key] = UsageRow()
+        return row
 
     def record(
         self,
@@ -111,50 +129,28 @@ class UsageLedger:
     ) -> None:
         """Add one request: ``cost`` paid upstream; or, with ``hit``, a cache
         hit that avoided ``saved`` (its tokens are not added again)."""
-        key = key_hash or ANONYMOUS
-        keys = self._keys
-        row = keys.get(key)
+        row = self._keys.get(key_hash or ANONYMOUS)
         if row is None:
-            if len(keys) >= self.max_keys:
-                key = OTHER
-                row = keys.get(OTHER)
-            if row is None:
-                row = keys[key] = _empty()
+            row = self._key_row(key_hash or ANONYMOUS)
         model_row = self._models.get(model_label)
         if model_row is None:
-            model_row = self._models[model_label] = _empty()
-        # The same additions as _increments gives, written out: this runs
-        # once per request. Adding a zero changes no total.
+            model_row = self._models[model_label] = UsageRow()
+        # The same additions as _increments gives, into each of the three.
         if hit:
-            for target in (self._totals, model_row, row):
-                target["cache_hits"] += 1
-                if saved:
-                    target["saved_usd"] += saved
+            self._totals.add_hit(saved)
+            model_row.add_hit(saved)
+            row.add_hit(saved)
             return
-        prompt = usage.prompt_tokens
-        completion = usage.completion_tokens
-        cached = usage.cached_tokens
-        estimated = usage.estimated
-        for target in (self._totals, model_row, row):
-            target["requests"] += 1
-            if estimated:
-                target["estimated_requests"] += 1
-            if prompt:
-                target["prompt_tokens"] += prompt
-            if completion:
-                target["completion_tokens"] += completion
-            if cached:
-                target["cached_tokens"] += cached
-            if cost:
-                target["cost_usd"] += cost
-            if saved:
-                target["saved_usd"] += saved
+        add_paid(
+            self._totals, model_row, row, usage.estimated, usage.prompt_tokens,
+            usage.completion_tokens, usage.cached_tokens, cost, saved,
+        )  # fmt: skip
 
     @property
     def empty(self) -> bool:
         """True while nothing was recorded (every record adds a request or a hit)."""
         totals = self._totals
-        return not totals["requests"] and not totals["cache_hits"]
+        return not totals.requests and not totals.cache_hits
 
     @property
     def since_time(self) -> float:
@@ -163,38 +159,29 @@ class UsageLedger:
     def rows(self, group: str) -> list[tuple[str, dict[str, int | float]]]:
         """(owner, counters) of ``group``: "totals" (owner ""), "models" or "keys"."""
         if group == "totals":
-            return [("", self._totals)]
-        return list((self._models if group == "models" else self._keys).items())
+            return [("", self._totals.counts())]
+        rows = self._models if group == "models" else self._keys
+        return [(owner, row.counts()) for owner, row in rows.items()]
 
     def merge(self, other: UsageLedger) -> None:
         """Add ``other``'s totals to these (keys beyond the bound go to other)."""
         self._since = min(self._since, other._since)
-        for name, amount in other._totals.items():
-            self._totals[name] += amount
+        self._totals.add_row(other._totals)
         for label, row in other._models.items():
             into = self._models.get(label)
             if into is None:
-                into = self._models[label] = _empty()
-            for name, amount in row.items():
-                into[name] += amount
+                into = self._models[label] = UsageRow()
+            into.add_row(row)
         for key, row in other._keys.items():
-            into = self._keys.get(key)
-            if into is None:
-                if len(self._keys) >= self.max_keys:
-                    key = OTHER
-                    into = self._keys.get(OTHER)
-                if into is None:
-                    into = self._keys[key] = _empty()
-            for name, amount in row.items():
-                into[name] += amount
+            self._key_row(key).add_row(row)
 
     def snapshot(self) -> dict[str, Any]:
         """A JSON-ready copy of the totals."""
         return {
             "since": _iso(self._since),
-            "totals": dict(self._totals),
-            "models": {name: dict(row) for name, row in self._models.items()},
-            "keys": {name: dict(row) for name, row in self._keys.items()},
+            "totals": self._totals.counts(),
+            "models": {name: row.counts() for name, row in self._models.items()},
+            "keys": {name: row.counts() for name, row in self._keys.items()},
         }
 
 

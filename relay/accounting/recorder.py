@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import enum
 from typing import TYPE_CHECKING
 
 from ..config import Config
@@ -24,7 +25,7 @@ from ..http.sse import SSESplitter
 from ..ops.metrics import Metrics, RequestMetricsOff
 from ..upstream.exchange import ProxyExchange
 from .book import UsageBook
-from .cost import OTHER, ModelLabels, PriceLike, PriceTable, price_cost
+from .cost import OTHER, ModelLabels, PriceTable, PriceTerms, price_terms, terms_cost
 from .keyhash import KeyHashes
 from .requestlog import RequestLogger
 from .tokens import OFFLOAD_CHARS, TokenEstimator
@@ -36,12 +37,22 @@ from .usage import (
     request_text_for_estimate,
     response_text_for_estimate,
     usage_from_json,
+    usage_in_json,
 )
 
 if TYPE_CHECKING:
     from ..upstream.target import Upstream
 
-__all__ = ["Accounting", "stored_usage", "with_usage"]
+__all__ = ["ESTIMATE", "Accounting", "EstimateNeeded", "stored_usage", "with_usage"]
+
+
+class EstimateNeeded(enum.Enum):
+    """What :meth:`Accounting.read_usage` answers for a response without usage."""
+
+    ESTIMATE = "estimate"
+
+
+ESTIMATE = EstimateNeeded.ESTIMATE
 
 # What a cache entry without (readable) usage keeps as its usage.
 _NO_USAGE = object()
@@ -78,19 +89,33 @@ class Accounting:
         self._key_hash = key_hashes.of
         self._key_hashes = key_hashes
         self._loop = loop
-        # Per model name: its price and metric label, looked up once.
-        self._models: dict[str, tuple[PriceLike | None, str | None]] = {}
+        # Per model name: its prices and metric label, looked up once.
+        self._models: dict[str, tuple[PriceTerms | None, str | None]] = {}
 
     # ------------------------------------------------------------------ #
     # usage of a response
     # ------------------------------------------------------------------ #
-    def needs_estimate(self, request: Request, exchange: ProxyExchange) -> bool:
-        """True when usage must be estimated (the tokenizer has to be loaded)."""
+    def read_usage(
+        self, request: Request, exchange: ProxyExchange, body: bytes
+    ) -> Usage | None | EstimateNeeded:
+        """Usage read from the response in one pass over it, or
+        :data:`ESTIMATE` when it carries none and the tokenizer must count it
+        (then :meth:`estimate`, which may have to load the tokenizer first)."""
         if not self.enabled or not 200 <= exchange.status < 300 or request.method != b"POST":
-            return False
-        if exchange.splitter is not None and exchange.stream_usage is not None:
-            return not exchange.stream_usage.has_usage
-        return exchange.json_body is not None and b'"usage"' not in exchange.body()
+            return None
+        if exchange.splitter is None and exchange.json_body is not None:
+            # A JSON response, the usual answer: its usage read once.
+            response = exchange.body()
+            if b'"usage"' not in response:
+                return ESTIMATE
+            usage = usage_in_json(response)
+            if usage is not None:
+                return usage
+            return self._estimate_json(request, response, body)
+        stream = exchange.stream_usage
+        if exchange.splitter is not None and stream is not None and not stream.has_usage:
+            return ESTIMATE
+        return self.usage_of(request, exchange, body)
 
     def usage_of(self, request: Request, exchange: ProxyExchange, body: bytes) -> Usage | None:
         """Usage from the response, else estimated from request and response text."""
@@ -110,15 +135,19 @@ class Accounting:
         usage = usage_from_json(response)
         if usage is not None:
             return usage
+        return self._estimate_json(request, response, body)
+
+    def _estimate_json(self, request: Request, response: bytes, body: bytes) -> Usage | None:
+        """The estimate of a non-streamed response without readable usage."""
         request_text = request_text_for_estimate(body, request.json())
         if not request_text:
             return None  # not a model call (e.g. a file upload): nothing to count
         return estimate_usage(
-            request.model() or "", estimator, request_text, response_text_for_estimate(response)
+            request.model() or "", self.estimator, request_text, response_text_for_estimate(response)
         )
 
     async def estimate(self, request: Request, exchange: ProxyExchange, body: bytes) -> Usage | None:
-        """:meth:`usage_of` of a response :meth:`needs_estimate` said has no
+        """:meth:`usage_of` of a response :meth:`read_usage` said has no
         usage: a large estimate runs off the event loop."""
         estimator = self.estimator
         if exchange.splitter is not None:
@@ -215,10 +244,10 @@ class Accounting:
                 known = self._models.get(model)
                 if known is None:
                     known = self._model(model)
-                price, label = known
-                if price is not None:
-                    cost = price_cost(
-                        price,
+                terms, label = known
+                if terms is not None:
+                    cost = terms_cost(
+                        terms,
                         usage.prompt_tokens,
                         usage.completion_tokens,
                         usage.cached_tokens,
@@ -250,14 +279,18 @@ class Accounting:
                 0.0 if saved else cost, self._key_hashes,
             )
 
-    def _model(self, model: str) -> tuple[PriceLike | None, str | None]:
-        """Price and metric label of *model*, kept for its next request.
+    def _model(self, model: str) -> tuple[PriceTerms | None, str | None]:
+        """Prices and metric label of *model*, kept for its next request.
 
         A label is kept only once it is the model's own: ``other`` may turn
         into it when a reload reserves the name, so that one is asked again.
         """
         label = self._labels.label(model)
-        known = (self._prices.lookup(model), label if label == model else None)
+        price = self._prices.lookup(model)
+        known = (
+            price_terms(price) if price is not None else None,
+            label if label == model else None,
+        )
         models = self._models
         if len(models) >= _MODELS_MAX:
             models.clear()  # model names come from responses and clients

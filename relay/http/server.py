@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from typing import cast
 
 from .protocol import ClientConnection, ConnectionLimits, Handler
 
@@ -59,10 +60,12 @@ class RelayServer:
         self.connections: set[ClientConnection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
 
-    def _make_protocol(self) -> ClientConnection:
-        return ClientConnection(
+    def _make_protocol(self) -> asyncio.Protocol:
+        # A protocol by its methods (the compiled twin is a cdef class and
+        # cannot subclass asyncio.Protocol), as uvloop takes it.
+        return cast(asyncio.Protocol, ClientConnection(
             self._handler, self.limits, self.connections, self._loop, self.tasks
-        )
+        ))
 
     async def start(self, sock: socket.socket) -> None:
         self._server = await self._loop.create_server(self._make_protocol, sock=sock)

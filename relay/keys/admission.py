@@ -24,7 +24,7 @@ import math
 import time
 from typing import TYPE_CHECKING
 
-from relay.accounting.cost import PriceTable, price_cost
+from relay.accounting.cost import PriceTable
 from relay.accounting.usage import Usage, request_text_for_estimate
 from relay.http import errors
 
@@ -42,6 +42,8 @@ _PREFIX = b"rk-"
 _EMBEDDINGS = b"/embeddings"
 _HASH_MEMO_MAX = 4096
 _WHOLE_BODY_ESTIMATE = 16384
+# Past one period's start by this much is always within the next period.
+_PERIOD_SPAN = {"daily": 86400.0, "weekly": 7 * 86400.0, "monthly": 32 * 86400.0}
 
 
 def _invalid(message: str) -> errors.GatewayError:
@@ -83,7 +85,7 @@ class KeyTicket:
         self.settled = False
         # The caller identity for the cache scope and rate limits: the key's
         # id (stable across rotations), never the secret.
-        self.identity = b"relay-key:" + record.id.encode()
+        self.identity = record.identity
 
     @property
     def name(self) -> str:
@@ -116,7 +118,26 @@ class Admission:
         self._default_reserve = default_reserve_tokens
         self._metrics = metrics
         self._hashes: dict[bytes, str] = {}
+        # budget_period -> (start of the current period, start of the next):
+        # the calendar is worked out when a period turns, not per request.
+        self._periods: dict[str, tuple[int, float]] = {}
         service.start()
+
+    def _period(self, record: KeyRecord) -> int:
+        """Start of the current budget period of *record* (0: lifetime)."""
+        kind = record.budget_period
+        if not kind:
+            return 0
+        now = time.time()
+        known = self._periods.get(kind)
+        if known is None or not known[1] > now >= known[0]:
+            start = period_start(kind, now)
+            # The next period starts at the first calendar start past this
+            # one's longest span (a day, a week, 31 days).
+            known = self._periods[kind] = (
+                start, period_start(kind, start + _PERIOD_SPAN.get(kind, 86400.0))
+            )
+        return known[0]
 
     def _hash(self, secret: bytes) -> str:
         known = self._hashes.get(secret)
@@ -140,16 +161,13 @@ class Admission:
         record = self.service.cached(self._hash(secret))
         if record is None:
             return None
-        now = time.time()
-        refused = self._refused(request, record, now)
+        refused = self._refused(request, record)
         if refused is not None:
             return refused
-        model = request.model() if _needs_model(record) else None
         allowance = None
-        if record.budget_usd is not None or record.rpm is not None or record.tpm is not None:
-            tokens, cost = self._estimate(request, model)
-            period = period_start(record.budget_period, now) if record.budget_period else 0
-            allowance = self.service.reserve_now(record, tokens, cost, period)
+        if record.reserves:
+            tokens, cost = self._estimate(request, request.model() if _needs_model(record) else None)
+            allowance = self.service.reserve_now(record, tokens, cost, self._period(record))
             if allowance is None:
                 return None
         request.credential_headers = b""  # consumed here: see admit
@@ -166,18 +184,17 @@ class Admission:
         sha = self._hash(secret)
         service = self.service
         record = service.cached(sha) or await service.lookup(sha)
-        now = time.time()
         if record is None:
             return self._reject(None, "invalid", _invalid("Invalid relay key (unknown)"))
-        refused = self._refused(request, record, now)
+        refused = self._refused(request, record)
         if refused is not None:
             return refused
-        model = request.model() if _needs_model(record) else None
         allowance = local = None
-        if record.budget_usd is not None or record.rpm is not None or record.tpm is not None:
-            tokens, cost = self._estimate(request, model)
-            period = period_start(record.budget_period, now) if record.budget_period else 0
-            refusal, allowance, local = await service.reserve(record, tokens, cost, period)
+        if record.reserves:
+            tokens, cost = self._estimate(request, request.model() if _needs_model(record) else None)
+            refusal, allowance, local = await service.reserve(
+                record, tokens, cost, self._period(record)
+            )
             if refusal is not None:
                 return self._refusal(record, refusal)
         # The relay key is consumed here: the client's credential headers
@@ -190,9 +207,9 @@ class Admission:
             "Missing relay key: send it as 'Authorization: Bearer rk-...' or 'x-api-key: rk-...'"
         ))
 
-    def _refused(self, request: Request, record: KeyRecord, now: float) -> errors.GatewayError | None:
+    def _refused(self, request: Request, record: KeyRecord) -> errors.GatewayError | None:
         """The error for a revoked or expired key, or a model it may not use."""
-        if record.revoked or (record.expires_at is not None and record.expires_at <= now):
+        if record.revoked or (record.expires_at is not None and record.expires_at <= time.time()):
             why = "revoked" if record.revoked else "expired"
             return self._reject(None, "invalid", _invalid(f"Invalid relay key ({why})"))
         if record.models is not None:
@@ -236,7 +253,9 @@ class Admission:
         if model:
             price = self._prices.lookup(model)
             if price is not None:
-                cost = price_cost(price, prompt, output)
+                # price_cost(price, prompt, output) without its cache-token
+                # terms (zero here): the same float, fewer steps.
+                cost = prompt / 1000 * price.input + output / 1000 * price.output
         return prompt + output, cost
 
     def _refusal(self, record: KeyRecord, result: ReserveResult) -> errors.GatewayError:
@@ -282,5 +301,5 @@ class Admission:
             cost,
             usage.prompt_tokens if usage is not None else 0,
             usage.completion_tokens if usage is not None else 0,
-            period_start(record.budget_period, time.time()) if record.budget_period else 0,
+            self._period(record),
         )

@@ -75,6 +75,19 @@ class KeyRecord:
     created_at: float = 0.0
     revoked: bool = False
     static: bool = False  # declared in the config file (keys.static)
+    # Worked out once per record, not per request (admission reads them for
+    # every request of the key): the caller identity for the cache scope
+    # and rate limits (the id, stable across rotations, never the secret),
+    # and whether admission reserves anything (a budget, rpm or tpm).
+    identity: bytes = field(init=False, repr=False, compare=False)
+    reserves: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "identity", b"relay-key:" + self.id.encode())
+        object.__setattr__(
+            self, "reserves",
+            self.budget_usd is not None or self.rpm is not None or self.tpm is not None,
+        )
 
     def to_json(self, spend: KeySpend | None = None) -> dict[str, Any]:
         """The key object of the admin API and the CLI (never the secret)."""

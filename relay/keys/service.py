@@ -80,11 +80,13 @@ class Allowance:
     one, a new allowance is reserved and this one is released (store-side)
     once its last request settled. Its size is a small part of each limit
     (see ``_allowance_size``), so what one process holds and does not use
-    is bounded, and it is given back within ``FLUSH_INTERVAL`` when idle.
+    is bounded, and it is given back within two ``FLUSH_INTERVAL``s once
+    idle (no request drew from it during one whole interval).
     """
 
     __slots__ = ("reservation", "cost", "tokens", "requests", "outstanding", "open",
-                 "released", "rpm", "tpm", "since")
+                 "released", "rpm", "tpm", "since", "drawn", "low", "_low_requests",
+                 "_low_tokens", "_low_cost")
 
     def __init__(self, reservation: Reservation, rpm: int, tpm: int, since: float = 0.0) -> None:
         self.reservation = reservation
@@ -97,6 +99,16 @@ class Allowance:
         self.released = False
         self.rpm = rpm
         self.tpm = tpm
+        # A request drew from it since the last flush: it is in use, even
+        # when none is outstanding at that moment (cache hits settle at once).
+        self.drawn = False
+        # Half or less left (see running_low), set by take: the marks are
+        # worked out once here, not per request. -1 is a mark never reached.
+        self.low = False
+        sizeable = reservation.requests >= 4
+        self._low_requests = reservation.requests // 2 if sizeable else -1
+        self._low_tokens = reservation.tokens // 2 if sizeable and reservation.tokens > 0 else -1
+        self._low_cost = reservation.cost / 2 if sizeable and reservation.cost > 0 else -1.0
 
     @property
     def running_low(self) -> bool:
@@ -106,11 +118,10 @@ class Allowance:
         thread waits for the loop's turn to run), and requests that find the
         allowance spent before the next one came wait for the store.
         """
-        full = self.reservation
-        return full.requests >= 4 and (
-            self.requests * 2 <= full.requests
-            or (full.tokens > 0 and self.tokens * 2 <= full.tokens)
-            or (full.cost > 0 and self.cost * 2 <= full.cost)
+        return (
+            self.requests <= self._low_requests
+            or self.tokens <= self._low_tokens
+            or self.cost <= self._low_cost
         )
 
     def take(self, tokens: int, cost: float, period: int) -> bool:
@@ -126,6 +137,13 @@ class Allowance:
         self.tokens -= tokens
         self.cost -= cost
         self.outstanding += 1
+        self.drawn = True
+        if not self.low and (
+            self.requests <= self._low_requests
+            or self.tokens <= self._low_tokens
+            or self.cost <= self._low_cost
+        ):
+            self.low = True  # running_low, kept: what is left only shrinks
         return True
 
 
@@ -274,7 +292,7 @@ class KeyService:
         key_id = record.id
         allowance = self._allowances.get(key_id)
         if allowance is not None and allowance.take(tokens, cost, period):
-            if allowance.running_low and key_id not in self._acquiring:
+            if allowance.low and key_id not in self._acquiring:
                 # Reserve the next one while this one still serves, so a
                 # steady stream of requests never waits for the store.
                 # Marked before the task runs: the requests that arrive until
@@ -511,20 +529,34 @@ class KeyService:
             if not allowance.open and allowance.outstanding == 0:
                 self._release(record.id, allowance)
 
-    def _flush(self) -> None:
-        """Write what the requests of the last interval used, one settlement per key."""
+    def _flush(self, hand_back: bool = False) -> None:
+        """Write what the requests of the last interval used, one settlement
+        per key. ``hand_back``: every allowance no request holds goes back
+        too, even one drawn from a moment ago."""
         if self._flush_timer is not None:
             self._flush_timer.cancel()
             self._flush_timer = None
         # Idle allowances go back now, so other instances can use their room.
+        # One drawn from during the interval, with room left, stays: a
+        # steady stream of requests that each end at once (cache hits) would
+        # otherwise give it back every interval and reserve a new one (a
+        # store round trip the requests meanwhile wait for).
+        held = False
         for key_id, allowance in list(self._allowances.items()):
-            if allowance.outstanding == 0:
+            if allowance.outstanding == 0 and (
+                hand_back or not allowance.drawn or allowance.requests < 1
+            ):
                 del self._allowances[key_id]
                 self._sizes.pop(key_id, None)
                 self._retire(key_id, allowance)
+            else:
+                allowance.drawn = False
+                held = True
         if self._flush_timer is not None:  # _retire scheduled one: this flush covers it
             self._flush_timer.cancel()
             self._flush_timer = None
+        if held and not self._closed:  # the next flush gives back what stays idle
+            self._flush_timer = self.loop.call_later(FLUSH_INTERVAL, self._flush)
         deltas, self._deltas = self._deltas, {}
         for (key_id, period), d in deltas.items():
             settlement = Settlement(
@@ -541,7 +573,7 @@ class KeyService:
     async def _hand_back_now(self) -> bool:
         """Write every settlement now (releases included), in order; False
         when the store could not take them all."""
-        self._flush()
+        self._flush(hand_back=True)
         if self._settling:
             await asyncio.wait(list(self._settling), timeout=5.0)
         while self._pending and not self._closed:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from dataclasses import dataclass
+from typing import cast
 from urllib.parse import urlsplit
 
 from .. import debug
@@ -195,10 +196,12 @@ class UpstreamPool:
         self.open += 1
         made: list[UpstreamConnection] = []
 
-        def factory() -> UpstreamConnection:
+        def factory() -> asyncio.Protocol:
             conn = UpstreamConnection(self._loop, self.read_timeout, self._closed_one)
             made.append(conn)
-            return conn
+            # A protocol by its methods (the compiled twin is a cdef class
+            # and cannot subclass asyncio.Protocol).
+            return cast(asyncio.Protocol, conn)
 
         try:
             _, conn = await asyncio.wait_for(
@@ -228,7 +231,7 @@ class UpstreamPool:
                 ) from None
             raise
         self.connections_opened += 1
-        return conn
+        return cast(UpstreamConnection, conn)
 
     def _abandon(self, made: list[UpstreamConnection]) -> None:
         """A connect that failed or was cancelled gives its slot back once."""
