@@ -526,8 +526,19 @@ class KeyService:
         delta.requests += 1
         if allowance is not None:
             allowance.outstanding -= 1
-            if not allowance.open and allowance.outstanding == 0:
-                self._release(record.id, allowance)
+            if allowance.outstanding == 0:
+                if not allowance.open:
+                    self._release(record.id, allowance)
+                elif allowance.requests < 1 and self._allowances.get(record.id) is allowance:
+                    # Spent, and its last request just ended: it serves no
+                    # other, yet the store still counts what it reserved.
+                    # Until the next flush that would refuse the key's next
+                    # request here and on every other instance while the
+                    # budget has room (a small budget allows one request at
+                    # a time), so it goes back with this request's usage now.
+                    del self._allowances[record.id]
+                    self._retire(record.id, allowance)
+                    self._flush()
 
     def _flush(self, hand_back: bool = False) -> None:
         """Write what the requests of the last interval used, one settlement
