@@ -418,14 +418,15 @@ class Pipeline:
         # the SHA-256: the key of a body that was a hit is remembered by what
         # it hashes. A miss adds nothing (most misses are never asked again,
         # and the memo would hold their bodies).
-        parts: tuple[bytes, bytes, bytes, bytes] | None = (request.target, body, scope, varying)
-        key = self._keys.get(parts)
+        hashed = (request.target, body, scope, varying)
+        key = self._keys.get(hashed)
+        # What a hit remembers its key by: None when remembered already or
+        # never to be (a large body).
+        parts: tuple[bytes, bytes, bytes, bytes] | None = None
         if key is None:
-            key = _fast.cache_key(b"POST", *parts)
-            if len(body) > _KEY_MEMO_BODY:
-                parts = None  # never remembered
-        else:
-            parts = None  # remembered already
+            key = _fast.cache_key(b"POST", *hashed)
+            if len(body) <= _KEY_MEMO_BODY:
+                parts = hashed
         if no_cache:
             extra.append(_BYPASS)
             return self._forward(request, client, route, extra, None if no_store else key, None)
