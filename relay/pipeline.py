@@ -422,29 +422,38 @@ class Pipeline:
             else request.credential or b""
         )
         varying = request.varying_key()
-        if len(body) <= _KEY_MEMO_BODY:
-            # Repeated requests (what a cache serves) skip the canonical
-            # JSON and the SHA-256: the key is remembered by what it hashes.
-            memo = self._keys
-            parts = (request.target, body, scope, varying)
-            key = memo.get(parts)
-            if key is None:
-                if len(memo) >= _KEY_MEMO_MAX:
-                    memo.clear()
-                key = memo[parts] = _fast.cache_key(b"POST", *parts)
+        # Repeated requests (what a cache serves) skip the canonical JSON and
+        # the SHA-256: the key of a body that was a hit is remembered by what
+        # it hashes. A miss adds nothing (most misses are never asked again,
+        # and the memo would hold their bodies).
+        parts: tuple[bytes, bytes, bytes, bytes] | None = (request.target, body, scope, varying)
+        key = self._keys.get(parts)
+        if key is None:
+            key = _fast.cache_key(b"POST", *parts)
+            if len(body) > _KEY_MEMO_BODY:
+                parts = None  # never remembered
         else:
-            key = _fast.cache_key(b"POST", request.target, body, scope, varying)
+            parts = None  # remembered already
         if no_cache:
             extra.append(_BYPASS)
             return self._forward(request, client, route, extra, None if no_store else key, None)
         memory = self._cache_now
         if memory is None:
-            return self._lookup(cache, request, client, route, extra, key)
+            return self._lookup(cache, request, client, route, extra, key, parts)
         entry = memory.get_nowait(key)
         if entry is not None:
+            if parts is not None:
+                self._remember_key(parts, key)
             self._serve_hit(request, client, route.upstream, entry, extra)
             return None
         return self._miss(request, client, route, extra, key)
+
+    def _remember_key(self, parts: tuple[bytes, bytes, bytes, bytes], key: bytes) -> None:
+        """Keep the cache key of a request that was a hit (see _lookup_now)."""
+        memo = self._keys
+        if len(memo) >= _KEY_MEMO_MAX:
+            memo.clear()
+        memo[parts] = key
 
     async def _lookup(
         self,
@@ -454,10 +463,13 @@ class Pipeline:
         route: _Route,
         extra: list[bytes],
         key: bytes,
+        parts: tuple[bytes, bytes, bytes, bytes] | None,
     ) -> None:
         """The shared (Redis) cache, then on as :meth:`_lookup_now`."""
         entry = await cache.get(key)
         if entry is not None:
+            if parts is not None:
+                self._remember_key(parts, key)
             self._serve_hit(request, client, route.upstream, entry, extra)
             return
         await self._miss(request, client, route, extra, key)

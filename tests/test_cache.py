@@ -229,23 +229,89 @@ def test_memory_overwrite_keeps_accounting() -> None:
     assert cache.nbytes == 0
 
 
-def test_memory_entries_share_equal_headers() -> None:
+@given(
+    status=st.integers(100, 999),
+    headers=headers_st,
+    usage=st.one_of(st.none(), st.binary(max_size=80)),
+    body=st.binary(max_size=2048),
+    streamed=st.booleans(),
+    created=st.floats(allow_nan=False, allow_infinity=False),
+)
+def test_memory_hit_is_the_entry_stored(
+    status: int,
+    headers: tuple[tuple[bytes, bytes], ...],
+    usage: bytes | None,
+    body: bytes,
+    streamed: bool,
+    created: float,
+) -> None:
+    # Whatever the headers hold (": " in a name, CRLF in a value, the usage
+    # header anywhere), the compact form reads back as the entry stored.
+    if usage is not None:
+        headers = (*headers, (USAGE_HEADER, usage))
+    stored = CacheEntry(status, headers, body, streamed, created)
+    reference = CacheEntry(status, headers, body, streamed, created)
     cache = MemoryCache(max_entries=10, ttl=60)
+    cache.set_nowait(b"k", stored)
+    assert cache.nbytes == reference.size + 1
+    assert cache.entries() == [reference]
+    hit = cache.get_nowait(b"k")
+    assert hit is not None and hit == reference
+    assert hit.head == b"".join(
+        b"%s: %s\r\n" % pair for pair in headers if pair[0] != USAGE_HEADER
+    )
+    assert hit.usage_value == reference.usage_value
+    assert (hit.status, hit.body, hit.streamed, hit.created) == (status, body, streamed, created)
+    assert cache.get_nowait(b"k") is hit  # expanded once, at the first hit
+    assert cache.nbytes == reference.size + 1  # the same size, expanded or not
+    cache.delete(b"k")
+    assert cache.nbytes == 0 and len(cache) == 0
 
-    def fresh(body: bytes) -> CacheEntry:
-        # New bytes objects, as every parsed response brings its own.
-        pairs = ((b"Server", bytes(bytearray(b"nginx"))), (b"Date", bytearray(body).hex().encode()))
-        return CacheEntry(200, pairs, body, False, 1.0)
 
-    cache.set_nowait(b"a", fresh(b"1"))
-    cache.set_nowait(b"b", fresh(b"1"))
-    cache.set_nowait(b"c", fresh(b"2"))
-    a, b, c = (cache.get_nowait(k) for k in (b"a", b"b", b"c"))
-    assert a is not None and b is not None and c is not None
-    assert a.headers == b.headers == ((b"Server", b"nginx"), (b"Date", b"31"))
-    assert c.headers == ((b"Server", b"nginx"), (b"Date", b"32"))
-    assert a.headers[0] is b.headers[0] is c.headers[0] and a.headers[1] is b.headers[1]
-    assert c.headers[1] is not a.headers[1]
+def test_memory_hit_bytes_and_usage_of_a_proxied_entry() -> None:
+    headers = (
+        (b"Server", b"nginx/1.24.0"),
+        (b"Date", b"Wed, 02 Dec 2026 03:50:00 GMT"),
+        (b"Content-Type", b"application/json"),
+        (USAGE_HEADER, b"25,60,0,0,gpt-4o"),
+    )
+    cache = MemoryCache(max_entries=10, ttl=60)
+    cache.set_nowait(b"k", CacheEntry(200, headers, b'{"id":"x"}', False, 5.0))
+    hit = cache.get_nowait(b"k")
+    assert hit is not None
+    assert hit.head == (
+        b"Server: nginx/1.24.0\r\nDate: Wed, 02 Dec 2026 03:50:00 GMT\r\n"
+        b"Content-Type: application/json\r\n"
+    )
+    assert hit.usage_value == b"25,60,0,0,gpt-4o"
+    assert hit.headers == headers and hit.body == b'{"id":"x"}'
+    hit.keep_usage("read")  # kept with the entry for the next hits
+    assert cache.get_nowait(b"k") is hit and hit.usage == "read"
+
+
+def test_memory_eviction_order_and_sizes_mixed_forms() -> None:
+    clock = FakeClock()
+    cache = MemoryCache(max_entries=3, ttl=60, clock=clock)
+    sizes = {}
+    for name in (b"a", b"b", b"c"):
+        e = entry(name * 50)
+        sizes[name] = e.size + 1
+        cache.set_nowait(name, e)
+    assert cache.nbytes == sum(sizes.values())
+    assert cache.get_nowait(b"a") is not None  # expanded, and most recent
+    cache.set_nowait(b"d", entry(b"d"))  # evicts b, the least recent
+    assert [e.body for e in cache.entries()] == [b"c" * 50, b"a" * 50, b"d"]
+    assert cache.nbytes == sizes[b"c"] + sizes[b"a"] + entry(b"d").size + 1
+    assert cache.get_nowait(b"b") is None
+    cache.set_nowait(b"e", entry(b"e"))  # evicts c (compact), then a (expanded)
+    cache.set_nowait(b"f", entry(b"f"))
+    assert [e.body for e in cache.entries()] == [b"d", b"e", b"f"]
+    assert cache.nbytes == 3 * (entry(b"d").size + 1)
+    # Expiry removes either form and gives back its bytes.
+    assert cache.get_nowait(b"e") is not None
+    clock.now += 61
+    assert cache.get_nowait(b"d") is None and cache.get_nowait(b"e") is None
+    assert len(cache) == 1 and cache.nbytes == entry(b"f").size + 1
 
 
 def test_memory_ttl_zero_disables() -> None:

@@ -108,7 +108,7 @@ def stored_entries(relay: RelayThread) -> list[CacheEntry]:
     def read() -> list[CacheEntry]:
         assert relay.gateway is not None
         cache = relay.gateway.pipeline._cache
-        return [item[1] for item in cache._data.values()]
+        return cache.entries()
 
     return relay.call(read)
 

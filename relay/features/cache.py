@@ -17,7 +17,6 @@ import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 from relay.http.protocol import HOP_BY_HOP
@@ -95,12 +94,11 @@ _FLAG_STREAMED = 0x01
 _HEAD = struct.Struct(">BBHdH")
 _HEADER = struct.Struct(">HI")  # name length, value length
 _BODY = struct.Struct(">Q")
-# Rough per-entry bookkeeping cost (objects, dict slot), so that many tiny
-# entries still count against MemoryCache.max_bytes.
-_ENTRY_OVERHEAD = 256
 
 
-@dataclass(frozen=True, slots=True)
+_UNREAD: Any = object()  # usage_value not looked up yet
+
+
 class CacheEntry:
     """A cached response, replayable byte for byte.
 
@@ -114,67 +112,88 @@ class CacheEntry:
     never hit costs no memory for it): :attr:`head`, the header lines as
     sent (``Name: value\r\n`` each, the internal usage header left out).
     ``usage`` is where the reader of :attr:`usage_value` keeps what it made
-    of it.
+    of it. Immutable otherwise (compared by value, never hashed).
     """
 
-    status: int
-    headers: Headers
-    body: bytes
-    streamed: bool
-    created: float
-    rendered: bytes | None = field(init=False, default=None, repr=False, compare=False)
-    usage: Any = field(init=False, default=None, repr=False, compare=False)
+    __slots__ = (
+        "status", "headers", "body", "streamed", "created", "rendered", "usage",
+        "_usage_value", "expires", "_size",
+    )
+
+    def __init__(
+        self, status: int, headers: Headers, body: bytes, streamed: bool, created: float
+    ) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+        self.streamed = streamed
+        self.created = created
+        self.rendered: bytes | None = None
+        self.usage: Any = None
+        self._usage_value: bytes | None = _UNREAD
+        # When a MemoryCache that took it from its compact form drops it
+        # (that cache's clock); 0.0 for an entry no cache holds that way.
+        self.expires = 0.0
+        self._size = 0
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, CacheEntry):
+            return NotImplemented
+        return (
+            self.status == other.status
+            and self.headers == other.headers
+            and self.body == other.body
+            and self.streamed == other.streamed
+            and self.created == other.created
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"CacheEntry(status={self.status!r}, headers={self.headers!r}, body={self.body!r}, "
+            f"streamed={self.streamed!r}, created={self.created!r})"
+        )
 
     @property
     def head(self) -> bytes:
         """The header lines as a hit sends them, rendered once."""
         head = self.rendered
         if head is None:
-            head = b"".join(
+            head = self.rendered = b"".join(
                 [b"%s: %s\r\n" % pair for pair in self.headers if pair[0] != USAGE_HEADER]
             )
-            # Frozen otherwise: a derived value, set once.
-            object.__setattr__(self, "rendered", head)
         return head
 
     @property
     def usage_value(self) -> bytes | None:
         """The internal usage header's value, None without one."""
-        for name, value in self.headers:
-            if name == USAGE_HEADER:
-                return value
-        return None
+        value = self._usage_value
+        if value is _UNREAD:
+            value = None
+            for name, found in self.headers:
+                if name == USAGE_HEADER:
+                    value = found
+                    break
+            self._usage_value = value
+        return value
 
     def keep_usage(self, usage: Any) -> None:
-        """Remember what ``usage_value`` reads as (the entry is immutable otherwise)."""
-        object.__setattr__(self, "usage", usage)
+        """Remember what ``usage_value`` reads as."""
+        self.usage = usage
 
     @property
     def size(self) -> int:
-        """Approximate memory footprint, used for MemoryCache's byte bound."""
-        size = _ENTRY_OVERHEAD + len(self.body)
-        for name, value in self.headers:  # a loop: no generator per store
-            size += len(name) + len(value) + 64
+        """Bytes a MemoryCache accounts for it, besides its key: the length of
+        its compact form there plus a bookkeeping share."""
+        size = self._size
+        if not size:
+            size = self._size = _ENTRY_OVERHEAD + len(_compact(self, 0.0))
         return size
 
     def to_bytes(self) -> bytes:
         """Compact, versioned, length-prefixed encoding (see ``from_bytes``)."""
-        parts = [
-            _HEAD.pack(
-                _FORMAT_VERSION,
-                _FLAG_STREAMED if self.streamed else 0,
-                self.status,
-                self.created,
-                len(self.headers),
-            )
-        ]
-        for name, value in self.headers:
-            parts.append(_HEADER.pack(len(name), len(value)))
-            parts.append(name)
-            parts.append(value)
-        parts.append(_BODY.pack(len(self.body)))
-        parts.append(self.body)
-        return b"".join(parts)
+        return _encode(self)
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> CacheEntry | None:
@@ -202,21 +221,111 @@ class CacheEntry:
             pos += _BODY.size
             if pos + body_len != len(view):
                 return None
-            return cls(
-                status=status,
-                headers=tuple(headers),
-                body=bytes(view[pos:]),
-                streamed=bool(flags & _FLAG_STREAMED),
-                created=created,
-            )
+            return cls(status, tuple(headers), bytes(view[pos:]), bool(flags & _FLAG_STREAMED), created)
         except (struct.error, TypeError, ValueError, OverflowError):
             return None
 
 
+def _encode(entry: CacheEntry, prefix: bytes = b"") -> bytes:
+    """*prefix* followed by the ``to_bytes`` encoding of *entry*, one bytes object."""
+    headers = entry.headers
+    parts = [
+        prefix,
+        _HEAD.pack(
+            _FORMAT_VERSION,
+            _FLAG_STREAMED if entry.streamed else 0,
+            entry.status,
+            entry.created,
+            len(headers),
+        ),
+    ]
+    append = parts.append
+    for name, value in headers:
+        append(_HEADER.pack(len(name), len(value)))
+        append(name)
+        append(value)
+    body = entry.body
+    append(_BODY.pack(len(body)))
+    append(body)
+    return b"".join(parts)
+
+
 # -- memory backend ---------------------------------------------------------
 
-# How many distinct header pairs a MemoryCache keeps one shared copy of.
-_SHARED_PAIRS = 4096
+# The compact form of an entry in a MemoryCache: one bytes object, so that
+# an entry costs its key and that object, no per-entry tuples or lists, and
+# allocations of about the size of the bodies they hold (an allocator
+# churned by evictions stays unfragmented). It is
+#   expires (the cache's clock), created, status, flags, usage and head lengths,
+#   the usage value, the head as a hit sends it, the body;
+# or, for headers whose rendered lines would not read back the same (a name
+# or value holding ": " or CRLF, the usage header elsewhere than last),
+#   expires, then the to_bytes encoding (_COMPACT_ENCODED).
+_COMPACT = struct.Struct("=ddHBHI")
+_COMPACT_STREAMED = 0x01
+_COMPACT_USAGE = 0x02
+_COMPACT_ENCODED = 0x04
+_EXPIRES = struct.Struct("=d")  # the first field of both: read without the rest
+# Rough per-entry bookkeeping cost (key object, dict slot, object headers),
+# so that many tiny entries still count against MemoryCache.max_bytes.
+_ENTRY_OVERHEAD = 256
+
+
+def _compact(entry: CacheEntry, expires: float) -> bytes:
+    """The compact form of *entry* (see _COMPACT)."""
+    headers = entry.headers
+    count = len(headers)
+    flags = _COMPACT_STREAMED if entry.streamed else 0
+    usage = b""
+    if count and headers[-1][0] == USAGE_HEADER:
+        usage = headers[-1][1]
+        count -= 1
+        flags |= _COMPACT_USAGE
+        head = b"".join([b"%s: %s\r\n" % pair for pair in headers[:count]])
+    else:
+        head = b"".join([b"%s: %s\r\n" % pair for pair in headers])
+    if (
+        head.count(b"\r\n") == count
+        and head.count(b": ") == count
+        and USAGE_HEADER not in head  # else it may name a pair not left out
+        and len(usage) <= 0xFFFF
+    ):
+        entry.rendered = head  # what a hit sends: rendered here once anyway
+        return b"".join(
+            (
+                _COMPACT.pack(expires, entry.created, entry.status, flags, len(usage), len(head)),
+                usage,
+                head,
+                entry.body,
+            )
+        )
+    return _encode(entry, _COMPACT.pack(expires, 0.0, 0, _COMPACT_ENCODED, 0, 0))
+
+
+def _expanded(compact: bytes) -> CacheEntry:
+    """The CacheEntry *compact* holds (see _COMPACT), as it was stored."""
+    expires, created, status, flags, usage_len, head_len = _COMPACT.unpack_from(compact)
+    pos = _COMPACT.size
+    if flags & _COMPACT_ENCODED:
+        entry = CacheEntry.from_bytes(memoryview(compact)[pos:])
+        assert entry is not None  # encoded by _compact
+    else:
+        usage = compact[pos:pos + usage_len]
+        pos += usage_len
+        head = compact[pos:pos + head_len]
+        lines = head.split(b"\r\n")
+        lines.pop()  # after the last CRLF
+        headers = [cast(tuple[bytes, bytes], tuple(line.split(b": ", 1))) for line in lines]
+        if flags & _COMPACT_USAGE:
+            headers.append((USAGE_HEADER, usage))
+        entry = CacheEntry(
+            status, tuple(headers), compact[pos + head_len:], bool(flags & _COMPACT_STREAMED),
+            created,
+        )
+        entry.rendered = head
+    entry.expires = expires
+    entry._size = _ENTRY_OVERHEAD + len(compact)
+    return entry
 
 
 class MemoryCache:
@@ -226,6 +335,12 @@ class MemoryCache:
     eviction on ``set`` keeps both bounds. An entry larger than ``max_bytes``
     on its own is not stored. ``ttl <= 0`` disables storing altogether.
     The async methods never await: they exist so both backends look alike.
+
+    An entry is kept in its compact form (one bytes object, see
+    :data:`_COMPACT`) until its first hit, which turns it into a
+    :class:`CacheEntry` kept from then on (its rendered head and usage read
+    once): most entries of a cache full of misses are never hit. Either
+    form is accounted the same size, from lengths alone.
     """
 
     def __init__(
@@ -239,15 +354,12 @@ class MemoryCache:
         self.max_bytes = max_bytes
         self.ttl = ttl
         self._clock = clock
-        # key -> (expires_at, entry, accounted size)
-        self._data: OrderedDict[bytes, tuple[float, CacheEntry, int]] = OrderedDict()
+        # key -> compact form (bytes) or, once hit, the CacheEntry. Ordered
+        # for the LRU: a plain dict's first key is found by skipping the
+        # holes evictions leave at its front, which costs more than the
+        # linked order does.
+        self._data: OrderedDict[bytes, bytes | CacheEntry] = OrderedDict()
         self._bytes = 0
-        # (name, value) -> the one copy of that header entries share: most
-        # responses carry the same few headers, and a full cache would
-        # otherwise hold as many copies of each as it has entries (about
-        # half of a small entry's memory). Emptied when full, so headers
-        # unique to each response cannot make it grow without bound.
-        self._pairs: dict[tuple[bytes, bytes], tuple[bytes, bytes]] = {}
 
     def __len__(self) -> int:
         return len(self._data)
@@ -258,34 +370,63 @@ class MemoryCache:
         return self._bytes
 
     def get_nowait(self, key: bytes) -> CacheEntry | None:
-        item = self._data.get(key)
+        data = self._data
+        item = data.get(key)
         if item is None:
             return None
-        if item[0] <= self._clock():
-            del self._data[key]
-            self._bytes -= item[2]
-            return None
-        self._data.move_to_end(key)
-        return item[1]
+        if type(item) is bytes:
+            if _EXPIRES.unpack_from(item)[0] <= self._clock():
+                del data[key]
+                self._bytes -= _ENTRY_OVERHEAD + len(item) + len(key)
+                return None
+            # The first hit: expanded once, kept expanded from then on (its
+            # accounted size stays what it was).
+            entry = data[key] = _expanded(cast(bytes, item))
+        else:
+            entry = cast(CacheEntry, item)
+            if entry.expires <= self._clock():
+                del data[key]
+                self._bytes -= entry.size + len(key)
+                return None
+        data.move_to_end(key)  # most recently used: last to be evicted
+        return entry
 
     def set_nowait(self, key: bytes, entry: CacheEntry) -> None:
-        size = entry.size + len(key)
-        old = self._data.pop(key, None)
+        data = self._data
+        old = data.pop(key, None)
         if old is not None:
-            self._bytes -= old[2]
-        if self.ttl <= 0 or size > self.max_bytes or self.max_entries <= 0:
+            self._drop(key, old)
+        if self.ttl <= 0 or self.max_entries <= 0:
             return
+        compact = _compact(entry, self._clock() + self.ttl)
+        size = _ENTRY_OVERHEAD + len(compact) + len(key)
+        if size > self.max_bytes:
+            return
+        if len(data) >= self.max_entries or self._bytes + size > self.max_bytes:
+            self._make_room(size)
+        data[key] = compact
+        self._bytes += size
+
+    def _make_room(self, size: int) -> None:
+        """Evict the least recently used entries until one of *size* fits."""
         data = self._data
         while data and (len(data) >= self.max_entries or self._bytes + size > self.max_bytes):
-            _, (_, _, evicted) = data.popitem(last=False)
-            self._bytes -= evicted
-        pairs = self._pairs
-        if len(pairs) >= _SHARED_PAIRS:
-            pairs.clear()
-        headers = tuple([pairs.setdefault(pair, pair) for pair in entry.headers])
-        entry = CacheEntry(entry.status, headers, entry.body, entry.streamed, entry.created)
-        data[key] = (self._clock() + self.ttl, entry, size)
-        self._bytes += size
+            self._drop(*data.popitem(last=False))
+
+    def _drop(self, key: bytes, item: bytes | CacheEntry) -> None:
+        """Give back the bytes of an entry taken out of the cache."""
+        if type(item) is bytes:
+            self._bytes -= _ENTRY_OVERHEAD + len(item) + len(key)
+        else:
+            self._bytes -= cast(CacheEntry, item).size + len(key)
+
+    def entries(self) -> list[CacheEntry]:
+        """The stored entries, oldest first (for inspection: neither their
+        order nor their form changes)."""
+        return [
+            _expanded(item) if type(item) is bytes else cast(CacheEntry, item)
+            for item in self._data.values()
+        ]
 
     async def get(self, key: bytes) -> CacheEntry | None:
         return self.get_nowait(key)
@@ -296,7 +437,7 @@ class MemoryCache:
     def delete(self, key: bytes) -> None:
         old = self._data.pop(key, None)
         if old is not None:
-            self._bytes -= old[2]
+            self._drop(key, old)
 
     def clear(self) -> None:
         self._data.clear()

@@ -29,15 +29,33 @@ class FlightAborted(Exception):
 _OPEN, _DONE, _FAILED = 0, 1, 2
 
 
-class _Flight:
-    """Shared state of one in-flight upstream fetch."""
+def _pos(follower: Follower) -> int:
+    return follower.pos
 
+
+class Leader:
+    """Ticket of the request that fetches upstream for everyone, and the
+    shared state of that fetch (its flight) that followers read.
+
+    Publish what the client is sent: ``start(status, headers)`` once, then
+    ``chunk(data)`` per body piece, then ``finish()``; or ``fail()`` at any
+    point (upstream error, or the response will not be cached, e.g. not
+    2xx). Always call ``close()`` (in a ``finally``): it ends the flight
+    and fails it if it was neither finished nor failed. None of these await.
+    A flight nobody follows costs this one object and its dict slot: the
+    follower bookkeeping (event, set of started followers) is made by the
+    first follower that needs it.
+    """
+
+    is_leader = True
     __slots__ = (
-        "key", "cap", "head", "chunks", "base", "retained", "total",
+        "_coalescer", "key", "cap", "head", "chunks", "base", "retained", "total",
         "state", "overflowed", "event", "started", "joined",
     )
 
-    def __init__(self, key: bytes, cap: int) -> None:
+    @debug.opens("flights")
+    def __init__(self, coalescer: Coalescer, key: bytes, cap: int) -> None:
+        self._coalescer = coalescer
         self.key = key
         self.cap = cap
         self.head: tuple[int, Headers] | None = None
@@ -48,10 +66,68 @@ class _Flight:
         self.state = _OPEN
         self.overflowed = False
         self.event: asyncio.Event | None = None
-        self.started: set[Follower] = set()  # followers relaying the body
+        self.started: set[Follower] | None = None  # followers relaying the body
         self.joined = 0  # followers not yet closed
 
-    def notify(self) -> None:
+    @property
+    def followers(self) -> int:
+        """Followers currently attached (e.g. to keep reading upstream for them
+        after the leader's own client went away)."""
+        return self.joined
+
+    def start(self, status: int, headers: Headers) -> None:
+        if self.state != _OPEN or self.head is not None:
+            return
+        self.head = (status, headers)
+        if self.event is not None:  # someone waits
+            self._notify()
+
+    def chunk(self, data: bytes) -> None:
+        if self.state != _OPEN or self.head is None or not data:
+            return
+        self.total += len(data)
+        if not self.overflowed and self.total > self.cap:
+            self.overflowed = True
+            self._coalescer._detach(self)
+        self.chunks.append(data)
+        self.retained += len(data)
+        if self.overflowed:
+            self._trim()
+        if self.event is not None:
+            self._notify()
+
+    def finish(self) -> None:
+        """The response is complete. Late joiners still replay it until close()."""
+        if self.state != _OPEN:
+            return
+        if self.head is None:
+            self.fail()
+            return
+        self.state = _DONE
+        if self.event is not None:
+            self._notify()
+
+    def fail(self) -> None:
+        if self.state != _OPEN:
+            return
+        self.state = _FAILED
+        self._coalescer._detach(self)
+        self._notify()
+
+    @debug.closes("flights")
+    def close(self) -> None:
+        if self.state == _OPEN:
+            self.fail()
+        self._coalescer._detach(self)
+
+    def __repr__(self) -> str:
+        return f"<Leader state={self.state} followers={self.joined} total={self.total}>"
+
+    def _debug_buffers(self) -> dict[str, int]:
+        return {"flight_bytes": self.retained}
+
+    # -- what followers use -------------------------------------------------
+    def _notify(self) -> None:
         # Pulse: wake every current waiter; each re-checks the state. Every
         # waiter has its own future inside Event.wait(), so one follower
         # being cancelled cannot cancel the others.
@@ -60,122 +136,29 @@ class _Flight:
             event.set()
             event.clear()
 
-    async def wait(self) -> None:
+    async def _wait(self) -> None:
         if self.event is None:
             self.event = asyncio.Event()
         await self.event.wait()
 
-    def trim(self) -> None:
+    def _trim(self) -> None:
         """After an overflow keep only chunks some started follower still needs."""
-        if not self.started:
+        started = self.started
+        if not started:
             drop = len(self.chunks)
         else:
-            drop = min(f.pos for f in self.started) - self.base
+            drop = min(f.pos for f in started) - self.base
         if drop > 0:
             self.retained -= sum(len(c) for c in self.chunks[:drop])
             del self.chunks[:drop]
             self.base += drop
         # A follower whose client lags more than cap bytes behind would make
         # the buffer unbounded: cut the slowest ones loose.
-        while self.retained > self.cap and self.started:
-            slowest = min(self.started, key=_pos)
+        while self.retained > self.cap and started:
+            slowest = min(started, key=_pos)
             slowest.aborted = True
-            self.started.discard(slowest)
-            self.trim()
-
-
-def _pos(follower: Follower) -> int:
-    return follower.pos
-
-
-class Leader:
-    """Ticket of the request that fetches upstream for everyone.
-
-    Publish what the client is sent: ``start(status, headers)`` once, then
-    ``chunk(data)`` per body piece, then ``finish()``; or ``fail()`` at any
-    point (upstream error, or the response will not be cached, e.g. not
-    2xx). Always call ``close()`` (in a ``finally``): it ends the flight
-    and fails it if it was neither finished nor failed. None of these await.
-    """
-
-    is_leader = True
-    __slots__ = ("_coalescer", "_flight")
-
-    @debug.opens("flights")
-    def __init__(self, coalescer: Coalescer, flight: _Flight) -> None:
-        self._coalescer = coalescer
-        self._flight = flight
-
-    @property
-    def key(self) -> bytes:
-        return self._flight.key
-
-    @property
-    def followers(self) -> int:
-        """Followers currently attached (e.g. to keep reading upstream for them
-        after the leader's own client went away)."""
-        return self._flight.joined
-
-    @property
-    def overflowed(self) -> bool:
-        """True once the body passed the cap: not cacheable, no longer joinable."""
-        return self._flight.overflowed
-
-    def start(self, status: int, headers: Headers) -> None:
-        flight = self._flight
-        if flight.state != _OPEN or flight.head is not None:
-            return
-        flight.head = (status, headers)
-        if flight.event is not None:  # someone waits
-            flight.notify()
-
-    def chunk(self, data: bytes) -> None:
-        flight = self._flight
-        if flight.state != _OPEN or flight.head is None or not data:
-            return
-        flight.total += len(data)
-        if not flight.overflowed and flight.total > flight.cap:
-            flight.overflowed = True
-            self._coalescer._detach(flight)
-        flight.chunks.append(data)
-        flight.retained += len(data)
-        if flight.overflowed:
-            flight.trim()
-        if flight.event is not None:
-            flight.notify()
-
-    def finish(self) -> None:
-        """The response is complete. Late joiners still replay it until close()."""
-        flight = self._flight
-        if flight.state != _OPEN:
-            return
-        if flight.head is None:
-            self.fail()
-            return
-        flight.state = _DONE
-        if flight.event is not None:
-            flight.notify()
-
-    def fail(self) -> None:
-        flight = self._flight
-        if flight.state != _OPEN:
-            return
-        flight.state = _FAILED
-        self._coalescer._detach(flight)
-        flight.notify()
-
-    @debug.closes("flights")
-    def close(self) -> None:
-        if self._flight.state == _OPEN:
-            self.fail()
-        self._coalescer._detach(self._flight)
-
-    def __repr__(self) -> str:
-        flight = self._flight
-        return f"<Leader state={flight.state} followers={flight.joined} total={flight.total}>"
-
-    def _debug_buffers(self) -> dict[str, int]:
-        return {"flight_bytes": self._flight.retained}
+            started.discard(slowest)
+            self._trim()
 
 
 class Follower:
@@ -193,7 +176,7 @@ class Follower:
     __slots__ = ("_flight", "pos", "aborted", "_closed", "__weakref__")
 
     @debug.opens("followers")
-    def __init__(self, flight: _Flight) -> None:
+    def __init__(self, flight: Leader) -> None:
         self._flight = flight
         self.pos = 0  # number of the next chunk to hand out
         self.aborted = False
@@ -212,9 +195,11 @@ class Follower:
             if flight.head is not None:
                 # Not overflowed, so nothing was trimmed: start at chunk 0.
                 self.pos = flight.base
+                if flight.started is None:
+                    flight.started = set()
                 flight.started.add(self)
                 return flight.head
-            await flight.wait()
+            await flight._wait()
 
     async def next_chunk(self) -> bytes | None:
         """The next body chunk, or None when the response is complete."""
@@ -227,13 +212,13 @@ class Follower:
                 data = flight.chunks[index]
                 self.pos += 1
                 if flight.overflowed:
-                    flight.trim()
+                    flight._trim()
                 return data
             if flight.state == _DONE:
                 return None
             if flight.state == _FAILED:
                 raise FlightAborted(self._flight.key.decode(errors="replace"))
-            await flight.wait()
+            await flight._wait()
 
     def __repr__(self) -> str:
         return f"<Follower pos={self.pos} aborted={self.aborted} flight_state={self._flight.state}>"
@@ -259,10 +244,11 @@ class Follower:
         self._closed = True
         flight = self._flight
         flight.joined -= 1
-        if self in flight.started:
-            flight.started.discard(self)
+        started = flight.started
+        if started is not None and self in started:
+            started.discard(self)
             if flight.overflowed:
-                flight.trim()
+                flight._trim()
 
 
 class Coalescer:
@@ -277,19 +263,20 @@ class Coalescer:
 
     def __init__(self, max_body_bytes: int = 1048576) -> None:
         self.max_body_bytes = max_body_bytes
-        self._flights: dict[bytes, _Flight] = {}
+        self._flights: dict[bytes, Leader] = {}
 
     def __len__(self) -> int:
         return len(self._flights)
 
     def join(self, key: bytes) -> Leader | Follower:
-        flight = self._flights.get(key)
-        if flight is None:
-            flight = _Flight(key, self.max_body_bytes)
-            self._flights[key] = flight
-            return Leader(self, flight)
-        return Follower(flight)
+        flights = self._flights
+        leader = flights.get(key)
+        if leader is None:
+            leader = flights[key] = Leader(self, key, self.max_body_bytes)
+            return leader
+        return Follower(leader)
 
-    def _detach(self, flight: _Flight) -> None:
-        if self._flights.get(flight.key) is flight:
-            del self._flights[flight.key]
+    def _detach(self, leader: Leader) -> None:
+        flights = self._flights
+        if flights.get(leader.key) is leader:
+            del flights[leader.key]

@@ -221,7 +221,6 @@ class ProxyExchange:
         "_retry",
         "discarded",
         "_decoder",
-        "_cut_event",
         "_path",
         "_started",
         "_count_usage",
@@ -278,8 +277,7 @@ class ProxyExchange:
         self._retry = retry
         self.discarded = False  # the response is read and dropped (a retry follows)
         self._decoder: _Decoder | None = None
-        self._cut_event: bytes | None = None
-        self._path = path  # the request's path: which SSE error shape a cut stream gets
+        self._path = path  # the request's path: which usage and SSE error shapes a stream has
         self._started = False
         # Until the head arrives, a client that leaves must still close the
         # upstream request.
@@ -344,7 +342,6 @@ class ProxyExchange:
         self.content_type = content_type
         if content_type is not None and content_type.startswith(_EVENT_STREAM):
             self.splitter = SSESplitter()
-            self._cut_event = stream_cut_event(self._path, content_type)
             if self._count_usage:
                 self.stream_usage = StreamUsage("", provider_for_path(self._path))
             else:
@@ -395,6 +392,10 @@ class ProxyExchange:
     def on_body(self, chunk: bytes) -> None:
         if self.discarded:
             return
+        # What one read brings (an upstream, or a proxy before it, may frame
+        # it in many small chunks) leaves in one write at the read's end
+        # (on_read_end), not in one write per chunk.
+        self._client.hold()
         decoder = self._decoder
         if decoder is not None:
             try:
@@ -429,6 +430,15 @@ class ProxyExchange:
                 if self._first_event_pending:
                     self._first_event_out()
             return
+        if self._first_event_pending and not splitter.pending:
+            # A read of many events (an upstream that sends them at once):
+            # the head and the first event leave before the others are even
+            # cut, accounted, stripped and kept. The splitter cuts the same
+            # events however the bytes are divided.
+            end = chunk.find(b"\n\n") + 2
+            if 1 < end < len(chunk):
+                self._relay_events(splitter.feed(chunk[:end]))
+                chunk = chunk[end:]
         events = splitter.feed(chunk)
         if events:
             self._relay_events(events)
@@ -520,8 +530,10 @@ class ProxyExchange:
         if self._started:
             # Part of the body is out: the only honest signal left is to cut
             # the client's stream (after an SSE error event, so SDKs raise).
-            if self._cut_event is not None:
-                self._client.write(self._cut_event)
+            # A stream gets its error event; chosen only now, off the head's path.
+            cut = stream_cut_event(self._path, self.content_type)
+            if cut is not None:
+                self._client.write(cut)
             self._client.abort()
             self._settle(Outcome.BROKEN)
         else:
