@@ -91,7 +91,7 @@ class KeyTicket:
         if self.settled:
             return
         self.settled = True
-        # Admission.settle, inlined: this runs once per keyed request.
+        # All here, without a hop through Admission: this runs once per keyed request.
         admission = self._admission
         record = self.record
         if cost:
