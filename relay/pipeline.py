@@ -305,7 +305,12 @@ class Pipeline:
         """:meth:`answer`, awaited to the end."""
         rest = self.answer(request, client)
         if rest is not None:
-            await rest
+            try:
+                await rest
+            finally:
+                finished = request.on_finished
+                if finished is not None:
+                    finished()
 
     async def _admit(self, admission: Admission, request: Request, client: ClientConnection) -> None:
         rest = self._admitted(request, client, await admission.admit(request))
@@ -327,7 +332,10 @@ class Pipeline:
         if rest is None:
             ticket.release()  # unless settled: nothing was sent upstream
             return None
-        return _released_after(rest, ticket)
+        # The client connection calls it once *rest* ended, however it ended
+        # (handle does the same): no wrapper coroutine per keyed request.
+        request.on_finished = ticket.release
+        return rest
 
     def _proxy_now(
         self, request: Request, client: ClientConnection
@@ -1127,13 +1135,6 @@ class Pipeline:
         """Per-target breaker, load and latency, for relay's own JSON endpoints."""
         now = time.monotonic()
         return [u.snapshot(now) for u in self.upstreams()]
-
-
-async def _released_after(rest: Coroutine[Any, Any, None], ticket: KeyTicket) -> None:
-    try:
-        await rest
-    finally:
-        ticket.release()  # unless settled: nothing was sent upstream
 
 
 def _keys_hooks(
