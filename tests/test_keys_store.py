@@ -501,10 +501,10 @@ def test_admission_period_follows_the_calendar_across_period_starts(monkeypatch)
     for period in ("daily", "weekly", "monthly"):
         record, _ = _key(budget_usd=1.0, budget_period=period)
         for now in moments:  # forward in time, as a clock goes
-            monkeypatch.setattr(admission_module.time, "time", lambda: now)
+            monkeypatch.setattr(admission_module.time, "time", lambda now=now: now)
             assert admission._period(record) == period_start(period, now), (period, now)
         for now in reversed(moments):  # and a clock set back
-            monkeypatch.setattr(admission_module.time, "time", lambda: now)
+            monkeypatch.setattr(admission_module.time, "time", lambda now=now: now)
             assert admission._period(record) == period_start(period, now), (period, now)
     lifetime, _ = _key(budget_usd=1.0)
     assert admission._period(lifetime) == 0

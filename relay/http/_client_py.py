@@ -670,7 +670,12 @@ class ClientConnection:
     @debug.during("requests")
     async def _serve(self, request: Request, work: Coroutine[Any, Any, None]) -> None:
         try:
-            await work
+            try:
+                await work
+            finally:
+                finished = request.on_finished
+                if finished is not None:
+                    finished()
         except asyncio.CancelledError:
             if self._state != _CLOSED:
                 self.abort()

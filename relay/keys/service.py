@@ -60,9 +60,10 @@ class _Delta:
     """What one key's finished requests used since the last flush."""
 
     __slots__ = ("cost", "prompt", "completion", "requests", "reservations", "tpm", "rpm",
-                 "rpm_refund")
+                 "rpm_refund", "period")
 
-    def __init__(self, tpm: int, rpm: int) -> None:
+    def __init__(self, tpm: int, rpm: int, period: int = 0) -> None:
+        self.period = period
         self.cost = 0.0
         self.prompt = 0
         self.completion = 0
@@ -190,6 +191,9 @@ class KeyService:
         self._generation: int | None = None
         self._pending: list[Settlement] = []
         self._deltas: dict[tuple[str, int], _Delta] = {}
+        # key id -> its latest entry of _deltas: a settle finds it without
+        # building the (key, period) slot (emptied with _deltas).
+        self._key_deltas: dict[str, _Delta] = {}
         self._allowances: dict[str, Allowance] = {}
         self._sizes: dict[str, int] = {}  # key id -> its allowance size, when grown
         self._acquiring: dict[str, asyncio.Future[None]] = {}
@@ -493,7 +497,8 @@ class KeyService:
         slot = (key_id, period)
         delta = self._deltas.get(slot)
         if delta is None:
-            delta = self._deltas[slot] = _Delta(tpm, rpm)
+            delta = self._deltas[slot] = _Delta(tpm, rpm, period)
+        self._key_deltas[key_id] = delta
         if self._flush_timer is None and not self._closed:
             self._flush_timer = self.loop.call_later(FLUSH_INTERVAL, self._flush)
         return delta
@@ -510,17 +515,21 @@ class KeyService:
     ) -> None:
         """Count one finished request; written to the store within
         ``FLUSH_INTERVAL`` seconds, together with this key's others."""
-        tpm = record.tpm or 0
+        key_id = record.id
         if local is not None:
-            state = self._local.get(record.id)
+            state = self._local.get(key_id)
             if state is not None:
                 apply_settlement(state, (local.cost, local.tokens), cost, prompt, completion,
-                                 period, tpm)
-        delta = self._delta(record.id, period, tpm, record.rpm or 0)
+                                 period, record.tpm or 0)
+        # The key's current entry while it stays the one of this period
+        # (while it is in _deltas, the flush timer is armed).
+        delta = self._key_deltas.get(key_id)
+        if delta is None or delta.period != period:
+            delta = self._delta(key_id, period, record.tpm or 0, record.rpm or 0)
         delta.cost += cost
         if cost:
-            self._recorded[record.id] = self._recorded.get(record.id, 0.0) + cost
-            self._unconfirmed[record.id] = self._unconfirmed.get(record.id, 0.0) + cost
+            self._recorded[key_id] = self._recorded.get(key_id, 0.0) + cost
+            self._unconfirmed[key_id] = self._unconfirmed.get(key_id, 0.0) + cost
         delta.prompt += prompt
         delta.completion += completion
         delta.requests += 1
@@ -528,8 +537,8 @@ class KeyService:
             allowance.outstanding -= 1
             if allowance.outstanding == 0:
                 if not allowance.open:
-                    self._release(record.id, allowance)
-                elif allowance.requests < 1 and self._allowances.get(record.id) is allowance:
+                    self._release(key_id, allowance)
+                elif allowance.requests < 1 and self._allowances.get(key_id) is allowance:
                     # Spent, and its last request just ended: it serves no
                     # other, yet the store still counts what it reserved.
                     # Until the next flush that would refuse the key's next
@@ -538,9 +547,10 @@ class KeyService:
                     # a time), so it goes back with this request's usage now
                     # (this key's settlement only: a flush would also cut
                     # short the idle interval of other keys' allowances).
-                    del self._allowances[record.id]
-                    self._retire(record.id, allowance)
-                    for slot in {(record.id, period), (record.id, allowance.reservation.period)}:
+                    del self._allowances[key_id]
+                    self._retire(key_id, allowance)
+                    self._key_deltas.pop(key_id, None)  # its entries are written here
+                    for slot in {(key_id, period), (key_id, allowance.reservation.period)}:
                         spent = self._deltas.pop(slot, None)
                         if spent is not None:
                             self._write(slot, spent)
@@ -574,6 +584,7 @@ class KeyService:
         if held and not self._closed:  # the next flush gives back what stays idle
             self._flush_timer = self.loop.call_later(FLUSH_INTERVAL, self._flush)
         deltas, self._deltas = self._deltas, {}
+        self._key_deltas.clear()
         for slot, d in deltas.items():
             self._write(slot, d)
 
