@@ -554,6 +554,48 @@ def test_an_allowance_drawn_from_by_requests_that_end_at_once_outlives_a_flush(t
     run(main())
 
 
+def test_a_spent_allowance_goes_back_when_its_last_request_ends(tmp_path, run):
+    """A budget with room for one reservation at a time, requests taking
+    turns on two processes: each one ended is given back with its usage at
+    once (not at the next flush), so the other process is admitted while the
+    budget has room, and refused once it has not."""
+    import asyncio
+
+    from relay.keys.service import KeyService
+
+    budget, reserved, used = 0.1, 0.06, 0.01  # reserves 0.06, answers cost 0.01
+
+    async def main() -> None:
+        path = os.path.join(str(tmp_path), "keys.db")
+        stores = [SQLiteKeyStore(path), SQLiteKeyStore(path)]
+        loop = asyncio.get_running_loop()
+        services = [KeyService(s, loop) for s in stores]
+        key, _ = _key(budget_usd=budget)
+        await stores[0].create(key)
+        admitted = 0
+        outcomes = []
+        try:
+            for turn in range(8):
+                service = services[turn % 2]
+                room = budget - admitted * used >= reserved - 1e-9
+                refusal, allowance, local = await service.reserve(key, 10, reserved, 0)
+                outcomes.append((room, refusal is None))
+                if refusal is None:
+                    admitted += 1
+                    service.settle(key, allowance, local, used, 5, 5, 0)
+                    if service._settling:  # the write it started, not a flush interval
+                        await asyncio.wait(list(service._settling), timeout=10)
+                else:
+                    assert refusal.reason == "budget"
+        finally:
+            for service in services:
+                await service.close()
+        assert [admitted_ for _, admitted_ in outcomes] == [room for room, _ in outcomes], outcomes
+        assert admitted == 5  # 0.04 spent leaves room for one more 0.06
+
+    run(main())
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_two_services_near_the_budget_never_overspend(tmp_path, run, seed):
     """Two processes' services on one store, requests racing at the budget's

@@ -535,8 +535,25 @@ class KeyService:
         delta.requests += 1
         if allowance is not None:
             allowance.outstanding -= 1
-            if not allowance.open and allowance.outstanding == 0:
-                self._release(key_id, allowance)
+            if allowance.outstanding == 0:
+                if not allowance.open:
+                    self._release(key_id, allowance)
+                elif allowance.requests < 1 and self._allowances.get(key_id) is allowance:
+                    # Spent, and its last request just ended: it serves no
+                    # other, yet the store still counts what it reserved.
+                    # Until the next flush that would refuse the key's next
+                    # request here and on every other instance while the
+                    # budget has room (a small budget allows one request at
+                    # a time), so it goes back with this request's usage now
+                    # (this key's settlement only: a flush would also cut
+                    # short the idle interval of other keys' allowances).
+                    del self._allowances[key_id]
+                    self._retire(key_id, allowance)
+                    self._key_deltas.pop(key_id, None)  # its entries are written here
+                    for slot in {(key_id, period), (key_id, allowance.reservation.period)}:
+                        spent = self._deltas.pop(slot, None)
+                        if spent is not None:
+                            self._write(slot, spent)
 
     def _flush(self, hand_back: bool = False) -> None:
         """Write what the requests of the last interval used, one settlement
@@ -568,17 +585,22 @@ class KeyService:
             self._flush_timer = self.loop.call_later(FLUSH_INTERVAL, self._flush)
         deltas, self._deltas = self._deltas, {}
         self._key_deltas.clear()
-        for (key_id, period), d in deltas.items():
-            settlement = Settlement(
-                self.new_id(), key_id, tuple(d.reservations), d.cost, d.prompt, d.completion,
-                d.requests, period, d.tpm, d.rpm, d.rpm_refund,
-            )
-            if self._pending:
-                self._queue(settlement)  # keep order behind what waits already
-            else:
-                task = self._spawn(self._settle(settlement))
-                self._settling.add(task)
-                task.add_done_callback(self._settling.discard)
+        for slot, d in deltas.items():
+            self._write(slot, d)
+
+    def _write(self, slot: tuple[str, int], d: _Delta) -> None:
+        """One settlement of what ``d`` holds for (key id, period)."""
+        key_id, period = slot
+        settlement = Settlement(
+            self.new_id(), key_id, tuple(d.reservations), d.cost, d.prompt, d.completion,
+            d.requests, period, d.tpm, d.rpm, d.rpm_refund,
+        )
+        if self._pending:
+            self._queue(settlement)  # keep order behind what waits already
+        else:
+            task = self._spawn(self._settle(settlement))
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
 
     async def _hand_back_now(self) -> bool:
         """Write every settlement now (releases included), in order; False
