@@ -6,7 +6,8 @@ chat request of ``bench_hotpath.py`` and answers it from the cache: bytes
 in, the response handed to the transport, the hit counted. No sockets, so
 the figure is relay's own Python and C per hit, without the kernel's
 share. The same with virtual keys on (SQLite store, one key with limits
-that never trip) shows what admission and its settle add to a hit. Run with ``python -m benchmarks.run --micro`` (or ``pytest benchmarks``).
+that never trip) shows what admission and its settle add to a hit, and
+the admission-and-settle benchmark what they add to a miss. Run with ``python -m benchmarks.run --micro`` (or ``pytest benchmarks``).
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ import pytest
 import uvloop
 
 from relay import _fast
+from relay.accounting.usage import Usage
 from relay.app import Gateway
 from relay.config import load_config
 from relay.features.cache import CacheEntry
+from relay.http.request import Request
 
 from .bench_hotpath import CHAT_BODY, COMPLETION, SDK_REQUEST, _Transport
 
@@ -153,3 +156,34 @@ def test_cache_hit_with_virtual_key(benchmark, gateway_with_keys: Gateway) -> No
     assert b"\r\nX-Relay-Cache: HIT\r\n" in transport.last
     assert transport.last.endswith(b"\r\n\r\n" + COMPLETION)
     conn.connection_lost(None)
+
+
+@pytest.mark.benchmark(group="virtual key: admission and settle of one request, no I/O")
+def test_key_admission_and_settle(benchmark, gateway_with_keys: Gateway) -> None:
+    """What a keyed miss adds in admission and its settle: the key from the
+    process cache, the estimate drawn from the allowance, then the exact
+    usage and cost settled and the finish hook run (a no-op by then)."""
+    gateway = gateway_with_keys
+    loop = gateway.runtime.loop
+    admission = gateway.pipeline._admission
+    assert admission is not None
+    usage = Usage(prompt_tokens=38, completion_tokens=21, model="gpt-4o")
+
+    def request() -> Request:
+        made = Request(b"POST", b"/v1/chat/completions", [], CHAT_BODY, True, 1, "127.0.0.1", 0.0)
+        made.authorization = b"Bearer " + VIRTUAL_KEY
+        made.facts()  # scanned anyway by the cache key and routing before admission
+        return made
+
+    # The first request finds the key through the store and its first allowance.
+    loop.run_until_complete(admission.admit(request())).settle(None, 0.0)
+
+    def one_request() -> None:
+        ticket = admission.admit_now(request())
+        if ticket is None:  # the allowance is renewed through the store, as under load
+            ticket = loop.run_until_complete(admission.admit(request()))
+        ticket.settle(usage, 0.000305)
+        ticket.release()
+
+    benchmark(one_request)
+    assert admission.service._allowances  # drawn from the process's allowance

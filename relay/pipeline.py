@@ -305,7 +305,12 @@ class Pipeline:
         """:meth:`answer`, awaited to the end."""
         rest = self.answer(request, client)
         if rest is not None:
-            await rest
+            try:
+                await rest
+            finally:
+                finished = request.on_finished
+                if finished is not None:
+                    finished()
 
     async def _admit(self, admission: Admission, request: Request, client: ClientConnection) -> None:
         rest = self._admitted(request, client, await admission.admit(request))
@@ -327,7 +332,10 @@ class Pipeline:
         if rest is None:
             ticket.release()  # unless settled: nothing was sent upstream
             return None
-        return _released_after(rest, ticket)
+        # The client connection calls it once *rest* ended, however it ended
+        # (handle does the same): no wrapper coroutine per keyed request.
+        request.on_finished = ticket.release
+        return rest
 
     def _proxy_now(
         self, request: Request, client: ClientConnection
@@ -418,14 +426,15 @@ class Pipeline:
         # the SHA-256: the key of a body that was a hit is remembered by what
         # it hashes. A miss adds nothing (most misses are never asked again,
         # and the memo would hold their bodies).
-        parts: tuple[bytes, bytes, bytes, bytes] | None = (request.target, body, scope, varying)
-        key = self._keys.get(parts)
+        hashed = (request.target, body, scope, varying)
+        key = self._keys.get(hashed)
+        # What a hit remembers its key by: None when remembered already or
+        # never to be (a large body).
+        parts: tuple[bytes, bytes, bytes, bytes] | None = None
         if key is None:
-            key = _fast.cache_key(b"POST", *parts)
-            if len(body) > _KEY_MEMO_BODY:
-                parts = None  # never remembered
-        else:
-            parts = None  # remembered already
+            key = _fast.cache_key(b"POST", *hashed)
+            if len(body) <= _KEY_MEMO_BODY:
+                parts = hashed
         if no_cache:
             extra.append(_BYPASS)
             return self._forward(request, client, route, extra, None if no_store else key, None)
@@ -1126,13 +1135,6 @@ class Pipeline:
         """Per-target breaker, load and latency, for relay's own JSON endpoints."""
         now = time.monotonic()
         return [u.snapshot(now) for u in self.upstreams()]
-
-
-async def _released_after(rest: Coroutine[Any, Any, None], ticket: KeyTicket) -> None:
-    try:
-        await rest
-    finally:
-        ticket.release()  # unless settled: nothing was sent upstream
 
 
 def _keys_hooks(

@@ -8,6 +8,7 @@ served by a task is counted as a ``requests`` object opened.
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import socket
@@ -396,3 +397,36 @@ def test_virtual_key_hits_are_admitted_at_once(
     refused = wire.exchange(request_bytes(body, credential=b"not-a-relay-key"))
     assert refused.startswith(b"HTTP/1.1 401 ")
     assert tasks_opened() == before + 1 + hit_tasks  # refused at once, too
+
+
+def test_a_keyed_request_that_fails_in_its_task_gives_its_reservation_back(
+    relay_factory, fake_upstream: ThreadedFakeUpstream, wires, tmp_path: Any
+):
+    relay = relay_factory(
+        fake_upstream.url,
+        cache=CACHE,
+        keys={"enabled": True, "admin_key": ADMIN, "path": str(tmp_path / "keys.db")},
+        models={"gpt-4o-mini": {"input": 1.0, "output": 2.0}},
+    )
+    secret = create_key(relay.port, rpm=1000)
+    wire = wires(relay.port)
+    miss(relay, wire, chat("a first allowance"), secret)  # later ones are admitted at once
+    assert relay.gateway is not None and relay.loop is not None
+    pipeline = relay.gateway.pipeline
+    tickets: list[Any] = []
+
+    async def broken_forward(request: Any, *args: Any) -> None:
+        tickets.append(request.relay_key)
+        await asyncio.sleep(0)  # on in the request's task
+        raise RuntimeError("a bug on the way upstream")
+
+    def install() -> None:
+        pipeline._forward = broken_forward
+        relay.loop.set_exception_handler(lambda loop, context: None)  # the bug is expected
+
+    relay.call(install)
+    failed = wire.exchange(request_bytes(chat("fails in its task"), credential=secret))
+    assert failed.startswith(b"HTTP/1.1 500 ")
+    [ticket] = tickets
+    # Released when its task ended, though no step of the request settled it.
+    assert relay.call(lambda: (ticket.settled, ticket.allowance.outstanding)) == (True, 0)

@@ -675,7 +675,12 @@ class ClientConnection:
     @debug.during("requests")
     async def _serve(self, request: Request, work: Coroutine[Any, Any, None]) -> None:
         try:
-            await work
+            try:
+                await work
+            finally:
+                finished = request.on_finished
+                if finished is not None:
+                    finished()
         except asyncio.CancelledError:
             if self._state != _CLOSED:
                 self.abort()
@@ -845,15 +850,9 @@ class ClientConnection:
 
     def write(self, chunk: bytes) -> None:
         """Send a piece of the body as it arrived (no copy for known lengths)."""
-        if self._state == _CLOSED or not chunk:
-            return
-        parts = (b"%x\r\n" % len(chunk), chunk, _CRLF) if self._answer == _CHUNKING else (chunk,)
-        held = self._held
-        if held is not None:
-            held.extend(parts)
-        else:
-            assert self._transport is not None
-            self._transport.writelines(parts)
+        if chunk:
+            self._emit((b"%x\r\n" % len(chunk), chunk, _CRLF) if self._answer == _CHUNKING
+                       else (chunk,))
 
     def write_many(self, chunks: list[bytes]) -> None:
         """Send several pieces as one chunk / one vectored write."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from relay._fast import NOT_AN_OBJECT, VARYING_NAMES, RequestFacts, request_facts, request_facts_of
@@ -46,6 +47,7 @@ class Request:
         "varying",
         "started",
         "relay_key",
+        "on_finished",
         "_json",
         "_facts",
         "_credential",
@@ -86,6 +88,11 @@ class Request:
         self.credential_headers = b""
         # The admitted virtual key (relay.keys.admission.KeyTicket), if any.
         self.relay_key: Any = None
+        # Called once the handler's coroutine for this request ended, however
+        # it ended (returned, raised, cancelled): gives back what the handler
+        # still holds for the request (a virtual key's unused reservation)
+        # without a wrapper coroutine around every such request.
+        self.on_finished: Callable[[], None] | None = None
         # "name:value" of each VARYING_HEADERS header, picked out while parsing.
         self.varying: list[bytes] | None = None
         self._json: Any = _UNPARSED

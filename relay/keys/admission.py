@@ -61,11 +61,6 @@ def reset_text(seconds: float) -> str:
     return f"{int(minutes)}m{rest_text}" if minutes else rest_text
 
 
-def _needs_model(record: KeyRecord) -> bool:
-    """Whether admitting a request of *record* reads its model (globs, pricing)."""
-    return record.models is not None or record.budget_usd is not None or record.tpm is not None
-
-
 class KeyTicket:
     """One admitted request's key and reservation, settled exactly once."""
 
@@ -96,11 +91,25 @@ class KeyTicket:
         if self.settled:
             return
         self.settled = True
-        self._admission.settle(self, usage, cost)
+        # All here, without a hop through Admission: this runs once per keyed request.
+        admission = self._admission
+        record = self.record
+        if cost:
+            admission._metrics.key_spend(record.name, cost)
+        if usage is None:
+            prompt = completion = 0
+        else:
+            prompt = usage.prompt_tokens
+            completion = usage.completion_tokens
+        admission.service.settle(
+            record, self.allowance, self.local, cost, prompt, completion,
+            admission._period(record) if record.budget_period else 0,
+        )
 
     def release(self) -> None:
         """Give the reservation back unused (nothing was sent upstream)."""
-        self.settle(None, 0.0)
+        if not self.settled:
+            self.settle(None, 0.0)
 
 
 class Admission:
@@ -158,16 +167,20 @@ class Admission:
         secret = request.credential
         if not secret or not secret.startswith(_PREFIX):
             return self._missing()
-        record = self.service.cached(self._hash(secret))
+        sha = self._hashes.get(secret)
+        record = self.service.cached(sha if sha is not None else self._hash(secret))
         if record is None:
             return None
-        refused = self._refused(request, record)
-        if refused is not None:
-            return refused
+        if record.revoked or record.expires_at is not None or record.models is not None:
+            refused = self._refused(request, record)
+            if refused is not None:
+                return refused
         allowance = None
         if record.reserves:
-            tokens, cost = self._estimate(request, request.model() if _needs_model(record) else None)
-            allowance = self.service.reserve_now(record, tokens, cost, self._period(record))
+            tokens, cost = self._estimate(request, record)
+            allowance = self.service.reserve_now(
+                record, tokens, cost, self._period(record) if record.budget_period else 0
+            )
             if allowance is None:
                 return None
         request.credential_headers = b""  # consumed here: see admit
@@ -191,7 +204,7 @@ class Admission:
             return refused
         allowance = local = None
         if record.reserves:
-            tokens, cost = self._estimate(request, request.model() if _needs_model(record) else None)
+            tokens, cost = self._estimate(request, record)
             refusal, allowance, local = await service.reserve(
                 record, tokens, cost, self._period(record)
             )
@@ -225,19 +238,27 @@ class Admission:
                 ))
         return None
 
-    def _estimate(self, request: Request, model: str | None) -> tuple[int, float]:
+    def _estimate(self, request: Request, record: KeyRecord) -> tuple[int, float]:
         """Prompt tokens (a generous byte-based estimate) plus the most output
-        the request allows, and what they would cost."""
+        the request allows, and what they would cost (priced by the model
+        only when the key has a budget, model globs or a tpm)."""
         output = 0
+        facts = None
         if not request.path.endswith(_EMBEDDINGS):
             output = self._default_reserve
-            facts = request.facts()
+            facts = request.facts()  # the one scan, shared with routing and usage
             # The first limit given, in this order (Chat's newer name, the
             # Responses API's, then max_tokens of Chat and Anthropic).
-            for value in (facts.max_completion_tokens, facts.max_output_tokens, facts.max_tokens):
-                if value is not None and value >= 0:
-                    output = value
-                    break
+            value = facts.max_completion_tokens
+            if value is None or value < 0:
+                value = facts.max_output_tokens
+                if value is None or value < 0:
+                    value = facts.max_tokens
+            if value is not None and value >= 0:
+                output = value
+        model = None
+        if record.models is not None or record.budget_usd is not None or record.tpm is not None:
+            model = (facts if facts is not None else request.facts()).model
         body = request.body
         # About three bytes per token is more than tokenizers use for
         # ordinary text, so the reservation rarely falls short; the exact
@@ -289,17 +310,3 @@ class Admission:
             "rate_limit_exceeded",
             headers=tuple(headers),
         ))
-
-    def settle(self, ticket: KeyTicket, usage: Usage | None, cost: float) -> None:
-        record = ticket.record
-        if cost:
-            self._metrics.key_spend(record.name, cost)
-        self.service.settle(
-            record,
-            ticket.allowance,
-            ticket.local,
-            cost,
-            usage.prompt_tokens if usage is not None else 0,
-            usage.completion_tokens if usage is not None else 0,
-            self._period(record),
-        )

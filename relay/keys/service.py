@@ -60,9 +60,10 @@ class _Delta:
     """What one key's finished requests used since the last flush."""
 
     __slots__ = ("cost", "prompt", "completion", "requests", "reservations", "tpm", "rpm",
-                 "rpm_refund")
+                 "rpm_refund", "period")
 
-    def __init__(self, tpm: int, rpm: int) -> None:
+    def __init__(self, tpm: int, rpm: int, period: int = 0) -> None:
+        self.period = period
         self.cost = 0.0
         self.prompt = 0
         self.completion = 0
@@ -190,6 +191,9 @@ class KeyService:
         self._generation: int | None = None
         self._pending: list[Settlement] = []
         self._deltas: dict[tuple[str, int], _Delta] = {}
+        # key id -> its latest entry of _deltas: a settle finds it without
+        # building the (key, period) slot (emptied with _deltas).
+        self._key_deltas: dict[str, _Delta] = {}
         self._allowances: dict[str, Allowance] = {}
         self._sizes: dict[str, int] = {}  # key id -> its allowance size, when grown
         self._acquiring: dict[str, asyncio.Future[None]] = {}
@@ -493,7 +497,8 @@ class KeyService:
         slot = (key_id, period)
         delta = self._deltas.get(slot)
         if delta is None:
-            delta = self._deltas[slot] = _Delta(tpm, rpm)
+            delta = self._deltas[slot] = _Delta(tpm, rpm, period)
+        self._key_deltas[key_id] = delta
         if self._flush_timer is None and not self._closed:
             self._flush_timer = self.loop.call_later(FLUSH_INTERVAL, self._flush)
         return delta
@@ -510,24 +515,28 @@ class KeyService:
     ) -> None:
         """Count one finished request; written to the store within
         ``FLUSH_INTERVAL`` seconds, together with this key's others."""
-        tpm = record.tpm or 0
+        key_id = record.id
         if local is not None:
-            state = self._local.get(record.id)
+            state = self._local.get(key_id)
             if state is not None:
                 apply_settlement(state, (local.cost, local.tokens), cost, prompt, completion,
-                                 period, tpm)
-        delta = self._delta(record.id, period, tpm, record.rpm or 0)
+                                 period, record.tpm or 0)
+        # The key's current entry while it stays the one of this period
+        # (while it is in _deltas, the flush timer is armed).
+        delta = self._key_deltas.get(key_id)
+        if delta is None or delta.period != period:
+            delta = self._delta(key_id, period, record.tpm or 0, record.rpm or 0)
         delta.cost += cost
         if cost:
-            self._recorded[record.id] = self._recorded.get(record.id, 0.0) + cost
-            self._unconfirmed[record.id] = self._unconfirmed.get(record.id, 0.0) + cost
+            self._recorded[key_id] = self._recorded.get(key_id, 0.0) + cost
+            self._unconfirmed[key_id] = self._unconfirmed.get(key_id, 0.0) + cost
         delta.prompt += prompt
         delta.completion += completion
         delta.requests += 1
         if allowance is not None:
             allowance.outstanding -= 1
             if not allowance.open and allowance.outstanding == 0:
-                self._release(record.id, allowance)
+                self._release(key_id, allowance)
 
     def _flush(self, hand_back: bool = False) -> None:
         """Write what the requests of the last interval used, one settlement
@@ -558,6 +567,7 @@ class KeyService:
         if held and not self._closed:  # the next flush gives back what stays idle
             self._flush_timer = self.loop.call_later(FLUSH_INTERVAL, self._flush)
         deltas, self._deltas = self._deltas, {}
+        self._key_deltas.clear()
         for (key_id, period), d in deltas.items():
             settlement = Settlement(
                 self.new_id(), key_id, tuple(d.reservations), d.cost, d.prompt, d.completion,
