@@ -631,3 +631,34 @@ def test_a_key_store_replaced_by_a_reload_is_closed_by_the_stop(
     finally:
         relay.stop()
     assert debug.counters.settle(5.0) == {}
+
+
+def test_a_closed_client_connection_is_freed_without_the_cycle_collector(
+    relay_factory: RelayFactory, fake_upstream: ThreadedFakeUpstream
+) -> None:
+    """A closed connection goes with its last reference, not at a full
+    collection: workers collect rarely (relay.app._tune_gc), and a cycle left
+    by each closed connection (its parser, transport, buffers) piles up in
+    between, a worker's memory growing with the connections it has served."""
+    import gc
+
+    relay = relay_factory(fake_upstream.url)
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(3):
+            client = RawClient(relay.port, timeout=TIMEOUT)
+            client.send(chat_request())
+            assert client.response().status == 200
+            client.close()
+        wait_for(relay, lambda c: c["client_connections"] == 0, "the connections to close")
+        deadline = time.monotonic() + TIMEOUT
+        alive = -1
+        while time.monotonic() < deadline:
+            alive = sum(type(o) is ClientConnection for o in gc.get_objects())
+            if alive == 0:
+                break
+            time.sleep(0.05)
+        assert alive == 0
+    finally:
+        gc.enable()

@@ -264,6 +264,11 @@ class ClientConnection:
         self._stop_timer()
         self._queue.clear()
         self._line_part = None
+        # The parser holds this connection's bound callbacks: a cycle that,
+        # left in place, keeps every closed connection (its parser, transport
+        # and buffers) alive until a full collection, which the tuned
+        # thresholds make rare. Nothing parses after the close.
+        self._parser = None
         # Wake the producers: whatever they write now would be dropped.
         self._flow.lost_connection()
         callback = self.on_lost
