@@ -147,7 +147,8 @@ class ClientConnection:
         self._tasks = tasks
         self._loop = loop
         self._transport: asyncio.Transport | None = None
-        self._parser = httptools.HttpRequestParser(self)
+        # None once the connection is lost (see connection_lost).
+        self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self._client_ip = ""
         self._state = _OPEN
         self._flow = FlowControl(loop)
@@ -297,8 +298,10 @@ class ClientConnection:
             # A body that began in an earlier read: with a length, it ends here.
             self._end_at = self._length - self._body_size if self._length >= 0 else -1
         self._data = data
+        parser = self._parser
+        assert parser is not None  # a lost connection (CLOSED) returned above
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             if self._read != _UPGRADE:
                 self._reject(errors.bad_request("Protocol upgrades are not supported"))
@@ -478,6 +481,7 @@ class ClientConnection:
 
     def on_headers_complete(self) -> None:
         parser = self._parser
+        assert parser is not None  # called from its feed_data
         upgrade = parser.should_upgrade()
         if upgrade:
             # llhttp ends an upgrade request at its head (it skips any body)
@@ -565,7 +569,9 @@ class ClientConnection:
         self._arm_timer(self._limits.idle_timeout)
 
     def _ignorable_upgrade(self) -> bool:
-        if self._parser.get_method() == b"CONNECT":
+        parser = self._parser
+        assert parser is not None  # called from its feed_data
+        if parser.get_method() == b"CONNECT":
             return False
         offered = b""
         for name, value in self._headers:
