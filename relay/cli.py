@@ -95,12 +95,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"relay: --port/--workers: {exc}", file=sys.stderr)
         return 2
-    from .keys.stores import check_store
+    if config.keys.needs_store:  # else the key modules stay unloaded for the worker's life
+        from .keys.stores import check_store
 
-    store_problem = check_store(config)
-    if store_problem is not None:
-        print(f"relay: {store_problem}", file=sys.stderr)
-        return 2
+        store_problem = check_store(config)
+        if store_problem is not None:
+            print(f"relay: {store_problem}", file=sys.stderr)
+            return 2
     _setup_logging(config.log.level)
     if config.server.workers == 1:
         from .app import run_worker

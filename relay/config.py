@@ -232,6 +232,11 @@ class KeysConfig:
     default_reserve_tokens: int = 4096
     static: tuple[StaticKey, ...] = ()
 
+    @property
+    def needs_store(self) -> bool:
+        """Whether anything (admission, the admin API, static keys) uses the key store."""
+        return self.enabled or bool(self.admin_key) or bool(self.static)
+
     def __repr__(self) -> str:
         # The admin key never reaches a log line through repr(config).
         admin = '"***"' if self.admin_key else '""'

@@ -27,7 +27,7 @@ import math
 import re
 import time
 from collections.abc import Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _fast
 from .accounting.recorder import ESTIMATE, Accounting, stored_usage, with_usage
@@ -39,8 +39,7 @@ from .features.limits import MemoryLimiter, RedisLimiter
 from .http import errors
 from .http.protocol import ClientConnection
 from .http.request import Request
-from .keys.admin import ADMIN_PREFIX, AdminAPI
-from .keys.admission import Admission, KeyTicket
+from .keys import ADMIN_PREFIX
 from .ops.endpoints import own_endpoints
 from .ops.metrics import NO_METERS as _NO_METERS
 from .runtime import Runtime
@@ -48,6 +47,10 @@ from .upstream.balance import Balancer
 from .upstream.exchange import ACCEPT_IDENTITY, Outcome, ProxyExchange, stream_cut_event
 from .upstream.protocol import UpstreamConnection, UpstreamError
 from .upstream.target import Upstream
+
+if TYPE_CHECKING:  # imported where used: a worker without keys never loads them
+    from .keys.admin import AdminAPI
+    from .keys.admission import Admission, KeyTicket
 
 __all__ = ["Pipeline"]
 
@@ -274,7 +277,11 @@ class Pipeline:
             usage_snapshot=runtime.usage_book.snapshot,
             loop=runtime.loop,
         )
-        self._admission, self._admin = _keys_hooks(config, runtime, accounting)
+        self._admission = _admission(config, runtime, accounting)
+        keys = runtime.keys()
+        self._admin_key = config.keys.admin_key
+        self._admin_manager = keys[1] if keys is not None else None
+        self._admin: AdminAPI | None = None  # built by the first request under its prefix
 
     # ------------------------------------------------------------------ #
     # entry point
@@ -290,7 +297,7 @@ class Pipeline:
         if own is not None:
             return own(request, client)
         if request.path.startswith(ADMIN_PREFIX):
-            return self._admin.handle(request, client)
+            return self._admin_api().handle(request, client)
         admission = self._admission
         if admission is None:
             return self._proxy_now(request, client)
@@ -311,6 +318,17 @@ class Pipeline:
                 finished = request.on_finished
                 if finished is not None:
                     finished()
+
+    def _admin_api(self) -> AdminAPI:
+        """The admin API of this generation, imported and built once, on the
+        first request under its prefix: most workers never see one, and its
+        modules (the key model, service, manager) hold memory for life."""
+        admin = self._admin
+        if admin is None:
+            from .keys.admin import AdminAPI
+
+            admin = self._admin = AdminAPI(self._admin_key, self._admin_manager)
+        return admin
 
     async def _admit(self, admission: Admission, request: Request, client: ClientConnection) -> None:
         rest = self._admitted(request, client, await admission.admit(request))
@@ -1137,17 +1155,16 @@ class Pipeline:
         return [u.snapshot(now) for u in self.upstreams()]
 
 
-def _keys_hooks(
-    config: Config, runtime: Runtime, accounting: Accounting
-) -> tuple[Admission | None, AdminAPI]:
-    """Virtual-key admission (when keys.enabled) and the admin API."""
+def _admission(config: Config, runtime: Runtime, accounting: Accounting) -> Admission | None:
+    """Virtual-key admission when keys.enabled, else None (its modules unloaded)."""
     keys = runtime.keys()
-    admission = None
-    if keys is not None and config.keys.enabled:
-        admission = Admission(
-            keys[0], runtime.prices(config), config.keys.default_reserve_tokens, accounting.metrics
-        )
-    return admission, AdminAPI(config.keys.admin_key, keys[1] if keys is not None else None)
+    if keys is None or not config.keys.enabled:
+        return None
+    from .keys.admission import Admission
+
+    return Admission(
+        keys[0], runtime.prices(config), config.keys.default_reserve_tokens, accounting.metrics
+    )
 
 
 def _content_type(headers: tuple[tuple[bytes, bytes], ...]) -> bytes | None:

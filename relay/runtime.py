@@ -166,7 +166,7 @@ class Runtime:
         """Open the key store *config* names (before the pipeline is built);
         ``(replaced, previous entry)``."""
         k = config.keys
-        if not (k.enabled or k.admin_key or k.static):
+        if not k.needs_store:
             return False, None
         settings = (k.store, k.path, self.redis if k.store == "redis" else None)
         if self._keys is not None and self._keys[0] == settings:

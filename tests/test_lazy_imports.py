@@ -5,8 +5,10 @@ brings an HTTP server and WSGI modules; tiktoken its tokenizer tables), and a
 worker keeps whatever it imported for its whole life. A fresh interpreter
 serves a request with every in-process feature on (memory cache, rate limit,
 breaker, metrics, usage) and Redis and keys off, then reports which of them
-it imported; the metrics library must arrive with the first scrape, so the
-check is seen to notice an import.
+it imported (the virtual-key modules too: a worker without keys holds none
+of them, and the admin API loads its part on its first request); the metrics
+library must arrive with the first scrape, so the check is seen to notice an
+import.
 """
 
 from __future__ import annotations
@@ -23,7 +25,11 @@ import json, sys
 from relay.testing import ThreadedFakeUpstream
 from tests.support import RelayThread, make_config, raw_exchange
 
-WATCHED = ("redis", "prometheus_client", "tiktoken", "sqlite3")
+KEY_MODULES = tuple("relay.keys." + name for name in (
+    "admin", "admission", "manage", "model", "service", "store", "stores"
+))
+
+WATCHED = ("redis", "prometheus_client", "tiktoken", "sqlite3", *KEY_MODULES)
 
 def loaded():
     return sorted(name for name in WATCHED if name in sys.modules)
@@ -49,7 +55,15 @@ with ThreadedFakeUpstream() as upstream:
         served = loaded()
         relay.call(relay.gateway.runtime.metrics.render)
         scraped = loaded()
-print(json.dumps({"status": status, "served": served, "scraped": scraped}))
+        admin = raw_exchange(
+            relay.port, b"GET /relay/admin/keys HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+        )
+        admin_status = admin.split(b" ", 2)[1].decode()
+        administered = loaded()
+print(json.dumps({
+    "status": status, "served": served, "scraped": scraped,
+    "admin_status": admin_status, "administered": administered,
+}))
 """
 
 
@@ -59,4 +73,19 @@ def test_a_worker_with_redis_and_keys_off_imports_no_library_it_does_not_use() -
     )
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout.splitlines()[-1])
-    assert report == {"status": "200", "served": [], "scraped": ["prometheus_client"]}
+    # The admin API (off: no admin key) still answers its prefix, and its
+    # modules arrive with that first request, not before.
+    assert report == {
+        "status": "200",
+        "served": [],
+        "scraped": ["prometheus_client"],
+        "admin_status": "404",
+        "administered": [
+            "prometheus_client",
+            "relay.keys.admin",
+            "relay.keys.manage",
+            "relay.keys.model",
+            "relay.keys.service",
+            "relay.keys.store",
+        ],
+    }

@@ -8,3 +8,5 @@
 
 Importing this package imports nothing heavy: the pieces load on use.
 """
+
+ADMIN_PREFIX = b"/relay/admin"  # every path the admin API answers starts so

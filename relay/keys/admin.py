@@ -22,13 +22,13 @@ from relay.http import errors
 from relay.http.protocol import ClientConnection
 from relay.http.request import Request
 
+from . import ADMIN_PREFIX
 from .manage import KeyManager, NotFound
 from .model import KeyError_
 from .store import StoreUnavailable
 
 __all__ = ["ADMIN_PREFIX", "AdminAPI"]
 
-ADMIN_PREFIX = b"/relay/admin"
 _KEYS = "/relay/admin/keys"
 _JSON_TYPE = b"Content-Type: application/json\r\n"
 _NO_STORE = b"Cache-Control: no-store\r\n"

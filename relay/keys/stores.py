@@ -39,7 +39,7 @@ def open_store(keys: KeysConfig, redis: RedisConnection | None) -> KeyStore:
 def check_store(config: Config) -> str | None:
     """Why the configured SQLite store cannot be opened, or None (start-up check)."""
     keys = config.keys
-    if keys.store != "sqlite" or not (keys.enabled or keys.admin_key or keys.static):
+    if keys.store != "sqlite" or not keys.needs_store:
         return None
     import sqlite3
 
