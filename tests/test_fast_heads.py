@@ -6,37 +6,21 @@ equal ones for every header list.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import relay._fast as fast
 from relay._fast import _heads_py
-
-EXPECT_COMPILED = os.environ.get("RELAY_EXPECT_EXTENSIONS") == "1"
+from tests.support import compiled_or_skip
 
 
 @pytest.fixture(scope="module", params=["pure", "compiled"])
 def impl(request: pytest.FixtureRequest) -> fast.Implementation:
     if request.param == "pure":
         return fast.pure
-    if fast.compiled is None:
-        reason = f"compiled relay._fast not loaded: {fast.COMPILED_IMPORT_ERROR}"
-        if EXPECT_COMPILED:
-            pytest.fail(f"RELAY_EXPECT_EXTENSIONS=1 but {reason}")
-        pytest.skip(reason)
-    return fast.compiled
+    return compiled_or_skip()
 
-
-def _compiled() -> fast.Implementation:
-    if fast.compiled is None:
-        reason = f"compiled relay._fast not loaded: {fast.COMPILED_IMPORT_ERROR}"
-        if EXPECT_COMPILED:
-            pytest.fail(f"RELAY_EXPECT_EXTENSIONS=1 but {reason}")
-        pytest.skip(reason)
-    return fast.compiled
 
 
 SDK_HEADERS = [
@@ -142,7 +126,7 @@ def test_response_head_connection_tokens(impl: fast.Implementation) -> None:
 
 
 def test_every_special_name_is_classed_alike() -> None:
-    compiled = _compiled()
+    compiled = compiled_or_skip()
     heads_c = __import__("relay._fast._heads_c", fromlist=["x"])
     assert compiled.request_head is heads_c.request_head
     for name, kind in _heads_py.REQUEST_NAMES.items():
@@ -177,7 +161,7 @@ _headers = st.lists(st.tuples(_names, _values), max_size=80)
 @example([(b"connection", b"content-type"), (b"Content-Type", b"x")])
 @example([(b"X-A", b"1")] * 70 + [(b"Connection", b"x-a")])
 def test_twins_agree_on_request_heads(headers: list[tuple[bytes, bytes]]) -> None:
-    assert _compiled().request_head(headers) == fast.pure.request_head(headers)
+    assert compiled_or_skip().request_head(headers) == fast.pure.request_head(headers)
 
 
 @settings(max_examples=400, deadline=None)
@@ -185,12 +169,12 @@ def test_twins_agree_on_request_heads(headers: list[tuple[bytes, bytes]]) -> Non
 @example([(b"close", b"1"), (b"Connection", b"close")])
 @example([(b"X-A", b"1")] * 70 + [(b"Content-Type", b"T")])
 def test_twins_agree_on_response_heads(headers: list[tuple[bytes, bytes]]) -> None:
-    assert _compiled().response_head(headers) == fast.pure.response_head(headers)
+    assert compiled_or_skip().response_head(headers) == fast.pure.response_head(headers)
 
 
 def test_twins_agree_on_unusual_input() -> None:
     """Not a list of (bytes, bytes) pairs: the compiled twin defers to the pure one."""
-    compiled = _compiled()
+    compiled = compiled_or_skip()
     for headers in ([(bytearray(b"Host"), b"a")], ((b"Host", b"a"),), [[b"Host", b"a"]]):
         for name in ("request_head", "response_head"):
             try:

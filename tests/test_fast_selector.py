@@ -32,20 +32,16 @@ print(json.dumps({{
 """
 
 
-def probe(env_value: str | None, prelude: str = "") -> dict:
-    """Imports relay._fast in a fresh interpreter with RELAY_NO_EXTENSIONS set so."""
+def probe(env_value: str | None, prelude: str = "", script: str = PROBE) -> dict:
+    """Runs *script* (it imports relay._fast) in a fresh interpreter with
+    RELAY_NO_EXTENSIONS set so; its JSON output."""
     env = {k: v for k, v in os.environ.items() if k != "RELAY_NO_EXTENSIONS"}
     if env_value is not None:
         env["RELAY_NO_EXTENSIONS"] = env_value
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     out = subprocess.run(
-        [sys.executable, "-c", PROBE.format(prelude=prelude)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
+        [sys.executable, "-c", script.format(prelude=prelude)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True,
     )
     return json.loads(out.stdout)
 
@@ -182,15 +178,7 @@ print(json.dumps({{
 
 
 def protocol_probe(env_value: str | None, prelude: str = "") -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "RELAY_NO_EXTENSIONS"}
-    if env_value is not None:
-        env["RELAY_NO_EXTENSIONS"] = env_value
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    out = subprocess.run(
-        [sys.executable, "-c", PROTOCOL_PROBE.format(prelude=prelude)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True,
-    )
-    return json.loads(out.stdout)
+    return probe(env_value, prelude, PROTOCOL_PROBE)
 
 
 def test_flag_forces_the_pure_connections_without_importing_the_compiled() -> None:
