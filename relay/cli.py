@@ -38,9 +38,34 @@ log = logging.getLogger("relay")
 MIN_WORKER_LIFETIME = 5.0
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter at the width shutil would find, without importing
+    shutil: the default one does, only for that, and a worker then keeps it
+    and the bz2 and lzma modules it loads (half a megabyte) for life."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, width=_terminal_columns() - 2)
+
+
+def _terminal_columns() -> int:
+    """``shutil.get_terminal_size().columns``: $COLUMNS, else the terminal's, else 80."""
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    stdout = sys.__stdout__
+    if columns <= 0 and stdout is not None:
+        try:
+            columns = os.get_terminal_size(stdout.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns if columns > 0 else 80
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="relay",
+        formatter_class=_HelpFormatter,
         description="A high-performance AI API gateway for OpenAI, Anthropic and compatible APIs.",
     )
     p.add_argument("--config", metavar="PATH", help="config file (default: $RELAY_CONFIG, "

@@ -26,7 +26,6 @@ done :meth:`TokenEstimator.count` answers with the heuristic.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 from collections.abc import Callable, Iterable
@@ -97,6 +96,8 @@ def cached_file_path(encoding: str) -> str | None:
     cache_dir = _tiktoken_cache_dir()
     if known is None or not cache_dir:  # "" disables tiktoken's cache
         return None
+    import hashlib  # here: only a tokenizer load needs it
+
     url = _BPE_URL.format(known[0])
     return os.path.join(cache_dir, hashlib.sha1(url.encode()).hexdigest())
 
@@ -110,6 +111,8 @@ def _cached_file_ok(encoding: str) -> bool:
             data = f.read()
     except OSError:
         return False
+    import hashlib
+
     expected = _KNOWN_FILES[_ALIASES.get(encoding, encoding)][1]
     return hashlib.sha256(data).hexdigest() == expected
 

@@ -21,8 +21,13 @@ log = logging.getLogger("relay")
 
 def bind_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:
     """A listening TCP socket; ``host`` "" means every interface (IPv4 and IPv6)."""
+    # An ASCII host goes as bytes: a str one is passed through the idna
+    # codec, whose modules (unicodedata, stringprep) a worker keeps for life.
     infos = socket.getaddrinfo(
-        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        (host.encode() if host.isascii() else host) or None,
+        port,
+        type=socket.SOCK_STREAM,
+        flags=socket.AI_PASSIVE,
     )
     # Prefer a dual-stack IPv6 socket for "all interfaces", else the first address.
     family, _, _, _, address = infos[0]

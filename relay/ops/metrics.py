@@ -35,7 +35,6 @@ import glob
 import json
 import mmap
 import os
-import secrets
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -149,7 +148,7 @@ class _Store:
             self._mmap = mmap.mmap(-1, _SLOTS * 8)
             self.values = memoryview(self._mmap).cast("d")
             return
-        base = os.path.join(directory, f"{_FILE_PREFIX}{os.getpid()}-{secrets.token_hex(4)}")
+        base = os.path.join(directory, f"{_FILE_PREFIX}{os.getpid()}-{os.urandom(4).hex()}")  # not secrets: its modules stay loaded
         self.path = base + _VALUES
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import hashlib
 import re
 
 __all__ = ["StatusPage", "status_page"]
@@ -26,6 +25,8 @@ class StatusPage:
     __slots__ = ("body", "headers")
 
     def __init__(self, html: bytes) -> None:
+        import hashlib  # here: most workers never serve the page
+
         sources: dict[bytes, list[str]] = {b"script": [], b"style": []}
         for match in _BLOCK.finditer(html):
             digest = base64.b64encode(hashlib.sha256(match.group(2)).digest()).decode()

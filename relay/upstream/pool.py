@@ -54,6 +54,12 @@ class Origin:
     def tls(self) -> bool:
         return self.scheme == "https"
 
+    @property
+    def connect_host(self) -> str | bytes:
+        """The host to resolve: an ASCII one as bytes, which the loop looks up
+        without the idna codec (whose modules a worker would keep for life)."""
+        return self.host.encode() if self.host.isascii() else self.host
+
     def host_header(self) -> bytes:
         """The ``Host`` value for requests to this origin."""
         default = 443 if self.tls else 80
@@ -207,7 +213,8 @@ class UpstreamPool:
             _, conn = await asyncio.wait_for(
                 self._loop.create_connection(
                     factory,
-                    origin.host,
+                    # Both loops resolve bytes too; the stubs name str only.
+                    cast(str, origin.connect_host),
                     origin.port,
                     ssl=self._ssl,
                     server_hostname=origin.host if self._ssl is not None else None,
