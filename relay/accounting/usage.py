@@ -309,6 +309,17 @@ class StreamUsage:
             return False
         return self._openai(name, data)
 
+    def on_text_chunks(self, span: bytes) -> bool:
+        """Account a run of whole events that each end in OpenAI's
+        ``,"usage":null}`` (text chunks once usage is on) in one step: what
+        :meth:`on_event` does for each of them. False, and nothing done, in an
+        Anthropic stream, where such events are read one by one."""
+        if self._kind == _ANTHROPIC:
+            return False
+        self._kind = _OPENAI
+        self._keep_text(span)
+        return True
+
     def _keep_text(self, data: bytes) -> None:
         self._pending.append(data)
         self._pending_bytes += len(data)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["SSESplitter", "event_fields"]
+__all__ = ["SSESplitter", "event_fields", "split_events"]
 
 # Two consecutive line terminators. The groups are atomic so that "\r\n" is
 # never re-read as "\r" followed by a separate "\n" line (which would be a
@@ -54,6 +54,11 @@ class SSESplitter:
     def pending(self) -> int:
         """Bytes held back because their event is not complete yet."""
         return len(self._buf)
+
+    @property
+    def saw_cr(self) -> bool:
+        """True once a ``\\r`` came: events may then end in more ways than ``\\n\\n``."""
+        return self._saw_cr
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """Add ``chunk``; return the events it completed (possibly none)."""
@@ -140,8 +145,15 @@ def _walk(
     returns the end of the last complete event (0: none) and where the next
     search may begin.
     """
-    start = 0  # start of the current (incomplete) event in buf
     size = len(buf)
+    if ends is None and not saw_cr and buf[0] != _LF and b"\n\n\n" not in buf:
+        # No blank line starts an event: every "\n\n" ends one, and the last
+        # complete event ends at the last of them.
+        end = buf.rfind(b"\n\n", scan) + 2
+        if end < 2:
+            end = 0
+        return end, max(end, size - 1)
+    start = 0  # start of the current (incomplete) event in buf
     while start < size:
         first = buf[start]
         if scan == start and (first == _LF or first == _CR):
@@ -172,6 +184,15 @@ def _walk(
             ends.append(end)
         start = scan = end
     return start, scan
+
+
+def split_events(span: bytes) -> list[bytes]:
+    """The events of *span*, whole events without ``\\r`` (what
+    :meth:`SSESplitter.feed_span` returns while no ``\\r`` came), cut where
+    :meth:`SSESplitter.feed` would have cut them."""
+    ends: list[int] = []
+    _walk(span, 0, False, ends)
+    return _slices(span, ends)
 
 
 def _slices(data: bytes, ends: list[int]) -> list[bytes]:

@@ -38,7 +38,7 @@ from .. import debug
 from ..accounting.usage import ANTHROPIC, StreamUsage, provider_for_path
 from ..features.cache import shared_headers
 from ..http.protocol import ClientConnection
-from ..http.sse import SSESplitter, event_fields
+from ..http.sse import SSESplitter, event_fields, split_events
 from .protocol import UpstreamConnection, UpstreamError
 
 __all__ = [
@@ -130,6 +130,24 @@ def _without_null_usage(event: bytes) -> bytes:
         # Compatible servers that write JSON with spaces.
         return _SPACED_NULL_USAGE.sub(b"", event)
     return event
+
+
+def _text_chunk_run(span: bytes) -> int:
+    """Length of the leading run of events in *span* (whole events, no
+    ``\\r``) that each end in ``,"usage":null}`` and name usage nowhere else:
+    OpenAI's text chunks once usage is on. 0 when there is none.
+
+    Before the cut, every line end belongs to a :data:`_NULL_USAGE_TAIL` (two
+    per tail) and so does every ``"usage"``: each event there is one line
+    ending in one tail."""
+    cut = span.rfind(_NULL_USAGE_TAIL)
+    if cut < 0:
+        return 0
+    cut += len(_NULL_USAGE_TAIL)
+    tails = span.count(_NULL_USAGE_TAIL, 0, cut)
+    if span.count(b"\n", 0, cut) != 2 * tails or span.count(b'"usage"', 0, cut) != tails:
+        return 0
+    return cut
 
 
 def _without_usage_object(event: bytes) -> bytes:
@@ -421,7 +439,8 @@ class ProxyExchange:
     def _relay_stream(self, chunk: bytes) -> None:
         splitter = self.splitter
         assert splitter is not None
-        if self.stream_usage is None:
+        usage = self.stream_usage
+        if usage is None:
             # Forwarded unchanged: only the event boundaries matter (a
             # partial event waits, so a cut stream ends on a whole one).
             span = splitter.feed_span(chunk)
@@ -439,7 +458,25 @@ class ProxyExchange:
             if 1 < end < len(chunk):
                 self._relay_events(splitter.feed(chunk[:end]))
                 chunk = chunk[end:]
-        events = splitter.feed(chunk)
+        if splitter.saw_cr or b"\r" in chunk:
+            events = splitter.feed(chunk)
+        else:
+            # The events of a read as one piece: its leading run of text
+            # chunks (every event of a stream but its last two) is accounted,
+            # stripped and forwarded in bulk, without cutting it into events.
+            span = splitter.feed_span(chunk)
+            if not span:
+                return
+            run = _text_chunk_run(span)
+            text = span if run == len(span) else span[:run]
+            if run and usage.on_text_chunks(text):
+                self._forward(text.replace(_NULL_USAGE_TAIL, b"}\n\n") if self._strip_usage else text)
+                if self._first_event_pending:
+                    self._first_event_out()
+                if text is span:
+                    return
+                span = span[run:]
+            events = split_events(span)
         if events:
             self._relay_events(events)
 
