@@ -148,7 +148,8 @@ class _Store:
             self._mmap = mmap.mmap(-1, _SLOTS * 8)
             self.values = memoryview(self._mmap).cast("d")
             return
-        base = os.path.join(directory, f"{_FILE_PREFIX}{os.getpid()}-{os.urandom(4).hex()}")  # not secrets: its modules stay loaded
+        # os.urandom, not secrets: a worker would keep its modules for life.
+        base = os.path.join(directory, f"{_FILE_PREFIX}{os.getpid()}-{os.urandom(4).hex()}")
         self.path = base + _VALUES
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:

@@ -123,7 +123,7 @@ def _without_null_usage(event: bytes) -> bytes:
     JSON string is escaped, so the pattern cannot match inside content.
     """
     if event.endswith(_NULL_USAGE_TAIL):  # OpenAI's own layout: the last key
-        return event[: -len(_NULL_USAGE_TAIL)] + b"}\n\n"
+        return event[: -len(_NULL_USAGE_TAIL)] + _STRIPPED_TAIL
     if b'"usage":null' in event:
         return event.replace(b',"usage":null', b"").replace(b'"usage":null,', b"")
     if b'"usage"' in event:
@@ -165,6 +165,7 @@ def _without_usage_object(event: bytes) -> bytes:
 
 
 _NULL_USAGE_TAIL = b',"usage":null}\n\n'
+_STRIPPED_TAIL = b"}\n\n"  # what a text chunk ends in without it
 _SPACED_NULL_USAGE = re.compile(rb',\s*"usage"\s*:\s*null(?=\s*[,}])|"usage"\s*:\s*null\s*,\s*')
 
 
@@ -470,7 +471,7 @@ class ProxyExchange:
             run = _text_chunk_run(span)
             text = span if run == len(span) else span[:run]
             if run and usage.on_text_chunks(text):
-                self._forward(text.replace(_NULL_USAGE_TAIL, b"}\n\n") if self._strip_usage else text)
+                self._forward(text.replace(_NULL_USAGE_TAIL, _STRIPPED_TAIL) if self._strip_usage else text)
                 if self._first_event_pending:
                     self._first_event_out()
                 if text is span:
