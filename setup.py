@@ -57,6 +57,12 @@ EXTENSIONS = [
     ),
     # The upstream connection, likewise (relay/upstream/protocol.py chooses).
     ("relay.upstream._conn_c", "relay/upstream/_conn_py.py", ["relay/upstream/_conn_c.pxd"]),
+    # The exchange that relays one response (relay/upstream/exchange.py chooses).
+    (
+        "relay.upstream._exchange_c",
+        "relay/upstream/_exchange_py.py",
+        ["relay/upstream/_exchange_c.pxd"],
+    ),
 ]
 
 CYTHON_DIRECTIVES = {

@@ -4,13 +4,15 @@ event is handled on its own.
 
 Both ways run the same exchange code: the bulk one is what a read goes
 through (``on_body``), the reference feeds the same reads to the per-event
-step after the splitter cut them.
+step after the splitter cut them. Every check runs on both twins of the
+exchange (the pure source and the compiled one).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from types import ModuleType
 
 import pytest
 from hypothesis import given, settings
@@ -18,7 +20,9 @@ from hypothesis import strategies as st
 
 from relay.accounting.usage import StreamUsage
 from relay.http.sse import SSESplitter
-from relay.upstream.exchange import Outcome, ProxyExchange
+from relay.upstream import _exchange_py
+from relay.upstream._exchange_py import Outcome, ProxyExchange
+from tests.support import compiled_twin_or_skip
 
 
 def _text(word: bytes) -> bytes:
@@ -83,9 +87,19 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop.close()
 
 
-def _exchange(loop: asyncio.AbstractEventLoop, strip: bool) -> tuple[ProxyExchange, _Client]:
+@pytest.fixture(scope="module", params=["pure", "compiled"])
+def twin(request: pytest.FixtureRequest) -> ModuleType:
+    """Each twin of the exchange in turn."""
+    if request.param == "pure":
+        return _exchange_py
+    return compiled_twin_or_skip("relay.upstream._exchange_c")
+
+
+def _exchange(
+    twin: ModuleType, loop: asyncio.AbstractEventLoop, strip: bool
+) -> tuple[ProxyExchange, _Client]:
     client = _Client()
-    exchange = ProxyExchange(
+    exchange: ProxyExchange = twin.ProxyExchange(
         client,  # type: ignore[arg-type]
         None,  # type: ignore[arg-type]
         lambda conn: None,
@@ -111,11 +125,15 @@ def _reads(data: bytes, cuts: list[int]) -> list[bytes]:
 @settings(max_examples=300, deadline=None)
 @given(events=_EVENTS, cuts=st.lists(st.integers(0, 4000), max_size=12), strip=st.booleans())
 def test_reads_in_bulk_equal_events_one_by_one(
-    loop: asyncio.AbstractEventLoop, events: list[bytes], cuts: list[int], strip: bool
+    twin: ModuleType,
+    loop: asyncio.AbstractEventLoop,
+    events: list[bytes],
+    cuts: list[int],
+    strip: bool,
 ) -> None:
     data = b"".join(events)
-    bulk, bulk_client = _exchange(loop, strip)
-    each, each_client = _exchange(loop, strip)
+    bulk, bulk_client = _exchange(twin, loop, strip)
+    each, each_client = _exchange(twin, loop, strip)
     for read in _reads(data, cuts):
         bulk._relay_stream(read)
         assert each.splitter is not None
@@ -133,9 +151,13 @@ def test_reads_in_bulk_equal_events_one_by_one(
     each._settle(Outcome.OK)
 
 
-def test_a_read_of_text_chunks_leaves_in_one_write(loop: asyncio.AbstractEventLoop) -> None:
-    exchange, client = _exchange(loop, strip=True)
-    exchange._first_event_pending = False  # past the first event
+def test_a_read_of_text_chunks_leaves_in_one_write(
+    twin: ModuleType, loop: asyncio.AbstractEventLoop
+) -> None:
+    exchange, client = _exchange(twin, loop, strip=True)
+    exchange._relay_stream(_text(b"first"))  # the first event leaves on its own
+    assert client.out == [_text(b"first")[: -len(b',"usage":null}\n\n')] + b"}\n\n"]
+    client.out.clear()
     read = b"".join(_text(b"w%d" % i) for i in range(50)) + USAGE_CHUNK + b"data: [DONE]\n\n"
     exchange._relay_stream(read)
     # The text chunks in one write, [DONE] on its own; the usage chunk relay
