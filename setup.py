@@ -23,7 +23,7 @@ FAST = "relay/_fast"
 
 # .pyx: hand-written where C-level buffer access pays (canonical JSON + hash,
 # the JSON facts scan, metric children writing into a values array, header
-# classification and rendering).
+# classification and rendering, the memory cache's table of inline keys).
 # .py: the pure twin compiled unchanged, typed by the .pxd named after the
 # extension (Cython finds it by the extension's module name).
 EXTENSIONS = [
@@ -40,6 +40,7 @@ EXTENSIONS = [
     ),
     ("relay._fast._meters_c", f"{FAST}/_meters_c.pyx", [f"{FAST}/_meters_py.py"]),
     ("relay._fast._heads_c", f"{FAST}/_heads_c.pyx", [f"{FAST}/_heads_py.py"]),
+    ("relay._fast._lru_c", f"{FAST}/_lru_c.pyx", [f"{FAST}/_lru_py.py"]),
     ("relay._fast._bucket_c", f"{FAST}/_bucket_py.py", [f"{FAST}/_bucket_c.pxd"]),
     ("relay._fast._usagerow_c", f"{FAST}/_usagerow_py.py", [f"{FAST}/_usagerow_c.pxd"]),
     (

@@ -100,14 +100,14 @@ def test_compiled_chosen_when_built(value: str | None) -> None:
     assert result["imported"] == sorted(
         f"relay._fast.{name}"
         for name in (
-            "_breaker_c", "_bucket_c", "_cachekey_c", "_heads_c", "_jsonscan_c", "_meters_c",
-            "_usagerow_c",
+            "_breaker_c", "_bucket_c", "_cachekey_c", "_heads_c", "_jsonscan_c", "_lru_c",
+            "_meters_c", "_usagerow_c",
         )
     )
 
 
 @pytest.mark.parametrize(
-    "module", ["_breaker_c", "_heads_c", "_jsonscan_c", "_meters_c", "_usagerow_c"]
+    "module", ["_breaker_c", "_heads_c", "_jsonscan_c", "_lru_c", "_meters_c", "_usagerow_c"]
 )
 def test_any_missing_compiled_module_falls_back_to_pure(module: str) -> None:
     # None in sys.modules makes that import fail, as a missing build would.
@@ -135,6 +135,7 @@ def test_chosen_names_come_from_one_implementation() -> None:
     assert fast.credential_hash is chosen.credential_hash
     assert fast.TokenBucket is chosen.TokenBucket
     assert fast.BucketTable is chosen.BucketTable
+    assert fast.LruTable is chosen.LruTable
     assert fast.CircuitBreaker is chosen.CircuitBreaker
     assert fast.request_facts is chosen.request_facts
     assert fast.response_usage is chosen.response_usage
@@ -149,7 +150,8 @@ def test_twins_expose_the_same_public_api() -> None:
     if fast.compiled is None:
         pytest.skip(f"compiled relay._fast not loaded: {fast.COMPILED_IMPORT_ERROR}")
     for name in (
-        "TokenBucket", "BucketTable", "CircuitBreaker", "CounterChild", "GaugeChild", "HistogramChild"
+        "TokenBucket", "BucketTable", "CircuitBreaker", "CounterChild", "GaugeChild", "HistogramChild",
+        "LruTable",
     ):  # fmt: skip
         pure_api = {a for a in dir(getattr(fast.pure, name)) if not a.startswith("_")}
         compiled_api = {a for a in dir(getattr(fast.compiled, name)) if not a.startswith("_")}

@@ -37,6 +37,7 @@ from . import (
     _cachekey_py,
     _heads_py,
     _jsonscan_py,
+    _lru_py,
     _meters_py,
     _usagerow_py,
 )
@@ -85,6 +86,7 @@ __all__ = [
     "BucketTable",
     "CircuitBreaker",
     "Implementation",
+    "LruTable",
     "RequestFacts",
     "ResponseCounts",
     "ResponseUsage",
@@ -115,6 +117,7 @@ _COMPILED_MODULES = {
     "_jsonscan_c": _jsonscan_py,
     "_meters_c": _meters_py,
     "_heads_c": _heads_py,
+    "_lru_c": _lru_py,
     "_usagerow_c": _usagerow_py,
 }
 
@@ -140,6 +143,7 @@ class Implementation:
     response_head: Any
     UsageRow: Any
     add_paid: Any
+    LruTable: Any
 
 
 def extensions_disabled(value: str | None) -> bool:
@@ -163,7 +167,7 @@ def _load_compiled() -> tuple[Implementation | None, str | None]:
         if not _is_extension(module):
             return None, f"{name}: not a compiled extension ({module.__file__})"
         modules[name] = module
-    cachekey, bucket, breaker, jsonscan, meters, heads, usagerow = (
+    cachekey, bucket, breaker, jsonscan, meters, heads, usagerow, lru = (
         modules["_cachekey_c"],
         modules["_bucket_c"],
         modules["_breaker_c"],
@@ -171,6 +175,7 @@ def _load_compiled() -> tuple[Implementation | None, str | None]:
         modules["_meters_c"],
         modules["_heads_c"],
         modules["_usagerow_c"],
+        modules["_lru_c"],
     )
     return (
         Implementation(
@@ -191,6 +196,7 @@ def _load_compiled() -> tuple[Implementation | None, str | None]:
             response_head=heads.response_head,
             UsageRow=usagerow.UsageRow,
             add_paid=usagerow.add_paid,
+            LruTable=lru.LruTable,
         ),
         None,
     )
@@ -214,6 +220,7 @@ pure = Implementation(
     response_head=_heads_py.response_head,
     UsageRow=_usagerow_py.UsageRow,
     add_paid=_usagerow_py.add_paid,
+    LruTable=_lru_py.LruTable,
 )
 
 NO_EXTENSIONS: bool = extensions_disabled(os.environ.get("RELAY_NO_EXTENSIONS"))
@@ -256,6 +263,7 @@ if TYPE_CHECKING:
     from ._cachekey_py import cache_key, credential_hash
     from ._heads_py import request_head, response_head
     from ._jsonscan_py import request_facts, response_counts, response_usage
+    from ._lru_py import LruTable
     from ._meters_py import CounterChild, GaugeChild, HistogramChild
     from ._usagerow_py import UsageRow, add_paid
 else:
@@ -274,5 +282,6 @@ else:
     response_head = _chosen.response_head
     UsageRow = _chosen.UsageRow
     add_paid = _chosen.add_paid
+    LruTable = _chosen.LruTable
 
 del _chosen
