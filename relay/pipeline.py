@@ -30,7 +30,7 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from . import _fast
-from .accounting.recorder import ESTIMATE, Accounting, stored_usage, with_usage
+from .accounting.recorder import ESTIMATE, Accounting, stored_usage, usage_value, with_usage
 from .accounting.usage import Usage, inject_include_usage
 from .config import Config
 from .features.cache import CacheEntry, MemoryCache, RedisCache
@@ -1113,24 +1113,31 @@ class Pipeline:
             # The response headers without hop-by-hop and per-caller ones
             # (what replay_headers keeps), picked out at the head.
             headers = exchange.shared_headers
+            lines = exchange.shared_lines
             if fallback_model is not None:
                 # Cached under the request the client sent, saying who answered.
-                headers = (*headers, (b"X-Relay-Model", fallback_model.encode()))
-            entry = CacheEntry(
-                status,
-                with_usage(headers, usage),
-                exchange.body(),
-                exchange.splitter is not None,
-                time.time(),
-            )
+                model_line = (b"X-Relay-Model", fallback_model.encode())
+                headers = (*headers, model_line)
+                lines = None if lines is None else lines + b"%s: %s\r\n" % model_line
             cache_now = self._cache_now
             if cache_now is not None:
                 # Stored now: the next request for it is a hit, and a miss
-                # costs no task.
-                cache_now.set_nowait(cache_key, entry)
+                # costs no task, no CacheEntry and no rendering.
+                cache_now.store(
+                    cache_key, status, headers, lines,
+                    None if usage is None else usage_value(usage), exchange.body(),
+                    exchange.splitter is not None, time.time(),
+                )
             else:
                 cache = self._cache
                 assert cache is not None
+                entry = CacheEntry(
+                    status,
+                    with_usage(headers, usage),
+                    exchange.body(),
+                    exchange.splitter is not None,
+                    time.time(),
+                )
                 self._spawn(cache.set(cache_key, entry))
         # 499 (nginx's "client closed request") when the client left before
         # the response was complete; 502 when the upstream broke it off (the

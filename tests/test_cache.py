@@ -268,6 +268,37 @@ def test_memory_hit_is_the_entry_stored(
     assert cache.nbytes == 0 and len(cache) == 0
 
 
+@given(
+    status=st.integers(100, 999),
+    headers=headers_st,
+    usage=st.one_of(st.none(), st.binary(max_size=80)),
+    body=st.binary(max_size=2048),
+    streamed=st.booleans(),
+    rendered=st.booleans(),
+)
+def test_a_miss_stored_from_its_parts_is_the_entry_set(
+    status: int,
+    headers: tuple[tuple[bytes, bytes], ...],
+    usage: bytes | None,
+    body: bytes,
+    streamed: bool,
+    rendered: bool,
+) -> None:
+    """store() (what a miss does, without a CacheEntry, with the lines the
+    client was sent) holds exactly what set_nowait holds for the entry."""
+    headers = tuple(pair for pair in headers if pair[0] != USAGE_HEADER)
+    full = headers if usage is None else (*headers, (USAGE_HEADER, usage))
+    clock = FakeClock()
+    by_entry = MemoryCache(max_entries=10, ttl=60, clock=clock)
+    by_parts = MemoryCache(max_entries=10, ttl=60, clock=clock)
+    by_entry.set_nowait(b"k", CacheEntry(status, full, body, streamed, 5.0))
+    lines = b"".join(b"%s: %s\r\n" % pair for pair in headers) if rendered else None
+    by_parts.store(b"k", status, headers, lines, usage, body, streamed, 5.0)
+    assert by_parts._data.values() == by_entry._data.values()
+    assert by_parts.nbytes == by_entry.nbytes
+    assert by_parts.entries() == [CacheEntry(status, full, body, streamed, 5.0)]
+
+
 def test_memory_hit_bytes_and_usage_of_a_proxied_entry() -> None:
     headers = (
         (b"Server", b"nginx/1.24.0"),

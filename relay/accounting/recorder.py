@@ -43,7 +43,9 @@ from .usage import (
 if TYPE_CHECKING:
     from ..upstream.target import Upstream
 
-__all__ = ["ESTIMATE", "Accounting", "EstimateNeeded", "stored_usage", "with_usage"]
+__all__ = [
+    "ESTIMATE", "Accounting", "EstimateNeeded", "stored_usage", "usage_value", "with_usage",
+]
 
 
 class EstimateNeeded(enum.Enum):
@@ -304,14 +306,18 @@ def with_usage(
     """Keep the usage of a cached response beside it, so a hit counts as saved cost."""
     if usage is None:
         return headers
-    value = b"%d,%d,%d,%d,%s" % (
+    return (*headers, (USAGE_HEADER, usage_value(usage)))
+
+
+def usage_value(usage: Usage) -> bytes:
+    """The internal usage header's value that keeps *usage* with a cache entry."""
+    return b"%d,%d,%d,%d,%s" % (
         usage.prompt_tokens,
         usage.completion_tokens,
         usage.cached_tokens,
         usage.cache_write_tokens,
         usage.model.encode("utf-8", "replace").replace(b",", b"_")[:128],
     )
-    return (*headers, (USAGE_HEADER, value))
 
 
 def stored_usage(entry: CacheEntry) -> Usage | None:

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import struct
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
+from relay import _fast
 from relay.http.protocol import HOP_BY_HOP
 from relay.redisconn import RedisConnection, RedisUnavailable
 
@@ -266,7 +266,7 @@ _COMPACT_STREAMED = 0x01
 _COMPACT_USAGE = 0x02
 _COMPACT_ENCODED = 0x04
 _EXPIRES = struct.Struct("=d")  # the first field of both: read without the rest
-# Rough per-entry bookkeeping cost (key object, dict slot, object headers),
+# Rough per-entry bookkeeping cost (table slot, object headers, allocator),
 # so that many tiny entries still count against MemoryCache.max_bytes.
 _ENTRY_OVERHEAD = 256
 
@@ -274,31 +274,55 @@ _ENTRY_OVERHEAD = 256
 def _compact(entry: CacheEntry, expires: float) -> bytes:
     """The compact form of *entry* (see _COMPACT)."""
     headers = entry.headers
-    count = len(headers)
-    flags = _COMPACT_STREAMED if entry.streamed else 0
-    usage = b""
-    if count and headers[-1][0] == USAGE_HEADER:
+    usage = None
+    if headers and headers[-1][0] == USAGE_HEADER:
         usage = headers[-1][1]
-        count -= 1
-        flags |= _COMPACT_USAGE
-        head = b"".join([b"%s: %s\r\n" % pair for pair in headers[:count]])
+        headers = headers[:-1]
+    head = b"".join([b"%s: %s\r\n" % pair for pair in headers])
+    compact = _compact_of(
+        entry.status, headers, head, usage, entry.body, entry.streamed, entry.created, expires
+    )
+    if not _COMPACT.unpack_from(compact)[3] & _COMPACT_ENCODED:
+        entry.rendered = head  # what a hit sends: rendered here once anyway
+    return compact
+
+
+def _compact_of(
+    status: int,
+    headers: Headers,
+    head: bytes,
+    usage: bytes | None,
+    body: bytes,
+    streamed: bool,
+    created: float,
+    expires: float,
+) -> bytes:
+    """The compact form of the entry *status*, *headers* (rendered as *head*,
+    without the usage header) with the usage header's value *usage* (None:
+    no such header)."""
+    count = len(headers)
+    flags = _COMPACT_STREAMED if streamed else 0
+    if usage is None:
+        usage = b""
     else:
-        head = b"".join([b"%s: %s\r\n" % pair for pair in headers])
+        flags |= _COMPACT_USAGE
     if (
         head.count(b"\r\n") == count
         and head.count(b": ") == count
         and USAGE_HEADER not in head  # else it may name a pair not left out
         and len(usage) <= 0xFFFF
     ):
-        entry.rendered = head  # what a hit sends: rendered here once anyway
         return b"".join(
             (
-                _COMPACT.pack(expires, entry.created, entry.status, flags, len(usage), len(head)),
+                _COMPACT.pack(expires, created, status, flags, len(usage), len(head)),
                 usage,
                 head,
-                entry.body,
+                body,
             )
         )
+    if flags & _COMPACT_USAGE:
+        headers = (*headers, (USAGE_HEADER, usage))
+    entry = CacheEntry(status, headers, body, streamed, created)
     return _encode(entry, _COMPACT.pack(expires, 0.0, 0, _COMPACT_ENCODED, 0, 0))
 
 
@@ -340,7 +364,8 @@ class MemoryCache:
     :data:`_COMPACT`) until its first hit, which turns it into a
     :class:`CacheEntry` kept from then on (its rendered head and usage read
     once): most entries of a cache full of misses are never hit. Either
-    form is accounted the same size, from lengths alone.
+    form is accounted the same size, from lengths alone. Keys are at most
+    32 bytes (``relay._fast.LruTable``; the cache keys are 32-byte digests).
     """
 
     def __init__(
@@ -354,11 +379,11 @@ class MemoryCache:
         self.max_bytes = max_bytes
         self.ttl = ttl
         self._clock = clock
-        # key -> compact form (bytes) or, once hit, the CacheEntry. Ordered
-        # for the LRU: a plain dict's first key is found by skipping the
-        # holes evictions leave at its front, which costs more than the
-        # linked order does.
-        self._data: OrderedDict[bytes, bytes | CacheEntry] = OrderedDict()
+        # key -> compact form (bytes) or, once hit, the CacheEntry, least
+        # recently used first. The compiled table keeps each key inline in a
+        # slot of its own (about 62 bytes an entry, where a dict, its linked
+        # order and a key object cost ~155).
+        self._data = _fast.LruTable(max(0, max_entries))
         self._bytes = 0
 
     def __len__(self) -> int:
@@ -374,44 +399,76 @@ class MemoryCache:
         item = data.get(key)
         if item is None:
             return None
+        # Now the most recently used: the last to be evicted.
         if type(item) is bytes:
             if _EXPIRES.unpack_from(item)[0] <= self._clock():
-                del data[key]
+                data.pop(key)
                 self._bytes -= _ENTRY_OVERHEAD + len(item) + len(key)
                 return None
             # The first hit: expanded once, kept expanded from then on (its
             # accounted size stays what it was).
-            entry = data[key] = _expanded(cast(bytes, item))
+            entry = _expanded(cast(bytes, item))
+            data.put(key, entry)
         else:
             entry = cast(CacheEntry, item)
             if entry.expires <= self._clock():
-                del data[key]
+                data.pop(key)
                 self._bytes -= entry.size + len(key)
                 return None
-        data.move_to_end(key)  # most recently used: last to be evicted
         return entry
 
     def set_nowait(self, key: bytes, entry: CacheEntry) -> None:
         data = self._data
-        old = data.pop(key, None)
+        old = data.pop(key)
         if old is not None:
             self._drop(key, old)
         if self.ttl <= 0 or self.max_entries <= 0:
             return
-        compact = _compact(entry, self._clock() + self.ttl)
+        self._keep(key, _compact(entry, self._clock() + self.ttl))
+
+    def store(
+        self,
+        key: bytes,
+        status: int,
+        headers: Headers,
+        lines: bytes | None,
+        usage: bytes | None,
+        body: bytes,
+        streamed: bool,
+        created: float,
+    ) -> None:
+        """:meth:`set_nowait` of the entry these make, without making it: a
+        miss costs no CacheEntry and renders nothing. *lines* are *headers*
+        as the client was sent them (None: rendered here), *usage* the
+        internal usage header's value (None: none)."""
+        data = self._data
+        old = data.pop(key)
+        if old is not None:
+            self._drop(key, old)
+        if self.ttl <= 0 or self.max_entries <= 0:
+            return
+        if lines is None:
+            lines = b"".join([b"%s: %s\r\n" % pair for pair in headers])
+        compact = _compact_of(
+            status, headers, lines, usage, body, streamed, created, self._clock() + self.ttl
+        )
+        self._keep(key, compact)
+
+    def _keep(self, key: bytes, compact: bytes) -> None:
         size = _ENTRY_OVERHEAD + len(compact) + len(key)
         if size > self.max_bytes:
             return
+        data = self._data
         if len(data) >= self.max_entries or self._bytes + size > self.max_bytes:
             self._make_room(size)
-        data[key] = compact
+        data.put(key, compact)
         self._bytes += size
 
     def _make_room(self, size: int) -> None:
         """Evict the least recently used entries until one of *size* fits."""
         data = self._data
         while data and (len(data) >= self.max_entries or self._bytes + size > self.max_bytes):
-            self._drop(*data.popitem(last=False))
+            self._drop(*data.pop_oldest())
 
     def _drop(self, key: bytes, item: bytes | CacheEntry) -> None:
         """Give back the bytes of an entry taken out of the cache."""
@@ -435,7 +492,7 @@ class MemoryCache:
         self.set_nowait(key, entry)
 
     def delete(self, key: bytes) -> None:
-        old = self._data.pop(key, None)
+        old = self._data.pop(key)
         if old is not None:
             self._drop(key, old)
 

@@ -19,6 +19,7 @@ cdef class ProxyExchange:
     cdef public int status
     cdef public object headers
     cdef public object shared_headers
+    cdef public object shared_lines
     cdef public object content_type
     cdef public double first_byte_at
     cdef public list recorded

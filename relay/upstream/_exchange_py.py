@@ -227,6 +227,7 @@ class ProxyExchange:
         "status",
         "headers",
         "shared_headers",
+        "shared_lines",
         "content_type",
         "first_byte_at",
         "recorded",
@@ -280,6 +281,10 @@ class ProxyExchange:
         # The headers another caller may see (the cache's, the followers'):
         # set at the head when the response is recorded.
         self.shared_headers: tuple[tuple[bytes, bytes], ...] = ()
+        # Those headers as "Name: value\r\n" lines when they are all the
+        # client was sent (no per-caller header left out), else None: the
+        # memory cache stores them as they are, rendered once.
+        self.shared_lines: bytes | None = None
         self.content_type: bytes | None = None
         self.first_byte_at = 0.0
         self.recorded: list[bytes] | None = None
@@ -389,7 +394,9 @@ class ProxyExchange:
             self.recorded = []
             # Never handed to another caller (the cache, coalesced followers):
             # this caller's cookies or authentication state.
-            self.shared_headers = shared_headers(kept)
+            shared = self.shared_headers = shared_headers(kept)
+            if shared is kept:
+                self.shared_lines = head[1]
         client = self._client
         lines = [head[1], *self._extra_headers]
         if self._head_only and coding is None:
