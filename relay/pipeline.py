@@ -681,7 +681,9 @@ class Pipeline:
             self._usage_on
             and request.method == b"POST"
             and request.path.endswith(_CHAT_SUFFIX)
-            and b'"stream"' in body
+            # find, not `in`: CPython 3.11's bytes `in` first tries the
+            # needle as an int and formats a TypeError for a bytes one.
+            and body.find(b'"stream"') >= 0
         ):
             facts = request.facts()
             if facts.stream is True:  # "stream": false (or none) needs nothing

@@ -379,7 +379,7 @@ class ProxyExchange:
             if (
                 self._json_limit
                 and content_type is not None
-                and _JSON in content_type
+                and content_type.find(_JSON) >= 0  # find: see Pipeline._forward
                 and 200 <= status < 300
             ):
                 self.json_body = []
