@@ -58,6 +58,12 @@ EXTENSIONS = [
     ),
     # The upstream connection, likewise (relay/upstream/protocol.py chooses).
     ("relay.upstream._conn_c", "relay/upstream/_conn_py.py", ["relay/upstream/_conn_c.pxd"]),
+    # Coalescing of identical misses (relay/features/coalescer.py chooses).
+    (
+        "relay.features._coalescer_c",
+        "relay/features/_coalescer_py.py",
+        ["relay/features/_coalescer_c.pxd"],
+    ),
     # The exchange that relays one response (relay/upstream/exchange.py chooses).
     (
         "relay.upstream._exchange_c",

@@ -6,6 +6,7 @@ import asyncio
 import struct
 import time
 from collections.abc import Callable, Coroutine
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from relay._fast import response_head
+from relay.features import _coalescer_py
 from relay.features.cache import (
     USAGE_HEADER,
     CacheEntry,
@@ -22,9 +24,9 @@ from relay.features.cache import (
     replay_headers,
     shared_headers,
 )
-from relay.features.coalescer import Coalescer, FlightAborted, Follower, Leader
 from relay.http.protocol import HOP_BY_HOP
 from relay.redisconn import RedisConnection
+from tests.support import compiled_twin_or_skip
 
 try:
     from redis_server import RedisServer
@@ -364,7 +366,15 @@ def test_memory_async_api(run: Runner) -> None:
 # -- Coalescer ----------------------------------------------------------------
 
 
-async def relay_follower(follower: Follower) -> tuple[Any, list[bytes]]:
+@pytest.fixture(scope="module", params=["pure", "compiled"])
+def co(request: pytest.FixtureRequest) -> ModuleType:
+    """Each twin of the coalescer in turn."""
+    if request.param == "pure":
+        return _coalescer_py
+    return compiled_twin_or_skip("relay.features._coalescer_c")
+
+
+async def relay_follower(follower: Any) -> tuple[Any, list[bytes]]:
     """What a pipeline follower does: head, then the body chunks."""
     try:
         head = await follower.head()
@@ -378,13 +388,13 @@ async def relay_follower(follower: Follower) -> tuple[Any, list[bytes]]:
 HEAD = (200, ((b"content-type", b"text/event-stream"),))
 
 
-def test_coalescer_one_leader_followers_get_identical_chunks(run: Runner) -> None:
+def test_coalescer_one_leader_followers_get_identical_chunks(run: Runner, co: ModuleType) -> None:
     async def main() -> None:
-        coalescer = Coalescer(max_body_bytes=1 << 20)
+        coalescer = co.Coalescer(max_body_bytes=1 << 20)
         leader = coalescer.join(b"key")
-        assert isinstance(leader, Leader) and leader.is_leader
+        assert isinstance(leader, co.Leader) and leader.is_leader
         early = [coalescer.join(b"key") for _ in range(5)]
-        assert all(isinstance(f, Follower) and not f.is_leader for f in early)
+        assert all(isinstance(f, co.Follower) and not f.is_leader for f in early)
         assert leader.followers == 5
         tasks = [asyncio.create_task(relay_follower(f)) for f in early]
         await asyncio.sleep(0)
@@ -398,14 +408,14 @@ def test_coalescer_one_leader_followers_get_identical_chunks(run: Runner) -> Non
         assert all(f.pos == 1 for f in early)
         leader.chunk(chunks[1])
         late = coalescer.join(b"key")  # joins mid-stream
-        assert isinstance(late, Follower)
+        assert isinstance(late, co.Follower)
         late_task = asyncio.create_task(relay_follower(late))
         await asyncio.sleep(0)
         leader.chunk(chunks[2])
         leader.finish()
         # Still joinable until close(): the window while the entry is stored.
         after_finish = coalescer.join(b"key")
-        assert isinstance(after_finish, Follower)
+        assert isinstance(after_finish, co.Follower)
         leader.close()
         assert len(coalescer) == 0
 
@@ -413,26 +423,26 @@ def test_coalescer_one_leader_followers_get_identical_chunks(run: Runner) -> Non
         assert all(r == (HEAD, chunks) for r in results)
         # The flight is gone: the next request leads a new one.
         next_leader = coalescer.join(b"key")
-        assert isinstance(next_leader, Leader)
+        assert isinstance(next_leader, co.Leader)
         next_leader.close()
 
     run(main())
 
 
-def test_coalescer_keys_are_independent(run: Runner) -> None:
+def test_coalescer_keys_are_independent(run: Runner, co: ModuleType) -> None:
     async def main() -> None:
-        coalescer = Coalescer()
+        coalescer = co.Coalescer()
         a, b = coalescer.join(b"a"), coalescer.join(b"b")
-        assert isinstance(a, Leader) and isinstance(b, Leader)
+        assert isinstance(a, co.Leader) and isinstance(b, co.Leader)
         a.close()
         b.close()
 
     run(main())
 
 
-def test_coalescer_leader_failure_before_head_releases_followers(run: Runner) -> None:
+def test_coalescer_leader_failure_before_head_releases_followers(run: Runner, co: ModuleType) -> None:
     async def main() -> None:
-        coalescer = Coalescer()
+        coalescer = co.Coalescer()
         leader = coalescer.join(b"k")
         followers = [coalescer.join(b"k") for _ in range(3)]
         tasks = [asyncio.create_task(relay_follower(f)) for f in followers]
@@ -442,16 +452,16 @@ def test_coalescer_leader_failure_before_head_releases_followers(run: Runner) ->
         assert results == [(None, [])] * 3
         # A failed flight takes no new followers.
         next_leader = coalescer.join(b"k")
-        assert isinstance(next_leader, Leader)
+        assert isinstance(next_leader, co.Leader)
         next_leader.close()
         leader.close()
 
     run(main())
 
 
-def test_coalescer_close_without_finish_fails(run: Runner) -> None:
+def test_coalescer_close_without_finish_fails(run: Runner, co: ModuleType) -> None:
     async def main() -> None:
-        coalescer = Coalescer()
+        coalescer = co.Coalescer()
         leader = coalescer.join(b"k")
         follower = coalescer.join(b"k")
         task = asyncio.create_task(relay_follower(follower))
@@ -462,9 +472,9 @@ def test_coalescer_close_without_finish_fails(run: Runner) -> None:
     run(main())
 
 
-def test_coalescer_leader_failure_mid_body_aborts_started_followers(run: Runner) -> None:
+def test_coalescer_leader_failure_mid_body_aborts_started_followers(run: Runner, co: ModuleType) -> None:
     async def main() -> None:
-        coalescer = Coalescer()
+        coalescer = co.Coalescer()
         leader = coalescer.join(b"k")
         follower = coalescer.join(b"k")
         leader.start(*HEAD)
@@ -472,7 +482,7 @@ def test_coalescer_leader_failure_mid_body_aborts_started_followers(run: Runner)
         assert await follower.head() == HEAD
         assert await follower.next_chunk() == b"data: 1\n\n"
         leader.fail()
-        with pytest.raises(FlightAborted):
+        with pytest.raises(co.FlightAborted):
             await follower.next_chunk()
         follower.close()
         leader.close()
@@ -480,9 +490,9 @@ def test_coalescer_leader_failure_mid_body_aborts_started_followers(run: Runner)
     run(main())
 
 
-def test_coalescer_cancelled_follower_does_not_disturb_others(run: Runner) -> None:
+def test_coalescer_cancelled_follower_does_not_disturb_others(run: Runner, co: ModuleType) -> None:
     async def main() -> None:
-        coalescer = Coalescer()
+        coalescer = co.Coalescer()
         leader = coalescer.join(b"k")
         f1, f2 = coalescer.join(b"k"), coalescer.join(b"k")
         t1 = asyncio.create_task(relay_follower(f1))
@@ -501,9 +511,9 @@ def test_coalescer_cancelled_follower_does_not_disturb_others(run: Runner) -> No
     run(main())
 
 
-def test_coalescer_overflow_bounds_memory(run: Runner) -> None:
+def test_coalescer_overflow_bounds_memory(run: Runner, co: ModuleType) -> None:
     async def main() -> None:
-        coalescer = Coalescer(max_body_bytes=10)
+        coalescer = co.Coalescer(max_body_bytes=10)
         leader = coalescer.join(b"k")
         started = coalescer.join(b"k")
         waiting = coalescer.join(b"k")
@@ -515,7 +525,7 @@ def test_coalescer_overflow_bounds_memory(run: Runner) -> None:
         assert leader.overflowed
         # Not joinable now: a new identical request goes upstream on its own.
         own = coalescer.join(b"k")
-        assert isinstance(own, Leader)
+        assert isinstance(own, co.Leader)
         own.close()
         # A follower that had not started yet is told to fetch for itself ...
         assert await waiting.head() is None
@@ -529,7 +539,7 @@ def test_coalescer_overflow_bounds_memory(run: Runner) -> None:
         assert flight.retained == 0
         leader.chunk(b"A" * 6)
         leader.chunk(b"B" * 6)  # started lags 12 > 10 bytes: cut loose
-        with pytest.raises(FlightAborted):
+        with pytest.raises(co.FlightAborted):
             await started.next_chunk()
         assert flight.retained == 0
         started.close()
@@ -539,15 +549,15 @@ def test_coalescer_overflow_bounds_memory(run: Runner) -> None:
     run(main())
 
 
-def test_coalescer_body_exactly_at_cap_is_shared(run: Runner) -> None:
+def test_coalescer_body_exactly_at_cap_is_shared(run: Runner, co: ModuleType) -> None:
     async def main() -> None:
-        coalescer = Coalescer(max_body_bytes=10)
+        coalescer = co.Coalescer(max_body_bytes=10)
         leader = coalescer.join(b"k")
         leader.start(*HEAD)
         leader.chunk(b"0123456789")
         leader.finish()
         late = coalescer.join(b"k")
-        assert isinstance(late, Follower)
+        assert isinstance(late, co.Follower)
         assert await relay_follower(late) == (HEAD, [b"0123456789"])
         leader.close()
 

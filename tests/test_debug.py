@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from relay import debug
+from relay.features.coalescer import Leader
 from relay.http.protocol import ClientConnection, ConnectionLimits
 from relay.http.request import Request
 from relay.http.server import RelayServer, bind_socket
@@ -43,15 +44,14 @@ CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "count what 
 CLIENT_MODULE = ClientConnection.__module__
 UPSTREAM_MODULE = UpstreamConnection.__module__
 EXCHANGE_MODULE = ProxyExchange.__module__
+COALESCER_MODULE = Leader.__module__
 
 # Every method the debug mode wraps: (module, class, method).
 COUNTED = {
     ("relay.app", "Gateway", "__init__"),
     ("relay.app", "Gateway", "stop"),
-    ("relay.features.coalescer", "Follower", "__init__"),
-    ("relay.features.coalescer", "Follower", "close"),
-    ("relay.features.coalescer", "Leader", "__init__"),
-    ("relay.features.coalescer", "Leader", "close"),
+    (COALESCER_MODULE, "Follower", "close"),
+    (COALESCER_MODULE, "Leader", "close"),
     (EXCHANGE_MODULE, "ProxyExchange", "_settle"),
     (CLIENT_MODULE, "ClientConnection", "_serve"),
     ("relay.keys.service", "KeyService", "__init__"),

@@ -23,7 +23,7 @@ from typing import Any
 import openai
 import pytest
 
-from relay.features.coalescer import _OPEN
+from relay.features.coalescer import OPEN
 from relay.testing import ThreadedFakeUpstream
 from tests.support import RelayThread, free_port
 
@@ -756,7 +756,7 @@ def test_coalesced_followers_finish_when_the_leaders_client_leaves(relay_factory
     def flights() -> list[tuple[int, bool]]:
         """(followers joined, still streaming) of each flight in progress."""
         return relay.call(lambda: [
-            (flight.joined, flight.state == _OPEN) for flight in coalescer._flights.values()
+            (flight.joined, flight.state == OPEN) for flight in coalescer._flights.values()
         ])
 
     leader = socket.create_connection(("127.0.0.1", relay.port), timeout=TIMEOUT)
