@@ -106,23 +106,29 @@ cdef inline Py_ssize_t plain_run_end(const unsigned char *s, Py_ssize_t n, Py_ss
     # From s[i] inside a string: the index of the first byte that is not
     # plain string content ('"', a backslash, a control character), n at
     # the end of the text, -1 at invalid UTF-8.
-    cdef Py_ssize_t seq
+    cdef Py_ssize_t seq, limit
     cdef unsigned char c
     while True:
         while i + 8 <= n and not relay_json_stop8(s + i):
             i += 8  # plain ASCII, 8 bytes at a time
         if i >= n:
             return n
-        c = s[i]
-        if c >= 0x80:
+        # A byte that ends the plain run lies in these 8 (or the text ends
+        # first): walked to byte by byte, the 8 not tested again per byte
+        # (most keys and short values end within the first 8).
+        limit = i + 8 if i + 8 <= n else n
+        while i < limit:
+            c = s[i]
+            if c >= 0x80:
+                break
+            if c < 0x20 or c == 34 or c == 92:
+                return i
+            i += 1
+        if i < limit:  # a multi-byte UTF-8 sequence starts here
             seq = utf8_length(s + i, n - i)
             if seq == 0:
                 return -1
             i += seq
-        elif c < 0x20 or c == 34 or c == 92:
-            return i
-        else:
-            i += 1
 
 
 cdef inline Py_ssize_t skip_digits(const unsigned char *s, Py_ssize_t n, Py_ssize_t i) noexcept nogil:
