@@ -99,13 +99,16 @@ NGINX_HEADERS = [
 
 
 def test_response_head_nginx_response(impl: fast.Implementation) -> None:
-    kept, rendered, content_type, coding, length, chunked = impl.response_head(NGINX_HEADERS)
+    kept, rendered, content_type, coding, length, chunked, per_caller = impl.response_head(
+        NGINX_HEADERS
+    )
     assert kept == tuple(NGINX_HEADERS[:3])
     assert rendered == (
         b"Server: nginx/1.24.0\r\nDate: Wed, 02 Dec 2026 00:00:00 GMT\r\n"
         b"Content-Type: Application/JSON\r\n"
     )
     assert (content_type, coding, length, chunked) == (b"application/json", b"gzip", b"590", False)
+    assert per_caller is False
 
 
 def test_response_head_connection_tokens(impl: fast.Implementation) -> None:
@@ -119,10 +122,23 @@ def test_response_head_connection_tokens(impl: fast.Implementation) -> None:
         (b"Content-Encoding", b"br"),
         (b"Content-Encoding", b"gzip"),
     ]
-    kept, rendered, _, coding, length, chunked = impl.response_head(headers)
+    kept, rendered, _, coding, length, chunked, _ = impl.response_head(headers)
     assert kept == ((b"X-Hop", b"1"),)
     assert rendered == b"X-Hop: 1\r\n"
     assert (coding, length, chunked) == (b"br, gzip", None, True)
+
+
+def test_response_head_says_when_a_per_caller_header_is_kept(impl: fast.Implementation) -> None:
+    cookie = [(b"Content-Type", b"application/json"), (b"Set-Cookie", b"session=1")]
+    kept, rendered, *_, per_caller = impl.response_head(cookie)
+    assert kept == tuple(cookie) and per_caller is True
+    assert rendered == b"Content-Type: application/json\r\nSet-Cookie: session=1\r\n"
+    for name in fast.PER_CALLER_HEADERS:
+        assert impl.response_head([(name.upper(), b"x")])[-1] is True, name
+    # Named in Connection, the cookie is dropped: nothing per caller is left.
+    named = [*cookie, (b"Connection", b"set-cookie")]
+    kept, *_, per_caller = impl.response_head(named)
+    assert kept == tuple(cookie[:1]) and per_caller is False
 
 
 def test_every_special_name_is_classed_alike() -> None:

@@ -48,6 +48,7 @@ from ._heads_py import (
     DUPLICATE_HOST,
     HEAD_OK,
     HOP_BY_HOP,
+    PER_CALLER_HEADERS,
     VARYING_NAMES,
 )
 from ._jsonscan_py import (
@@ -76,6 +77,7 @@ __all__ = [
     "NOT_AN_OBJECT",
     "NO_EXTENSIONS",
     "OPEN",
+    "PER_CALLER_HEADERS",
     "STATE_NAMES",
     "STREAM_OPTIONS_ABSENT",
     "STREAM_OPTIONS_INCLUDE_USAGE",

@@ -36,9 +36,10 @@ cdef extern from *:
     enum {
         RELAY_S_RELAY = 0, RELAY_S_DROP = 1, RELAY_S_CONNECTION = 2,
         RELAY_S_CONTENT_TYPE = 3, RELAY_S_CONTENT_ENCODING = 4,
-        RELAY_S_CONTENT_LENGTH = 5, RELAY_S_TRANSFER_ENCODING = 6
+        RELAY_S_CONTENT_LENGTH = 5, RELAY_S_TRANSFER_ENCODING = 6,
+        RELAY_S_PER_CALLER = 7
     };
-    #define RELAY_LONGEST_NAME 19  /* proxy-authorization, openai-organization */
+    #define RELAY_LONGEST_NAME 25  /* proxy-authentication-info */
 
     /* bytes.lower(): ASCII A-Z only. Returns 0 when the name is longer
        than any name relay acts on (then it is an ordinary header). */
@@ -105,17 +106,24 @@ cdef extern from *:
         case 10:
             if (RELAY_IS("connection")) return RELAY_S_CONNECTION;
             if (RELAY_IS("keep-alive")) return RELAY_S_DROP;
+            if (RELAY_IS("set-cookie")) return RELAY_S_PER_CALLER;
             break;
+        case 11: if (RELAY_IS("set-cookie2")) return RELAY_S_PER_CALLER; break;
         case 12: if (RELAY_IS("content-type")) return RELAY_S_CONTENT_TYPE; break;
         case 13: if (RELAY_IS("x-relay-cache")) return RELAY_S_DROP; break;
         case 14: if (RELAY_IS("content-length")) return RELAY_S_CONTENT_LENGTH; break;
         case 16:
             if (RELAY_IS("content-encoding")) return RELAY_S_CONTENT_ENCODING;
             if (RELAY_IS("proxy-connection")) return RELAY_S_DROP;
+            if (RELAY_IS("www-authenticate")) return RELAY_S_PER_CALLER;
             break;
         case 17: if (RELAY_IS("transfer-encoding")) return RELAY_S_TRANSFER_ENCODING; break;
         case 18: if (RELAY_IS("proxy-authenticate")) return RELAY_S_DROP; break;
-        case 19: if (RELAY_IS("proxy-authorization")) return RELAY_S_DROP; break;
+        case 19:
+            if (RELAY_IS("proxy-authorization")) return RELAY_S_DROP;
+            if (RELAY_IS("authentication-info")) return RELAY_S_PER_CALLER;
+            break;
+        case 25: if (RELAY_IS("proxy-authentication-info")) return RELAY_S_PER_CALLER; break;
         }
         return RELAY_S_RELAY;
     }
@@ -142,6 +150,7 @@ cdef extern from *:
         RELAY_S_CONTENT_ENCODING
         RELAY_S_CONTENT_LENGTH
         RELAY_S_TRANSFER_ENCODING
+        RELAY_S_PER_CALLER
     int relay_request_class(const char *p, Py_ssize_t n) noexcept nogil
     int relay_response_class(const char *p, Py_ssize_t n) noexcept nogil
 
@@ -162,6 +171,7 @@ def _check_classes() -> None:
         (RELAY_S_CONTENT_ENCODING, ref.S_CONTENT_ENCODING),
         (RELAY_S_CONTENT_LENGTH, ref.S_CONTENT_LENGTH),
         (RELAY_S_TRANSFER_ENCODING, ref.S_TRANSFER_ENCODING),
+        (RELAY_S_PER_CALLER, ref.S_PER_CALLER),
     )
     for compiled, pure in pairs:
         if compiled != pure:
@@ -345,6 +355,7 @@ def response_head(headers):
     cdef unsigned char *kinds = small
     cdef object content_type = None, coding = None, content_length = None
     cdef bint chunked = False
+    cdef bint per_caller = False
     cdef tuple kept
     cdef bytes rendered
     cdef char *out
@@ -366,6 +377,10 @@ def response_head(headers):
                 kept_count += 1
                 size += PyBytes_GET_SIZE(name) + PyBytes_GET_SIZE(value) + 4
                 content_type = value.lower()
+            elif kind == RELAY_S_PER_CALLER:
+                kept_count += 1
+                size += PyBytes_GET_SIZE(name) + PyBytes_GET_SIZE(value) + 4
+                per_caller = True
             elif kind == RELAY_S_CONNECTION:
                 if value != _KEEP_ALIVE:
                     # Tokens that may name headers (even "close" could):
@@ -385,7 +400,7 @@ def response_head(headers):
         kept_count = 0
         for i in range(count):
             kind = kinds[i]
-            if kind != RELAY_S_RELAY and kind != RELAY_S_CONTENT_TYPE:
+            if kind != RELAY_S_RELAY and kind != RELAY_S_CONTENT_TYPE and kind != RELAY_S_PER_CALLER:
                 continue
             pair = <object>PyList_GET_ITEM(headers, i)
             Py_INCREF(pair)
@@ -395,7 +410,7 @@ def response_head(headers):
     finally:
         if kinds != small:
             PyMem_Free(kinds)
-    return kept, rendered, content_type, coding, content_length, chunked
+    return kept, rendered, content_type, coding, content_length, chunked, per_caller
 
 
 _check_classes()

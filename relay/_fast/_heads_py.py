@@ -21,6 +21,7 @@ __all__ = [
     "HEAD_OK",
     "NOT_FORWARDED",
     "NOT_RELAYED",
+    "PER_CALLER_HEADERS",
     "BAD_EXPECT",
     "BAD_TRANSFER_ENCODING",
     "DUPLICATE_HOST",
@@ -68,6 +69,20 @@ VARYING_NAMES = frozenset(
 # Response headers a client is not sent: hop-by-hop, X-Relay-Cache (relay
 # sets its own) and Content-Encoding (bodies reach clients as identity).
 NOT_RELAYED = HOP_BY_HOP | {b"x-relay-cache", b"content-encoding"}
+# Response headers that belong to the one caller whose request produced the
+# response: session cookies and authentication state. They never reach
+# another caller, neither from the cache nor as a coalesced follower.
+# (WWW-Authenticate and Proxy-Authenticate answer that caller's credentials;
+# Proxy-Authenticate is hop-by-hop anyway.)
+PER_CALLER_HEADERS = frozenset(
+    {
+        b"set-cookie",
+        b"set-cookie2",
+        b"authentication-info",
+        b"proxy-authentication-info",
+        b"www-authenticate",
+    }
+)
 
 # Request header classes (lowercase name -> class; absent: forwarded as is).
 R_FORWARD = 0
@@ -109,6 +124,7 @@ S_CONTENT_TYPE = 3
 S_CONTENT_ENCODING = 4
 S_CONTENT_LENGTH = 5
 S_TRANSFER_ENCODING = 6
+S_PER_CALLER = 7  # relayed to its caller, kept from every other (see PER_CALLER_HEADERS)
 
 RESPONSE_NAMES: dict[bytes, int] = {name: S_DROP for name in NOT_RELAYED}
 RESPONSE_NAMES.update(
@@ -120,6 +136,7 @@ RESPONSE_NAMES.update(
         b"transfer-encoding": S_TRANSFER_ENCODING,
     }
 )
+RESPONSE_NAMES.update(dict.fromkeys(PER_CALLER_HEADERS, S_PER_CALLER))
 
 _NOT_TOKENS = frozenset({b"close", b"keep-alive", b""})
 _IDENTITY = b"identity"
@@ -146,6 +163,7 @@ ResponseHead = tuple[
     "bytes | None",       # the coding: None for identity, else lowercased
     "bytes | None",       # Content-Length value as it came (the last one)
     bool,                 # Transfer-Encoding present
+    bool,                 # a per-caller header is among the first (PER_CALLER_HEADERS)
 ]
 
 
@@ -255,7 +273,7 @@ def response_head(headers: list[tuple[bytes, bytes]]) -> ResponseHead:
     kept: list[tuple[bytes, bytes]] = []
     lines: list[bytes] = []
     content_type = coding = content_length = None
-    chunked = False
+    chunked = per_caller = False
     tokens: set[bytes] | None = None
     for pair in headers:
         name, value = pair
@@ -268,6 +286,10 @@ def response_head(headers: list[tuple[bytes, bytes]]) -> ResponseHead:
             kept.append(pair)
             lines.append(name + b": " + value + b"\r\n")
             content_type = value.lower()
+        elif kind == S_PER_CALLER:
+            kept.append(pair)
+            lines.append(name + b": " + value + b"\r\n")
+            per_caller = True
         elif kind == S_CONNECTION:
             # Only the last Connection header's tokens count (as they always have).
             tokens = {t.strip().lower() for t in value.split(b",")}
@@ -282,4 +304,5 @@ def response_head(headers: list[tuple[bytes, bytes]]) -> ResponseHead:
     if tokens is not None:
         kept = [pair for pair in kept if pair[0].lower() not in tokens]
         lines = [name + b": " + value + b"\r\n" for name, value in kept]
-    return tuple(kept), b"".join(lines), content_type, coding, content_length, chunked
+        per_caller = any(name.lower() in PER_CALLER_HEADERS for name, _ in kept)
+    return tuple(kept), b"".join(lines), content_type, coding, content_length, chunked, per_caller

@@ -35,19 +35,9 @@ __all__ = [
 Headers = tuple[tuple[bytes, bytes], ...]
 
 # Response headers that belong to the one caller whose request produced the
-# response: session cookies and authentication state. They never reach
-# another caller, neither from the cache nor as a coalesced follower.
-# (WWW-Authenticate and Proxy-Authenticate answer that caller's credentials;
-# Proxy-Authenticate is hop-by-hop anyway.)
-PER_CALLER_HEADERS = frozenset(
-    {
-        b"set-cookie",
-        b"set-cookie2",
-        b"authentication-info",
-        b"proxy-authentication-info",
-        b"www-authenticate",
-    }
-)
+# response (cookies, authentication state): never handed to another caller.
+# Named in relay._fast, which classes them while reading a response head.
+PER_CALLER_HEADERS = _fast.PER_CALLER_HEADERS
 
 # Internal header that keeps a cached response's usage beside it (see
 # relay.accounting.recorder); stored, never sent.

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = ["UpstreamConnection"]
 
-_NO_HEAD: ResponseHead = ((), b"", None, None, None, False)
+_NO_HEAD: ResponseHead = ((), b"", None, None, None, False, False)
 
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024

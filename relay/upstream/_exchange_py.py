@@ -394,8 +394,10 @@ class ProxyExchange:
             self.recorded = []
             # Never handed to another caller (the cache, coalesced followers):
             # this caller's cookies or authentication state.
-            shared = self.shared_headers = shared_headers(kept)
-            if shared is kept:
+            if head[6]:  # a per-caller header is among them
+                self.shared_headers = shared_headers(kept)
+            else:
+                self.shared_headers = kept
                 self.shared_lines = head[1]
         client = self._client
         lines = [head[1], *self._extra_headers]
