@@ -200,3 +200,26 @@ def test_twins_agree_on_unusual_input() -> None:
                     getattr(compiled, name)(headers)
             else:
                 assert getattr(compiled, name)(headers) == expected
+
+
+_line_parts = st.lists(
+    st.sampled_from([b"GET", b"POST", b" ", b"  ", b"/v1/chat", b"\r", b"\n", b"\r\n", b"x",
+                     b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1.", b"\r\n\r\n"]),
+    max_size=12,
+)
+
+
+@given(parts=_line_parts, start=st.integers(-3, 40))
+@example(parts=[b"POST", b" ", b"/v1/chat", b" ", b"HTTP/1.1", b"\r\n"], start=0)
+@example(parts=[b"x", b"GET", b" ", b"/", b" ", b"HTTP/1.0", b"\r\n"], start=1)
+def test_twins_agree_on_request_lines(parts: list[bytes], start: int) -> None:
+    data = b"".join(parts)
+    assert compiled_or_skip().request_line(data, start) == fast.pure.request_line(data, start)
+
+
+def test_request_line_reads_the_common_line_only(impl: fast.Implementation) -> None:
+    assert impl.request_line(b"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\n", 0) == (34, 1)
+    assert impl.request_line(b"xxGET / HTTP/1.0\r\n", 2) == (16, 0)
+    for line in (b"GET  / HTTP/1.1\r\n", b" GET / HTTP/1.1\r\n", b"GET / HTTP/2.0\r\n",
+                 b"GET / HTTP/1.1", b"GET /a b HTTP/1.1\r\n", b"GET HTTP/1.1\r\n"):
+        assert impl.request_line(line, 0) == (-1, -1), line

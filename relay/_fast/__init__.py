@@ -105,6 +105,7 @@ __all__ = [
     "request_facts",
     "request_facts_of",
     "request_head",
+    "request_line",
     "response_head",
     "response_counts",
     "response_usage",
@@ -142,6 +143,7 @@ class Implementation:
     GaugeChild: Any
     HistogramChild: Any
     request_head: Any
+    request_line: Any
     response_head: Any
     UsageRow: Any
     add_paid: Any
@@ -195,6 +197,7 @@ def _load_compiled() -> tuple[Implementation | None, str | None]:
             GaugeChild=meters.GaugeChild,
             HistogramChild=meters.HistogramChild,
             request_head=heads.request_head,
+            request_line=heads.request_line,
             response_head=heads.response_head,
             UsageRow=usagerow.UsageRow,
             add_paid=usagerow.add_paid,
@@ -219,6 +222,7 @@ pure = Implementation(
     GaugeChild=_meters_py.GaugeChild,
     HistogramChild=_meters_py.HistogramChild,
     request_head=_heads_py.request_head,
+    request_line=_heads_py.request_line,
     response_head=_heads_py.response_head,
     UsageRow=_usagerow_py.UsageRow,
     add_paid=_usagerow_py.add_paid,
@@ -263,7 +267,7 @@ if TYPE_CHECKING:
     from ._breaker_py import CircuitBreaker
     from ._bucket_py import BucketTable, TokenBucket
     from ._cachekey_py import cache_key, credential_hash
-    from ._heads_py import request_head, response_head
+    from ._heads_py import request_head, request_line, response_head
     from ._jsonscan_py import request_facts, response_counts, response_usage
     from ._lru_py import LruTable
     from ._meters_py import CounterChild, GaugeChild, HistogramChild
@@ -281,6 +285,7 @@ else:
     GaugeChild = _chosen.GaugeChild
     HistogramChild = _chosen.HistogramChild
     request_head = _chosen.request_head
+    request_line = _chosen.request_line
     response_head = _chosen.response_head
     UsageRow = _chosen.UsageRow
     add_paid = _chosen.add_paid

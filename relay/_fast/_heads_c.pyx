@@ -18,7 +18,7 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_INCREF
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_New, PyTuple_SET_ITEM
-from libc.string cimport memcpy
+from libc.string cimport memchr, memcmp, memcpy
 
 from . import _heads_py as _reference
 
@@ -414,3 +414,43 @@ def response_head(headers):
 
 
 _check_classes()
+
+
+def request_line(bytes data not None, Py_ssize_t start):
+    """The common request line's end and minor version (see ``_heads_py``),
+    found with memchr over the buffer instead of five method calls."""
+    cdef const char *p = PyBytes_AS_STRING(data)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+    cdef Py_ssize_t end, last, first
+    cdef const char *hit
+    if start < 0:
+        return _reference.request_line(data, start)  # slice semantics: rare, the pure code
+    # The CRLF: the first CR followed by LF.
+    end = start
+    while True:
+        if end >= n:
+            return -1, -1
+        hit = <const char*>memchr(p + end, 13, n - end)
+        if hit == NULL:
+            return -1, -1
+        end = hit - p
+        if end + 1 < n and p[end + 1] == 10:
+            break
+        end += 1
+    # The last space is right before the 8-byte version (which holds none),
+    # the first one after a method of at least one byte, a target of at
+    # least one between them, and no other space.
+    last = end - 9
+    if last < start + 3 or p[last] != 32 or memcmp(p + last + 1, b"HTTP/1.", 7) != 0:
+        return -1, -1
+    hit = <const char*>memchr(p + start, 32, last - start)
+    if hit == NULL:
+        return -1, -1
+    first = hit - p
+    if first == start or last <= first + 1 or memchr(p + first + 1, 32, last - first - 1) != NULL:
+        return -1, -1
+    if p[end - 1] == 49:  # "1"
+        return end, 1
+    if p[end - 1] == 48:  # "0"
+        return end, 0
+    return -1, -1

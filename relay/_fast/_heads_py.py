@@ -29,6 +29,7 @@ __all__ = [
     "RESPONSE_NAMES",
     "VARYING_NAMES",
     "request_head",
+    "request_line",
     "response_head",
 ]
 
@@ -306,3 +307,19 @@ def response_head(headers: list[tuple[bytes, bytes]]) -> ResponseHead:
         lines = [name + b": " + value + b"\r\n" for name, value in kept]
         per_caller = any(name.lower() in PER_CALLER_HEADERS for name, _ in kept)
     return tuple(kept), b"".join(lines), content_type, coding, content_length, chunked, per_caller
+
+
+def request_line(data: bytes, start: int) -> tuple[int, int]:
+    """(index of the CRLF ending the request line at *start*, the HTTP minor
+    version) for the common line, ``METHOD SP TARGET SP HTTP/1.1`` (or
+    ``/1.0``) with exactly those two spaces; (-1, -1) for anything else,
+    which the client connection checks in full."""
+    end = data.find(b"\r\n", start)
+    first = data.find(b" ", start, end)
+    last = data.rfind(b" ", start, end)
+    if first > start and end - last == 9 and last > first + 1 and data.find(b" ", first + 1, last) < 0:
+        if data.startswith(b"HTTP/1.1", last + 1):
+            return end, 1
+        if data.startswith(b"HTTP/1.0", last + 1):
+            return end, 0
+    return -1, -1

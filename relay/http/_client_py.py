@@ -34,7 +34,7 @@ from typing import Any, cast
 import httptools
 
 from .. import debug
-from .._fast import BAD_TRANSFER_ENCODING, DUPLICATE_HOST, request_head
+from .._fast import BAD_TRANSFER_ENCODING, DUPLICATE_HOST, request_head, request_line
 from . import errors
 from .flow import FlowControl, FlowListener
 from .request import Request
@@ -440,26 +440,14 @@ class ClientConnection:
         if start >= 0:
             self._line_at = -1
             data = self._data
-            # The common line inline (one request per read); anything
+            # The common line in one compiled look (one request per read),
+            # its version read too (llhttp's own formats a string); anything
             # unusual takes _check_line.
-            end = data.find(b"\r\n", start)
-            first = data.find(b" ", start, end)
-            last = data.rfind(b" ", start, end)
-            if (
-                first > start
-                and end - last == 9
-                and last > first + 1
-                and data.find(b" ", first + 1, last) < 0
-            ):
-                # The version is read here too: llhttp's own formats a string.
-                if data.startswith(_HTTP11, last + 1):
-                    self._minor = 1
-                    self._head_at = end + 2
-                    return
-                if data.startswith(_HTTP10, last + 1):
-                    self._minor = 0
-                    self._head_at = end + 2
-                    return
+            end, minor = request_line(data, start)
+            if minor >= 0:
+                self._minor = minor
+                self._head_at = end + 2
+                return
             self._check_line(data, start)
         else:
             # Behind a request whose end in this read is not known (its head
