@@ -109,6 +109,7 @@ __all__ = [
     "response_head",
     "response_counts",
     "response_usage",
+    "implementation_of",
     "twin",
 ]
 
@@ -249,6 +250,11 @@ def twin(pure_name: str, compiled_name: str) -> ModuleType:
             if _is_extension(module):
                 return module
     return importlib.import_module(pure_name)
+
+
+def implementation_of(module: ModuleType) -> str:
+    """"pure" or "compiled": which of a pair of twins *module* (from :func:`twin`) is."""
+    return "pure" if module.__name__.endswith("_py") else "compiled"
 
 
 compiled: Implementation | None

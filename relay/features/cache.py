@@ -410,13 +410,8 @@ class MemoryCache:
         return entry
 
     def set_nowait(self, key: bytes, entry: CacheEntry) -> None:
-        data = self._data
-        old = data.pop(key)
-        if old is not None:
-            self._drop(key, old)
-        if self.ttl <= 0 or self.max_entries <= 0:
-            return
-        self._keep(key, _compact(entry, self._clock() + self.ttl))
+        if self._vacate(key):
+            self._keep(key, _compact(entry, self._clock() + self.ttl))
 
     def store(
         self,
@@ -433,11 +428,7 @@ class MemoryCache:
         miss costs no CacheEntry and renders nothing. *lines* are *headers*
         as the client was sent them (None: rendered here), *usage* the
         internal usage header's value (None: none)."""
-        data = self._data
-        old = data.pop(key)
-        if old is not None:
-            self._drop(key, old)
-        if self.ttl <= 0 or self.max_entries <= 0:
+        if not self._vacate(key):
             return
         if lines is None:
             lines = b"".join([b"%s: %s\r\n" % pair for pair in headers])
@@ -445,6 +436,13 @@ class MemoryCache:
             status, headers, lines, usage, body, streamed, created, self._clock() + self.ttl
         )
         self._keep(key, compact)
+
+    def _vacate(self, key: bytes) -> bool:
+        """Drop *key*'s entry, if any; whether a new one may be stored."""
+        old = self._data.pop(key)
+        if old is not None:
+            self._drop(key, old)
+        return self.ttl > 0 and self.max_entries > 0
 
     def _keep(self, key: bytes, compact: bytes) -> None:
         size = _ENTRY_OVERHEAD + len(compact) + len(key)

@@ -18,7 +18,7 @@ __all__ = ["IMPLEMENTATION", "OPEN", "Coalescer", "FlightAborted", "Follower", "
 # Only the chosen twin is imported.
 _chosen = _fast.twin("relay.features._coalescer_py", "relay.features._coalescer_c")
 # "compiled" or "pure": which twin coalesces misses in this process.
-IMPLEMENTATION: str = "pure" if _chosen.__name__.endswith("_py") else "compiled"
+IMPLEMENTATION: str = _fast.implementation_of(_chosen)
 
 if TYPE_CHECKING:
     # The pure source is the typing reference for both twins.

@@ -26,7 +26,7 @@ __all__ = [
 # Only the chosen twin is imported.
 _chosen = _fast.twin("relay.upstream._exchange_py", "relay.upstream._exchange_c")
 # "compiled" or "pure": which twin relays responses in this process.
-IMPLEMENTATION: str = "pure" if _chosen.__name__.endswith("_py") else "compiled"
+IMPLEMENTATION: str = _fast.implementation_of(_chosen)
 
 if TYPE_CHECKING:
     # The pure source is the typing reference for both twins.

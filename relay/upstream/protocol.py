@@ -20,7 +20,7 @@ __all__ = ["IMPLEMENTATION", "ResponseSink", "UpstreamConnection", "UpstreamErro
 # Only the chosen twin is imported.
 _chosen = _fast.twin("relay.upstream._conn_py", "relay.upstream._conn_c")
 # "compiled" or "pure": which twin serves upstream connections in this process.
-IMPLEMENTATION: str = "pure" if _chosen.__name__.endswith("_py") else "compiled"
+IMPLEMENTATION: str = _fast.implementation_of(_chosen)
 
 if TYPE_CHECKING:
     # The pure source is the typing reference for both twins.
