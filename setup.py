@@ -56,6 +56,8 @@ EXTENSIONS = [
         "relay/http/_client_py.py",
         ["relay/http/_client_c.pxd", "relay/http/states.py"],
     ),
+    # The parsed request, likewise (relay/http/request.py chooses).
+    ("relay.http._request_c", "relay/http/_request_py.py", ["relay/http/_request_c.pxd"]),
     # The upstream connection, likewise (relay/upstream/protocol.py chooses).
     ("relay.upstream._conn_c", "relay/upstream/_conn_py.py", ["relay/upstream/_conn_c.pxd"]),
     # Coalescing of identical misses (relay/features/coalescer.py chooses).
