@@ -26,7 +26,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from . import _fast
@@ -236,7 +236,10 @@ class Pipeline:
         self._limiter = limiter = runtime.limiter(config) if config.ratelimit.enabled else None
         self._limit_kind = config.ratelimit.key  # also the label of its rejections
         # The memory limiter answers at once: no coroutine per request.
-        self._acquire_now = limiter.acquire_now if isinstance(limiter, MemoryLimiter) else None
+        self._acquire_at: Callable[[bytes, float], tuple[bool, int, float]] | None = None
+        self._limit_clock: Callable[[], float] = time.monotonic
+        if isinstance(limiter, MemoryLimiter):
+            self._acquire_at, self._limit_clock = limiter.request_path()
         # X-RateLimit-Limit is the burst, the same for every answer: rendered
         # once, with the Remaining line's name after it.
         self._limit_lines = (
@@ -246,6 +249,7 @@ class Pipeline:
         # Bucket key per credential (its hash), bounded: most traffic comes
         # from a few keys, and hashing per request showed in profiles.
         self._limit_keys: dict[bytes, bytes] = {}
+        self._limit_by_credential = config.ratelimit.key == "api_key"
 
         cache = config.cache
         self._cache = runtime.cache(config) if cache.enabled else None
@@ -362,12 +366,20 @@ class Pipeline:
         extra: list[bytes] = []
         limiter = self._limiter
         if limiter is not None:
-            acquire_now = self._acquire_now
-            bucket = self._limit_key(request)
-            if acquire_now is None:
+            # A credential's bucket key is remembered (see _limit_key).
+            credential = request.credential
+            bucket = (
+                self._limit_keys.get(credential) if credential and self._limit_by_credential else None
+            )
+            if bucket is None:
+                bucket = self._limit_key(request)
+            acquire_at = self._acquire_at
+            if acquire_at is None:
                 return self._limit(limiter, bucket, request, client, route, extra)
-            allowed, remaining, retry_after = acquire_now(bucket)
-            if self._limited(request, client, route, extra, allowed, remaining, retry_after):
+            allowed, remaining, retry_after = acquire_at(bucket, self._limit_clock())
+            extra.append(self._limit_lines % remaining)
+            if not allowed:
+                self._refuse_limited(request, client, route, extra, retry_after)
                 return None
         return self._lookup_now(request, client, route, extra)
 
@@ -382,28 +394,23 @@ class Pipeline:
     ) -> None:
         """The shared (Redis) limiter, then on as :meth:`_proxy_now`."""
         decision = await limiter.acquire(bucket)
-        if self._limited(
-            request, client, route, extra, decision.allowed, decision.remaining, decision.retry_after
-        ):
+        extra.append(self._limit_lines % decision.remaining)
+        if not decision.allowed:
+            self._refuse_limited(request, client, route, extra, decision.retry_after)
             return
         rest = self._lookup_now(request, client, route, extra)
         if rest is not None:
             await rest
 
-    def _limited(
+    def _refuse_limited(
         self,
         request: Request,
         client: ClientConnection,
         route: _Route,
         extra: list[bytes],
-        allowed: bool,
-        remaining: int,
         retry_after: float,
-    ) -> bool:
-        """Add the rate-limit headers; True if refused (then answered, 429)."""
-        extra.append(self._limit_lines % remaining)
-        if allowed:
-            return False
+    ) -> None:
+        """Answer 429 (the rate-limit headers are in *extra* already)."""
         self._metrics.ratelimit_reject(self._limit_kind)
         retry = max(1, math.ceil(retry_after))
         extra.append(b"Retry-After: %d\r\n" % retry)
@@ -418,7 +425,6 @@ class Pipeline:
             ),
             extra,
         )
-        return True
 
     def _lookup_now(
         self, request: Request, client: ClientConnection, route: _Route, extra: list[bytes]

@@ -121,6 +121,11 @@ class MemoryLimiter:
         renders the headers itself and needs no object per request."""
         return self._table.acquire(key, self._clock())  # type: ignore[no-any-return]
 
+    def request_path(self) -> tuple[Callable[[bytes, float], tuple[bool, int, float]], Callable[[], float]]:
+        """What :meth:`acquire_now` calls, ``(acquire(key, now), clock)``, for
+        the request path to call itself: one Python frame less per request."""
+        return self._table.acquire, self._clock
+
     def acquire_nowait(self, key: bytes) -> RateDecision:
         allowed, remaining, retry_after = self.acquire_now(key)
         return RateDecision(allowed, self.limit, remaining, retry_after)
