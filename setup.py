@@ -31,7 +31,7 @@ EXTENSIONS = [
     (
         "relay._fast._cachekey_c",
         f"{FAST}/_cachekey_c.pyx",
-        [f"{FAST}/_cachekey_py.py", f"{FAST}/_jsonlex.pxd"],
+        [f"{FAST}/_cachekey_py.py", f"{FAST}/_jsonlex.pxd", f"{FAST}/_sha256.pxd"],
     ),
     (
         "relay._fast._jsonscan_c",

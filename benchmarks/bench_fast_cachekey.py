@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -77,3 +78,26 @@ def test_cache_key_raw(benchmark, fast_impl: fast.Implementation) -> None:
 def test_credential_hash(benchmark, fast_impl: fast.Implementation) -> None:
     label = benchmark(fast_impl.credential_hash, SCOPE)
     assert len(label) == 16
+
+
+_SHA256_WAYS = ["cpython", "compiled", "compiled-portable"]
+
+
+@pytest.mark.benchmark(group="SHA-256 of a 300 B key buffer")
+@pytest.mark.parametrize("way", _SHA256_WAYS)
+def test_sha256(benchmark, way: str) -> None:
+    """The compiled key's own SHA-256 (SHA-NI where present, else its
+    portable C compression) against CPython's, which the pure twin uses."""
+    if fast.compiled is None and way != "cpython":
+        pytest.skip("the extensions are not built")
+    data = SMALL
+    if way == "cpython":
+        from relay._fast._cachekey_py import sha256
+
+        digest = benchmark(lambda: sha256(data).digest())
+    else:
+        from relay._fast import _cachekey_c
+
+        portable = way == "compiled-portable"
+        digest = benchmark(_cachekey_c.sha256_digest, data, portable)
+    assert digest == hashlib.sha256(data).digest()

@@ -11,6 +11,7 @@ import json
 import random
 import re
 import struct
+from typing import Any
 
 import pytest
 from hypothesis import assume, example, given, settings
@@ -579,3 +580,34 @@ def test_varying_headers_separate_keys(impl: fast.Implementation) -> None:
         impl.cache_key(b"POST", b"/v1/messages", b"", b"", body),
     }
     assert len(keys) == 5
+
+
+@pytest.fixture(scope="module")
+def cachekey_c(both: tuple[fast.Implementation, fast.Implementation]) -> object:
+    from relay._fast import _cachekey_c
+
+    return _cachekey_c
+
+
+# Every padding case: the length field fits in the last block (< 56 bytes
+# over a block boundary) or needs one more; whole blocks; several blocks.
+_SHA_LENGTHS = [*range(0, 140), 191, 192, 255, 256, 1000, 4096, 65537]
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["sha-ni-if-present", "portable"])
+def test_the_compiled_sha256_gives_the_standard_digests(cachekey_c: Any, portable: bool) -> None:
+    rng = random.Random(1)
+    for length in _SHA_LENGTHS:
+        data = bytes(rng.getrandbits(8) for _ in range(length))
+        assert cachekey_c.sha256_digest(data, portable) == hashlib.sha256(data).digest(), length
+    assert cachekey_c.sha256_digest(b"abc", portable).hex() == (
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"  # FIPS 180-2 example
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600))
+def test_both_compressions_agree_on_any_bytes(cachekey_c: Any, data: bytes) -> None:
+    digest = hashlib.sha256(data).digest()
+    assert cachekey_c.sha256_digest(data) == digest
+    assert cachekey_c.sha256_digest(data, True) == digest

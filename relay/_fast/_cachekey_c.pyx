@@ -5,8 +5,8 @@
 Same results, byte for byte, as the pure module (which defines them and holds
 the constants). What it gains: the body is canonicalised by one C walk over
 its bytes, with no Python object per JSON value, into a buffer that already
-holds the key's header, and that buffer is hashed where it lies (hashlib's
-SHA-256 reads it through a memoryview; no copy).
+holds the key's header, and that buffer is hashed where it lies by relay's
+own C SHA-256 (``_sha256.pxd``: SHA-NI where the processor has it).
 
 The walk follows Python's ``json`` decoder exactly (grammar, escapes,
 surrogate pairing, duplicate keys keep the last value) and writes what
@@ -14,17 +14,22 @@ surrogate pairing, duplicate keys keep the last value) and writes what
 writes, encoded as UTF-8 with lone surrogates passed through (WTF-8).
 """
 
-from cpython.buffer cimport PyBUF_READ
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.conversion cimport Py_DTSF_ADD_DOT_0, PyOS_double_to_string, PyOS_string_to_double
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
-from cpython.memoryview cimport PyMemoryView_FromMemory
 from libc.math cimport isinf
-from libc.stdint cimport uint64_t
+from libc.stdint cimport uint8_t, uint64_t
 from libc.stdlib cimport qsort
 from libc.string cimport memcmp, memcpy, strlen
 
 from ._jsonlex cimport hex4, is_digit, is_ws, number_end, plain_run_end
+from ._sha256 cimport (
+    relay_sha256_ctx,
+    relay_sha256_final,
+    relay_sha256_init,
+    relay_sha256_update,
+    relay_sha_ni,
+)
 
 from . import _cachekey_py as _reference
 
@@ -39,7 +44,6 @@ cdef unsigned char TAG_JSON = ord(_reference.TAG_JSON)
 cdef unsigned char TAG_RAW = ord(_reference.TAG_RAW)
 cdef unsigned char TAG_JSON_VARYING = ord(_reference.TAG_JSON_VARYING)
 cdef unsigned char TAG_RAW_VARYING = ord(_reference.TAG_RAW_VARYING)
-cdef object sha256 = _reference.sha256
 
 # Result of a parse step; errors (MemoryError) propagate as exceptions.
 cdef enum:
@@ -559,20 +563,42 @@ cdef inline void put_le64(unsigned char *p, uint64_t v) noexcept nogil:
         p[k] = <unsigned char>(v >> (8 * k))
 
 
-cdef bytes hex_prefix(bytes digest, Py_ssize_t length):
-    """The first ``length`` lowercase hex digits of ``digest``."""
-    cdef const unsigned char *d = <const unsigned char *>PyBytes_AS_STRING(digest)
+cdef bytes hex_digest(
+    const unsigned char *first, Py_ssize_t first_len,
+    const unsigned char *second, Py_ssize_t second_len, Py_ssize_t length,
+):
+    """The first ``length`` lowercase hex digits of the SHA-256 of first + second."""
+    cdef relay_sha256_ctx ctx
+    cdef unsigned char digest[32]
     cdef const char *digits = b"0123456789abcdef"
     cdef bytes result = PyBytes_FromStringAndSize(NULL, length)
     cdef char *out = PyBytes_AS_STRING(result)
     cdef Py_ssize_t k
+    relay_sha256_init(&ctx, 0)
+    relay_sha256_update(&ctx, first, <size_t>first_len)
+    if second_len:
+        relay_sha256_update(&ctx, second, <size_t>second_len)
+    relay_sha256_final(&ctx, digest)
     for k in range(length):
-        out[k] = digits[(d[k >> 1] >> 4) if (k & 1) == 0 else (d[k >> 1] & 15)]
+        out[k] = digits[(digest[k >> 1] >> 4) if (k & 1) == 0 else (digest[k >> 1] & 15)]
     return result
 
 
-cdef inline memoryview view(const unsigned char *data, Py_ssize_t length):
-    return PyMemoryView_FromMemory(<char *>data, length, PyBUF_READ)
+def sha256_digest(bytes data not None, bint portable=False):
+    """The SHA-256 digest of ``data`` as the keys compute it; ``portable``
+    takes the C compression even where SHA-NI is there (for tests, which
+    compare both paths with hashlib)."""
+    cdef relay_sha256_ctx ctx
+    cdef unsigned char digest[32]
+    relay_sha256_init(&ctx, portable)
+    relay_sha256_update(&ctx, <const uint8_t *>PyBytes_AS_STRING(data), <size_t>PyBytes_GET_SIZE(data))
+    relay_sha256_final(&ctx, digest)
+    return PyBytes_FromStringAndSize(<char *>digest, 32)
+
+
+def sha_ni() -> bool:
+    """Whether this processor's SHA extensions hash the keys."""
+    return relay_sha_ni() == 1
 
 
 def canonical_json(bytes body not None):
@@ -624,17 +650,20 @@ def cache_key(bytes method not None, bytes target not None, bytes body not None,
         w.out.len = header_len
         if canonicalise(&w) == OK:
             w.out.data[tag_at] = TAG_JSON_VARYING if varying_len else TAG_JSON
-            digest = sha256(view(w.out.data, w.out.len)).digest()
-        else:
-            w.out.data[tag_at] = TAG_RAW_VARYING if varying_len else TAG_RAW
-            hasher = sha256(view(w.out.data, header_len))
-            hasher.update(body)
-            digest = hasher.digest()
+            return hex_digest(w.out.data, w.out.len, NULL, 0, KEY_HEX_LENGTH)
+        w.out.data[tag_at] = TAG_RAW_VARYING if varying_len else TAG_RAW
+        return hex_digest(
+            w.out.data, header_len,
+            <const unsigned char *>PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body), KEY_HEX_LENGTH,
+        )
     finally:
         walk_free(&w)
-    return hex_prefix(digest, KEY_HEX_LENGTH)
 
 
 def credential_hash(bytes value not None):
     """16 lowercase hex bytes naming a credential without revealing it."""
-    return hex_prefix(sha256(CREDENTIAL_SALT + value).digest(), CREDENTIAL_HEX_LENGTH)
+    return hex_digest(
+        <const unsigned char *>PyBytes_AS_STRING(CREDENTIAL_SALT), PyBytes_GET_SIZE(CREDENTIAL_SALT),
+        <const unsigned char *>PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value),
+        CREDENTIAL_HEX_LENGTH,
+    )
