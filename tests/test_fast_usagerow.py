@@ -125,3 +125,57 @@ def test_counts_beyond_64_bits_stay_exact(impl: fast.Implementation) -> None:
 def test_a_count_that_is_not_a_number_is_refused(impl: fast.Implementation) -> None:
     with pytest.raises(TypeError):
         impl.UsageRow().add_paid(False, "12", 0, 0, 0.0, 0.0)
+
+
+class _Usage:
+    """The token fields the ledger reads of a Usage."""
+
+    def __init__(self, estimated: bool, prompt: int, completion: int, cached: int) -> None:
+        self.estimated = estimated
+        self.prompt_tokens = prompt
+        self.completion_tokens = completion
+        self.cached_tokens = cached
+
+
+owners = st.sampled_from(["", "k1", "k2", "k3", "k4"])
+ledger_records = st.lists(st.tuples(st.sampled_from(["gpt-4o", "other", "m"]), owners, paid | hit),
+                          max_size=30)
+
+
+def _ledger(impl: Any, events: list[tuple[Any, ...]], max_keys: int) -> Any:
+    ledger = impl.UsageLedger(max_keys=max_keys, now=100.0)
+    for label, owner, event in events:
+        if event[0] == "hit":
+            ledger.record(label, owner, None, 0.0, event[1], True)
+        else:
+            _, estimated, prompt, completion, cached, cost, saved = event
+            ledger.record(label, owner, _Usage(estimated, prompt, completion, cached), cost, saved)
+    return ledger
+
+
+@settings(max_examples=200, deadline=None)
+@given(ledger_records, ledger_records, st.integers(1, 4))
+def test_both_ledgers_keep_the_same_rows(
+    first: list[Any], second: list[Any], max_keys: int
+) -> None:
+    """Records and merges, past the key bound too: the same snapshots from
+    both twins, and each row the sums of exactly its owner's records."""
+    snapshots = []
+    implementations = [fast.pure] + ([fast.compiled] if fast.compiled is not None else [])
+    for impl in implementations:
+        merged = _ledger(impl, first, max_keys)
+        merged.merge(_ledger(impl, second, max_keys))
+        whole = _ledger(impl, first + second, max_keys)
+        assert whole.empty is (not first and not second)
+        snapshots.append((merged.snapshot(), whole.snapshot()))
+    assert all(pair == snapshots[0] for pair in snapshots)
+    whole = snapshots[0][1]
+    events = first + second
+    same(whole["totals"], dict_sums([e for _, _, e in events]))
+    for label, counts in whole["models"].items():
+        same(counts, dict_sums([e for m, _, e in events if m == label]))
+    keys = whole["keys"]
+    assert len(keys) <= max_keys + 1  # the bound, and "other" for the rest
+    if "other" not in keys:
+        for owner, counts in keys.items():
+            same(counts, dict_sums([e for _, o, e in events if (o or "anonymous") == owner]))

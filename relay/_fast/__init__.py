@@ -62,6 +62,7 @@ from ._jsonscan_py import (
     ResponseUsage,
     request_facts_of,
 )
+from ._usagerow_py import ANONYMOUS, OTHER
 
 __all__ = [
     "BAD_EXPECT",
@@ -93,6 +94,9 @@ __all__ = [
     "ResponseCounts",
     "ResponseUsage",
     "TokenBucket",
+    "ANONYMOUS",
+    "OTHER",
+    "UsageLedger",
     "UsageRow",
     "add_paid",
     "cache_key",
@@ -146,6 +150,7 @@ class Implementation:
     request_head: Any
     request_line: Any
     response_head: Any
+    UsageLedger: Any
     UsageRow: Any
     add_paid: Any
     LruTable: Any
@@ -200,6 +205,7 @@ def _load_compiled() -> tuple[Implementation | None, str | None]:
             request_head=heads.request_head,
             request_line=heads.request_line,
             response_head=heads.response_head,
+            UsageLedger=usagerow.UsageLedger,
             UsageRow=usagerow.UsageRow,
             add_paid=usagerow.add_paid,
             LruTable=lru.LruTable,
@@ -225,6 +231,7 @@ pure = Implementation(
     request_head=_heads_py.request_head,
     request_line=_heads_py.request_line,
     response_head=_heads_py.response_head,
+    UsageLedger=_usagerow_py.UsageLedger,
     UsageRow=_usagerow_py.UsageRow,
     add_paid=_usagerow_py.add_paid,
     LruTable=_lru_py.LruTable,
@@ -277,7 +284,7 @@ if TYPE_CHECKING:
     from ._jsonscan_py import request_facts, response_counts, response_usage
     from ._lru_py import LruTable
     from ._meters_py import CounterChild, GaugeChild, HistogramChild
-    from ._usagerow_py import UsageRow, add_paid
+    from ._usagerow_py import UsageLedger, UsageRow, add_paid
 else:
     cache_key = _chosen.cache_key
     credential_hash = _chosen.credential_hash
@@ -293,6 +300,7 @@ else:
     request_head = _chosen.request_head
     request_line = _chosen.request_line
     response_head = _chosen.response_head
+    UsageLedger = _chosen.UsageLedger
     UsageRow = _chosen.UsageRow
     add_paid = _chosen.add_paid
     LruTable = _chosen.LruTable

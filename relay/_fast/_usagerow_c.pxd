@@ -26,3 +26,18 @@ cpdef void add_paid(
     UsageRow totals, UsageRow model_row, UsageRow key_row, bint estimated, object prompt,
     object completion, object cached, double cost, double saved
 )
+
+
+cdef class UsageLedger:
+    cdef public Py_ssize_t max_keys
+    cdef double _since
+    cdef UsageRow _totals
+    cdef dict _models
+    cdef dict _keys
+
+    cdef UsageRow _key_row(self, str key)
+    cpdef void record(
+        self, str model_label, str key_hash, object usage, double cost, double saved=*,
+        bint hit=*
+    ) except *
+    cpdef void merge(self, UsageLedger other) except *

@@ -88,7 +88,8 @@ class UsageBook:
             shared.record(label, key_hash, usage, paid, saved, hit)
         else:
             self.ledger.record(label, key_hash, usage, paid, saved, hit)
-            self._changed()
+            if self._flush is None and self._shared_dir is not None:
+                self._changed()  # inline test: most records find it scheduled or unneeded
 
     # ------------------------------------------------------------------ #
     # reading
