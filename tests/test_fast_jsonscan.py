@@ -208,6 +208,10 @@ REQUESTS = {
         b'{"stream_options":{"include_usage":true,"include_usage":false}}',
         RequestFacts(True, None, None, None, None, None, False, STREAM_OPTIONS_WITHOUT_USAGE, 1),
     ),
+    "a later stream_options forgets an earlier include_usage": (
+        b'{"stream_options":{"include_usage":true},"stream_options":{}}',
+        RequestFacts(True, None, None, None, None, None, False, STREAM_OPTIONS_WITHOUT_USAGE, 1),
+    ),
     "include_usage 1 is not true": (
         b'{"stream_options":{"include_usage":1}}',
         RequestFacts(True, None, None, None, None, None, False, STREAM_OPTIONS_WITHOUT_USAGE, 1),
@@ -386,6 +390,25 @@ COUNTS = {
     "prompt_tokens only in a nested object": (
         b'{"usage":{"prompt_tokens_details":{"prompt_tokens":3}}}',
         ResponseUsage({"prompt_tokens_details": {"prompt_tokens": 3}}, None),
+    ),
+    "a later usage forgets an earlier one's counts": (
+        b'{"usage":{"prompt_tokens":1,"completion_tokens":2,'
+        b'"prompt_tokens_details":{"cached_tokens":1}},"usage":{"completion_tokens":3}}',
+        ResponseUsage({"completion_tokens": 3}, None),
+    ),
+    "a later usage that is not an object": (
+        b'{"usage":{"prompt_tokens":1},"usage":null,"model":"m"}',
+        ResponseUsage(None, "m"),
+    ),
+    "a later details forgets an earlier one's cached count": (
+        b'{"usage":{"prompt_tokens":4,"prompt_tokens_details":{"cached_tokens":3},'
+        b'"prompt_tokens_details":{}}}',
+        ResponseCounts(None, 4, 0, 0),
+    ),
+    "usage members inside details are not the usage's": (
+        b'{"usage":{"prompt_tokens_details":{"cached_tokens":2,"completion_tokens":9},'
+        b'"prompt_tokens":5}}',
+        ResponseCounts(None, 5, 0, 2),
     ),
     "no usage object": (b'{"usage":7,"model":"m"}', ResponseUsage(None, "m")),
     "not an object": (b"[]", None),

@@ -284,10 +284,18 @@ cdef extern from *:
     };
     /* The members of each G_* group: M_* from first to just before the next's. */
     static const int relay_group_first[] = {0, 8, 9, 12, 13};
+    /* The group an object-valued member's own members belong to (-1: none
+       is read); and the end of the members of that group and of the groups
+       below it (its first is the group's first): what a later occurrence
+       forgets. */
+    static const int relay_member_child[] = {-1, -1, -1, -1, -1, -1, 1, 2, -1, -1, -1, 3, -1};
+    static const int relay_member_below_last[] = {0, 0, 0, 0, 0, 0, 9, 13, 0, 0, 0, 13, 0};
     """
     const char *relay_member_keys[]
     const Py_ssize_t relay_member_key_lengths[]
     const int relay_group_first[]
+    const int relay_member_child[]
+    const int relay_member_below_last[]
 
 
 cdef int member_of(const unsigned char *k, Py_ssize_t length, int group) noexcept nogil:
@@ -312,19 +320,24 @@ cdef int escaped_member_of(bytes body, Py_ssize_t start, Py_ssize_t end, int gro
 
 
 cdef int scan_members(
-    bytes body, Py_ssize_t i, Found *found, int group, Py_ssize_t *end
+    bytes body, Py_ssize_t i, Found *found, int group, Py_ssize_t depth, Py_ssize_t *end
 ) except -2:
-    """The members (of ``group``) of the object opening at body[i], noted in ``found``.
+    """The members (of ``group``) of the object opening at body[i], inside
+    ``depth`` other containers, noted in ``found``; so are those of the
+    objects among them whose members relay reads (a response's usage, its
+    details; stream_options), in the same pass.
 
     0 with ``end`` past the closing brace, or -1: the reference decides.
     """
     cdef const unsigned char *s = <const unsigned char *>PyBytes_AS_STRING(body)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(body)
     cdef Py_ssize_t key_start, key_end, start
-    cdef int member
+    cdef int member, child
     cdef int kind = V_ABSENT
     cdef bint escaped
     cdef unsigned char c
+    if depth >= MAX_DEPTH:
+        return -1
     i = skip_ws(s, n, i + 1)
     if i >= n:
         return -1
@@ -344,12 +357,26 @@ cdef int scan_members(
         start = i
         escaped = False
         c = s[i]
+        child = -1
+        if member != M_OTHER:
+            child = relay_member_child[member]
+            if child >= 0:
+                # The last occurrence wins, as in json.loads: what an
+                # earlier one held is forgotten, whatever this one is.
+                memset(
+                    &found.member[relay_group_first[child]], 0,
+                    (relay_member_below_last[member] - relay_group_first[child]) * sizeof(Value),
+                )
         if c == 123:
             kind = V_OBJECT
-            i = skip_container(s, n, i, 1)
+            if child >= 0:
+                if scan_members(body, i, found, child, depth + 1, &i) < 0:
+                    return -1
+            else:
+                i = skip_container(s, n, i, depth + 1)
         elif c == 91:
             kind = V_ARRAY
-            i = skip_container(s, n, i, 1)
+            i = skip_container(s, n, i, depth + 1)
         else:
             i = skip_scalar(s, n, i, &kind, &escaped)
         if i < 0:
@@ -393,7 +420,7 @@ cdef int scan(bytes body, Found *found) except -2:
             return FALL_BACK
         return NOT_OBJECT
     found.open_brace = i
-    if scan_members(body, i, found, G_TOP, &end) < 0:
+    if scan_members(body, i, found, G_TOP, 0, &end) < 0:
         return FALL_BACK
     if skip_ws(s, n, end) != n:
         return FALL_BACK  # extra data after the object
@@ -490,8 +517,6 @@ cdef object decode_value(bytes body, Py_ssize_t *at):
 cdef object request_from(bytes body, Found *found):
     """The RequestFacts of a scanned body, or None when the reference must decide."""
     cdef Value *v
-    cdef Found inner
-    cdef Py_ssize_t end = 0
     cdef object stream = None
     cdef object model = None
     cdef object options = STREAM_OPTIONS_ABSENT
@@ -505,10 +530,8 @@ cdef object request_from(bytes body, Found *found):
         model = string_value(body, v)
     v = &found.member[M_STREAM_OPTIONS]
     if v.kind == V_OBJECT:
-        memset(&inner, 0, sizeof(Found))
-        if scan_members(body, v.start, &inner, G_STREAM_OPTIONS, &end) < 0:
-            return None  # cannot happen: the walk has checked it
-        if inner.member[M_INCLUDE_USAGE].kind == V_TRUE:
+        # Its members were noted by the same walk.
+        if found.member[M_INCLUDE_USAGE].kind == V_TRUE:
             options = STREAM_OPTIONS_INCLUDE_USAGE
         else:
             options = STREAM_OPTIONS_WITHOUT_USAGE
@@ -616,10 +639,7 @@ def response_counts(body):
     """The ResponseCounts of an OpenAI chat answer's usage, else what
     response_usage gives (None if not an object); see the pure twin."""
     cdef Found found
-    cdef Found usage
-    cdef Found details
     cdef int outcome
-    cdef Py_ssize_t end = 0
     cdef long long prompt, completion
     cdef long long cached = 0
     cdef Value *v
@@ -633,19 +653,13 @@ def response_counts(body):
         return reference_response_counts(body)
     if found.member[M_USAGE].kind != V_OBJECT:
         return usage_from(body, &found)
-    memset(&usage, 0, sizeof(Found))
-    if scan_members(body, found.member[M_USAGE].start, &usage, G_USAGE, &end) < 0:
-        return None  # cannot happen: the walk has checked it
-    if usage.member[M_PROMPT_TOKENS].kind != V_INT:
+    # The usage object's members, and its details', were noted by the walk.
+    if found.member[M_PROMPT_TOKENS].kind != V_INT:
         return usage_from(body, &found)
-    prompt = count(body, &usage.member[M_PROMPT_TOKENS])
-    completion = count(body, &usage.member[M_COMPLETION_TOKENS])
-    v = &usage.member[M_PROMPT_TOKENS_DETAILS]
-    if v.kind == V_OBJECT:
-        memset(&details, 0, sizeof(Found))
-        if scan_members(body, v.start, &details, G_DETAILS, &end) < 0:
-            return None  # cannot happen: the walk has checked it
-        cached = count(body, &details.member[M_CACHED_TOKENS])
+    prompt = count(body, &found.member[M_PROMPT_TOKENS])
+    completion = count(body, &found.member[M_COMPLETION_TOKENS])
+    if found.member[M_PROMPT_TOKENS_DETAILS].kind == V_OBJECT:
+        cached = count(body, &found.member[M_CACHED_TOKENS])
     if prompt == COUNT_LONG or completion == COUNT_LONG or cached == COUNT_LONG:
         return reference_response_counts(body)
     if prompt < 0 or completion < 0 or cached < 0:
